@@ -1,0 +1,146 @@
+"""Settings, read lazily, with one precedence: explicit arguments > config file > environment > defaults.
+
+The kill switch ``METATRAIL_DISABLED=1`` is checked first and only in the environment, so a disabled process reads no
+file and touches no disk or network.
+
+| setting            | environment                     | file key (``[metatrail]`` in TOML) | default                          |
+|--------------------|---------------------------------|------------------------------------|----------------------------------|
+| store              | ``METATRAIL_STORE``             | ``store``                          | ``sqlite:///<.metatrail found upward or created in cwd>/metatrail.db`` |
+| namespace          | ``METATRAIL_NAMESPACE``         | ``namespace``                      | ``default`` (hosts pass their own) |
+| site               | ``METATRAIL_SITE``              | ``site``                           | ``local``                        |
+| call timeout (s)   | ``METATRAIL_TIMEOUT``           | ``timeout``                        | ``2.0``                          |
+| exit flush (s)     | ``METATRAIL_FLUSH_TIMEOUT``     | ``flush_timeout``                  | ``30``                           |
+| energy on/off      | ``METATRAIL_ENERGY``            | ``energy``                         | on                               |
+| hash cache file    | ``METATRAIL_HASH_CACHE``        | ``hash_cache``                     | ``hashcache.db`` beside an SQLite store, else ``~/.cache/metatrail/hashcache.db`` |
+
+The config file is ``$METATRAIL_CONFIG`` or ``config.toml`` inside the ``.metatrail`` directory found by walking up
+from the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from metatrail.errors import ConfigError
+
+STORE_DIR_NAME = ".metatrail"
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def is_disabled() -> bool:
+    """True when the kill switch is set. Reads one environment variable and nothing else."""
+    return os.environ.get("METATRAIL_DISABLED", "").strip().lower() in TRUE_WORDS
+
+
+def find_store_dir(start: Path | None = None) -> Path | None:
+    """The nearest ``.metatrail`` directory at or above ``start`` (default: the working directory)."""
+    here = (start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        candidate = d / STORE_DIR_NAME
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings; build with :func:`load_settings`."""
+
+    store: str = ""
+    namespace: str = "default"
+    site: str = "local"
+    timeout: float = 2.0
+    flush_timeout: float = 30.0
+    energy: bool = True
+    hash_cache: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def store_dir(self) -> Path | None:
+        """The directory of an SQLite store file, where side files (the hash cache) live."""
+        if self.store.startswith("sqlite:///"):
+            return Path(self.store[len("sqlite:///") :]).parent
+        return None
+
+
+_ENV = {
+    "store": "METATRAIL_STORE",
+    "namespace": "METATRAIL_NAMESPACE",
+    "site": "METATRAIL_SITE",
+    "timeout": "METATRAIL_TIMEOUT",
+    "flush_timeout": "METATRAIL_FLUSH_TIMEOUT",
+    "energy": "METATRAIL_ENERGY",
+    "hash_cache": "METATRAIL_HASH_CACHE",
+}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name in ("timeout", "flush_timeout"):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"setting '{name}' must be a number of seconds, got {value!r}") from None
+        if number <= 0:
+            raise ConfigError(f"setting '{name}' must be positive, got {value!r}")
+        return number
+    if name == "energy":
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+        raise ConfigError(f"setting 'energy' must be on/off (1/0), got {value!r}")
+    return str(value)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        return {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    section = data.get("metatrail", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"config file {path}: [metatrail] must be a table")
+    return section
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Resolve settings: ``overrides`` (arguments) > config file > environment > defaults."""
+    known = {f.name for f in fields(Settings)} - {"extra"}
+    values: dict[str, Any] = {}
+    for name, var in _ENV.items():
+        if var in os.environ and os.environ[var] != "":
+            values[name] = os.environ[var]
+    store_dir = find_store_dir()
+    config_path = os.environ.get("METATRAIL_CONFIG")
+    file_values: dict[str, Any] = {}
+    if config_path:
+        file_values = _read_file(Path(config_path))
+    elif store_dir is not None:
+        file_values = _read_file(store_dir / "config.toml")
+    values.update({k: v for k, v in file_values.items() if k in known})
+    values.update({k: v for k, v in overrides.items() if v is not None and k in known})
+    unknown = set(overrides) - known
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    settings = Settings(**{k: _coerce(k, v) for k, v in values.items()})
+    if not settings.store:
+        directory = store_dir or (Path.cwd() / STORE_DIR_NAME)
+        settings = replace(settings, store=f"sqlite:///{directory / 'metatrail.db'}")
+    if not settings.hash_cache:
+        if settings.store_dir is not None:
+            cache = settings.store_dir / "hashcache.db"
+        else:
+            cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "metatrail" / "hashcache.db"
+        settings = replace(settings, hash_cache=str(cache))
+    return settings

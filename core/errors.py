@@ -1,0 +1,57 @@
+"""The one exception hierarchy of metatrail's core.
+
+    MetatrailError
+     ├── ConfigError            bad or missing configuration (unknown store URL scheme, bad value)
+     ├── StoreError             the store cannot be opened or written
+     │    └── CorruptStoreError the store file exists but is not a metatrail store / is damaged
+     ├── EventError             an event is malformed (not valid OpenLineage, wrong types)
+     ├── HashError              a file could not be hashed (missing, unreadable)
+     ├── RecorderTimeout        a recorder call exceeded its hard time cap
+     └── MissingExtraError      an optional dependency is not installed; says which extra to install
+
+Core code raises these; plugin boundaries (the Recorder's public methods, host plugins) catch them, log once and
+never let them reach the host.
+"""
+
+from __future__ import annotations
+
+
+class MetatrailError(Exception):
+    """Base of every error metatrail raises on purpose."""
+
+
+class ConfigError(MetatrailError):
+    """Configuration is invalid; the message says which setting and how to fix it."""
+
+
+class StoreError(MetatrailError):
+    """The store could not be opened, read or written."""
+
+
+class CorruptStoreError(StoreError):
+    """The store exists but is damaged or is not a metatrail store; nothing was overwritten."""
+
+
+class EventError(MetatrailError):
+    """An event is not a valid OpenLineage event (or not one we can project)."""
+
+
+class HashError(MetatrailError):
+    """A path could not be hashed; ``reason`` is a short machine-readable cause."""
+
+    def __init__(self, message: str, reason: str = "unreadable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class RecorderTimeout(MetatrailError):
+    """A recorder call was abandoned because it exceeded its hard time cap."""
+
+
+class MissingExtraError(MetatrailError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(f"this feature requires '{package}': pip install 'metatrail[{extra}]'")
+        self.package = package
+        self.extra = extra

@@ -1,0 +1,461 @@
+"""The Recorder: the one API every plugin calls.
+
+Guarantees (tests hold us to each):
+
+* **Never raises into the caller.** Every public method is a boundary: typed errors inside are caught, logged once per
+  kind of problem, and the call returns normally (a handle that is still usable).
+* **Bounded time per call.** The calling thread only captures what happened (ids, times, parameters, the energy
+  counter readings) and hands it to a writer thread; hashing, event building and store writes run there. Waiting
+  calls (``flush``) take a timeout, capped by the ``timeout`` setting unless given.
+* **Kill switch.** With ``METATRAIL_DISABLED=1`` (checked on every call) methods return at once and do no I/O.
+* **Durable, then async.** The writer thread stores events in the local store as soon as it gets them (batched in one
+  transaction when several are waiting); at process exit pending events are flushed (``flush_timeout``). A host that
+  ends its processes with ``os._exit`` must call :meth:`Recorder.flush` itself.
+* **Thread- and process-safe.** Any number of threads may call one Recorder; after ``fork`` the child starts a fresh
+  writer; many processes write one store (the store serialises them).
+
+Large outputs never stretch a task's critical path: outputs are hashed on the writer thread, and the COMPLETE event
+(carrying the task's real end time) is written once their hashes are known.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from metatrail import __version__
+from metatrail.config import Settings, is_disabled, load_settings
+from metatrail.logsafe import log, log_once
+from metatrail.model import ArtifactRef, Execution, PipelineRun, Status, current_user, uuid7
+
+T = TypeVar("T")
+PathLike = str | os.PathLike[str] | ArtifactRef
+MAX_PENDING = 100_000
+MAX_PARAM_TEXT = 2000
+
+
+def safe_params(params: Mapping[str, Any] | None, warnings: list[str] | None = None) -> dict[str, Any]:
+    """Parameters as JSON values; a value that is not JSON-serialisable becomes its (truncated) ``repr``.
+
+    Each stringified key is named in ``warnings`` so the record says what happened; nothing raises.
+    """
+    if not params:
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        name = str(key)
+        try:
+            json.dumps(value, allow_nan=False)
+            out[name] = value
+        except (TypeError, ValueError, RecursionError, OverflowError):
+            try:
+                text = repr(value)
+            except Exception as exc:  # a broken __repr__ must not break the host
+                text = f"<unrepresentable {type(value).__name__}: {exc}>"
+            out[name] = text[:MAX_PARAM_TEXT]
+            if warnings is not None:
+                warnings.append(f"parameter {name!r} ({type(value).__name__}) is not JSON-serialisable; stringified")
+            log_once(f"param:{type(value).__name__}", "metatrail: parameter %r of type %s stringified",
+                     name, type(value).__name__)
+    return out
+
+
+@dataclass
+class _Item:
+    """One unit of work for the writer thread."""
+
+    kind: str  # pipeline_start | pipeline_end | exec_start | exec_end
+    subject: Execution | PipelineRun
+    at: float
+    inputs: list[PathLike] = field(default_factory=list)
+    outputs: list[PathLike] = field(default_factory=list)
+    status: Status = Status.RUNNING
+    error: BaseException | str | None = None
+    exit_code: int | None = None
+    energy: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+class Recorder:
+    """Records pipeline runs and executions as OpenLineage events into the local store (see module docstring)."""
+
+    def __init__(self, settings: Settings | None = None, *, store: Any = None,
+                 energy_monitor: Any = None) -> None:
+        self._settings = settings
+        self._store = store
+        self._energy_monitor = energy_monitor
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._queue: deque[_Item] = deque()
+        self._submitted = 0
+        self._done = 0
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._hash_cache: Any = None
+        self._input_refs: dict[str, list[ArtifactRef]] = {}
+        self._code_version: dict[str, Any] | None | bool = False
+        self._host = socket.gethostname()
+        self._user: str | None | bool = False
+        self.dropped = 0
+        self.failed_writes = 0
+        self.written = 0
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._after_fork)
+        atexit.register(self._at_exit)
+
+    # -- configuration (lazy) -----------------------------------------------------------------------------------
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings()
+        return self._settings
+
+    def _get_store(self) -> Any:
+        if self._store is None:
+            from metatrail.store import open_store
+
+            self._store = open_store(self.settings.store)
+        return self._store
+
+    def _energy(self) -> Any:
+        if self._energy_monitor is None:
+            if not self.settings.energy:
+                self._energy_monitor = _NoEnergy()
+            else:
+                try:
+                    from metatrail.energy import get_monitor
+
+                    self._energy_monitor = get_monitor()
+                except Exception as exc:
+                    log_once("energy-import", "metatrail: energy metering unavailable: %s", exc)
+                    self._energy_monitor = _NoEnergy()
+        return self._energy_monitor
+
+    # -- the boundary -------------------------------------------------------------------------------------------
+    def _guard(self, what: str, fn: Callable[[], T], fallback: T) -> T:
+        try:
+            return fn()
+        except Exception as exc:
+            log_once(f"{what}:{type(exc).__name__}", "metatrail: %s failed (%s: %s); the task is not affected",
+                     what, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            return fallback
+
+    def _submit(self, item: _Item) -> None:
+        with self._cv:
+            if len(self._queue) >= MAX_PENDING:
+                self.dropped += 1
+                log_once("queue-full", "metatrail: %d events pending; dropping (counted in Recorder.dropped)",
+                         MAX_PENDING)
+                return
+            self._queue.append(item)
+            self._submitted += 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._writer, name="metatrail-writer", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    # -- public API ---------------------------------------------------------------------------------------------
+    def pipeline_run_started(self, pipeline: str, *, namespace: str | None = None, integration: str = "PYTHON",
+                             run_id: str | None = None, params: Mapping[str, Any] | None = None,
+                             integration_version: str | None = None, started_at: float | None = None,
+                             extra: Mapping[str, Any] | None = None) -> PipelineRun:
+        """Record the start of a pipeline run (the parent of its executions); returns its handle."""
+        at = started_at if started_at is not None else time.time()
+        fallback = PipelineRun(id=run_id or uuid7(at), pipeline=pipeline, namespace=namespace or "default",
+                               integration=integration, started_at=at)
+        if is_disabled():
+            return fallback
+
+        def go() -> PipelineRun:
+            warnings: list[str] = []
+            run = PipelineRun(id=fallback.id, pipeline=pipeline, namespace=namespace or self.settings.namespace,
+                              integration=integration, started_at=at, params=safe_params(params, warnings),
+                              host_version=integration_version, extra=dict(extra or {}))
+            self._submit(_Item("pipeline_start", run, at, warnings=warnings))
+            return run
+
+        return self._guard("pipeline_run_started", go, fallback)
+
+    def pipeline_run_finished(self, run: PipelineRun, *, status: Status | str = Status.COMPLETED,
+                              error: BaseException | str | None = None, ended_at: float | None = None) -> None:
+        """Record the end of a pipeline run (``status`` completed, failed or aborted)."""
+        if is_disabled():
+            return
+        at = ended_at if ended_at is not None else time.time()
+        self._guard("pipeline_run_finished",
+                    lambda: self._submit(_Item("pipeline_end", run, at, status=Status(status), error=error)), None)
+
+    def execution_started(self, pipeline: str, stage: str, *, pipeline_run: PipelineRun | None = None,
+                          execution_id: str | None = None, inputs: Iterable[PathLike] = (),
+                          params: Mapping[str, Any] | None = None, integration: str = "PYTHON",
+                          namespace: str | None = None, started_at: float | None = None,
+                          try_number: int | None = None, integration_version: str | None = None,
+                          extra: Mapping[str, Any] | None = None, pid: int | None = None,
+                          measure_energy: bool = True) -> Execution:
+        """Record the start of one execution (one try of a stage); returns its handle.
+
+        ``inputs`` are local paths, remote URLs or pre-hashed :class:`ArtifactRef`; they are hashed off this thread.
+        ``pid`` is the root of the process tree whose energy is attributed to the execution (default: this process).
+        """
+        at = started_at if started_at is not None else time.time()
+        ns = namespace or (pipeline_run.namespace if pipeline_run else None)
+        handle = Execution(id=execution_id or uuid7(at), pipeline=pipeline, stage=stage, namespace=ns or "default",
+                           integration=integration, pipeline_run_id=pipeline_run.id if pipeline_run else None,
+                           started_at=at, try_number=try_number, host_version=integration_version)
+        if is_disabled():
+            return handle
+
+        def go() -> Execution:
+            warnings: list[str] = []
+            if ns is None:
+                handle.namespace = self.settings.namespace
+            handle.params = safe_params(params, warnings)
+            handle.extra = dict(extra or {})
+            if warnings:
+                handle.extra["_warnings"] = warnings
+            if measure_energy:
+                token = self._guard("energy start", lambda: self._energy().task_started(
+                    handle.id, pid=pid or os.getpid(), include_children=True), None)
+                if token is not None:
+                    handle.extra["_energy_token"] = token
+            input_list = list(inputs)
+            handle.inputs = [i.uri if isinstance(i, ArtifactRef) else os.fspath(i) for i in input_list]
+            self._submit(_Item("exec_start", handle, at, inputs=input_list, warnings=warnings))
+            return handle
+
+        return self._guard("execution_started", go, handle)
+
+    def execution_finished(self, execution: Execution, *, outputs: Iterable[PathLike] = (),
+                           inputs: Iterable[PathLike] = (), status: Status | str = Status.COMPLETED,
+                           error: BaseException | str | None = None, ended_at: float | None = None,
+                           exit_code: int | None = None) -> None:
+        """Record the end of an execution: its outputs (hashed off this thread), status, error and exit code.
+
+        ``inputs`` adds inputs only known at the end; those declared at start are kept.
+        """
+        if is_disabled():
+            return
+        at = ended_at if ended_at is not None else time.time()
+
+        def go() -> None:
+            energy = None
+            token = execution.extra.pop("_energy_token", None) if execution.extra else None
+            if token is not None:
+                energy = self._guard("energy finish", lambda: self._energy().task_finished(token), None)
+            self._submit(_Item("exec_end", execution, at, inputs=list(inputs), outputs=list(outputs),
+                               status=Status(status), error=error, exit_code=exit_code, energy=energy))
+
+        self._guard("execution_finished", go, None)
+
+    def execution_failed(self, execution: Execution, *, error: BaseException | str | None,
+                         outputs: Iterable[PathLike] = (), ended_at: float | None = None,
+                         exit_code: int | None = None) -> None:
+        """Record that an execution failed (shorthand for ``execution_finished(status=failed)``)."""
+        self.execution_finished(execution, outputs=outputs, status=Status.FAILED, error=error, ended_at=ended_at,
+                                exit_code=exit_code)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted so far is stored; False if ``timeout`` (default: the ``timeout``
+        setting) passed first. Never raises."""
+        if is_disabled():
+            return True
+        try:
+            limit = timeout if timeout is not None else self.settings.timeout
+            deadline = time.monotonic() + limit
+            with self._cv:
+                target = self._submitted
+                while self._done < target:
+                    if self._thread is None or not self._thread.is_alive():
+                        return False
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._cv.wait(remaining)
+            return True
+        except Exception as exc:
+            log_once("flush", "metatrail: flush failed: %s", exc)
+            return False
+
+    @property
+    def pending(self) -> int:
+        """Items submitted but not yet stored."""
+        with self._cv:
+            return self._submitted - self._done
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush and stop the writer; the store is closed. Safe to call twice."""
+        self.flush(timeout if timeout is not None else self.settings.flush_timeout if self._settings else 5.0)
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._store is not None:
+            self._guard("close", self._store.close, None)
+            self._store = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def _after_fork(self) -> None:
+        # The parent's pending items are the parent's to write; the child starts clean with its own thread and
+        # its own database connections.
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
+        self._queue = deque()
+        self._submitted = self._done = 0
+        self._thread = None
+        self._store = None
+        self._hash_cache = None
+        self._input_refs = {}
+
+    def _at_exit(self) -> None:
+        if self._submitted > self._done and not is_disabled():
+            timeout = self._settings.flush_timeout if self._settings else 30.0
+            if not self.flush(timeout):
+                log.warning("metatrail: %d events were not stored before exit (flush timeout %.0fs)",
+                            self.pending, timeout)
+
+    # -- the writer thread --------------------------------------------------------------------------------------
+    def _writer(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait(1.0)
+                if not self._queue and self._closed:
+                    return
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), 256))]
+            events: list[dict[str, Any]] = []
+            for item in batch:
+                try:
+                    events.append(self._build(item))
+                except Exception as exc:
+                    self.failed_writes += 1
+                    log_once(f"build:{type(exc).__name__}", "metatrail: could not build an event (%s: %s)",
+                             type(exc).__name__, exc, exc_info=True)
+            self._write(events)
+            with self._cv:
+                self._done += len(batch)
+                self._cv.notify_all()
+
+    def _write(self, events: list[dict[str, Any]]) -> None:
+        if not events:
+            return
+        delay = 0.05
+        for attempt in range(5):
+            try:
+                self._get_store().ingest(events)
+                self.written += len(events)
+                return
+            except Exception as exc:
+                log_once(f"write:{type(exc).__name__}", "metatrail: cannot write to the store (%s: %s); retrying",
+                         type(exc).__name__, exc)
+                if attempt == 4:
+                    break
+                time.sleep(delay)
+                delay *= 4
+        self.failed_writes += len(events)
+        log.error("metatrail: %d events could not be stored and were dropped (store %s)", len(events),
+                  self._settings.store if self._settings else "?")
+
+    def _hash(self, paths: Sequence[PathLike]) -> list[ArtifactRef]:
+        if not paths:
+            return []
+        from metatrail import hashing
+
+        if self._hash_cache is None:
+            try:
+                self._hash_cache = hashing.HashCache(self.settings.hash_cache)
+            except Exception as exc:
+                log_once("hash-cache", "metatrail: hash cache unavailable (%s); hashing without it", exc)
+                self._hash_cache = hashing.HashCache(None)
+        return [p if isinstance(p, ArtifactRef) else hashing.hash_path(os.fspath(p), self._hash_cache)
+                for p in paths]
+
+    def _build(self, item: _Item) -> dict[str, Any]:
+        from metatrail.openlineage.events import build_run_event
+        from metatrail.openlineage.facets import MetatrailExecutionRunFacet
+
+        if self._code_version is False:
+            from metatrail.codeversion import git_commit
+
+            self._code_version = git_commit()
+        if self._user is False:
+            self._user = current_user()
+        subject = item.subject
+        is_exec = isinstance(subject, Execution)
+        event_type = {"pipeline_start": "START", "exec_start": "START"}.get(item.kind) or {
+            Status.COMPLETED: "COMPLETE", Status.FAILED: "FAIL", Status.ABORTED: "ABORT",
+            Status.RUNNING: "RUNNING"}[item.status]
+        ended = item.kind in ("pipeline_end", "exec_end")
+        extra = {k: v for k, v in subject.extra.items() if not k.startswith("_")}
+        facet = MetatrailExecutionRunFacet(
+            pipeline=subject.pipeline,
+            kind="execution" if is_exec else "pipeline_run",
+            site=self.settings.site,
+            integration=subject.integration,
+            stage=subject.stage if isinstance(subject, Execution) else None,
+            host=self._host,
+            user=self._user if isinstance(self._user, str) else None,
+            pid=os.getpid(),
+            integrationVersion=subject.host_version,
+            tryNumber=subject.try_number if isinstance(subject, Execution) else None,
+            params=subject.params,
+            codeVersion=self._code_version if isinstance(self._code_version, dict) else None,
+            exitCode=item.exit_code,
+            durationSeconds=round(item.at - subject.started_at, 6) if ended else None,
+            warnings=list(subject.extra.get("_warnings", [])) + [w for w in item.warnings
+                                                                 if w not in subject.extra.get("_warnings", [])],
+            extra=json.loads(json.dumps(extra, default=repr)),
+        )
+        inputs: list[ArtifactRef] = []
+        outputs: list[ArtifactRef] = []
+        parent = None
+        if isinstance(subject, Execution):
+            if item.kind == "exec_start":
+                inputs = self._hash(item.inputs)
+                self._input_refs[subject.id] = inputs
+            else:
+                known = self._input_refs.pop(subject.id, None)
+                if known is None:  # finished in another process than it started: re-hash (cache hits)
+                    known = self._hash(subject.inputs)
+                inputs = known + self._hash(item.inputs)
+                outputs = self._hash(item.outputs)
+            if subject.pipeline_run_id:
+                parent = (subject.pipeline_run_id, subject.namespace, subject.pipeline)
+            job_name, job_type = f"{subject.pipeline}.{subject.stage}", "TASK"
+        else:
+            job_name, job_type = subject.pipeline, "DAG"
+        return build_run_event(
+            event_type, run_id=subject.id, namespace=subject.namespace, job_name=job_name,
+            event_time=item.at if ended else subject.started_at, integration=subject.integration,
+            job_type=job_type, execution_facet=facet, integration_version=subject.host_version or __version__,
+            parent=parent, inputs=inputs, outputs=outputs, error=item.error, energy=item.energy,
+        )
+
+
+class _NoEnergy:
+    def task_started(self, execution_id: str, *, pid: int, include_children: bool = True) -> object:
+        return None
+
+    def task_finished(self, token: object) -> dict[str, Any] | None:
+        return None
+
+
+_recorder: Recorder | None = None
+_recorder_lock = threading.Lock()
+
+
+def get_recorder() -> Recorder:
+    """The process-wide Recorder, created on first use (configuration is read lazily by it)."""
+    global _recorder
+    if _recorder is None:
+        with _recorder_lock:
+            if _recorder is None:
+                _recorder = Recorder()
+    return _recorder

@@ -1,0 +1,120 @@
+"""The store interface: one contract, one backend module per URL scheme.
+
+An ``EventStore`` holds an append-only log of OpenLineage events (the source of truth) and projections derived from
+it (runs, input/output edges). Contract every backend keeps:
+
+* ``ingest`` is idempotent: an event's identity is the sha256 of its canonical JSON, so the same event twice is stored
+  once. It is atomic per call: either every new event of the batch and its projections are stored, or none.
+* Projections depend only on the *set* of events (never on arrival order); ``rebuild_projections`` recomputes them
+  from the log and must give the same rows.
+* Many writers (threads, processes) may ingest at once; none loses an event and none sees "database is locked".
+* Queries return plain JSON-ready dicts, so the CLI and the server print them as they are.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What an ``ingest`` call did."""
+
+    received: int
+    inserted: int
+    inserted_ids: tuple[str, ...] = ()
+
+    @property
+    def duplicates(self) -> int:
+        return self.received - self.inserted
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event as stored: log position, identity, body and (for events from another site) origin."""
+
+    seq: int
+    id: str
+    body: dict[str, Any]
+    site: str | None = None
+
+
+class EventStore(abc.ABC):
+    """The store contract (see module docstring)."""
+
+    url: str
+
+    @abc.abstractmethod
+    def ingest(self, events: Sequence[Mapping[str, Any]], *, site: str | None = None) -> IngestResult:
+        """Validate minimally, then store the events not yet stored and update projections (atomic per call).
+
+        Raises ``EventError`` naming the offending event when one cannot be projected (no runId, no job, bad
+        eventTime); nothing of the batch is stored then.
+        """
+
+    @abc.abstractmethod
+    def iter_events(
+        self,
+        *,
+        after_seq: int = 0,
+        pipeline: str | None = None,
+        run_id: str | None = None,
+        since: float | None = None,
+        limit: int | None = None,
+    ) -> Iterator[StoredEvent]:
+        """Events in log order, after ``after_seq``; filtered by pipeline, run (and its child runs), eventTime."""
+
+    @abc.abstractmethod
+    def list_runs(
+        self,
+        *,
+        pipeline: str | None = None,
+        state: str | None = None,
+        kind: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Runs, newest first."""
+
+    @abc.abstractmethod
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        """One run with its inputs, outputs, parameters, facets and child runs; None if unknown."""
+
+    @abc.abstractmethod
+    def list_pipelines(self) -> list[dict[str, Any]]:
+        """Pipelines with their stages, run counts and last run time."""
+
+    @abc.abstractmethod
+    def find_artifacts(self, *, key: str | None = None, hash: str | None = None,
+                       namespace: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
+        """Artifact occurrences (edges) by key, content hash, or dataset identity."""
+
+    @abc.abstractmethod
+    def lineage(self, artifact_keys: Sequence[str], *, direction: str = "upstream", depth: int = 10) -> dict[str, Any]:
+        """The lineage graph around artifacts: ``{"nodes": [...], "edges": [...]}``.
+
+        ``direction`` is ``upstream`` (what produced it), ``downstream`` (what consumed it) or ``both``; ``depth``
+        counts run hops.
+        """
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """Counts of events, runs, pipelines, artifacts; the last log position."""
+
+    @abc.abstractmethod
+    def rebuild_projections(self) -> None:
+        """Recompute every projection from the event log."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections; safe to call twice."""
+
+    def __enter__(self) -> EventStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,127 @@
+"""Everything that differs between SQLite and PostgreSQL, in one place.
+
+* SQLite: WAL journal, ``synchronous=NORMAL`` (durable across process crashes; an OS crash may lose the last
+  commits, never corrupt), a long ``busy_timeout`` and ``BEGIN IMMEDIATE`` so concurrent writers queue instead of
+  failing on lock upgrade; "database is locked" is retried, never surfaced.
+* PostgreSQL: per-run advisory locks serialise projection updates of the same run across writers.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, Table, create_engine, event, text
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.pool import NullPool
+
+from metatrail.errors import ConfigError, CorruptStoreError, MissingExtraError, StoreError
+
+T = TypeVar("T")
+BUSY_TIMEOUT_MS = 60_000
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``sqlite:///path`` or ``postgresql://…`` with the settings above."""
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///") :])
+        if str(path) not in ("", ":memory:"):
+            _check_sqlite_file(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(f"sqlite:///{path}", poolclass=NullPool if str(path) != ":memory:" else None)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    if url.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise MissingExtraError("psycopg", "postgresql") from None
+        dsn = "postgresql+psycopg://" + url.split("://", 1)[1]
+        return create_engine(dsn, pool_pre_ping=True, pool_size=4, max_overflow=8)
+    raise ConfigError(f"not an SQL store URL: {url!r}")
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """Refuse, without touching it, a file that is not an SQLite database."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    try:
+        with path.open("rb") as fh:
+            header = fh.read(16)
+    except OSError as exc:
+        raise StoreError(f"cannot read store file {path}: {exc}") from exc
+    if header != b"SQLite format 3\x00":
+        raise CorruptStoreError(f"store file {path} is not an SQLite database (corrupt or another file); "
+                                "nothing was changed. Move it away or point METATRAIL_STORE elsewhere.")
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def insert_ignore(engine: Engine, table: Table) -> Any:
+    """``INSERT … ON CONFLICT DO NOTHING`` for the engine's dialect."""
+    return (sqlite_dialect.insert(table) if is_sqlite(engine) else pg_dialect.insert(table)).on_conflict_do_nothing()
+
+
+def upsert(engine: Engine, table: Table, key: Sequence[str]) -> Any:
+    """``INSERT … ON CONFLICT (key) DO UPDATE SET every other column``."""
+    stmt = sqlite_dialect.insert(table) if is_sqlite(engine) else pg_dialect.insert(table)
+    others = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in key}
+    return stmt.on_conflict_do_update(index_elements=list(key), set_=others)
+
+
+def lock_runs(conn: Connection, run_ids: Sequence[str]) -> None:
+    """Serialise projection updates of these runs across concurrent writers (PostgreSQL; SQLite's writer lock
+    already serialises everything)."""
+    if conn.dialect.name == "sqlite":
+        return
+    for run_id in sorted(set(run_ids)):  # a fixed order, so two writers never deadlock
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": run_id})
+
+
+def lock_schema(conn: Connection) -> None:
+    """Serialise schema migrations across processes."""
+    if conn.dialect.name != "sqlite":
+        conn.execute(text("SELECT pg_advisory_xact_lock(7302915)"))
+
+
+def _transient(exc: BaseException) -> bool:
+    message = str(exc).lower()
+    return any(s in message for s in ("database is locked", "database is busy", "deadlock detected",
+                                      "could not serialize", "server closed the connection"))
+
+
+def retrying(fn: Callable[[], T], *, attempts: int = 20) -> T:
+    """Run ``fn`` (one whole transaction), retrying transient lock/serialisation errors with jittered backoff."""
+    delay = 0.01
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except (OperationalError, DBAPIError) as exc:
+            if not _transient(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 1.0)
+    raise AssertionError("unreachable")
+
+

@@ -1,0 +1,102 @@
+"""Tables of the SQL store and the migrations that create and upgrade them.
+
+The schema is versioned in ``metatrail_schema``; :data:`MIGRATIONS` lists each version's steps, applied in order
+under a write lock, so concurrent first starts create exactly one schema. Nothing calls ``create_all`` on a live
+database outside a migration step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Connection,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+# BigInteger autoincrement is not a rowid alias on SQLite; Integer there keeps seq the rowid.
+SeqType = BigInteger().with_variant(Integer(), "sqlite")
+
+schema_version = Table(
+    "metatrail_schema",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", Float, nullable=False),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("seq", SeqType, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("run_id", String(64), nullable=True),
+    Column("event_type", String(16), nullable=True),
+    Column("event_time", Float, nullable=True),
+    Column("job_namespace", Text, nullable=True),
+    Column("job_name", Text, nullable=True),
+    Column("site", Text, nullable=True),
+    Column("ingested_at", Float, nullable=False),
+    Column("body", Text, nullable=False),
+)
+Index("ix_events_run", events.c.run_id)
+Index("ix_events_time", events.c.event_time)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("namespace", Text, nullable=False),
+    Column("job_name", Text, nullable=False),
+    Column("pipeline", Text, nullable=False),
+    Column("stage", Text, nullable=True),
+    Column("kind", String(16), nullable=False),
+    Column("parent_run_id", String(64), nullable=True),
+    Column("state", String(16), nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("ended_at", Float, nullable=True),
+    Column("integration", Text, nullable=True),
+    Column("site", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("event_count", Integer, nullable=False),
+    Column("facets", Text, nullable=False),
+)
+Index("ix_runs_pipeline", runs.c.pipeline, runs.c.started_at)
+Index("ix_runs_parent", runs.c.parent_run_id)
+
+edges = Table(
+    "io_edges",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("direction", String(8), primary_key=True),
+    Column("namespace", Text, primary_key=True),
+    Column("name", Text, primary_key=True),
+    Column("version", Text, nullable=True),
+    Column("artifact_key", Text, nullable=False),
+    Column("hash", Text, nullable=True),
+    Column("algorithm", String(16), nullable=True),
+    Column("size", BigInteger, nullable=True),
+    Column("hash_error", Text, nullable=True),
+)
+Index("ix_edges_key", edges.c.artifact_key, edges.c.direction)
+Index("ix_edges_dataset", edges.c.namespace, edges.c.name)
+
+Migration = Callable[[Connection], None]
+
+
+def _v1(conn: Connection) -> None:
+    for table in (events, runs, edges):
+        table.create(conn, checkfirst=False)
+
+
+MIGRATIONS: list[tuple[int, Migration]] = [(1, _v1)]
+CURRENT_VERSION = MIGRATIONS[-1][0]

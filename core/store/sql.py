@@ -1,0 +1,345 @@
+"""The SQL store (SQLite embedded default, PostgreSQL for servers), written against SQLAlchemy Core.
+
+See :mod:`metatrail.store.base` for the contract and :mod:`metatrail.store.dialect` for what differs per database.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Connection, and_, delete, func, or_, select
+from sqlalchemy.exc import DatabaseError, OperationalError
+
+from metatrail.errors import CorruptStoreError, EventError, StoreError
+from metatrail.openlineage.events import canonical_json
+from metatrail.store import dialect
+from metatrail.store.base import EventStore, IngestResult, StoredEvent
+from metatrail.store.projection import EventRecord, parse_event_time, project_run
+from metatrail.store.schema import CURRENT_VERSION, MIGRATIONS, edges, events, runs, schema_version
+
+CHUNK = 500  # bound on IN (...) lists
+
+
+def _chunks(items: Sequence[str], size: int = CHUNK) -> Iterator[Sequence[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def prepare_event(event: Mapping[str, Any]) -> tuple[str, str, EventRecord, dict[str, Any]]:
+    """Check that an event can be stored and projected; return (id, canonical text, record, row values)."""
+    import hashlib
+
+    if not isinstance(event, Mapping):
+        raise EventError(f"an event must be a JSON object, got {type(event).__name__}")
+    try:
+        text_ = canonical_json(event)
+    except (TypeError, ValueError) as exc:
+        raise EventError(f"event is not JSON-serialisable: {exc}") from None
+    eid = hashlib.sha256(text_.encode("utf-8")).hexdigest()
+    etime = parse_event_time(event.get("eventTime"))
+    run = event.get("run")
+    run_id = run.get("runId") if isinstance(run, Mapping) else None
+    job = event.get("job")
+    if run is not None and not (isinstance(run_id, str) and run_id):
+        raise EventError("run.runId is required on a run event")
+    body = json.loads(text_)
+    record = EventRecord(id=eid, time=etime, body=body)
+    row = {
+        "id": eid,
+        "run_id": run_id,
+        "event_type": str(event.get("eventType")) if event.get("eventType") else None,
+        "event_time": etime,
+        "job_namespace": job.get("namespace") if isinstance(job, Mapping) else None,
+        "job_name": job.get("name") if isinstance(job, Mapping) else None,
+    }
+    return eid, text_, record, row
+
+
+class SqlStore(EventStore):
+    """An :class:`EventStore` over SQLAlchemy (``sqlite:///…`` or ``postgresql://…``)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine = dialect.make_engine(url)
+        try:
+            self._migrate()
+        except DatabaseError as exc:
+            self._engine.dispose()
+            if "file is not a database" in str(exc) or "malformed" in str(exc):
+                raise CorruptStoreError(f"store {url} is damaged ({exc.orig}); nothing was changed") from None
+            raise StoreError(f"cannot open store {url}: {exc.orig}") from None
+
+    # -- schema -------------------------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        def run() -> None:
+            with self._engine.begin() as conn:
+                dialect.lock_schema(conn)
+                names = set(self._engine.dialect.get_table_names(conn))
+                if "metatrail_schema" in names:
+                    current = conn.execute(select(func.max(schema_version.c.version))).scalar() or 0
+                elif names & {"events", "runs", "io_edges"} or (names and self._engine.dialect.name == "sqlite"):
+                    raise CorruptStoreError(
+                        f"{self.url} holds tables ({', '.join(sorted(names)[:5])}) but is not a metatrail store; "
+                        "nothing was changed")
+                else:
+                    schema_version.create(conn)
+                    current = 0
+                if current > CURRENT_VERSION:
+                    raise StoreError(f"store {self.url} has schema version {current}, newer than this metatrail "
+                                     f"({CURRENT_VERSION}); upgrade metatrail")
+                for version, step in MIGRATIONS:
+                    if version > current:
+                        step(conn)
+                        conn.execute(schema_version.insert().values(version=version, applied_at=time.time()))
+
+        dialect.retrying(run)
+
+    # -- writing ------------------------------------------------------------------------------------------------
+    def ingest(self, events_in: Sequence[Mapping[str, Any]], *, site: str | None = None) -> IngestResult:
+        prepared: dict[str, tuple[str, EventRecord, dict[str, Any]]] = {}
+        for ev in events_in:
+            eid, text_, record, row = prepare_event(ev)
+            prepared.setdefault(eid, (text_, record, row))
+        if not prepared:
+            return IngestResult(received=len(events_in), inserted=0)
+
+        def run() -> IngestResult:
+            with self._engine.begin() as conn:
+                ids = list(prepared)
+                existing: set[str] = set()
+                for part in _chunks(ids):
+                    existing.update(conn.execute(select(events.c.id).where(events.c.id.in_(part))).scalars())
+                new_ids = [i for i in ids if i not in existing]
+                if not new_ids:
+                    return IngestResult(received=len(events_in), inserted=0)
+                now = time.time()
+                rows = [{**prepared[i][2], "site": site, "ingested_at": now, "body": prepared[i][0]} for i in new_ids]
+                conn.execute(dialect.insert_ignore(self._engine, events), rows)
+                touched = sorted({prepared[i][2]["run_id"] for i in new_ids if prepared[i][2]["run_id"]})
+                self._reproject(conn, touched)
+                return IngestResult(received=len(events_in), inserted=len(new_ids), inserted_ids=tuple(new_ids))
+
+        try:
+            return dialect.retrying(run)
+        except OperationalError as exc:
+            raise StoreError(f"cannot write store {self.url}: {exc.orig}") from None
+
+    def _reproject(self, conn: Connection, run_ids: Sequence[str]) -> None:
+        if not run_ids:
+            return
+        dialect.lock_runs(conn, run_ids)
+        by_run: dict[str, list[EventRecord]] = defaultdict(list)
+        for part in _chunks(run_ids):
+            result = conn.execute(
+                select(events.c.run_id, events.c.id, events.c.event_time, events.c.body).where(events.c.run_id.in_(part))
+            )
+            for run_id, eid, etime, body in result:
+                by_run[run_id].append(EventRecord(id=eid, time=etime, body=json.loads(body)))
+        run_rows, edge_rows = [], []
+        for run_id in run_ids:
+            proj = project_run(run_id, by_run[run_id])
+            run_rows.append({**proj.run, "facets": json.dumps(proj.run["facets"], sort_keys=True)})
+            edge_rows.extend(proj.edges)
+        conn.execute(dialect.upsert(self._engine, runs, ["run_id"]), run_rows)
+        for part in _chunks(list(run_ids)):
+            conn.execute(delete(edges).where(edges.c.run_id.in_(part)))
+        if edge_rows:
+            conn.execute(edges.insert(), edge_rows)
+
+    def rebuild_projections(self) -> None:
+        def run() -> None:
+            with self._engine.begin() as conn:
+                conn.execute(delete(edges))
+                conn.execute(delete(runs))
+                run_ids = list(conn.execute(select(events.c.run_id).where(events.c.run_id.is_not(None))
+                                            .distinct()).scalars())
+                for part in _chunks(run_ids):
+                    self._reproject(conn, list(part))
+
+        dialect.retrying(run)
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    def iter_events(self, *, after_seq: int = 0, pipeline: str | None = None, run_id: str | None = None,
+                    since: float | None = None, limit: int | None = None) -> Iterator[StoredEvent]:
+        stmt = select(events.c.seq, events.c.id, events.c.body, events.c.site).where(events.c.seq > after_seq)
+        if pipeline is not None:
+            stmt = stmt.where(events.c.run_id.in_(select(runs.c.run_id).where(runs.c.pipeline == pipeline)))
+        if run_id is not None:
+            family = select(runs.c.run_id).where(or_(runs.c.run_id == run_id, runs.c.parent_run_id == run_id))
+            stmt = stmt.where(events.c.run_id.in_(family))
+        if since is not None:
+            stmt = stmt.where(events.c.event_time >= since)
+        stmt = stmt.order_by(events.c.seq)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        # Page through the log so a long export holds no transaction open and little memory.
+        page = 2000 if limit is None else min(limit, 2000)
+        last, remaining = after_seq, limit
+        while True:
+            with self._engine.connect() as conn:
+                q = stmt.where(events.c.seq > last).limit(page if remaining is None else min(page, remaining))
+                rows = conn.execute(q).all()
+            for seq, eid, body, site in rows:
+                yield StoredEvent(seq=seq, id=eid, body=json.loads(body), site=site)
+            if not rows or len(rows) < page:
+                return
+            last = rows[-1][0]
+            if remaining is not None:
+                remaining -= len(rows)
+                if remaining <= 0:
+                    return
+
+    @staticmethod
+    def _run_dict(row: Any, with_facets: bool = False) -> dict[str, Any]:
+        d = dict(row._mapping)
+        facets = json.loads(d.pop("facets"))
+        ours = facets.get("metatrail_execution") or {}
+        d["params"] = ours.get("params", {})
+        d["duration_s"] = (d["ended_at"] - d["started_at"]) if d["ended_at"] and d["started_at"] else None
+        if with_facets:
+            d["facets"] = facets
+        return d
+
+    def list_runs(self, *, pipeline: str | None = None, state: str | None = None, kind: str | None = None,
+                  since: float | None = None, until: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        stmt = select(runs)
+        conds = []
+        if pipeline is not None:
+            conds.append(runs.c.pipeline == pipeline)
+        if state is not None:
+            conds.append(runs.c.state == state)
+        if kind is not None:
+            conds.append(runs.c.kind == kind)
+        if since is not None:
+            conds.append(runs.c.started_at >= since)
+        if until is not None:
+            conds.append(runs.c.started_at < until)
+        if conds:
+            stmt = stmt.where(and_(*conds))
+        stmt = stmt.order_by(runs.c.started_at.desc(), runs.c.run_id).limit(limit)
+        with self._engine.connect() as conn:
+            return [self._run_dict(r) for r in conn.execute(stmt)]
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        with self._engine.connect() as conn:
+            row = conn.execute(select(runs).where(runs.c.run_id == run_id)).first()
+            if row is None:
+                return None
+            run = self._run_dict(row, with_facets=True)
+            io = conn.execute(select(edges).where(edges.c.run_id == run_id)
+                              .order_by(edges.c.direction, edges.c.namespace, edges.c.name)).all()
+            children = conn.execute(select(runs.c.run_id, runs.c.stage, runs.c.state, runs.c.started_at)
+                                    .where(runs.c.parent_run_id == run_id).order_by(runs.c.started_at)).all()
+        run["inputs"] = [dict(e._mapping) for e in io if e.direction == "INPUT"]
+        run["outputs"] = [dict(e._mapping) for e in io if e.direction == "OUTPUT"]
+        run["children"] = [dict(c._mapping) for c in children]
+        return run
+
+    def list_pipelines(self) -> list[dict[str, Any]]:
+        stmt = (select(runs.c.pipeline, runs.c.namespace, func.count().label("runs"),
+                       func.max(runs.c.started_at).label("last_started_at"))
+                .group_by(runs.c.pipeline, runs.c.namespace).order_by(runs.c.pipeline))
+        stages = select(runs.c.pipeline, runs.c.stage).where(runs.c.stage.is_not(None)).distinct()
+        with self._engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(stmt)]
+            by_pipeline: dict[str, list[str]] = defaultdict(list)
+            for p, s in conn.execute(stages):
+                by_pipeline[p].append(s)
+        for r in rows:
+            r["stages"] = sorted(by_pipeline.get(r["pipeline"], []))
+        return rows
+
+    def find_artifacts(self, *, key: str | None = None, hash: str | None = None,
+                       namespace: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
+        stmt = select(edges, runs.c.pipeline, runs.c.stage, runs.c.started_at, runs.c.state).join(
+            runs, runs.c.run_id == edges.c.run_id)
+        if key is not None:
+            stmt = stmt.where(edges.c.artifact_key == key)
+        if hash is not None:
+            stmt = stmt.where(or_(edges.c.hash == hash, edges.c.version == hash))
+        if namespace is not None:
+            stmt = stmt.where(edges.c.namespace == namespace)
+        if name is not None:
+            stmt = stmt.where(edges.c.name == name)
+        with self._engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt.order_by(runs.c.started_at.desc()).limit(1000))]
+
+    def lineage(self, artifact_keys: Sequence[str], *, direction: str = "upstream", depth: int = 10) -> dict[str, Any]:
+        if direction not in ("upstream", "downstream", "both"):
+            raise ValueError("direction must be upstream, downstream or both")
+        nodes: dict[str, dict[str, Any]] = {}
+        graph_edges: set[tuple[str, str, str]] = set()
+        with self._engine.connect() as conn:
+            for d in (("upstream", "downstream") if direction == "both" else (direction,)):
+                self._walk(conn, list(artifact_keys), d, depth, nodes, graph_edges)
+        return {
+            "roots": list(artifact_keys),
+            "nodes": sorted(nodes.values(), key=lambda n: (n["type"], n["id"])),
+            "edges": [{"from": a, "to": b, "type": t} for a, b, t in sorted(graph_edges)],
+        }
+
+    def _walk(self, conn: Connection, frontier: list[str], direction: str, depth: int,
+              nodes: dict[str, dict[str, Any]], graph_edges: set[tuple[str, str, str]]) -> None:
+        # upstream: artifact <-OUTPUT- run <-INPUT- artifact ...; downstream the mirror image.
+        seen_art: set[str] = set()
+        seen_runs: set[str] = set()
+        first_dir, second_dir = ("OUTPUT", "INPUT") if direction == "upstream" else ("INPUT", "OUTPUT")
+        for _ in range(max(depth, 0)):
+            frontier = [k for k in frontier if k not in seen_art]
+            if not frontier:
+                break
+            seen_art.update(frontier)
+            run_ids: set[str] = set()
+            for part in _chunks(frontier):
+                for e in conn.execute(select(edges).where(and_(edges.c.artifact_key.in_(part),
+                                                               edges.c.direction == first_dir))):
+                    self._add_artifact(nodes, e)
+                    run_ids.add(e.run_id)
+            run_ids -= seen_runs
+            if not run_ids:
+                break
+            seen_runs.update(run_ids)
+            nxt: list[str] = []
+            for part in _chunks(sorted(run_ids)):
+                for r in conn.execute(select(runs).where(runs.c.run_id.in_(part))):
+                    nodes[f"run:{r.run_id}"] = {"type": "run", "id": f"run:{r.run_id}", "run_id": r.run_id,
+                                                "pipeline": r.pipeline, "stage": r.stage, "state": r.state,
+                                                "started_at": r.started_at, "site": r.site}
+                for e in conn.execute(select(edges).where(edges.c.run_id.in_(part))):
+                    self._add_artifact(nodes, e)
+                    art, run = f"artifact:{e.artifact_key}", f"run:{e.run_id}"
+                    graph_edges.add((art, run, "input") if e.direction == "INPUT" else (run, art, "output"))
+                    if e.direction == second_dir:
+                        nxt.append(e.artifact_key)
+            frontier = nxt
+
+    @staticmethod
+    def _add_artifact(nodes: dict[str, dict[str, Any]], e: Any) -> None:
+        node_id = f"artifact:{e.artifact_key}"
+        node = nodes.setdefault(node_id, {"type": "artifact", "id": node_id, "key": e.artifact_key,
+                                          "hash": e.hash, "algorithm": e.algorithm, "size": e.size, "names": []})
+        name = f"{e.namespace}:{e.name}" if e.namespace != "file" else e.name
+        if name not in node["names"]:
+            node["names"].append(name)
+            node["names"].sort()
+
+    def stats(self) -> dict[str, Any]:
+        with self._engine.connect() as conn:
+            return {
+                "url": self.url,
+                "events": conn.execute(select(func.count()).select_from(events)).scalar(),
+                "last_seq": conn.execute(select(func.max(events.c.seq))).scalar() or 0,
+                "runs": conn.execute(select(func.count()).select_from(runs)).scalar(),
+                "executions": conn.execute(select(func.count()).select_from(runs).where(runs.c.kind == "execution"))
+                .scalar(),
+                "pipelines": conn.execute(select(func.count(runs.c.pipeline.distinct()))).scalar(),
+                "artifacts": conn.execute(select(func.count(edges.c.artifact_key.distinct()))).scalar(),
+                "states": dict(conn.execute(select(runs.c.state, func.count()).group_by(runs.c.state)).all()),
+            }
+
+    def close(self) -> None:
+        self._engine.dispose()

@@ -1,0 +1,38 @@
+"""Test environments. Workflow managers pin conflicting dependencies, so each gets its own environment.
+
+``nox`` runs every environment (the whole suite, what CI runs); ``nox -s core`` one of them. Adding a host is one
+entry in ENVIRONMENTS: the extras it installs and the test folders it runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+# name -> (extras to install, pytest arguments)
+ENVIRONMENTS: dict[str, tuple[list[str], list[str]]] = {
+    "core": (["test", "dvc", "server", "gpu", "plot"], ["tests", "--ignore=tests/plugins"]),
+    "snakemake": (["test", "snakemake"], ["tests/plugins/snakemake"]),
+    "parsl": (["test", "parsl"], ["tests/plugins/parsl"]),
+    "airflow": (["test", "airflow"], ["tests/plugins/airflow"]),
+    "prefect": (["test", "prefect"], ["tests/plugins/prefect"]),
+}
+
+
+def _make_session(name: str, extras: list[str], pytest_args: list[str]) -> None:
+    @nox.session(name=name, python=False if os.environ.get("METATRAIL_NOX_NO_VENV") else None)
+    def _session(session: nox.Session) -> None:
+        session.install("-e", f".[{','.join(extras)}]")
+        if name == "core":
+            session.run("ruff", "check", "core", "plugins", "tests", "bench")
+            session.run("mypy")
+        session.run("pytest", *pytest_args, *session.posargs)
+
+
+for _name, (_extras, _args) in ENVIRONMENTS.items():
+    _make_session(_name, _extras, _args)
