@@ -110,7 +110,16 @@ class Recorder:
         self.written = 0
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._after_fork)
-        atexit.register(self._at_exit)
+        # Flush when the main thread ends, before the interpreter shuts threading down: after that, the writer
+        # could no longer import what it needs (concurrent.futures refuses new atexit hooks). CPython runs these
+        # hooks in threading._shutdown; plain atexit is the fallback elsewhere.
+        register = getattr(threading, "_register_atexit", None)
+        try:
+            if register is None:
+                raise AttributeError
+            register(self._at_exit)
+        except (AttributeError, RuntimeError):
+            atexit.register(self._at_exit)
 
     # -- configuration (lazy) -----------------------------------------------------------------------------------
     @property
@@ -159,6 +168,11 @@ class Recorder:
             self._queue.append(item)
             self._submitted += 1
             if self._thread is None or not self._thread.is_alive():
+                # Imported here, on the caller's thread, once: if the interpreter starts shutting down while the
+                # writer is still importing its (lazy) dependencies, concurrent.futures.thread could no longer be
+                # imported there, and the first events would be lost.
+                import concurrent.futures.thread  # noqa: F401
+
                 self._thread = threading.Thread(target=self._writer, name="metatrail-writer", daemon=True)
                 self._thread.start()
             self._cv.notify()

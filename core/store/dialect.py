@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -72,6 +73,18 @@ def _check_sqlite_file(path: Path) -> None:
     if header != b"SQLite format 3\x00":
         raise CorruptStoreError(f"store file {path} is not an SQLite database (corrupt or another file); "
                                 "nothing was changed. Move it away or point METATRAIL_STORE elsewhere.")
+    # Look before the first write: switching to WAL would already change a foreign database's header.
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise CorruptStoreError(f"store file {path} is damaged ({exc}); nothing was changed") from None
+    if names and "metatrail_schema" not in names:
+        raise CorruptStoreError(f"{path} holds tables ({', '.join(sorted(names)[:5])}) but is not a metatrail "
+                                "store; nothing was changed")
 
 
 def is_sqlite(engine: Engine) -> bool:
@@ -97,6 +110,14 @@ def lock_runs(conn: Connection, run_ids: Sequence[str]) -> None:
         return
     for run_id in sorted(set(run_ids)):  # a fixed order, so two writers never deadlock
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": run_id})
+
+
+def lock_log(conn: Connection) -> None:
+    """Make log positions follow commit order (PostgreSQL). A sequence hands out ``seq`` at insert time, not at commit,
+    so two concurrent writers could commit seq 11 before seq 10, and a reader resuming "after 11" (a sync cursor)
+    would never see 10. Serialising the log append until commit closes that gap; SQLite's writer lock already does."""
+    if conn.dialect.name != "sqlite":
+        conn.execute(text("SELECT pg_advisory_xact_lock(7302916)"))
 
 
 def lock_schema(conn: Connection) -> None:

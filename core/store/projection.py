@@ -91,7 +91,14 @@ def project_run(run_id: str, events: Iterable[EventRecord]) -> RunProjection:
     facets: dict[str, Any] = {}
     job_facets: dict[str, Any] = {}
     for e in ordered:
-        facets.update((e.body.get("run") or {}).get("facets") or {})
+        run_facets = (e.body.get("run") or {}).get("facets") or {}
+        previous = facets.get("metatrail_execution")
+        facets.update(run_facets)
+        current = run_facets.get("metatrail_execution")
+        if isinstance(previous, dict) and isinstance(current, dict):
+            # A run finished by another process may not know the parameters given at its start: keep them.
+            facets["metatrail_execution"] = {**current, "params": {**(previous.get("params") or {}),
+                                                                   **(current.get("params") or {})}}
         job_facets.update((e.body.get("job") or {}).get("facets") or {})
     job = last.body.get("job") or {}
     namespace, job_name = str(job.get("namespace", "")), str(job.get("name", ""))

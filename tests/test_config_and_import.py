@@ -1,0 +1,58 @@
+"""Configuration precedence and the weight of ``import metatrail``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metatrail.config import load_settings
+from metatrail.errors import ConfigError
+
+
+def test_precedence_arguments_over_file_over_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[metatrail]\nnamespace = "from-file"\nsite = "file-site"\n')
+    monkeypatch.setenv("METATRAIL_CONFIG", str(config))
+    monkeypatch.setenv("METATRAIL_NAMESPACE", "from-env")
+    monkeypatch.setenv("METATRAIL_TIMEOUT", "5")
+    settings = load_settings(site="arg-site")
+    assert (settings.namespace, settings.site, settings.timeout) == ("from-file", "arg-site", 5.0)
+
+
+def test_default_store_is_found_by_walking_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("METATRAIL_STORE")
+    monkeypatch.delenv("METATRAIL_HASH_CACHE")
+    (tmp_path / ".metatrail").mkdir()
+    deep = tmp_path / "a" / "b"
+    deep.mkdir(parents=True)
+    monkeypatch.chdir(deep)
+    settings = load_settings()
+    assert settings.store == f"sqlite:///{tmp_path / '.metatrail' / 'metatrail.db'}"
+    assert settings.hash_cache == str(tmp_path / ".metatrail" / "hashcache.db")
+
+
+@pytest.mark.parametrize("name,value", [("timeout", "soon"), ("timeout", "-1"), ("energy", "maybe")])
+def test_bad_values_are_named(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_settings(**{name: value})
+
+
+def test_bad_config_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[metatrail\n")
+    monkeypatch.setenv("METATRAIL_CONFIG", str(bad))
+    with pytest.raises(ConfigError, match=str(bad)):
+        load_settings()
+
+
+def test_import_is_light() -> None:
+    code = ("import sys, json, metatrail\n"
+            "heavy = ['airflow', 'prefect', 'snakemake', 'parsl', 'fastapi', 'torch', 'pandas', 'sqlalchemy',\n"
+            "         'openlineage', 'pynvml', 'numpy', 'rich', 'uvicorn', 'dvc_data']\n"
+            "print(json.dumps([m for m in heavy if m in sys.modules]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []

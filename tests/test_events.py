@@ -1,0 +1,113 @@
+"""Every kind of event we produce validates against the OpenLineage spec, our facet schemas, and Marquez's rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from olspec import assert_valid, marquez_errors, spec_errors
+
+from metatrail.model import ArtifactRef, HashInfo, uuid7
+from metatrail.openlineage.events import build_run_event, event_id
+from metatrail.openlineage.facets import MetatrailExecutionRunFacet, load_schema
+from metatrail.recorder import Recorder
+from metatrail.store import open_store
+
+INPUTS = [ArtifactRef("data/raw.csv", "file", "/work/data/raw.csv", hash=HashInfo("md5", "a" * 32), size=10),
+          ArtifactRef("s3://bucket/key.parquet", "s3://bucket", "key.parquet", kind="remote",
+                      hash_error="remote: not downloaded"),
+          ArtifactRef("gone.txt", "file", "/work/gone.txt", kind="missing", hash_error="missing")]
+OUTPUTS = [ArtifactRef("model", "file", "/work/model", kind="directory", hash=HashInfo("md5", "b" * 32 + ".dir"),
+                       size=1234, nfiles=3)]
+
+
+def _facet(kind: str = "execution") -> MetatrailExecutionRunFacet:
+    return MetatrailExecutionRunFacet(pipeline="p", kind=kind, site="s", integration="PYTHON",
+                                      stage="st" if kind == "execution" else None, params={"lr": 0.1, "n": [1, 2]},
+                                      codeVersion={"gitCommit": "c" * 40, "repoPath": "/work"})
+
+
+@pytest.mark.parametrize("event_type", ["START", "RUNNING", "COMPLETE", "FAIL", "ABORT"])
+@pytest.mark.parametrize("with_parent", [True, False])
+def test_execution_events_are_valid(event_type: str, with_parent: bool) -> None:
+    event = build_run_event(
+        event_type, run_id=uuid7(), namespace="ns", job_name="p.st", event_time=1.8e9, integration="SNAKEMAKE",
+        job_type="TASK", execution_facet=_facet(), parent=(uuid7(), "ns", "p") if with_parent else None,
+        inputs=INPUTS, outputs=OUTPUTS if event_type != "START" else [],
+        error=ValueError("bad value") if event_type == "FAIL" else None,
+    )
+    assert_valid(event)
+    assert event["run"]["facets"]["metatrail_execution"]["params"] == {"lr": 0.1, "n": [1, 2]}
+    if event_type == "FAIL":
+        assert event["run"]["facets"]["errorMessage"]["message"] == "ValueError: bad value"
+        assert "Traceback" not in event["run"]["facets"]["errorMessage"]["message"]
+
+
+def test_pipeline_run_events_are_valid() -> None:
+    for event_type in ("START", "COMPLETE", "FAIL"):
+        event = build_run_event(event_type, run_id=uuid7(), namespace="ns", job_name="p", event_time=1.8e9,
+                                integration="AIRFLOW", job_type="DAG", execution_facet=_facet("pipeline_run"),
+                                error="dag failed" if event_type == "FAIL" else None)
+        assert_valid(event)
+        assert event["job"]["facets"]["jobType"]["jobType"] == "DAG"
+
+
+def test_null_hash_is_kept_with_its_reason() -> None:
+    event = build_run_event("START", run_id=uuid7(), namespace="ns", job_name="p.st", event_time=1.8e9,
+                            integration="PYTHON", job_type="TASK", execution_facet=_facet(), inputs=INPUTS)
+    facets = [i["facets"] for i in event["inputs"]]
+    assert facets[0]["version"]["datasetVersion"] == "a" * 32
+    assert facets[1]["metatrail_artifact"]["hash"] is None
+    assert facets[1]["metatrail_artifact"]["hashError"] == "remote: not downloaded"
+    assert "version" not in facets[2]
+    assert (event["inputs"][1]["namespace"], event["inputs"][1]["name"]) == ("s3://bucket", "key.parquet")
+
+
+def test_the_validator_catches_broken_events() -> None:
+    event = build_run_event("START", run_id=uuid7(), namespace="ns", job_name="p.st", event_time=1.8e9,
+                            integration="PYTHON", job_type="TASK", execution_facet=_facet())
+    broken = {**event, "run": {**event["run"], "runId": "not-a-uuid"}}
+    assert spec_errors(broken)
+    facet = dict(event["run"]["facets"]["metatrail_execution"], kind="bogus")
+    bad_facet = {**event, "run": {**event["run"], "facets": {"metatrail_execution": facet}}}
+    assert any("metatrail_execution" in e for e in spec_errors(bad_facet))
+    assert marquez_errors({**event, "job": {"namespace": "ns", "name": None}})
+
+
+def test_event_identity_ignores_key_order() -> None:
+    event = build_run_event("START", run_id=uuid7(), namespace="ns", job_name="p.st", event_time=1.8e9,
+                            integration="PYTHON", job_type="TASK", execution_facet=_facet())
+    reordered = dict(reversed(list(event.items())))
+    assert event_id(event) == event_id(reordered)
+    assert event_id(event) != event_id({**event, "eventType": "COMPLETE"})
+
+
+def test_shipped_schemas_name_their_facets() -> None:
+    for name, key in (("MetatrailExecutionRunFacet", "metatrail_execution"),
+                      ("MetatrailArtifactDatasetFacet", "metatrail_artifact")):
+        schema = load_schema(name)
+        assert schema["properties"][key]["$ref"] == f"#/$defs/{name}"
+        assert schema["$id"].endswith(f"/{name}.json")
+
+
+def test_recorded_events_are_valid(tmp_path: Path) -> None:
+    """End to end: what the Recorder writes to the store validates, including hashes of real files."""
+    (tmp_path / "in.txt").write_text("input")
+    (tmp_path / "outdir").mkdir()
+    (tmp_path / "outdir" / "a").write_text("a")
+    recorder = Recorder()
+    run = recorder.pipeline_run_started("pipe", params={"seed": 1})
+    ex = recorder.execution_started("pipe", "one", pipeline_run=run, inputs=[tmp_path / "in.txt"],
+                                    params={"obj": object()})
+    recorder.execution_finished(ex, outputs=[tmp_path / "outdir", "s3://b/k"])
+    ex2 = recorder.execution_started("pipe", "two", pipeline_run=run)
+    recorder.execution_failed(ex2, error=RuntimeError("nope"))
+    recorder.pipeline_run_finished(run, status="failed", error="stage two failed")
+    assert recorder.flush(30)
+    with open_store(recorder.settings.store) as store:
+        events = [e.body for e in store.iter_events()]
+    recorder.close()
+    assert len(events) == 6
+    for event in events:
+        assert_valid(event)
+    assert {e["eventType"] for e in events} == {"START", "COMPLETE", "FAIL"}

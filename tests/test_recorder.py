@@ -1,0 +1,228 @@
+"""The Recorder's guarantees: never raises, never blocks the caller on storage, kill switch without I/O,
+thread/process/fork safety, honest values."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from metatrail.model import uuid7, uuid7_from
+from metatrail.recorder import Recorder
+from metatrail.store import IngestResult, open_store
+from metatrail.store.sql import SqlStore
+
+
+def _events(recorder: Recorder) -> list[dict[str, Any]]:
+    with open_store(recorder.settings.store) as store:
+        return [e.body for e in store.iter_events()]
+
+
+class BlockingStore(SqlStore):
+    """A real SQLite store whose writes wait until released: a server-side stall, as seen from the writer."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.release = threading.Event()
+
+    def ingest(self, events: Sequence[Mapping[str, Any]], *, site: str | None = None) -> IngestResult:
+        self.release.wait()
+        return super().ingest(events, site=site)
+
+
+class FailingStore(SqlStore):
+    """A real store whose writes fail like a full disk."""
+
+    def ingest(self, events: Sequence[Mapping[str, Any]], *, site: str | None = None) -> IngestResult:
+        raise OSError(28, "No space left on device")
+
+
+def test_kill_switch_does_no_io(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METATRAIL_DISABLED", "1")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("METATRAIL_STORE", f"sqlite:///{tmp_path / 'never' / 'metatrail.db'}")
+    recorder = Recorder()
+    run = recorder.pipeline_run_started("p")
+    ex = recorder.execution_started("p", "s", pipeline_run=run, inputs=[tmp_path / "missing"])
+    recorder.execution_finished(ex, outputs=[tmp_path / "out"])
+    recorder.pipeline_run_finished(run)
+    assert recorder.flush(1)
+    assert ex.pipeline_run_id == run.id and uuid.UUID(ex.id).version == 7
+    assert recorder._thread is None and recorder._settings is None  # no thread started, no config read
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kill_switch_flipped_mid_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = Recorder()
+    ex = recorder.execution_started("p", "before")
+    recorder.execution_finished(ex)
+    assert recorder.flush(30)
+    monkeypatch.setenv("METATRAIL_DISABLED", "1")
+    ex2 = recorder.execution_started("p", "after")
+    recorder.execution_finished(ex2)
+    monkeypatch.delenv("METATRAIL_DISABLED")
+    assert recorder.flush(30)
+    assert {e["job"]["name"] for e in _events(recorder)} == {"p.before"}
+
+
+def test_storage_never_blocks_or_raises_into_the_caller(tmp_path: Path) -> None:
+    store = BlockingStore(f"sqlite:///{tmp_path / 'slow.db'}")
+    recorder = Recorder(store=store)
+    ex = recorder.execution_started("p", "s")
+    recorder.execution_finished(ex, ended_at=ex.started_at + 1)  # returns although the store is stalled
+    assert recorder.pending >= 1
+    assert recorder.flush(0.2) is False  # bounded wait, reported honestly
+    store.release.set()
+    assert recorder.flush(30)
+    events = [e.body for e in store.iter_events()]
+    assert [e["eventType"] for e in events] == ["START", "COMPLETE"]
+    recorder.close()
+
+
+def test_failing_store_is_contained(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    recorder = Recorder(store=FailingStore(f"sqlite:///{tmp_path / 'full.db'}"))
+    ex = recorder.execution_started("p", "s")
+    recorder.execution_failed(ex, error=ValueError("task error"))
+    recorder.flush(60)
+    assert recorder.failed_writes == 2 and recorder.written == 0
+    messages = [r.getMessage() for r in caplog.records if "No space left" in r.getMessage()]
+    assert len(messages) == 1  # logged once, not per retry or per event
+
+
+def test_unwritable_store_location_is_contained(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the store directory should be")
+    monkeypatch.setenv("METATRAIL_STORE", f"sqlite:///{blocker / 'sub' / 'metatrail.db'}")
+    recorder = Recorder()
+    ex = recorder.execution_started("p", "s", inputs=[blocker])
+    recorder.execution_finished(ex)
+    recorder.flush(60)
+    assert recorder.written == 0 and recorder.failed_writes == 2
+    assert blocker.read_text().startswith("a file")
+
+
+def test_many_threads_lose_nothing() -> None:
+    recorder = Recorder()
+
+    def work(t: int) -> None:
+        for i in range(40):
+            ex = recorder.execution_started("threads", f"t{t}", params={"i": i})
+            recorder.execution_finished(ex)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert recorder.flush(60)
+    assert len(_events(recorder)) == 8 * 40 * 2
+    with open_store(recorder.settings.store) as store:
+        assert store.stats()["states"] == {"completed": 320}
+
+
+def test_fork_child_records_its_own_events() -> None:
+    recorder = Recorder()
+    ex = recorder.execution_started("fork", "parent")
+    pid = os.fork()
+    if pid == 0:  # the child: record and leave without running the parent's cleanup
+        child = recorder.execution_started("fork", "child")
+        recorder.execution_finished(child)
+        os._exit(0 if recorder.flush(30) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    recorder.execution_finished(ex)
+    assert recorder.flush(30)
+    events = _events(recorder)
+    assert sorted((e["job"]["name"], e["eventType"]) for e in events) == [
+        ("fork.child", "COMPLETE"), ("fork.child", "START"), ("fork.parent", "COMPLETE"), ("fork.parent", "START")]
+
+
+def test_pending_events_are_flushed_at_exit(tmp_path: Path) -> None:
+    script = ("import metatrail\n"
+              "r = metatrail.get_recorder()\n"
+              "for i in range(50):\n"
+              "    r.execution_finished(r.execution_started('exit', f's{i}'))\n")
+    env = {**os.environ}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
+    with open_store(env["METATRAIL_STORE"]) as store:
+        assert store.stats()["events"] == 100
+
+
+def test_outputs_are_hashed_after_the_call_returns(tmp_path: Path) -> None:
+    store = BlockingStore(f"sqlite:///{tmp_path / 's.db'}")
+    recorder = Recorder(store=store)
+    out = tmp_path / "big.bin"
+    out.write_bytes(os.urandom(1 << 20))
+    ex = recorder.execution_started("p", "s")
+    ended = ex.started_at + 2.5
+    recorder.execution_finished(ex, outputs=[out], ended_at=ended)
+    out.write_bytes(b"replaced")  # hashing happens later, but the event keeps the task's own end time
+    store.release.set()
+    assert recorder.flush(30)
+    complete = [e.body for e in store.iter_events() if e.body["eventType"] == "COMPLETE"][0]
+    assert complete["eventTime"].startswith(__import__("metatrail.openlineage.events",
+                                                        fromlist=["iso_time"]).iso_time(ended)[:23])
+    assert complete["run"]["facets"]["metatrail_execution"]["durationSeconds"] == pytest.approx(2.5)
+    recorder.close()
+
+
+def test_parameters_that_are_not_json_are_stringified() -> None:
+    recorder = Recorder()
+
+    class Model:
+        def __repr__(self) -> str:
+            return "Model(layers=3)"
+
+    ex = recorder.execution_started("p", "s", params={"lr": 0.1, "model": Model(), "nan": float("nan")})
+    recorder.execution_finished(ex)
+    assert recorder.flush(30)
+    facet = _events(recorder)[-1]["run"]["facets"]["metatrail_execution"]
+    assert facet["params"] == {"lr": 0.1, "model": "Model(layers=3)", "nan": "nan"}
+    assert any("'model'" in w for w in facet["warnings"]) and any("'nan'" in w for w in facet["warnings"])
+
+
+def test_missing_and_remote_inputs_are_null_with_reason(tmp_path: Path) -> None:
+    recorder = Recorder()
+    ex = recorder.execution_started("p", "s", inputs=[tmp_path / "absent.csv", "s3://bucket/data/x.parquet"])
+    recorder.execution_finished(ex)
+    assert recorder.flush(30)
+    start = _events(recorder)[0]
+    facets = {i["name"]: i["facets"]["metatrail_artifact"] for i in start["inputs"]}
+    assert facets[str(tmp_path / "absent.csv")]["hash"] is None
+    assert facets[str(tmp_path / "absent.csv")]["hashError"]
+    assert facets["data/x.parquet"]["hash"] is None and facets["data/x.parquet"]["kind"] == "remote"
+
+
+def test_code_version_is_read_without_touching_the_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "f").write_text("x")
+    subprocess.run([*git, "add", "f"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    before = subprocess.run([*git, "status", "--porcelain", "--ignored"], capture_output=True, text=True).stdout
+    monkeypatch.chdir(repo)
+    recorder = Recorder()
+    recorder.execution_finished(recorder.execution_started("p", "s"))
+    assert recorder.flush(30)
+    assert _events(recorder)[0]["run"]["facets"]["metatrail_execution"]["codeVersion"]["gitCommit"] == head
+    after = subprocess.run([*git, "status", "--porcelain", "--ignored"], capture_output=True, text=True).stdout
+    assert after == before
+
+
+def test_uuid7_layout() -> None:
+    ids = [uuid7(1.8e9 + i) for i in range(5)]
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    assert ids == sorted(ids)
+    assert uuid7_from(1.8e9, "dag.run.task.1") == uuid7_from(1.8e9, "dag.run.task.1")
+    assert uuid7_from(1.8e9, "dag.run.task.1") != uuid7_from(1.8e9, "dag.run.task.2")
+    assert uuid.UUID(uuid7_from(1.8e9, "k")).version == 7
