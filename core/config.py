@@ -3,15 +3,15 @@
 The kill switch ``METATRAIL_DISABLED=1`` is checked first and only in the environment, so a disabled process reads no
 file and touches no disk or network.
 
-| setting            | environment                     | file key (``[metatrail]`` in TOML) | default                          |
-|--------------------|---------------------------------|------------------------------------|----------------------------------|
-| store              | ``METATRAIL_STORE``             | ``store``                          | ``sqlite:///<.metatrail found upward or created in cwd>/metatrail.db`` |
-| namespace          | ``METATRAIL_NAMESPACE``         | ``namespace``                      | ``default`` (hosts pass their own) |
-| site               | ``METATRAIL_SITE``              | ``site``                           | ``local``                        |
-| call timeout (s)   | ``METATRAIL_TIMEOUT``           | ``timeout``                        | ``2.0``                          |
-| exit flush (s)     | ``METATRAIL_FLUSH_TIMEOUT``     | ``flush_timeout``                  | ``30``                           |
-| energy on/off      | ``METATRAIL_ENERGY``            | ``energy``                         | on                               |
-| hash cache file    | ``METATRAIL_HASH_CACHE``        | ``hash_cache``                     | ``hashcache.db`` beside an SQLite store, else ``~/.cache/metatrail/hashcache.db`` |
+| setting          | environment                 | ``[metatrail]`` key | default                                   |
+|------------------|-----------------------------|---------------------|-------------------------------------------|
+| store            | ``METATRAIL_STORE``         | ``store``           | the nearest ``.metatrail/metatrail.db``   |
+| namespace        | ``METATRAIL_NAMESPACE``     | ``namespace``       | ``default`` (hosts pass their own)        |
+| site             | ``METATRAIL_SITE``          | ``site``            | ``local``                                 |
+| call timeout (s) | ``METATRAIL_TIMEOUT``       | ``timeout``         | ``2.0``                                   |
+| exit flush (s)   | ``METATRAIL_FLUSH_TIMEOUT`` | ``flush_timeout``   | ``30``                                    |
+| energy on/off    | ``METATRAIL_ENERGY``        | ``energy``          | on                                        |
+| hash cache file  | ``METATRAIL_HASH_CACHE``    | ``hash_cache``      | beside an SQLite store, or ~/.cache       |
 
 The config file is ``$METATRAIL_CONFIG`` or ``config.toml`` inside the ``.metatrail`` directory found by walking up
 from the working directory.

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     """Execution / pipeline-run state."""
 
     RUNNING = "running"
@@ -44,7 +44,7 @@ _EVENT_TO_STATUS = {
 TERMINAL_EVENT_TYPES = frozenset({"COMPLETE", "FAIL", "ABORT"})
 
 
-class Direction(str, enum.Enum):
+class Direction(enum.StrEnum):
     """Which way an artifact relates to an execution."""
 
     INPUT = "INPUT"

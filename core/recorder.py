@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from metatrail import __version__
 from metatrail.config import Settings, is_disabled, load_settings
@@ -38,7 +38,7 @@ from metatrail.logsafe import log, log_once
 from metatrail.model import ArtifactRef, Execution, PipelineRun, Status, current_user, uuid7
 
 T = TypeVar("T")
-PathLike = str | os.PathLike[str] | ArtifactRef
+PathLike: TypeAlias = str | os.PathLike[str] | ArtifactRef
 MAX_PENDING = 100_000
 MAX_PARAM_TEXT = 2000
 
@@ -102,9 +102,9 @@ class Recorder:
         self._closed = False
         self._hash_cache: Any = None
         self._input_refs: dict[str, list[ArtifactRef]] = {}
-        self._code_version: dict[str, Any] | None | bool = False
+        self._code_version: dict[str, Any] | bool | None = False
         self._host = socket.gethostname()
-        self._user: str | None | bool = False
+        self._user: str | bool | None = False
         self.dropped = 0
         self.failed_writes = 0
         self.written = 0

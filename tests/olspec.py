@@ -54,7 +54,8 @@ def spec_errors(event: dict[str, Any]) -> list[str]:
                     errors.append(f"{where}.{key}: our facet has no shipped schema")
                 continue
             validator = Draft202012Validator(schema, registry=registry, format_checker=checker)
-            errors.extend(f"{where}.{key}{e.json_path[1:]}: {e.message[:200]}" for e in validator.iter_errors({key: facet}))
+            errors.extend(f"{where}.{key}{e.json_path[1:]}: {e.message[:200]}"
+                          for e in validator.iter_errors({key: facet}))
 
     check("run", (event.get("run") or {}).get("facets"), "run.facets")
     check("job", (event.get("job") or {}).get("facets"), "job.facets")

@@ -16,7 +16,8 @@ from metatrail.hashing import md5_file
 METATRAIL = [sys.executable, "-m", "metatrail.cli"]
 
 
-def mt(*args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def mt(*args: str, cwd: Path, check: bool = True,
+       env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([*METATRAIL, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "COLUMNS": "200", **(env or {})})
     if check and result.returncode != 0:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from metatrail.model import uuid7, uuid7_from
+from metatrail.openlineage.events import iso_time
 from metatrail.recorder import Recorder
 from metatrail.store import IngestResult, open_store
 from metatrail.store.sql import SqlStore
@@ -166,9 +167,8 @@ def test_outputs_are_hashed_after_the_call_returns(tmp_path: Path) -> None:
     out.write_bytes(b"replaced")  # hashing happens later, but the event keeps the task's own end time
     store.release.set()
     assert recorder.flush(30)
-    complete = [e.body for e in store.iter_events() if e.body["eventType"] == "COMPLETE"][0]
-    assert complete["eventTime"].startswith(__import__("metatrail.openlineage.events",
-                                                        fromlist=["iso_time"]).iso_time(ended)[:23])
+    complete = next(e.body for e in store.iter_events() if e.body["eventType"] == "COMPLETE")
+    assert complete["eventTime"] == iso_time(ended)
     assert complete["run"]["facets"]["metatrail_execution"]["durationSeconds"] == pytest.approx(2.5)
     recorder.close()
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from metatrail.errors import ConfigError, CorruptStoreError, EventError
 from metatrail.model import uuid7
 from metatrail.store import open_store
+from metatrail.store.schema import MIGRATIONS
 
 
 def _projection(store: Any) -> tuple[Any, ...]:
@@ -215,7 +216,8 @@ def test_concurrent_first_open_creates_one_schema(tmp_path: Path) -> None:
         p.join(timeout=30)
     assert all(r[0] == "ok" for r in results), results
     with sqlite3.connect(tmp_path / "fresh.db") as conn:
-        assert conn.execute("SELECT version FROM metatrail_schema").fetchall() == [(1,)]
+        versions = conn.execute("SELECT version FROM metatrail_schema ORDER BY version").fetchall()
+    assert versions == [(v,) for v, _ in MIGRATIONS]
 
 
 def test_random_batches_match_single_batch(store_url: str) -> None:

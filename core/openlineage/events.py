@@ -23,6 +23,7 @@ from openlineage.client.facet_v2 import (
     parent_run,
     processing_engine_run,
 )
+from openlineage.client.generated.base import JobFacet
 from openlineage.client.serde import Serde
 
 from metatrail import __version__
@@ -134,7 +135,7 @@ def build_run_event(
         run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
             message=message or "failed", programmingLanguage="python", stackTrace=stack, producer=PRODUCER
         )
-    job_facets = {
+    job_facets: dict[str, JobFacet] = {
         "jobType": job_type_job.JobTypeJobFacet(
             processingType="BATCH", integration=integration.upper(), jobType=job_type, producer=PRODUCER
         )

@@ -42,12 +42,12 @@ class MetatrailExecutionRunFacet(RunFacet):
     host: str | None = attr.field(default=None)
     user: str | None = attr.field(default=None)
     pid: int | None = attr.field(default=None)
-    integrationVersion: str | None = attr.field(default=None)  # noqa: N815
-    tryNumber: int | None = attr.field(default=None)  # noqa: N815
+    integrationVersion: str | None = attr.field(default=None)
+    tryNumber: int | None = attr.field(default=None)
     params: dict[str, Any] = attr.field(factory=dict)
-    codeVersion: dict[str, Any] | None = attr.field(default=None)  # noqa: N815
-    exitCode: int | None = attr.field(default=None)  # noqa: N815
-    durationSeconds: float | None = attr.field(default=None)  # noqa: N815
+    codeVersion: dict[str, Any] | None = attr.field(default=None)
+    exitCode: int | None = attr.field(default=None)
+    durationSeconds: float | None = attr.field(default=None)
     warnings: list[str] = attr.field(factory=list)
     extra: dict[str, Any] = attr.field(factory=dict)
 
@@ -66,7 +66,7 @@ class MetatrailArtifactDatasetFacet(DatasetFacet):
     hash: str | None
     size: int | None = attr.field(default=None)
     nfiles: int | None = attr.field(default=None)
-    hashError: str | None = attr.field(default=None)  # noqa: N815
+    hashError: str | None = attr.field(default=None)
 
     @staticmethod
     def _get_schema() -> str:

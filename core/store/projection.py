@@ -159,4 +159,5 @@ def project_run(run_id: str, events: Iterable[EventRecord]) -> RunProjection:
                     if art:
                         edge.update(hash=art.get("hash"), algorithm=art.get("algorithm"), size=art.get("size"),
                                     hash_error=art.get("hashError"))
-    return RunProjection(run=run, edges=sorted(edges.values(), key=lambda d: (d["direction"], d["namespace"], d["name"])))
+    ordered_edges = sorted(edges.values(), key=lambda d: (d["direction"], d["namespace"], d["name"]))
+    return RunProjection(run=run, edges=ordered_edges)

@@ -98,5 +98,50 @@ def _v1(conn: Connection) -> None:
         table.create(conn, checkfirst=False)
 
 
-MIGRATIONS: list[tuple[int, Migration]] = [(1, _v1)]
+# -- version 2: what servers and syncing clients keep beside the log (tokens, peers, sync cursors) ------------------
+tokens = Table(
+    "tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),  # the public part of a token; the secret is stored hashed
+    Column("name", Text, nullable=False),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("scopes", Text, nullable=False),  # comma-separated: read, write, admin
+    Column("site", Text, nullable=False),
+    Column("pipelines", Text, nullable=True),  # JSON list: the pipelines this token may read; NULL = all
+    Column("created_at", Float, nullable=False),
+    Column("revoked_at", Float, nullable=True),
+)
+
+peers = Table(
+    "peers",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("url", Text, nullable=False),
+    Column("token", Text, nullable=True),  # the credential this server presents to the peer
+    Column("pull", Integer, nullable=False),
+    Column("push", Integer, nullable=False),
+    Column("share", Text, nullable=True),  # JSON list: the pipelines pushed to the peer; NULL = all
+    Column("interval_s", Float, nullable=True),  # scheduled sync period; NULL = on demand only
+    Column("created_at", Float, nullable=False),
+    Column("last_sync_at", Float, nullable=True),
+    Column("last_error", Text, nullable=True),
+)
+
+sync_cursors = Table(
+    "sync_cursors",
+    metadata,
+    Column("peer", Text, primary_key=True),  # the other side (normalised URL or peer name)
+    Column("direction", String(8), primary_key=True),  # push | pull | ship
+    Column("scope", Text, primary_key=True),  # the filter the cursor belongs to ("" = everything)
+    Column("position", BigInteger, nullable=False),  # high-water mark: the log position (seq) done so far
+    Column("updated_at", Float, nullable=False),
+)
+
+
+def _v2(conn: Connection) -> None:
+    for table in (tokens, peers, sync_cursors):
+        table.create(conn, checkfirst=False)
+
+
+MIGRATIONS: list[tuple[int, Migration]] = [(1, _v1), (2, _v2)]
 CURRENT_VERSION = MIGRATIONS[-1][0]

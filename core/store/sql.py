@@ -118,6 +118,7 @@ class SqlStore(EventStore):
                     return IngestResult(received=len(events_in), inserted=0)
                 now = time.time()
                 rows = [{**prepared[i][2], "site": site, "ingested_at": now, "body": prepared[i][0]} for i in new_ids]
+                dialect.lock_log(conn)
                 conn.execute(dialect.insert_ignore(self._engine, events), rows)
                 touched = sorted({prepared[i][2]["run_id"] for i in new_ids if prepared[i][2]["run_id"]})
                 self._reproject(conn, touched)
@@ -134,9 +135,8 @@ class SqlStore(EventStore):
         dialect.lock_runs(conn, run_ids)
         by_run: dict[str, list[EventRecord]] = defaultdict(list)
         for part in _chunks(run_ids):
-            result = conn.execute(
-                select(events.c.run_id, events.c.id, events.c.event_time, events.c.body).where(events.c.run_id.in_(part))
-            )
+            columns = select(events.c.run_id, events.c.id, events.c.event_time, events.c.body)
+            result = conn.execute(columns.where(events.c.run_id.in_(part)))
             for run_id, eid, etime, body in result:
                 by_run[run_id].append(EventRecord(id=eid, time=etime, body=json.loads(body)))
         run_rows, edge_rows = [], []
