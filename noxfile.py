@@ -32,7 +32,7 @@ def _make_session(name: str, extras: list[str], pytest_args: list[str]) -> None:
         if name == "core":
             session.run("ruff", "check", "core", "plugins", "tests", "bench", "examples", "noxfile.py")
             session.run("mypy", "-p", "metatrail")
-        session.run("pytest", *pytest_args, *session.posargs)
+        session.run("pytest", *(session.posargs or pytest_args))
 
 
 for _name, (_extras, _args) in ENVIRONMENTS.items():
