@@ -5,17 +5,18 @@ See :mod:`metatrail.store.base` for the contract and :mod:`metatrail.store.diale
 
 from __future__ import annotations
 
-import json
+import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import orjson
 from sqlalchemy import Connection, and_, delete, func, or_, select
 from sqlalchemy.exc import DatabaseError, OperationalError
 
 from metatrail.errors import CorruptStoreError, EventError, StoreError
-from metatrail.openlineage.events import canonical_json
+from metatrail.openlineage.events import canonical_bytes
 from metatrail.store import dialect
 from metatrail.store.base import EventStore, IngestResult, StoredEvent
 from metatrail.store.projection import EventRecord, parse_event_time, project_run
@@ -31,23 +32,22 @@ def _chunks(items: Sequence[str], size: int = CHUNK) -> Iterator[Sequence[str]]:
 
 def prepare_event(event: Mapping[str, Any]) -> tuple[str, str, EventRecord, dict[str, Any]]:
     """Check that an event can be stored and projected; return (id, canonical text, record, row values)."""
-    import hashlib
-
     if not isinstance(event, Mapping):
         raise EventError(f"an event must be a JSON object, got {type(event).__name__}")
     try:
-        text_ = canonical_json(event)
+        raw = canonical_bytes(event)
     except (TypeError, ValueError) as exc:
         raise EventError(f"event is not JSON-serialisable: {exc}") from None
-    eid = hashlib.sha256(text_.encode("utf-8")).hexdigest()
+    eid = hashlib.sha256(raw).hexdigest()
+    text_ = raw.decode("utf-8")
     etime = parse_event_time(event.get("eventTime"))
     run = event.get("run")
     run_id = run.get("runId") if isinstance(run, Mapping) else None
     job = event.get("job")
     if run is not None and not (isinstance(run_id, str) and run_id):
         raise EventError("run.runId is required on a run event")
-    body = json.loads(text_)
-    record = EventRecord(id=eid, time=etime, body=body)
+    # The projection reads the caller's own mapping: parsing the canonical text back would cost as much again.
+    record = EventRecord(id=eid, time=etime, body=event)
     row = {
         "id": eid,
         "run_id": run_id,
@@ -121,7 +121,7 @@ class SqlStore(EventStore):
                 dialect.lock_log(conn)
                 conn.execute(dialect.insert_ignore(self._engine, events), rows)
                 touched = sorted({prepared[i][2]["run_id"] for i in new_ids if prepared[i][2]["run_id"]})
-                self._reproject(conn, touched)
+                self._reproject(conn, touched, known={i: prepared[i][1] for i in new_ids})
                 return IngestResult(received=len(events_in), inserted=len(new_ids), inserted_ids=tuple(new_ids))
 
         try:
@@ -129,20 +129,31 @@ class SqlStore(EventStore):
         except OperationalError as exc:
             raise StoreError(f"cannot write store {self.url}: {exc.orig}") from None
 
-    def _reproject(self, conn: Connection, run_ids: Sequence[str]) -> None:
+    def _reproject(self, conn: Connection, run_ids: Sequence[str],
+                   known: Mapping[str, EventRecord] | None = None) -> None:
+        """Recompute the projections of ``run_ids`` from all their events (``known``: records already parsed)."""
         if not run_ids:
             return
         dialect.lock_runs(conn, run_ids)
+        known = known or {}
         by_run: dict[str, list[EventRecord]] = defaultdict(list)
+        missing: list[str] = []
         for part in _chunks(run_ids):
+            for run_id, eid in conn.execute(select(events.c.run_id, events.c.id).where(events.c.run_id.in_(part))):
+                if eid in known:
+                    by_run[run_id].append(known[eid])
+                else:
+                    missing.append(eid)
+        for part in _chunks(missing):
             columns = select(events.c.run_id, events.c.id, events.c.event_time, events.c.body)
-            result = conn.execute(columns.where(events.c.run_id.in_(part)))
-            for run_id, eid, etime, body in result:
-                by_run[run_id].append(EventRecord(id=eid, time=etime, body=json.loads(body)))
+            for run_id, eid, etime, body in conn.execute(columns.where(events.c.id.in_(part))):
+                by_run[run_id].append(EventRecord(id=eid, time=etime, body=orjson.loads(body)))
         run_rows, edge_rows = [], []
         for run_id in run_ids:
             proj = project_run(run_id, by_run[run_id])
-            run_rows.append({**proj.run, "facets": json.dumps(proj.run["facets"], sort_keys=True)})
+            # Only our own facet is kept on the row (lists need the parameters); get_run re-projects the rest.
+            own = {"metatrail_execution": proj.run["facets"].get("metatrail_execution") or {}}
+            run_rows.append({**proj.run, "facets": orjson.dumps(own, option=orjson.OPT_SORT_KEYS).decode()})
             edge_rows.extend(proj.edges)
         conn.execute(dialect.upsert(self._engine, runs, ["run_id"]), run_rows)
         for part in _chunks(list(run_ids)):
@@ -184,7 +195,7 @@ class SqlStore(EventStore):
                 q = stmt.where(events.c.seq > last).limit(page if remaining is None else min(page, remaining))
                 rows = conn.execute(q).all()
             for seq, eid, body, site in rows:
-                yield StoredEvent(seq=seq, id=eid, body=json.loads(body), site=site)
+                yield StoredEvent(seq=seq, id=eid, body=orjson.loads(body), site=site)
             if not rows or len(rows) < page:
                 return
             last = rows[-1][0]
@@ -194,14 +205,12 @@ class SqlStore(EventStore):
                     return
 
     @staticmethod
-    def _run_dict(row: Any, with_facets: bool = False) -> dict[str, Any]:
+    def _run_dict(row: Any) -> dict[str, Any]:
         d = dict(row._mapping)
-        facets = json.loads(d.pop("facets"))
+        facets = orjson.loads(d.pop("facets"))
         ours = facets.get("metatrail_execution") or {}
         d["params"] = ours.get("params", {})
         d["duration_s"] = (d["ended_at"] - d["started_at"]) if d["ended_at"] and d["started_at"] else None
-        if with_facets:
-            d["facets"] = facets
         return d
 
     def list_runs(self, *, pipeline: str | None = None, state: str | None = None, kind: str | None = None,
@@ -229,7 +238,11 @@ class SqlStore(EventStore):
             row = conn.execute(select(runs).where(runs.c.run_id == run_id)).first()
             if row is None:
                 return None
-            run = self._run_dict(row, with_facets=True)
+            run = self._run_dict(row)
+            columns = select(events.c.id, events.c.event_time, events.c.body)
+            records = [EventRecord(id=eid, time=etime, body=orjson.loads(body))
+                       for eid, etime, body in conn.execute(columns.where(events.c.run_id == run_id))]
+            run["facets"] = project_run(run_id, records).run["facets"]
             io = conn.execute(select(edges).where(edges.c.run_id == run_id)
                               .order_by(edges.c.direction, edges.c.namespace, edges.c.name)).all()
             children = conn.execute(select(runs.c.run_id, runs.c.stage, runs.c.state, runs.c.started_at)

@@ -1,0 +1,88 @@
+"""Energy and carbon per task execution: meters behind one interface, attribution across concurrent tasks.
+
+Public API::
+
+    from metatrail.energy import get_monitor
+    monitor = get_monitor()                     # process-wide, lazy, never raises
+    token = monitor.task_started(execution_id, pid=os.getpid(), include_children=True)
+    facet = monitor.task_finished(token)        # the ``metatrail_energy`` run-facet body, or None when off
+
+Switches (read at the first ``get_monitor()`` call, not at import): ``METATRAIL_DISABLED=1`` or
+``METATRAIL_ENERGY=0`` give a monitor that does nothing and returns ``None``. Other settings:
+``METATRAIL_ENERGY_INTERVAL`` (s), ``METATRAIL_ENERGY_POLICY`` (``busy-share``/``active-only``),
+``METATRAIL_POWERCAP_ROOT``, ``METATRAIL_RAPL_PSYS``,
+``METATRAIL_CPU_TDP_PER_CORE_W``/``METATRAIL_CPU_TDP_W``, ``METATRAIL_CARBON_REGION``, ``METATRAIL_PUE``.
+Modules: :mod:`.meter` (the interface), :mod:`.rapl`, :mod:`.nvml`, :mod:`.estimate`, :mod:`.attribution`
+(pure split functions), :mod:`.monitor`, :mod:`.facet`, :mod:`.carbon`, :mod:`.report`.
+
+Importing this package imports nothing heavy: the monitor, psutil and pynvml load on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .interface import TaskEnergyMonitor
+
+__all__ = ["DisabledMonitor", "get_monitor", "reset_monitor"]
+
+_lock = threading.Lock()
+_monitor: TaskEnergyMonitor | None = None
+_monitor_pid: int | None = None
+
+_OFF = ("0", "false", "no", "off")
+
+
+class DisabledMonitor:
+    """The monitor used when energy metering is off: no I/O, ``task_finished`` returns None."""
+
+    def task_started(self, execution_id: str, *, pid: int, include_children: bool = True) -> object:
+        """Do nothing; return a placeholder token."""
+        return None
+
+    def task_finished(self, token: object) -> dict[str, Any] | None:
+        """Always None: metering is off."""
+        return None
+
+
+def _switched_off() -> bool:
+    if os.environ.get("METATRAIL_DISABLED", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    return os.environ.get("METATRAIL_ENERGY", "1").strip().lower() in _OFF
+
+
+def get_monitor() -> TaskEnergyMonitor:
+    """The process-wide energy monitor (created on first call, again after a fork); never raises."""
+    global _monitor, _monitor_pid
+    monitor, pid = _monitor, os.getpid()
+    if monitor is not None and _monitor_pid == pid:
+        return monitor
+    with _lock:
+        if _monitor is None or _monitor_pid != pid:
+            try:
+                if _switched_off():
+                    _monitor = DisabledMonitor()
+                else:
+                    from .monitor import EnergyMonitor
+
+                    _monitor = EnergyMonitor()
+            except Exception:
+                logging.getLogger("metatrail.energy").exception("energy monitor unavailable")
+                _monitor = DisabledMonitor()
+            _monitor_pid = pid
+        return _monitor
+
+
+def reset_monitor() -> None:
+    """Forget the process-wide monitor (closing it), so the next ``get_monitor()`` re-reads the
+    environment."""
+    global _monitor, _monitor_pid
+    with _lock:
+        old, _monitor, _monitor_pid = _monitor, None, None
+    close = getattr(old, "close", None)
+    if callable(close):
+        close()

@@ -1,0 +1,89 @@
+"""The estimate used when no CPU counter is readable: TDP per logical CPU x busy CPU-seconds.
+
+Model: ``P_node = W_cpu x (busy logical CPUs)``, so the node's estimated energy is ``W_cpu x B`` joules where
+``B`` is the node's busy CPU-seconds (:func:`metatrail.energy.cputime.node_busy_seconds`), and a task's share
+is ``W_cpu x c_task`` under either attribution policy (the model has no idle power to split off). Linear in
+utilisation, like CodeCarbon's ``process`` mode; it ignores idle/static power, frequency, AVX and memory-bound
+work, so it is a rough figure: recorded with ``method: "estimated"`` and never added to measured values.
+
+``W_cpu`` (watts per logical CPU at full load), first match wins: the ``tdp_per_cpu_w`` argument;
+``METATRAIL_CPU_TDP_PER_CORE_W``; ``METATRAIL_CPU_TDP_W`` (whole-package TDP) divided by the logical CPU
+count; the default :data:`DEFAULT_TDP_PER_CPU_W` (4 W: CodeCarbon's constant for unknown CPUs; a 280 W /
+128-thread server part is 2.2 W, a 125 W / 32-thread desktop part 3.9 W).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from .cputime import node_busy_seconds
+from .meter import EnergyMeter, Reading
+
+DEFAULT_TDP_PER_CPU_W = 4.0
+MODEL = "TDP per logical CPU x busy CPU-seconds (linear, no idle power)"
+
+
+def _positive_float(value: str | None) -> float | None:
+    try:
+        number = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return number if number is not None and number > 0 else None
+
+
+def resolve_tdp_per_cpu(argument: float | None = None, n_cpus: int | None = None) -> tuple[float, str]:
+    """``(watts per logical CPU, where it came from)`` by the precedence in the module docstring."""
+    if argument is not None and argument > 0:
+        return float(argument), "argument"
+    per_core = _positive_float(os.environ.get("METATRAIL_CPU_TDP_PER_CORE_W"))
+    if per_core is not None:
+        return per_core, "METATRAIL_CPU_TDP_PER_CORE_W"
+    package = _positive_float(os.environ.get("METATRAIL_CPU_TDP_W"))
+    cpus = n_cpus or os.cpu_count() or 1
+    if package is not None:
+        return package / cpus, f"METATRAIL_CPU_TDP_W / {cpus} logical CPUs"
+    return DEFAULT_TDP_PER_CPU_W, "default"
+
+
+class CpuEstimateMeter(EnergyMeter):
+    """Estimated CPU energy from busy CPU time (see the module docstring)."""
+
+    name = "estimate"
+
+    def __init__(
+        self,
+        *,
+        tdp_per_cpu_w: float | None = None,
+        busy_seconds: Callable[[], float] = node_busy_seconds,
+    ) -> None:
+        super().__init__()
+        self._argument = tdp_per_cpu_w
+        self._busy = busy_seconds
+        self.watts_per_cpu = DEFAULT_TDP_PER_CPU_W
+        self.source = "default"
+        self._base: float | None = None
+
+    def _open(self) -> str | None:
+        self.watts_per_cpu, self.source = resolve_tdp_per_cpu(self._argument)
+        try:
+            self._base = self._busy()
+        except Exception as exc:
+            return f"node CPU time unreadable ({exc}): cannot estimate CPU energy"
+        return None
+
+    @property
+    def parameters(self) -> dict[str, object]:
+        """The model parameters and their source, recorded in the facet."""
+        return {"tdp_per_cpu_w": self.watts_per_cpu, "tdp_source": self.source}
+
+    def read(self) -> dict[str, Reading]:
+        """Estimated cumulative joules for ``cpu``; never raises."""
+        try:
+            busy = self._busy()
+        except Exception as exc:
+            return {"cpu": Reading("cpu", None, "estimated", reason=f"node CPU time unreadable: {exc}")}
+        if self._base is None:
+            self._base = busy
+        joules = max(0.0, busy - self._base) * self.watts_per_cpu
+        return {"cpu": Reading("cpu", joules, "estimated", has_idle=False, detail=self.parameters)}
