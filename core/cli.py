@@ -67,7 +67,8 @@ def _parse_time(text: str) -> float:
 def _console() -> Any:
     from rich.console import Console
 
-    return Console()
+    # Piped output keeps whole lines (rich would fold tables at 80 columns).
+    return Console(width=None if sys.stdout.isatty() else 160)
 
 
 def _parse_param(text: str) -> tuple[str, Any]:
@@ -165,13 +166,39 @@ def cmd_show(args: argparse.Namespace) -> int:
                           e["hash"] or f"[red]null[/] ({e['hash_error'] or 'unknown'})",
                           str(e["size"]) if e["size"] is not None else "-")
         console.print(table)
+    if run.get("metrics"):
+        console.print("metrics " + json.dumps(run["metrics"], sort_keys=True))
     energy = run["facets"].get("metatrail_energy")
     if energy:
-        console.print(f"energy {json.dumps({k: v for k, v in energy.items() if not k.startswith('_')})[:400]}")
+        _print_energy(console, energy)
     if run["children"]:
         console.print(f"{len(run['children'])} executions: "
                       + ", ".join(f"{c['stage']} ({c['state']})" for c in run["children"][:20]))
     return 0
+
+
+def _print_energy(console: Any, energy: dict[str, Any]) -> None:
+    """Energy per domain with its method, or the reason it is missing; estimates apart from measurements."""
+    from rich.markup import escape
+
+    def joules(value: Any) -> str:
+        return "null" if value is None else f"{value:.3f} J"
+
+    coverage = energy.get("coverage")
+    console.print(f"energy  measured {joules(energy.get('measured_j'))}, estimated {joules(energy.get('estimated_j'))}"
+                  f" (policy {energy.get('policy')}, coverage "
+                  f"{'null' if coverage is None else f'{coverage:.0%}'})")
+    for domain, entry in sorted((energy.get("domains") or {}).items()):
+        if entry.get("value_j") is not None:
+            console.print(f"  {domain:5} {joules(entry['value_j'])}  {escape('[' + str(entry.get('method')) + ']')}")
+        else:
+            console.print(f"  {domain:5} [dim]null[/]  {escape(str(entry.get('reason')))}")
+    for domain, entry in sorted((energy.get("estimated") or {}).items()):
+        console.print(f"  {domain:5} {joules(entry.get('value_j'))}  estimated: {escape(str(entry.get('model')))}")
+    carbon = energy.get("carbon") or {}
+    if carbon.get("co2e_g") is not None:
+        console.print(f"  carbon {carbon['co2e_g']:.4g} g CO2e at {carbon.get('intensity_g_per_kwh')} g/kWh "
+                      f"({carbon.get('intensity_source')}, {carbon.get('intensity_year')}), PUE {carbon.get('pue')}")
 
 
 def _artifact_keys(store: Any, target: str) -> list[str]:
@@ -289,6 +316,20 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _read_metrics(path: str) -> dict[str, Any] | None:
+    """The JSON object of result metrics a command wrote; a missing or bad file is reported, never fatal."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as exc:
+        print(f"metatrail: warning: metrics file {path} not read: {exc}", file=sys.stderr)
+        return None
+    if not isinstance(data, dict):
+        print(f"metatrail: warning: metrics file {path} does not hold a JSON object", file=sys.stderr)
+        return None
+    return data
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a command, record it as an execution, return its exit status with its output untouched."""
     command = list(args.command)
@@ -342,12 +383,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     returncode = child.wait()
     exit_code = returncode if returncode >= 0 else 128 - returncode
     ended = time.time()
+    metrics = _read_metrics(args.metrics_file) if args.metrics_file else None
     if returncode == 0:
-        rec.execution_finished(ex, outputs=args.output or [], ended_at=ended, exit_code=0)
+        rec.execution_finished(ex, outputs=args.output or [], ended_at=ended, exit_code=0, metrics=metrics)
     else:
         reason = (f"command exited with status {returncode}" if returncode > 0
                   else f"command killed by signal {signal.Signals(-returncode).name}")
-        rec.execution_failed(ex, error=reason, outputs=args.output or [], ended_at=ended, exit_code=exit_code)
+        rec.execution_finished(ex, status="failed", error=reason, outputs=args.output or [], ended_at=ended,
+                               exit_code=exit_code, metrics=metrics)
     if not rec.flush(rec.settings.flush_timeout):
         print("metatrail: warning: the record was not stored within the flush timeout", file=sys.stderr)
     return exit_code
@@ -411,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", action="append", metavar="PATH", help="output file or directory")
     p.add_argument("-p", "--param", action="append", metavar="KEY=VALUE", help="parameter (value JSON or text)")
     p.add_argument("--pipeline-run", help="parent pipeline run id (default: $METATRAIL_PIPELINE_RUN)")
+    p.add_argument("--metrics-file", metavar="FILE", help="JSON object of result metrics the command writes "
+                   "(accuracy, loss ...), read when it ends")
     p.add_argument("--namespace")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
     _register_optional(sub)

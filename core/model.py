@@ -97,6 +97,11 @@ class Execution:
     try_number: int | None = None
     host_version: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def log_metric(self, name: str, value: float) -> None:
+        """Record a result metric (accuracy, loss …) with the execution; stored when it finishes."""
+        self.metrics[str(name)] = value
 
 
 @dataclass

@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -251,8 +252,9 @@ class Recorder:
     def execution_finished(self, execution: Execution, *, outputs: Iterable[PathLike] = (),
                            inputs: Iterable[PathLike] = (), status: Status | str = Status.COMPLETED,
                            error: BaseException | str | None = None, ended_at: float | None = None,
-                           exit_code: int | None = None) -> None:
-        """Record the end of an execution: its outputs (hashed off this thread), status, error and exit code.
+                           exit_code: int | None = None, metrics: Mapping[str, Any] | None = None) -> None:
+        """Record the end of an execution: its outputs (hashed off this thread), status, error, exit code and
+        result metrics (numbers; others are dropped with a warning in the record).
 
         ``inputs`` adds inputs only known at the end; those declared at start are kept.
         """
@@ -261,6 +263,8 @@ class Recorder:
         at = ended_at if ended_at is not None else time.time()
 
         def go() -> None:
+            if metrics:
+                execution.metrics.update(metrics)
             energy = None
             token = execution.extra.pop("_energy_token", None) if execution.extra else None
             if token is not None:
@@ -426,6 +430,7 @@ class Recorder:
             warnings=list(subject.extra.get("_warnings", [])) + [w for w in item.warnings
                                                                  if w not in subject.extra.get("_warnings", [])],
             extra=json.loads(json.dumps(extra, default=repr)),
+            metrics=_numeric(subject.metrics) if isinstance(subject, Execution) and ended else {},
         )
         inputs: list[ArtifactRef] = []
         outputs: list[ArtifactRef] = []
@@ -451,6 +456,24 @@ class Recorder:
             job_type=job_type, execution_facet=facet, integration_version=subject.host_version or __version__,
             parent=parent, inputs=inputs, outputs=outputs, error=item.error, energy=item.energy,
         )
+
+
+def _numeric(metrics: Mapping[str, Any]) -> dict[str, float | None]:
+    """Metrics as finite JSON numbers; anything else becomes null (logged once), never a made-up value."""
+    out: dict[str, float | None] = {}
+    for name, value in metrics.items():
+        number: float | None = None
+        if not isinstance(value, bool):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = None
+        if number is None or not math.isfinite(number):
+            log_once(f"metric:{name}", "metatrail: metric %r is not a finite number; stored as null", name)
+            out[str(name)] = None
+        else:
+            out[str(name)] = value if isinstance(value, int) else number
+    return out
 
 
 class _NoEnergy:

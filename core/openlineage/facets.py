@@ -50,6 +50,7 @@ class MetatrailExecutionRunFacet(RunFacet):
     durationSeconds: float | None = attr.field(default=None)
     warnings: list[str] = attr.field(factory=list)
     extra: dict[str, Any] = attr.field(factory=dict)
+    metrics: dict[str, Any] = attr.field(factory=dict)
 
     @staticmethod
     def _get_schema() -> str:

@@ -152,7 +152,7 @@ class SqlStore(EventStore):
         for run_id in run_ids:
             proj = project_run(run_id, by_run[run_id])
             # Only our own facet is kept on the row (lists need the parameters); get_run re-projects the rest.
-            own = {"metatrail_execution": proj.run["facets"].get("metatrail_execution") or {}}
+            own = {k: v for k, v in proj.run["facets"].items() if k in ("metatrail_execution", "metatrail_energy")}
             run_rows.append({**proj.run, "facets": orjson.dumps(own, option=orjson.OPT_SORT_KEYS).decode()})
             edge_rows.extend(proj.edges)
         conn.execute(dialect.upsert(self._engine, runs, ["run_id"]), run_rows)
@@ -210,6 +210,8 @@ class SqlStore(EventStore):
         facets = orjson.loads(d.pop("facets"))
         ours = facets.get("metatrail_execution") or {}
         d["params"] = ours.get("params", {})
+        d["metrics"] = ours.get("metrics", {})
+        d["energy"] = facets.get("metatrail_energy")
         d["duration_s"] = (d["ended_at"] - d["started_at"]) if d["ended_at"] and d["started_at"] else None
         return d
 
