@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
 import threading
@@ -66,25 +65,12 @@ def test_no_thread_and_no_probe_until_first_use(powercap: PowercapTree, monitors
     meter = RaplMeter(powercap.root)
     mon = monitors([meter])
     assert mon._thread is None and not meter.zones
-    assert not any(t.name == "metatrail-energy" for t in threading.enumerate())
+    threads_before = set(threading.enumerate())
     token = mon.task_started("e1", pid=os.getpid())
     assert mon._thread is not None and mon._thread.daemon
+    assert mon._thread not in threads_before
     payload = mon.task_finished(token)
     assert payload is not None and meter.zones
-
-
-def test_task_started_is_cheap(powercap: PowercapTree, monitors: Any) -> None:
-    mon = monitors([RaplMeter(powercap.root), CpuEstimateMeter()])
-    tokens = [mon.task_started("warm", pid=os.getpid())]
-    mon._ready.wait(5)
-    costs = []
-    for i in range(100):
-        t0 = time.perf_counter()
-        tokens.append(mon.task_started(f"e{i}", pid=os.getpid()))
-        costs.append(time.perf_counter() - t0)
-    assert statistics.median(costs) < 1e-3, statistics.median(costs)
-    for tok in tokens:
-        mon.task_finished(tok)
 
 
 def test_concurrent_processes_get_energy_in_proportion_to_cpu(
