@@ -41,6 +41,7 @@ from metatrail.model import ArtifactRef, Execution, PipelineRun, Status, current
 T = TypeVar("T")
 PathLike: TypeAlias = str | os.PathLike[str] | ArtifactRef
 MAX_PENDING = 100_000
+WRITE_BATCH = 64  # events per store transaction: small enough to hold the GIL only briefly
 MAX_PARAM_TEXT = 2000
 
 
@@ -347,7 +348,7 @@ class Recorder:
                     self._cv.wait(1.0)
                 if not self._queue and self._closed:
                     return
-                batch = [self._queue.popleft() for _ in range(min(len(self._queue), 256))]
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), WRITE_BATCH))]
             events: list[dict[str, Any]] = []
             for item in batch:
                 try:
@@ -356,6 +357,9 @@ class Recorder:
                     self.failed_writes += 1
                     log_once(f"build:{type(exc).__name__}", "metatrail: could not build an event (%s: %s)",
                              type(exc).__name__, exc, exc_info=True)
+                # Hand the GIL over between events: a host thread waiting for it (after any system call) would
+                # otherwise wait a whole switch interval (5 ms) behind this CPU-bound loop.
+                time.sleep(0)
             self._write(events)
             with self._cv:
                 self._done += len(batch)
