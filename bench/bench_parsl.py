@@ -1,0 +1,272 @@
+"""Parsl plugin overhead: 1,000 no-op apps with and without ``metatrail.plugins.parsl.track``, ThreadPool and HTEX.
+
+    .nox/parsl/bin/python bench/bench_parsl.py [--tasks 1000] [--reps 3] [--out bench/results/parsl.txt]
+
+Every figure comes from this one run, so ratios compare like with like on a shared machine:
+
+* wall clock from the first submit to the last result (the DFK and its workers already up; a warm-up task runs
+  first), baseline and tracked runs interleaved, median ratio reported;
+* time spent in our code on the DFK side per task (``check_memo``'s recording, the ``submit`` wrapper, the final
+  hook), measured inside the tracked runs;
+* time the worker-side wrapper adds around one task (start + end recording), measured in-process with the real
+  recorder and store;
+* the cost of the ``.pth`` hook line when ``METATRAIL_PARSL`` is unset (what every Python start-up pays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import timeit
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import parsl
+from parsl import python_app
+from parsl.config import Config
+from parsl.executors import HighThroughputExecutor, ThreadPoolExecutor
+from parsl.providers import LocalProvider
+
+
+@python_app
+def noop():
+    return None
+
+
+def _pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+class HookTimer:
+    """Times the plugin's DFK-side hooks per task (bench-only instrumentation of the real classes)."""
+
+    def __init__(self) -> None:
+        self.per_task: dict[int, float] = defaultdict(float)  # this run's tasks (task ids restart per DFK)
+        self.samples: list[float] = []  # per-task totals of every tracked run so far
+        self._current = threading.local()
+
+    def end_run(self) -> None:
+        """Move this run's per-task totals into ``samples`` (the warm-up task excluded)."""
+        self.samples.extend(v for k, v in self.per_task.items() if k > 0)
+        self.per_task.clear()
+
+    def install(self) -> None:
+        from metatrail.plugins.parsl.memoizer import TrackingMemoizer
+
+        timer = self
+        on_launch, on_final = TrackingMemoizer._on_launch, TrackingMemoizer._on_final
+
+        def timed_launch(self: Any, task: Any, memo: Any) -> None:
+            t0 = time.perf_counter()
+            on_launch(self, task, memo)
+            timer.per_task[task["id"]] += time.perf_counter() - t0
+            timer._current.task = task["id"]
+
+        def timed_final(self: Any, task: Any, error: Any) -> None:
+            t0 = time.perf_counter()
+            on_final(self, task, error)
+            timer.per_task[task["id"]] += time.perf_counter() - t0
+
+        TrackingMemoizer._on_launch = timed_launch  # type: ignore[method-assign]
+        TrackingMemoizer._on_final = timed_final  # type: ignore[method-assign]
+
+    def wrap_executor(self, executor: Any) -> None:
+        """Around the original submit (inside our wrapper) and around our wrapper: the difference is ours."""
+        original, timer = executor.submit, self
+
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                timer._current.inner = time.perf_counter() - t0
+
+        executor.submit = inner
+        return None
+
+    def wrap_tracked(self, executor: Any) -> None:
+        tracked_submit, timer = executor.submit, self
+
+        def outer(*args: Any, **kwargs: Any) -> Any:
+            timer._current.inner = 0.0
+            t0 = time.perf_counter()
+            try:
+                return tracked_submit(*args, **kwargs)
+            finally:
+                ours = time.perf_counter() - t0 - timer._current.inner
+                timer.per_task[getattr(timer._current, "task", -1)] += ours
+
+        executor.submit = outer
+
+
+def make_executor(kind: str, workdir: str) -> Any:
+    if kind == "threads":
+        return ThreadPoolExecutor(label="workers", max_threads=2)
+    return HighThroughputExecutor(label="workers", max_workers_per_node=2, cores_per_worker=1,
+                                  provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1))
+
+
+def one_run(kind: str, tracked: bool, tasks: int, workdir: str, timer: HookTimer | None) -> float:
+    executor = make_executor(kind, workdir)
+    config = Config(executors=[executor], run_dir=os.path.join(workdir, "runinfo"), strategy="none")
+    if tracked:
+        import metatrail.plugins.parsl
+
+        assert timer is not None
+        timer.wrap_executor(executor)
+        metatrail.plugins.parsl.track(config)
+        timer.wrap_tracked(executor)
+    with parsl.load(config):
+        noop().result()  # workers up, imports done
+        t0 = time.perf_counter()
+        futures = [noop() for _ in range(tasks)]
+        for f in futures:
+            f.result()
+        elapsed = time.perf_counter() - t0
+    if timer is not None and tracked:
+        timer.end_run()
+    return elapsed
+
+
+def worker_side_cost(calls: int, workdir: str) -> tuple[list[float], list[float]]:
+    """Per-call time of a no-op through TrackedCall (with context, real recorder and store) and without."""
+    from metatrail.config import load_settings
+    from metatrail.plugins.parsl.worker import CTX_KEY, tracked
+
+    def plain() -> None:
+        return None
+
+    from metatrail.plugins.parsl import worker
+
+    worker._worker_recorders.clear()  # a fresh recorder that reads METATRAIL_ENERGY now
+    store = f"sqlite:///{workdir}/worker-bench/metatrail.db"
+    settings = load_settings(store=store)
+    base_ctx = {"run": "0192f3a0-0000-7000-8000-000000000000", "pipeline": "bench", "namespace": "parsl",
+                "version": parsl.__version__, "store": settings.store, "hash_cache": settings.hash_cache,
+                "stage": "plain", "try": 0, "extra": {"parsl_task_id": 0}}
+    wrapper = tracked(plain)
+    wrapper(**{CTX_KEY: dict(base_ctx, id="0192f3a0-0000-7000-8000-00000000ffff")})  # recorder, imports warm
+    with_ctx, without = [], []
+    for i in range(calls):
+        ctx = dict(base_ctx, id=f"0192f3a0-0000-7000-8000-{i:012x}")
+        t0 = time.perf_counter()
+        wrapper(**{CTX_KEY: ctx})
+        with_ctx.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        plain()
+        without.append(time.perf_counter() - t0)
+    for rec in worker._worker_recorders.values():
+        rec.flush(30)
+    return with_ctx, without
+
+
+def recorder_event_cost(workdir: str, n: int = 500) -> tuple[float, float]:
+    """Seconds per event the recorder's writer thread spends building and storing a task's events."""
+    from metatrail.config import load_settings
+    from metatrail.model import Execution
+    from metatrail.recorder import Recorder, _Item
+    from metatrail.store import open_store
+
+    os.makedirs(workdir, exist_ok=True)
+    rec = Recorder(load_settings(store=f"sqlite:///{workdir}/unused.db"))
+    runs = [Execution(id=f"0192f3a0-0000-7000-8000-{i:012x}", pipeline="bench", stage="noop", namespace="parsl",
+                      integration="PARSL", params={"i": i}) for i in range(n + 1)]
+    rec._build(_Item("exec_start", runs[0], time.time()))  # imports warm
+    t0 = time.perf_counter()
+    events = [rec._build(_Item("exec_start", r, time.time())) for r in runs[1:]]
+    build = (time.perf_counter() - t0) / n
+    with open_store(f"sqlite:///{workdir}/events.db") as store:
+        store.ingest([rec._build(_Item("exec_start", runs[0], time.time()))])
+        t0 = time.perf_counter()
+        for i in range(0, n, 256):
+            store.ingest(events[i:i + 256])
+        ingest = (time.perf_counter() - t0) / n
+    return build, ingest
+
+
+def pth_line_cost() -> float:
+    from metatrail.plugins.parsl.autoload import PTH_LINE
+
+    env_before = os.environ.pop("METATRAIL_PARSL", None)
+    try:
+        code = compile(PTH_LINE, "<pth>", "exec")
+        n = 20000
+        return timeit.timeit(lambda: exec(code, {}), number=n) / n
+    finally:
+        if env_before is not None:
+            os.environ["METATRAIL_PARSL"] = env_before
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", type=int, default=1000)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--executors", default="threads,htex")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "parsl.txt"))
+    args = ap.parse_args()
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    lines: list[str] = []
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+        lines.append(text)
+
+    with tempfile.TemporaryDirectory(prefix="bench-parsl-") as work:
+        os.environ["METATRAIL_STORE"] = f"sqlite:///{work}/.metatrail/metatrail.db"
+        os.environ.pop("METATRAIL_DISABLED", None)
+        say(f"# bench_parsl: {args.tasks} no-op apps, {args.reps} interleaved reps per variant")
+        say(f"# parsl {parsl.__version__}, Python {platform.python_version()}, {platform.machine()}, "
+            f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}")
+        timer = HookTimer()
+        timer.install()
+        for kind in args.executors.split(","):
+            walls: dict[str, list[float]] = {"baseline": [], "tracked": [], "tracked, energy off": []}
+            for _ in range(args.reps):
+                walls["baseline"].append(one_run(kind, False, args.tasks, work, None))
+                walls["tracked"].append(one_run(kind, True, args.tasks, work, timer))
+                os.environ["METATRAIL_ENERGY"] = "0"
+                try:
+                    walls["tracked, energy off"].append(one_run(kind, True, args.tasks, work, timer))
+                finally:
+                    del os.environ["METATRAIL_ENERGY"]
+            base = walls["baseline"]
+            say(f"{kind}: baseline wall s {' '.join(f'{x:.3f}' for x in base)}")
+            for variant in ("tracked", "tracked, energy off"):
+                ratios = [t / b for t, b in zip(walls[variant], base, strict=True)]
+                say(f"{kind}: {variant} wall s {' '.join(f'{x:.3f}' for x in walls[variant])} -> ratio median "
+                    f"{statistics.median(ratios):.2f} (per rep {' '.join(f'{r:.2f}' for r in ratios)}; "
+                    f"target <= 1.03)")
+        dfk = timer.samples
+        say(f"dfk-side our code per task (n={len(dfk)}): p50 {_pct(dfk, .5) * 1e6:.0f} us, "
+            f"p99 {_pct(dfk, .99) * 1e6:.0f} us")
+        for energy in ("1", "0"):
+            os.environ["METATRAIL_ENERGY"] = energy
+            try:
+                with_ctx, without = worker_side_cost(args.tasks, os.path.join(work, f"energy{energy}"))
+            finally:
+                del os.environ["METATRAIL_ENERGY"]
+            extra = [a - b for a, b in zip(with_ctx, without, strict=True)]
+            say(f"worker-side wrapper per task (start+end calls on the task's thread, energy "
+                f"{'on' if energy == '1' else 'off'}, n={len(extra)}): p50 {_pct(extra, .5) * 1e6:.0f} us, "
+                f"p99 {_pct(extra, .99) * 1e6:.0f} us")
+        build, ingest = recorder_event_cost(os.path.join(work, "events"))
+        say(f"recorder writer thread per event (where the per-task CPU goes): build {build * 1e6:.0f} us, "
+            f"store ingest in batches of 256 {ingest * 1e6:.0f} us; each task makes 2 events")
+        say(f".pth hook line with METATRAIL_PARSL unset: {pth_line_cost() * 1e6:.2f} us per interpreter start")
+        say(f"# load average at end {os.getloadavg()[0]:.1f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

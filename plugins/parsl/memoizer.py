@@ -1,0 +1,389 @@
+"""The DFK side of the Parsl plugin: a memoizer that records, wrapping the memoizer the user configured.
+
+Parsl has no callback registry, but it calls the configured ``Memoizer`` at every point that matters, in the DFK
+process: ``start`` (the DFK starts: our pipeline run begins), ``check_memo`` (a try is about to launch; the task's
+futures are resolved), ``update_memo_result`` / ``update_memo_exception`` (a task is final: done, failed, dependency
+failed or joined) and ``close`` (cleanup: the pipeline run ends). Every call goes to the user's memoizer first and its
+return value and exceptions pass through unchanged, so memoization and checkpointing behave exactly as configured;
+recording is done after, inside ``try``.
+
+Who records what:
+
+* A try sent to an executor that :func:`track` wrapped is recorded **on the worker** (:mod:`.worker`): ``check_memo``
+  leaves the try's identity in a thread-local, and the wrapped ``executor.submit`` (same thread, next call) wraps
+  the function and passes the identity along as a keyword argument.
+* What never reaches a worker is recorded here: memo hits (an execution with ``from_memo``), dependency failures
+  (never launched: START and FAIL at once), join apps (they run on Parsl's internal executor and finish when their
+  inner tasks do), tries on executors that were not wrapped, and tries lost outside the app body (a lost worker, a
+  serialization error: the worker could not record an end).
+
+Execution ids are derived from Parsl's identity (run id, task id, try), so the DFK and the worker name the same try
+alike.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from metatrail.config import Settings, is_disabled, load_settings
+from metatrail.logsafe import log_once
+from metatrail.model import Execution, PipelineRun, Status, uuid7_from
+from metatrail.plugins.parsl import compat
+from metatrail.plugins.parsl.worker import CTX_KEY, describe_call, output_uris, register_local_recorder, tracked
+
+INTEGRATION = "PARSL"
+STALL_SECONDS = 10.0  # cleanup stops waiting for worker records after this long without a new one
+DEFAULT_NAMESPACE = "parsl"
+
+_TERMINAL = frozenset({"completed", "failed", "aborted"})
+_pending = threading.local()  # check_memo -> executor.submit hand-over (same Task-Launch thread)
+
+
+@dataclass
+class _Try:
+    """The DFK's view of one try of a task."""
+
+    task_id: int
+    try_id: int
+    execution_id: str
+    launched_at: float
+    mode: str  # memo | dfk | join | dispatching | worker
+    handle: Execution | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # Any when mypy cannot see parsl
+    """A ``parsl`` Memoizer that records the workflow run and its tasks, delegating memoization to ``inner``.
+
+    ``inner`` is the memoizer the user configured (``None``: a fresh ``BasicMemoizer`` per DFK, as Parsl does).
+    Attributes it does not have itself (``checkpoint()``, ``memo_lookup_table`` …) are the inner memoizer's.
+    """
+
+    def __init__(self, inner: compat.Memoizer | None = None, *, pipeline: str | None = None,
+                 namespace: str | None = None) -> None:
+        self._configured = inner
+        self._inner: compat.Memoizer = inner if inner is not None else compat.BasicMemoizer()
+        self._pipeline_override = pipeline
+        self._namespace_override = namespace
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._recorder: Any = None
+        self._settings: Settings | None = None
+        self._run: PipelineRun | None = None
+        self._dfk: Any = None
+        self._tries: dict[int, _Try] = {}
+        self._started_at = time.time()
+        self._parsl_run_id = ""
+        self._ctx_common: dict[str, Any] = {}
+        self._active = False
+        self._run_dir = ""
+        # tries the DFK has seen end (their terminal event is recorded here or by the worker); tries still running
+        # at cleanup are not waited for: their workers record ABORTED when Parsl terminates them
+        self._ended = 0
+        self._remote_tries = False  # some try ran in another process: its events come from there
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_inner", "_configured"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    @property
+    def inner(self) -> compat.Memoizer:
+        """The memoizer that does the memoizing."""
+        return self._inner
+
+    # -- the Memoizer interface: inner first, unchanged; recording after, guarded -----------------------------
+    def start(self, *, run_dir: str, config_run_dir: str) -> None:
+        """Start the inner memoizer, then the pipeline run (when recording is on)."""
+        if self._configured is None:
+            self._inner = compat.BasicMemoizer()  # what the DFK would have made: nothing carries over between runs
+        self._inner.start(run_dir=run_dir, config_run_dir=config_run_dir)
+        self._reset()
+        if is_disabled():
+            return
+        self._guard("start", lambda: self._begin(compat.dfk_from_stack(), run_dir))
+
+    def check_memo(self, task: Any) -> Future[Any] | None:
+        """The inner memoizer's answer; records the launch of this try."""
+        memo: Future[Any] | None = self._inner.check_memo(task)
+        _pending.item = None
+        if self._active and not is_disabled():
+            self._guard("launch", lambda: self._on_launch(task, memo))
+        return memo
+
+    def update_memo_result(self, task: Any, r: Any) -> None:
+        """Inner first; then the task's final success is recorded where the DFK is the recorder."""
+        self._inner.update_memo_result(task, r)
+        if self._active and not is_disabled():
+            self._guard("result", lambda: self._on_final(task, None))
+
+    def update_memo_exception(self, task: Any, e: BaseException) -> None:
+        """Inner first; then the task's final failure is recorded where the DFK is the recorder."""
+        self._inner.update_memo_exception(task, e)
+        if self._active and not is_disabled():
+            self._guard("exception", lambda: self._on_final(task, e))
+
+    def close(self) -> None:
+        """Close the inner memoizer (final checkpoint), then end the pipeline run and flush (bounded)."""
+        try:
+            self._inner.close()
+        finally:
+            if self._active and not is_disabled():
+                self._guard("close", self._end)
+            self._active = False
+
+    # -- recording ------------------------------------------------------------------------------------------------
+    def _guard(self, what: str, fn: Any) -> None:
+        try:
+            fn()
+        except Exception as exc:
+            log_once(f"parsl:{what}:{type(exc).__name__}", "metatrail: recording Parsl %s failed (%s: %s); the "
+                     "workflow is not affected", what, type(exc).__name__, exc)
+
+    def _begin(self, dfk: Any, run_dir: str) -> None:
+        from metatrail.recorder import Recorder
+
+        self._settings = load_settings()
+        self._recorder = Recorder(self._settings)
+        self._active = True
+        self._run_dir = run_dir
+        if dfk is not None:
+            self._open_run(dfk)
+
+    def _open_run(self, dfk: Any) -> PipelineRun:
+        with self._lock:
+            if self._run is not None:
+                return self._run
+            assert self._settings is not None
+            name = self._pipeline_override or str(getattr(dfk, "workflow_name", None) or "parsl")
+            if not self._pipeline_override and name.endswith(".py"):
+                name = name[:-3]
+            namespace = self._namespace_override or (
+                self._settings.namespace if self._settings.namespace != "default" else DEFAULT_NAMESPACE)
+            self._parsl_run_id = str(getattr(dfk, "run_id", "")) or uuid7_from(self._started_at, "parsl")
+            version = compat.parsl_version()
+            config = getattr(dfk, "config", None)
+            # dfk.executors is still empty while the memoizer starts; the config lists them
+            executors = {ex.label: type(ex).__name__ for ex in getattr(config, "executors", ())}
+            params = {"executors": executors, "retries": getattr(config, "retries", None),
+                      "memoizer": type(self._inner).__name__,
+                      "checkpoint_mode": getattr(self._inner, "checkpoint_mode", None)}
+            self._run = self._recorder.pipeline_run_started(
+                name, namespace=namespace, integration=INTEGRATION,
+                run_id=uuid7_from(self._started_at, f"parsl:{self._parsl_run_id}"), params=params,
+                integration_version=version, started_at=self._started_at,
+                extra={"parsl_run_id": self._parsl_run_id, "run_dir": getattr(dfk, "run_dir", self._run_dir)})
+            self._dfk = dfk
+            register_local_recorder(self._run.id, self._recorder)
+            self._ctx_common = {"run": self._run.id, "pipeline": name, "namespace": namespace, "version": version,
+                                "store": self._settings.store, "hash_cache": self._settings.hash_cache}
+            return self._run
+
+    def _on_launch(self, task: Any, memo: Future[Any] | None) -> None:
+        run = self._run or self._open_run(task["dfk"])
+        tid, try_id = task["id"], task["try_id"]
+        with self._lock:
+            previous = self._tries.pop(tid, None)
+        if previous is not None:
+            self._close_retried(previous, task)
+        now = time.time()
+        attempt = _Try(tid, try_id, uuid7_from(now, f"parsl:{self._parsl_run_id}:{tid}:{try_id}"), now, "dfk")
+        label = task["executor"]
+        attempt.extra = {"parsl_task_id": tid, "executor": label,
+                         "depends_on": compat.future_task_ids(task.get("depends") or [])}
+        executor = getattr(task["dfk"], "executors", {}).get(label)
+        if memo is not None:
+            attempt.mode = "memo"
+            attempt.extra["from_memo"] = True
+            attempt.handle = self._start_here(task, attempt, run)
+        elif task.get("join"):
+            attempt.mode = "join"  # recorded when it completes: the joined tasks are known only then
+        elif executor is not None and getattr(executor, "_metatrail_tracked", False):
+            attempt.mode = "dispatching"
+            if not self._remote_tries and not isinstance(executor, compat.ThreadPoolExecutor):
+                self._remote_tries = True
+            ctx = {**self._ctx_common, "id": attempt.execution_id, "stage": task["func_name"], "try": try_id,
+                   "extra": attempt.extra}
+            _pending.item = (attempt, ctx)
+        else:
+            attempt.handle = self._start_here(task, attempt, run)
+        with self._lock:
+            self._tries[tid] = attempt
+
+    def _start_here(self, task: Any, attempt: _Try, run: PipelineRun, *, at: float | None = None,
+                    extra: dict[str, Any] | None = None) -> Execution:
+        params, inputs, _ = describe_call(task["func"], task["args"], task["kwargs"])
+        execution: Execution = self._recorder.execution_started(
+            run.pipeline, task["func_name"], pipeline_run=run, execution_id=attempt.execution_id, inputs=inputs,
+            params=params, integration=INTEGRATION, started_at=at if at is not None else attempt.launched_at,
+            try_number=attempt.try_id + 1, integration_version=compat.parsl_version(),
+            extra=extra if extra is not None else attempt.extra, measure_energy=False)
+        return execution
+
+    def _end_here(self, task: Any, handle: Execution, error: BaseException | None, *,
+                  outputs: bool = True) -> None:
+        out = output_uris(task["kwargs"].get("outputs")) if outputs else []
+        if error is None:
+            self._recorder.execution_finished(handle, outputs=out)
+        else:
+            self._recorder.execution_failed(handle, error=error, outputs=out)
+
+    def _fail_only(self, task: Any, attempt: _Try, error: BaseException | None) -> None:
+        """A FAIL for a try the worker started but could not end (lost worker, unpicklable result)."""
+        assert self._run is not None
+        handle = Execution(id=attempt.execution_id, pipeline=self._run.pipeline, stage=task["func_name"],
+                           namespace=self._run.namespace, integration=INTEGRATION, pipeline_run_id=self._run.id,
+                           started_at=attempt.launched_at, try_number=attempt.try_id + 1,
+                           host_version=compat.parsl_version(), extra=dict(attempt.extra, recorded_by="dfk"))
+        self._recorder.execution_failed(handle, error=error or "the try was lost outside the app")
+
+    def _close_retried(self, previous: _Try, task: Any) -> None:
+        """The previous try of ``task`` failed and Parsl retries it; end it where the worker could not."""
+        with self._lock:
+            self._ended += 1
+        error = _try_error(task.get("exec_fu"))
+        if previous.mode == "worker":
+            if compat.is_infrastructure_error(error):
+                self._fail_only(task, previous, error)
+            return
+        self._end_dfk_try(task, previous, error if error is not None else "failed; retried by Parsl")
+
+    def _end_dfk_try(self, task: Any, attempt: _Try, error: BaseException | str | None) -> None:
+        assert self._run is not None
+        err = error if isinstance(error, BaseException) or error is None else RuntimeError(error)
+        if attempt.handle is None:  # join (deferred) or never dispatched: START now, with its real launch time
+            extra = dict(attempt.extra)
+            if attempt.mode == "join":
+                extra["join"] = True
+                joined = compat.future_task_ids(task.get("joins") or [])
+                if joined:
+                    extra["joins"] = joined
+            attempt.handle = self._start_here(task, attempt, self._run, extra=extra)
+        self._end_here(task, attempt.handle, err, outputs=err is None)
+
+    def _on_final(self, task: Any, error: BaseException | None) -> None:
+        run = self._run or self._open_run(task["dfk"])
+        with self._lock:
+            attempt = self._tries.pop(task["id"], None)
+            if attempt is not None:
+                self._ended += 1
+        if attempt is None:  # never launched: its dependencies failed
+            now = time.time()
+            attempt = _Try(task["id"], task["try_id"],
+                           uuid7_from(now, f"parsl:{self._parsl_run_id}:{task['id']}:{task['try_id']}"), now, "dfk")
+            attempt.extra = {"parsl_task_id": task["id"], "executor": task["executor"],
+                             "depends_on": compat.future_task_ids(task.get("depends") or [])}
+            if isinstance(error, compat.DependencyError):
+                attempt.extra["dependency_failed"] = True
+            with self._lock:
+                self._ended += 1
+            attempt.handle = self._start_here(task, attempt, run)
+            self._end_here(task, attempt.handle, error, outputs=False)
+            return
+        if attempt.mode == "worker":
+            if error is not None and compat.is_infrastructure_error(error):
+                self._fail_only(task, attempt, error)
+            return
+        self._end_dfk_try(task, attempt, error)
+
+    def _end(self) -> None:
+        rec, settings = self._recorder, self._settings
+        if rec is None or settings is None:
+            return
+        if self._run is not None:
+            failed, done = compat.failed_task_count(self._dfk)
+            rec.pipeline_run_finished(self._run, status=Status.FAILED if failed else Status.COMPLETED,
+                                      error=f"{failed} of {done} tasks failed" if failed else None)
+        rec.flush(settings.timeout)
+        if self._remote_tries and self._run is not None and not rec.failed_writes:
+            self._wait_for_workers(self._run.id, settings)
+        rec.close(settings.timeout)
+
+    def _wait_for_workers(self, run_id: str, settings: Settings) -> None:
+        """Wait until the workers' events of this run are in the store: at most ``flush_timeout``, and no longer
+        than :data:`STALL_SECONDS` without progress (workers that write to another store URL never show up here).
+
+        ``close`` runs before Parsl scales its blocks in, and HTEX then ends workers with SIGTERM, which skips their
+        exit flush; a worker's first write also pays its imports (seconds on a busy node). So the DFK checks the
+        store here, while the workers are still alive, instead of losing the last tasks' records.
+        """
+        from metatrail.store import open_store
+
+        now = time.monotonic()
+        deadline, last_progress, seen = now + settings.flush_timeout, now, -1
+        store = open_store(settings.store)
+        try:
+            while True:
+                run = store.get_run(run_id) or {}
+                ended = sum(1 for c in run.get("children", []) if c.get("state") in _TERMINAL)
+                now = time.monotonic()
+                if ended != seen:
+                    seen, last_progress = ended, now
+                if ended >= self._ended:
+                    return
+                if now >= deadline or now - last_progress >= STALL_SECONDS:
+                    log_once("parsl:wait-workers", "metatrail: %d of %d Parsl task records were not in the store "
+                             "%s at cleanup; the workers may write elsewhere or be stuck", self._ended - ended,
+                             self._ended, "after flush_timeout" if now >= deadline else
+                             f"and none arrived for {STALL_SECONDS:.0f}s")
+                    return
+                time.sleep(0.1)
+        finally:
+            store.close()
+
+
+def _try_error(future: Any) -> BaseException | None:
+    """The exception of a finished executor future (Parsl apps return theirs wrapped)."""
+    if not isinstance(future, Future) or not future.done():
+        return None
+    exc = future.exception(timeout=0)
+    if exc is not None:
+        return exc
+    value = getattr(future.result(timeout=0), "e_value", None)
+    return value if isinstance(value, BaseException) else None
+
+
+def wrap_submit(executor: Any) -> bool:
+    """Make ``executor.submit`` run the app through :class:`~.worker.TrackedCall` for tries the memoizer marked.
+
+    The wrapper is an instance attribute, so the executor's class and other instances are untouched. Returns
+    whether the executor is now tracked.
+    """
+    if getattr(executor, "_metatrail_tracked", False):
+        return True
+    original = executor.submit
+
+    def submit(func: Any, resource_specification: Any, *args: Any, **kwargs: Any) -> Any:
+        item = getattr(_pending, "item", None)
+        if item is None:
+            return original(func, resource_specification, *args, **kwargs)
+        _pending.item = None
+        attempt, ctx = item
+        try:
+            wrapped, tracked_kwargs = tracked(func), {**kwargs, CTX_KEY: ctx}
+        except Exception:
+            return original(func, resource_specification, *args, **kwargs)
+        try:
+            future = original(wrapped, resource_specification, *args, **tracked_kwargs)
+        except (TypeError, pickle.PicklingError, compat.SerializationError):
+            # Serialization fails before anything is queued: if our wrapper was the cause, run the task untracked;
+            # if the app itself cannot be serialized, this raises what Parsl would have raised.
+            return original(func, resource_specification, *args, **kwargs)
+        attempt.mode = "worker"
+        return future
+
+    try:
+        executor.submit = submit
+        executor._metatrail_tracked = True
+    except Exception as exc:
+        log_once("parsl:wrap-submit", "metatrail: cannot wrap %s.submit (%s); its tasks are recorded from the DFK",
+                 type(executor).__name__, exc)
+        return False
+    return True

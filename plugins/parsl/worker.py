@@ -1,0 +1,332 @@
+"""The part of the Parsl plugin that runs where a task runs (an HTEX worker process, or a ThreadPool thread).
+
+:class:`TrackedCall` wraps the function the DataFlowKernel hands to an executor. On the worker it records the
+execution's START just before the app body runs and its COMPLETE/FAIL just after, with the worker's own pid (so
+energy is attributed to the process that did the work), the actual arguments as parameters and the ``inputs`` /
+``outputs`` Files as datasets, hashed on the worker, where the files are.
+
+Why the worker writes to the store itself (instead of shipping records back with the result): shipping back would
+mean changing what the app returns or replacing the executor's future, and the plugin must never change a task's
+result or the future the DFK waits on. The store takes many writing processes (SQLite WAL, or a server URL for
+workers without a shared filesystem), so each worker has its own Recorder and writes off the task's thread.
+
+Rules this module keeps, because it is imported inside every worker:
+
+* Only the standard library is imported at module import; metatrail's recorder and Parsl are imported on first use,
+  inside ``try``, so a broken or missing metatrail install makes a task run untracked, never fail.
+* The per-task context travels as an extra keyword argument (:data:`CTX_KEY`), not inside the callable: Parsl's
+  serializer caches callables by identity (``lru_cache``), and one wrapper per function keeps that cache working.
+* HTEX ends workers with SIGTERM at shutdown, which skips ``atexit``; a worker process therefore flushes its pending
+  events from a SIGTERM handler (installed only if the process has none of its own, bounded to half a second),
+  then dies of SIGTERM as it would have.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import signal
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+CTX_KEY = "_metatrail_parsl_ctx"
+"""The keyword argument that carries the per-task context from the DFK to :class:`TrackedCall`."""
+
+SIGTERM_FLUSH_SECONDS = 0.5  # HTEX's manager sends SIGKILL one second after SIGTERM
+_OWN_KWARGS = frozenset({"inputs", "outputs"})
+
+log = logging.getLogger("metatrail.parsl")
+
+# Recorders registered by the DFK side of this process (ThreadPool tasks run in the DFK process and must write
+# through the DFK's recorder); keyed by pipeline run id.
+_LOCAL_RECORDERS: dict[str, Any] = {}
+_worker_recorders: dict[tuple[str, str], Any] = {}
+_unavailable: set[tuple[str, str]] = set()  # store settings whose recorder could not be created in this process
+_lock = threading.Lock()
+_in_flight: list[tuple[Any, Any]] = []  # (recorder, execution) of the task running on this process's main thread
+_sigterm_installed = False
+
+
+class TrackedCall:
+    """A picklable wrapper around an app's function: records the execution where it runs.
+
+    Called without the context keyword it is a plain pass-through. It never changes the return value or the
+    exception of the wrapped function.
+    """
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+        self.__name__ = getattr(func, "__name__", type(func).__name__)
+        self.__qualname__ = getattr(func, "__qualname__", self.__name__)
+        self.__doc__ = getattr(func, "__doc__", None)
+        self.__wrapped__ = func
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        ctx = kwargs.pop(CTX_KEY, None)
+        if ctx is None:
+            return self.func(*args, **kwargs)
+        started = _start(self.func, ctx, args, kwargs)
+        try:
+            result = self.func(*args, **kwargs)
+        except BaseException as exc:
+            _finish(started, kwargs, None, exc)
+            raise
+        _finish(started, kwargs, result, None)
+        return result
+
+    def __repr__(self) -> str:
+        return f"<metatrail TrackedCall {self.func!r}>"
+
+
+_wrappers: weakref.WeakKeyDictionary[Any, TrackedCall] = weakref.WeakKeyDictionary()
+
+
+def tracked(func: Callable[..., Any]) -> TrackedCall:
+    """The one :class:`TrackedCall` for ``func`` (reused, so Parsl's serializer cache still hits)."""
+    try:
+        wrapper = _wrappers.get(func)
+        if wrapper is None:
+            wrapper = _wrappers[func] = TrackedCall(func)
+        return wrapper
+    except TypeError:  # not weak-referenceable or not hashable: one wrapper per call
+        return TrackedCall(func)
+
+
+# -- describing a call ------------------------------------------------------------------------------------------
+def user_function(func: Any) -> Any:
+    """The function the user wrote, under Parsl's wrappers (``wrap_error``, ``timeout``, bash app partials)."""
+    try:
+        target = inspect.unwrap(func)
+        if isinstance(target, functools.partial) and target.args and callable(target.args[0]) and \
+                getattr(target.func, "__name__", "") == "remote_side_bash_executor":
+            target = inspect.unwrap(target.args[0])
+        return target
+    except Exception:
+        return func
+
+
+def _file_like(value: Any) -> Any:
+    """The ``parsl.File`` behind ``value`` (a File or a DataFuture), or None."""
+    try:
+        from parsl.data_provider.files import File
+    except Exception:  # no Parsl here: nothing can be a File
+        return None
+    if isinstance(value, File):
+        return value
+    file_obj = getattr(value, "file_obj", None)  # DataFuture
+    return file_obj if isinstance(file_obj, File) else None
+
+
+def file_uri(file: Any) -> str:
+    """What to hash for a ``parsl.File``: the absolute local path for ``file:`` URLs (or a staged copy), else
+    the URL itself (remote objects are named, not downloaded)."""
+    if file.scheme == "file" or file.local_path is not None:
+        return os.path.abspath(str(file.filepath))
+    return str(file.url)
+
+
+def output_uris(outputs: Any) -> list[str]:
+    """The paths/URLs of the Files in an ``outputs=`` list."""
+    if not isinstance(outputs, (list, tuple)):
+        return []
+    return [file_uri(f) for f in map(_file_like, outputs) if f is not None]
+
+
+def describe_call(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]
+                  ) -> tuple[dict[str, Any], list[str], list[str]]:
+    """``(params, inputs, outputs)`` of one app call: arguments by name (Files as their paths; ``inputs`` that are
+    not Files stay a parameter), input Files (``inputs=``, File arguments) and output Files (``outputs=``)."""
+    bound: dict[str, Any]
+    # Parsl's own keyword arguments (monitoring's task/try ids, staging switches) are not the app's parameters
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_parsl")}
+    try:
+        sig = inspect.signature(user_function(func))
+        ba = sig.bind_partial(*args, **kwargs)
+        bound = {}
+        for name, value in ba.arguments.items():
+            kind = sig.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                bound.update(value)
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                bound.update({f"{name}[{i}]": v for i, v in enumerate(value)})
+            else:
+                bound[name] = value
+    except Exception:  # a signature we cannot bind to: positional names
+        bound = {f"arg{i}": v for i, v in enumerate(args)}
+        bound.update({k: v for k, v in kwargs.items() if k not in bound})
+    params: dict[str, Any] = {}
+    inputs: list[str] = []
+    outputs: list[str] = []
+    for name, value in bound.items():
+        if name == "outputs" and isinstance(value, (list, tuple)):
+            outputs.extend(output_uris(value))
+            continue
+        if name == "inputs" and isinstance(value, (list, tuple)):
+            others = []
+            for item in value:
+                f = _file_like(item)
+                if f is not None:
+                    inputs.append(file_uri(f))
+                else:
+                    others.append(item)
+            if others:
+                params["inputs"] = others
+            continue
+        f = _file_like(value)
+        if f is not None:
+            params[name] = file_uri(f)
+            if name not in ("stdout", "stderr"):
+                inputs.append(file_uri(f))
+        else:
+            params[name] = value
+    return params, inputs, outputs
+
+
+# -- recording --------------------------------------------------------------------------------------------------
+def register_local_recorder(pipeline_run_id: str, recorder: Any) -> None:
+    """Make tasks of this pipeline run that execute in this process (ThreadPool) write through ``recorder``."""
+    with _lock:
+        _LOCAL_RECORDERS[pipeline_run_id] = recorder
+
+
+def _recorder_for(ctx: Mapping[str, Any]) -> Any:
+    local = _LOCAL_RECORDERS.get(ctx["run"])
+    if local is not None:
+        return local
+    # A worker process: the DFK's store unless this worker's environment names one (a remote worker may have to
+    # reach the store by another URL than the DFK's path).
+    key = (str(ctx.get("store") or ""), str(ctx.get("hash_cache") or ""))
+    with _lock:
+        rec = _worker_recorders.get(key)
+        if rec is None:
+            if key in _unavailable:
+                return None
+            try:
+                from metatrail.config import load_settings
+                from metatrail.recorder import Recorder
+
+                overrides: dict[str, Any] = {}
+                if not os.environ.get("METATRAIL_STORE") and key[0]:
+                    overrides["store"] = key[0]
+                    if not os.environ.get("METATRAIL_HASH_CACHE") and key[1]:
+                        overrides["hash_cache"] = key[1]
+                rec = _worker_recorders[key] = Recorder(load_settings(**overrides))
+            except Exception:
+                _unavailable.add(key)  # a broken install or config: say it once (caller logs), then run untracked
+                raise
+    _install_sigterm_flush()
+    return rec
+
+
+def _start(func: Any, ctx: Mapping[str, Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+    at = time.time()
+    try:
+        from metatrail.config import is_disabled
+
+        if is_disabled():
+            return None
+        from metatrail.model import PipelineRun
+
+        rec = _recorder_for(ctx)
+        if rec is None:
+            return None
+        params, inputs, _ = describe_call(func, args, kwargs)
+        run = PipelineRun(id=ctx["run"], pipeline=ctx["pipeline"], namespace=ctx["namespace"],
+                          integration="PARSL", started_at=at)
+        execution = rec.execution_started(
+            ctx["pipeline"], ctx["stage"], pipeline_run=run, execution_id=ctx["id"], inputs=inputs,
+            params=params, integration="PARSL", namespace=ctx["namespace"], started_at=at,
+            try_number=ctx["try"] + 1, integration_version=ctx.get("version"), extra=ctx["extra"],
+            pid=os.getpid(), measure_energy=True)
+        started = (rec, execution)
+        if threading.current_thread() is threading.main_thread():
+            _in_flight[:] = [started]
+        return started
+    except Exception as exc:
+        _log_once(f"start:{type(exc).__name__}", "metatrail: cannot record the start of a Parsl task (%s: %s); "
+                  "the task is not affected", type(exc).__name__, exc)
+        return None
+
+
+def _finish(started: Any, kwargs: Mapping[str, Any], result: Any, error: BaseException | None) -> None:
+    if started is None:
+        return
+    at = time.time()
+    try:
+        rec, execution = started
+        if threading.current_thread() is threading.main_thread():
+            _in_flight.clear()
+        if error is None:
+            error = _wrapped_exception(result)
+        outputs = output_uris(kwargs.get("outputs"))
+        if error is None:
+            rec.execution_finished(execution, outputs=outputs, ended_at=at)
+        else:
+            rec.execution_failed(execution, error=error, outputs=outputs, ended_at=at,
+                                 exit_code=_exit_code(error))
+    except Exception as exc:
+        _log_once(f"finish:{type(exc).__name__}", "metatrail: cannot record the end of a Parsl task (%s: %s); "
+                  "the task is not affected", type(exc).__name__, exc)
+
+
+def _wrapped_exception(result: Any) -> BaseException | None:
+    """Parsl apps return their exception wrapped (``RemoteExceptionWrapper``) instead of raising it."""
+    if type(result).__name__ != "RemoteExceptionWrapper":
+        return None
+    value = getattr(result, "e_value", None)
+    return value if isinstance(value, BaseException) else None
+
+
+def _exit_code(error: BaseException) -> int | None:
+    code = getattr(error, "exitcode", None)  # parsl.app.errors.BashExitFailure
+    return code if isinstance(code, int) else None
+
+
+def _install_sigterm_flush() -> None:
+    """In a worker process, flush pending events when SIGTERM ends it (HTEX shutdown, batch walltime)."""
+    global _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    _sigterm_installed = True
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return  # the host or the user handles SIGTERM; leave it to them
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError) as exc:
+        _log_once("sigterm", "metatrail: cannot watch SIGTERM (%s); events pending at shutdown may be lost", exc)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    def drain() -> None:
+        try:
+            for rec, execution in list(_in_flight):
+                from metatrail.model import Status
+
+                rec.execution_finished(execution, status=Status.ABORTED,
+                                       error="the worker process was terminated (SIGTERM) while the task ran")
+            for rec in list(_worker_recorders.values()):
+                rec.flush(SIGTERM_FLUSH_SECONDS)
+        except Exception:  # dying anyway; nothing useful to do with it
+            pass
+
+    # The flush runs on a helper thread: if the signal interrupted this (main) thread inside the recorder, waiting
+    # here for its lock would never end; a bounded join always does.
+    helper = threading.Thread(target=drain, name="metatrail-sigterm", daemon=True)
+    helper.start()
+    helper.join(SIGTERM_FLUSH_SECONDS)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _log_once(key: str, message: str, *args: object) -> None:
+    try:
+        from metatrail.logsafe import log_once
+
+        log_once(f"parsl:{key}", message, *args)
+    except Exception:
+        log.warning(message, *args)
