@@ -7,9 +7,12 @@ Recorder's writer thread, never on a host task's critical path (building attrs o
 from __future__ import annotations
 
 import datetime as dt
+import enum
+import functools
 import hashlib
 import json
 import traceback
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -25,7 +28,6 @@ from openlineage.client.facet_v2 import (
     processing_engine_run,
 )
 from openlineage.client.generated.base import JobFacet
-from openlineage.client.serde import Serde
 
 from metatrail import __version__
 from metatrail.model import ArtifactRef
@@ -80,6 +82,62 @@ def _facet_body(facet: Any) -> dict[str, Any]:
     return body
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}
+
+
+def to_plain(obj: Any) -> Any:
+    """An ``openlineage-python`` object as JSON data, exactly as ``Serde.to_dict`` gives it (``None`` dropped from
+    objects and lists, empty objects dropped from lists, enums as values), in one pass: Serde first copies the whole
+    tree with ``attr.asdict``, then walks it again, which is most of the cost of an event."""
+    if obj is None or isinstance(obj, str | int | float):
+        return obj
+    cls = type(obj)
+    names = _FIELD_NAMES.get(cls, ())
+    if names == ():
+        names = _FIELD_NAMES[cls] = tuple(a.name for a in attr.fields(cls)) if attr.has(cls) else None
+    if names is not None:
+        out: dict[str, Any] = {}
+        for name in names:
+            value = to_plain(getattr(obj, name))
+            if value is not None:
+                out[name] = value
+        return out
+    if isinstance(obj, dict):
+        return {k: p for k, p in ((k, to_plain(v)) for k, v in obj.items()) if p is not None}
+    if isinstance(obj, list | tuple | set | frozenset):
+        return [p for p in (to_plain(v) for v in obj if v is not None) if p is not None and p != {}]
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, dt.date):
+        return obj.isoformat()
+    if isinstance(obj, uuid.UUID):
+        return str(obj)
+    return obj
+
+
+@functools.lru_cache(maxsize=256)
+def _engine_facet(integration: str, version: str) -> processing_engine_run.ProcessingEngineRunFacet:
+    # Facet objects are immutable in use; building one runs URL validators, so the few distinct ones are cached.
+    return processing_engine_run.ProcessingEngineRunFacet(
+        version=version, name=integration.title(), openlineageAdapterVersion=__version__, producer=PRODUCER)
+
+
+@functools.lru_cache(maxsize=256)
+def _job_type_facet(integration: str, job_type: str) -> job_type_job.JobTypeJobFacet:
+    return job_type_job.JobTypeJobFacet(processingType="BATCH", integration=integration.upper(), jobType=job_type,
+                                        producer=PRODUCER)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parent_facet(p_run: str, p_ns: str, p_name: str) -> parent_run.ParentRunFacet:
+    return parent_run.ParentRunFacet(
+        run=parent_run.Run(runId=p_run),
+        job=parent_run.Job(namespace=p_ns, name=p_name),
+        root=parent_run.Root(run=parent_run.RootRun(runId=p_run), job=parent_run.RootJob(namespace=p_ns, name=p_name)),
+        producer=PRODUCER,
+    )
+
+
 def _dataset_facets(ref: ArtifactRef) -> dict[str, Any]:
     facets: dict[str, Any] = {}
     if ref.hash is not None:
@@ -125,24 +183,11 @@ def build_run_event(
     (with the traceback of an exception). ``energy`` is the ``metatrail_energy`` facet body.
     """
     run_facets: dict[str, Any] = {
-        "processing_engine": processing_engine_run.ProcessingEngineRunFacet(
-            version=integration_version or __version__,
-            name=integration.title(),
-            openlineageAdapterVersion=__version__,
-            producer=PRODUCER,
-        ),
+        "processing_engine": _engine_facet(integration, integration_version or __version__),
         "metatrail_execution": execution_facet,
     }
     if parent is not None:
-        p_run, p_ns, p_name = parent
-        run_facets["parent"] = parent_run.ParentRunFacet(
-            run=parent_run.Run(runId=p_run),
-            job=parent_run.Job(namespace=p_ns, name=p_name),
-            root=parent_run.Root(
-                run=parent_run.RootRun(runId=p_run), job=parent_run.RootJob(namespace=p_ns, name=p_name)
-            ),
-            producer=PRODUCER,
-        )
+        run_facets["parent"] = _parent_facet(*parent)
     if error is not None:
         if isinstance(error, BaseException):
             message = f"{type(error).__name__}: {error}"
@@ -152,11 +197,7 @@ def build_run_event(
         run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
             message=message or "failed", programmingLanguage="python", stackTrace=stack, producer=PRODUCER
         )
-    job_facets: dict[str, JobFacet] = {
-        "jobType": job_type_job.JobTypeJobFacet(
-            processingType="BATCH", integration=integration.upper(), jobType=job_type, producer=PRODUCER
-        )
-    }
+    job_facets: dict[str, JobFacet] = {"jobType": _job_type_facet(integration, job_type)}
     input_refs, output_refs = list(inputs), list(outputs)
     ol_inputs = [InputDataset(namespace=r.namespace, name=r.name, facets=_dataset_facets(r)) for r in input_refs]
     ol_outputs = []
@@ -178,7 +219,7 @@ def build_run_event(
         inputs=ol_inputs,
         outputs=ol_outputs,
     )
-    body: dict[str, Any] = Serde.to_dict(event)
+    body: dict[str, Any] = to_plain(event)
     body["run"]["facets"]["metatrail_execution"] = _facet_body(execution_facet)
     if energy is not None:
         body["run"]["facets"]["metatrail_energy"] = {
