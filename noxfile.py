@@ -18,9 +18,18 @@ nox.options.error_on_missing_interpreters = True
 ENVIRONMENTS: dict[str, tuple[list[str], list[str]]] = {
     "core": (["test", "dvc", "server", "gpu", "plot"], ["tests", "--ignore=tests/plugins"]),
     "snakemake": (["test", "snakemake"], ["tests/plugins/snakemake"]),
+    "snakemake-oldest": (["test", "snakemake"], ["tests/plugins/snakemake"]),
     "parsl": (["test", "parsl"], ["tests/plugins/parsl"]),
     "airflow": (["test", "airflow"], ["tests/plugins/airflow"]),
     "prefect": (["test", "prefect"], ["tests/plugins/prefect"]),
+}
+
+
+# name -> requirements installed with the project: host releases to test (latest and oldest supported) and
+# test-only helpers (snakemake's cluster executor)
+REQUIREMENTS: dict[str, list[str]] = {
+    "snakemake": ["snakemake>=9.27,<10", "snakemake-executor-plugin-cluster-generic>=1.0"],
+    "snakemake-oldest": ["snakemake==9.0.0", "snakemake-executor-plugin-cluster-generic>=1.0"],
 }
 
 
@@ -28,7 +37,7 @@ def _make_session(name: str, extras: list[str], pytest_args: list[str]) -> None:
     @nox.session(name=name, python=False if os.environ.get("METATRAIL_NOX_NO_VENV") else None)
     def _session(session: nox.Session) -> None:
         # A regular (not editable) install: what users get, and what mypy can read as the package `metatrail`.
-        session.install(f".[{','.join(extras)}]")
+        session.install(f".[{','.join(extras)}]", *REQUIREMENTS.get(name, []))
         if name == "core":
             session.run("ruff", "check", "core", "plugins", "tests", "bench", "examples", "noxfile.py")
             session.run("mypy", "-p", "metatrail")

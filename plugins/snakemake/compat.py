@@ -1,0 +1,192 @@
+"""Everything that differs between Snakemake 9 releases, and everything that reads Snakemake's own files.
+
+Log records are duck-typed (``getattr`` with defaults), so one translation serves 9.0 to 9.27:
+
+* ``WORKFLOW_STARTED`` carries only ``workflow_id`` and ``snakefile`` up to 9.1x; later releases add the info header
+  (``snakefile_main``, ``config_md5``, ``configfiles``, ``host``, ``user``, ``snakemake_version``, ``cwd`` …), where
+  ``snakefile`` became the path of Snakemake's own ``workflow.py``. :func:`workflow_info` fills what a release does
+  not send from this process (host, user, version) and leaves the config hash ``None`` where it cannot be known.
+* File lists in ``JOB_INFO``/``JOB_ERROR`` are display strings: a path, optionally followed by an annotation in
+  parentheses (``" (pipe)"``, ``" (send to storage)"`` …), or ``<TBD>`` for a checkpoint target not yet known.
+  :func:`file_list` turns them back into paths.
+* Rule ``params`` are in no record; Snakemake writes them (stringified, sorted, without names) into its persistence
+  record of each output before it logs ``JOB_FINISHED``. :func:`read_metadata` reads that record from the file
+  backend (``.snakemake/metadata/``); the database backend (``--persistence-backend db``, 9.2x) and
+  ``--drop-metadata`` leave ``params`` unknown.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import re
+import socket
+import sys
+from base64 import urlsafe_b64encode
+from collections.abc import Iterable, Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+# Labels Snakemake's ``fmt_iofile`` appends to a path (snakemake/io/fmt.py); a storage phrase may follow a label.
+_ANNOTATION = re.compile(
+    r" \((?:pipe|service|nodelocal|update|before update|cached|access: [^()]*|"
+    r"retrieve from storage|only provide storage uri|send to storage|in storage)"
+    r"(?:, (?:retrieve from storage|only provide storage uri|send to storage|in storage))?\)$"
+)
+_TBD = "<TBD>"
+_EXIT_STATUS = re.compile(r"non-zero exit status (-?\d+)")
+METADATA_MAX_BYTES = 1 << 20  # a persistence record is a few KB; a bigger file is not one
+
+
+def record_value(record: Any, name: str, default: Any = None) -> Any:
+    """An extra attribute of a Snakemake log record (``getattr`` with a default: fields vary by release)."""
+    return getattr(record, name, default)
+
+
+def event_name(record: Any) -> str | None:
+    """The ``LogEvent`` of a record as its lower-case value (``"job_info"``), or None for a plain message."""
+    event = getattr(record, "event", None)
+    if event is None:
+        return None
+    return str(getattr(event, "value", event)).lower()
+
+
+@cache
+def snakemake_version() -> str | None:
+    """The installed Snakemake version (from package metadata: importing snakemake here would be circular)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("snakemake")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def snakemake_logger() -> logging.Logger | None:
+    """The logger Snakemake logs every record on (``snakemake.logging.logger``), or None outside Snakemake."""
+    module = sys.modules.get("snakemake.logging")
+    logger = getattr(module, "logger", None)
+    return logger if isinstance(logger, logging.Logger) else None
+
+
+def workflow_info(record: Any) -> dict[str, Any]:
+    """What a ``WORKFLOW_STARTED`` record says about the run, with the same keys on every Snakemake 9 release."""
+    snakefile = record_value(record, "snakefile_main") or record_value(record, "snakefile")
+    workflow_id = record_value(record, "workflow_id")
+    try:
+        user = record_value(record, "user") or getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (containers): the user is simply unknown
+        user = None
+    return {
+        "workflow_id": str(workflow_id) if workflow_id is not None else None,
+        "snakefile": os.path.abspath(str(snakefile)) if snakefile else None,
+        "workdir": record_value(record, "cwd") or os.getcwd(),
+        "config_md5": record_value(record, "config_md5"),
+        "configfiles": [str(f) for f in record_value(record, "configfiles", None) or []],
+        "host": record_value(record, "host") or socket.gethostname(),
+        "user": user,
+        "snakemake_version": record_value(record, "snakemake_version") or snakemake_version(),
+    }
+
+
+def pipeline_name(snakefile: str | None, workdir: str | None) -> str:
+    """The default pipeline name: the Snakefile's directory (``workflow/`` skipped, as in the standard layout), or
+    the file's stem when it has its own name (``align.smk`` → ``align``)."""
+    if snakefile:
+        path = Path(snakefile)
+        if path.stem.lower() != "snakefile":
+            return path.stem
+        directory = path.parent
+        if directory.name == "workflow" and directory.parent.name:
+            directory = directory.parent
+        if directory.name:
+            return directory.name
+    return Path(workdir or os.getcwd()).name or "snakemake"
+
+
+def file_list(values: Iterable[Any] | None) -> list[str]:
+    """Paths from a record's display list: annotations stripped, unknown checkpoint targets and blanks dropped."""
+    paths: list[str] = []
+    for value in values or ():
+        if value is None:
+            continue
+        text = str(value)
+        if text == _TBD or not text.strip():
+            continue
+        paths.append(_ANNOTATION.sub("", text))
+    return paths
+
+
+def wildcards(value: Any) -> dict[str, Any]:
+    """A job's wildcards as a plain dict."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    items = getattr(value, "items", None)
+    if callable(items):
+        return {str(k): _plain(v) for k, v in items()}
+    return {}
+
+
+def resources(value: Any) -> dict[str, Any]:
+    """A job's resources (a Snakemake ``Resources`` named list) as a dict, without the scheduler's ``_cores`` and
+    ``_nodes`` bookkeeping."""
+    items = getattr(value, "items", None)
+    if not callable(items):
+        return {}
+    return {str(k): _plain(v) for k, v in items() if not str(k).startswith("_")}
+
+
+def _plain(value: Any) -> Any:
+    # TBDString and other str subclasses become plain str, so parameters compare and serialise as text.
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, bool | int | float) or value is None:
+        return value
+    return str(value)
+
+
+def exit_code(message: str | None) -> int | None:
+    """The exit status named in Snakemake's error text for a failed shell command, if any."""
+    if not message:
+        return None
+    match = _EXIT_STATUS.search(message)
+    return int(match.group(1)) if match else None
+
+
+def _record_path(root: str, key: str) -> str:
+    # The layout of FilePersistence._record_path: urlsafe base64 of the key, split into NAME_MAX-1 chunks, every
+    # chunk but the last prefixed with "@" (a directory level).
+    try:
+        max_len = os.pathconf(root, "PC_NAME_MAX") or 255
+    except (OSError, ValueError):
+        max_len = 255
+    encoded = urlsafe_b64encode(key.encode()).decode()
+    chunks = [encoded[i : i + max_len - 1] for i in range(0, len(encoded), max_len - 1)]
+    chunks = ["@" + c for c in chunks[:-1]] + chunks[-1:]
+    return os.path.join(root, *chunks)
+
+
+def read_metadata(output: str, workdir: str) -> dict[str, Any] | None:
+    """Snakemake's persistence record for ``output`` (a path as the rule names it, relative to ``workdir``), or None
+    when there is none (no output, ``--drop-metadata``, the database backend, a storage file)."""
+    root = os.path.join(workdir, ".snakemake", "metadata")
+    try:
+        path = _record_path(root, output)
+        if os.path.getsize(path) > METADATA_MAX_BYTES:
+            return None
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def rule_params(metadata: Mapping[str, Any] | None) -> list[Any] | None:
+    """The rule's ``params`` from a persistence record: their values as Snakemake stored them, or None."""
+    if not metadata:
+        return None
+    params = metadata.get("params")
+    return list(params) if isinstance(params, list) else None

@@ -1,0 +1,100 @@
+"""Hold Snakemake's deletion of ``temp()`` files until the Recorder has hashed them.
+
+Snakemake deletes a temporary file on its main thread right after logging ``Removing temporary output <path>.``,
+while logger plugins see records later, on the queue-listener thread, and the Recorder hashes on its writer thread
+later still. Without help the file can be gone before anyone hashed it (the first jobs of a run, while the store is
+being opened, lose that race).
+
+:class:`TempFileGuard` is a ``logging.Filter`` on Snakemake's own logger, so it runs synchronously in whichever
+thread logs. It numbers every record; the handler reports each record it has processed. On a "Removing temporary
+output" record the guard waits until the handler has processed every earlier record (so every event naming the file
+was handed to the Recorder), then until the Recorder has written the last of those events (so the file was hashed;
+later events are not waited for), then lets Snakemake go on. A file no event named is not waited for.
+
+The wait is capped (``timeout`` seconds per file); after the cap has been hit ``MAX_TIMEOUTS`` times the guard stops
+waiting for the rest of the run (at most ``MAX_TIMEOUTS * timeout`` seconds added to a run), and files deleted
+before they were hashed are recorded without a hash (``hashError`` says why) rather than slowing Snakemake down.
+The guard never drops or changes a record.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from metatrail.logsafe import log_once
+
+TEMP_REMOVED = "Removing temporary output "
+SEQ_ATTRIBUTE = "metatrail_seq"
+MAX_TIMEOUTS = 3
+
+
+class TempFileGuard(logging.Filter):
+    """See the module docstring. ``wait_hashed(message, deadline)`` waits (until the ``time.monotonic`` deadline)
+    for the Recorder to have hashed the file a "Removing temporary output" message names; False on timeout."""
+
+    def __init__(self, wait_hashed: Callable[[str, float], bool], timeout: float) -> None:
+        super().__init__()
+        self._wait_hashed = wait_hashed
+        self._timeout = timeout
+        self._cv = threading.Condition()
+        self._logged = 0
+        self._processed = 0
+        self._listener_thread: int | None = None
+        self.gave_up = False
+        self.waits = 0
+        self.timeouts = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Number the record; before a temp file is removed, wait (capped) until it was hashed. Always True."""
+        try:
+            with self._cv:
+                self._logged += 1
+                seq = self._logged
+            setattr(record, SEQ_ATTRIBUTE, seq)
+            msg = record.msg
+            if (isinstance(msg, str) and msg.startswith(TEMP_REMOVED) and not self.gave_up
+                    and threading.get_ident() != self._listener_thread):
+                self._hold(seq, msg)
+        except Exception as exc:  # the guard must never stand between Snakemake and its logger
+            log_once(f"snakemake-guard:{type(exc).__name__}", "metatrail: temp-file guard failed (%s: %s)",
+                     type(exc).__name__, exc)
+        return True
+
+    def processed(self, record: logging.LogRecord) -> None:
+        """Called by the handler (on the listener thread) after it handled ``record``."""
+        seq = getattr(record, SEQ_ATTRIBUTE, None)
+        with self._cv:
+            self._listener_thread = threading.get_ident()
+            if isinstance(seq, int) and seq > self._processed:
+                self._processed = seq
+                self._cv.notify_all()
+
+    def release(self) -> None:
+        """Stop waiting, now and for good (the handler is closing)."""
+        with self._cv:
+            self.gave_up = True
+            self._cv.notify_all()
+
+    def _hold(self, seq: int, message: str) -> None:
+        deadline = time.monotonic() + self._timeout
+        self.waits += 1
+        with self._cv:
+            while self._processed < seq - 1 and not self.gave_up:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._timed_out()
+                    return
+                self._cv.wait(remaining)
+        if not self.gave_up and not self._wait_hashed(message, deadline):
+            self._timed_out()
+
+    def _timed_out(self) -> None:
+        self.timeouts += 1
+        if self.timeouts >= MAX_TIMEOUTS:
+            self.gave_up = True
+        log_once("snakemake-guard-timeout",
+                 "metatrail: the store is not keeping up (%.1fs cap); temporary files of this run may be recorded "
+                 "without a hash", self._timeout)

@@ -1,0 +1,169 @@
+"""The Snakemake logger plugin: a ``logging.Handler`` that Snakemake runs in its controller, on the thread of its
+log queue listener, and that hands every record to a :class:`~metatrail.plugins.snakemake.tracker.WorkflowTracker`.
+
+Boundary rules (the host is never disturbed):
+
+* nothing happens at construction (Snakemake 9.0 builds handlers even in job subprocesses, which never use them);
+  the Recorder is created at the first record, and a configuration error disables the plugin with one message;
+* ``emit`` never raises: an error is logged once per kind on the ``metatrail`` logger (not Snakemake's, whose records
+  would come back here) and the record is dropped;
+* ``emit`` only enqueues: hashing and store writes run on the Recorder's writer thread;
+* dry runs record nothing, and ``METATRAIL_DISABLED=1`` makes every record return at once, without I/O;
+* ``close`` (Snakemake calls it twice) ends the pipeline run once and waits at most ``flush_timeout`` seconds for
+  pending records to be stored;
+* the one synchronous piece, :class:`~metatrail.plugins.snakemake.guard.TempFileGuard`, delays the deletion of a
+  ``temp()`` file until it is hashed, at most ``timeout`` seconds a file (see there).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from snakemake_interface_logger_plugins.base import LogHandlerBase
+
+from metatrail.config import Settings, is_disabled
+from metatrail.logsafe import log_once
+from metatrail.plugins.snakemake import compat
+from metatrail.plugins.snakemake.guard import TempFileGuard
+from metatrail.plugins.snakemake.tracker import DEFAULT_NAMESPACE, WorkflowTracker
+
+
+class LogHandler(LogHandlerBase):
+    """Records a Snakemake run with metatrail (enable with ``--logger metatrail``)."""
+
+    def __init__(self, common_settings: Any, settings: Any = None, *, recorder: Any = None) -> None:
+        # ``recorder`` lets an embedding program (or a test) supply its own Recorder; Snakemake never passes one.
+        self._given_recorder = recorder
+        super().__init__(common_settings, settings)
+
+    def __post_init__(self) -> None:
+        if not hasattr(self, "filters"):
+            # snakemake-interface-logger-plugins < 2 does not initialise logging.Handler itself.
+            logging.Handler.__init__(self)
+        self._state_lock = threading.Lock()
+        self._tracker: WorkflowTracker | None = None
+        self._recorder: Any = None
+        self._guard: TempFileGuard | None = None
+        self._guard_tried = False
+        self._closed = False
+        self._inert = bool(getattr(self.common_settings, "dryrun", False))
+
+    # -- capabilities Snakemake asks about ----------------------------------------------------------------------
+    @property
+    def writes_to_stream(self) -> bool:
+        """Never: Snakemake keeps its own console output."""
+        return False
+
+    @property
+    def writes_to_file(self) -> bool:
+        """Never: records go to the metatrail store, not to a log file."""
+        return False
+
+    @property
+    def has_filter(self) -> bool:
+        """True, so that Snakemake's default filter (which drops records under ``--quiet``) is not attached."""
+        return True
+
+    @property
+    def has_formatter(self) -> bool:
+        """True: records are read as data and never formatted, so Snakemake need not attach a formatter."""
+        return True
+
+    @property
+    def needs_rulegraph(self) -> bool:
+        """False: the lineage comes from each job's files, not from the rule graph."""
+        return False
+
+    # -- logging.Handler ----------------------------------------------------------------------------------------
+    def emit(self, record: logging.LogRecord) -> None:
+        """Hand one record to the tracker; never raises, never blocks on I/O."""
+        if self._inert or self._closed or is_disabled():
+            if self._guard is not None:
+                self._guard.release()
+            return
+        try:
+            tracker = self._tracker if self._tracker is not None else self._make_tracker()
+            tracker.handle(record)
+            if not self._guard_tried and self._recorder is not None:
+                self._guard_tried = True
+                self._install_guard()
+        except Exception as exc:
+            log_once(f"snakemake-emit:{type(exc).__name__}",
+                     "metatrail: could not record a Snakemake event (%s: %s); the workflow is not affected",
+                     type(exc).__name__, exc, exc_info=True)
+        finally:
+            if self._guard is not None:
+                self._guard.processed(record)
+
+    def flush(self) -> None:
+        """Nothing to flush on Snakemake's thread: records are stored by the Recorder's writer thread."""
+
+    def close(self) -> None:
+        """End the pipeline run and wait (bounded) for pending records; safe to call any number of times."""
+        with self._state_lock:
+            first = not self._closed
+            self._closed = True
+        if first and self._guard is not None:
+            self._guard.release()
+            logger = compat.snakemake_logger()
+            if logger is not None:
+                logger.removeFilter(self._guard)
+        if first and self._tracker is not None and not is_disabled():
+            try:
+                self._tracker.finish()
+                if self._recorder is not None:
+                    self._recorder.close(self._recorder.settings.flush_timeout)
+            except Exception as exc:
+                log_once(f"snakemake-close:{type(exc).__name__}",
+                         "metatrail: could not finish recording the Snakemake run (%s: %s)",
+                         type(exc).__name__, exc, exc_info=True)
+        super().close()
+
+    # -- lazy set-up --------------------------------------------------------------------------------------------
+    def _make_tracker(self) -> WorkflowTracker:
+        options = self.settings
+        quiet = getattr(self.common_settings, "quiet", None)
+        self._tracker = WorkflowTracker(
+            self._make_recorder,
+            pipeline=getattr(options, "pipeline", None),
+            namespace=getattr(options, "namespace", None),
+            default_namespace=_default_namespace,
+            progress_may_be_hidden=bool(quiet),
+        )
+        return self._tracker
+
+    def _install_guard(self) -> None:
+        logger = compat.snakemake_logger()
+        if logger is None:
+            return
+        if self._tracker is None:
+            return
+        self._guard = TempFileGuard(self._tracker.wait_hashed, self._recorder.settings.timeout)
+        logger.addFilter(self._guard)
+
+    def _make_recorder(self) -> Any:
+        if self._given_recorder is not None:
+            self._recorder = self._given_recorder
+            return self._recorder
+        from metatrail.config import load_settings
+        from metatrail.errors import MetatrailError
+        from metatrail.recorder import Recorder
+
+        options = self.settings
+        overrides = {name: getattr(options, name, None) for name in ("store", "flush_timeout")}
+        try:
+            settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
+        except MetatrailError as exc:
+            log_once("snakemake-config", "metatrail: recording is off for this Snakemake run: %s", exc)
+            self._inert = True
+            return None
+        self._recorder = Recorder(settings=settings)
+        return self._recorder
+
+
+def _default_namespace(recorder: Any) -> str:
+    """``METATRAIL_NAMESPACE`` (or the config file's) when set, else ``snakemake``."""
+    configured = recorder.settings.namespace
+    return configured if configured and configured != Settings.namespace else DEFAULT_NAMESPACE

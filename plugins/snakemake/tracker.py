@@ -1,0 +1,388 @@
+"""Translate one Snakemake run's log records into Recorder calls.
+
+Snakemake logs, in its controller, a ``WORKFLOW_STARTED`` record, then for every job it runs a ``JOB_INFO`` record
+when it hands the job to the executor and ``JOB_FINISHED`` (after post-processing, with the persistence record
+written) or ``JOB_ERROR`` at its end. Jobs that are up to date get no ``JOB_INFO``, so they are never recorded.
+
+Mapping:
+
+* the run is a pipeline run: id ``uuid7_from(start, "snakemake:<workflow_id>")``, pipeline name from the option or
+  the Snakefile (:func:`compat.pipeline_name`), ``extra`` = Snakefile, working directory, config hash and files,
+  Snakemake's workflow id; its end is written by :meth:`WorkflowTracker.finish` (the handler's ``close``);
+* each job is an execution of stage = rule: id ``uuid7_from(start, "snakemake:<workflow_id>:<jobid>")``, params =
+  wildcards, threads, resources (and at its end the rule's ``params`` from the persistence record), ``extra`` =
+  jobid, shell command, reason, checkpoint flag, group, whether it ran in the controller's host; inputs at start;
+  outputs, logs and benchmark files at the end, hashed by the Recorder off this thread;
+* times come from the records' creation times in the controller, except the end of a successful job, which is the
+  newest modification time of its products (clamped between its start and when Snakemake noticed its end): on a
+  cluster Snakemake notices the end only at its next status check. A job's start is when Snakemake handed it to
+  the executor; on a cluster that includes its time in the queue (``extra.local`` is false there);
+* energy is not measured per job (``measure_energy=False``): jobs run in other processes whose pids no record
+  carries.
+
+Records arrive on Snakemake's queue-listener thread; ``finish`` may come from another thread, hence the lock.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import PurePath
+from typing import Any
+
+from metatrail.model import Execution, PipelineRun, Status, uuid7, uuid7_from
+from metatrail.plugins.snakemake import compat
+from metatrail.plugins.snakemake.guard import TEMP_REMOVED
+
+INTEGRATION = "SNAKEMAKE"
+DEFAULT_NAMESPACE = "snakemake"
+_USER_INTERRUPT = "on user request"
+
+
+@dataclass
+class _Job:
+    """A job handed to the executor and not yet ended."""
+
+    execution: Execution
+    rule: str
+    started_at: float
+    products: list[str]  # absolute paths of outputs, logs and benchmark file, as the end event names them
+    logs: list[str]
+    metadata_key: str | None  # the first output as the rule names it: the key of Snakemake's persistence record
+
+
+@dataclass
+class _RunState:
+    """The pipeline run in progress and what the records said about it so far."""
+
+    run: PipelineRun
+    pipeline: str
+    namespace: str
+    version: str | None
+    workflow_id: str
+    workdir: str
+    jobs: dict[Any, _Job] = field(default_factory=dict)
+    failed: int = 0
+    finished: int = 0
+    saw_job_finished: bool = False
+    interrupted: bool = False
+    pending_error: str | None = None  # the last ERROR text, not yet attached to a JOB_ERROR
+    last_error: str | None = None
+    temp_removed: dict[str, None] = field(default_factory=dict)  # paths Snakemake deleted as temp(), in order
+    producers: dict[str, Any] = field(default_factory=dict)  # output path -> jobid, for jobs still open
+    named: dict[str, int] = field(default_factory=dict)  # path -> Recorder submissions made when last named
+    last_seen: float = 0.0
+
+
+class WorkflowTracker:
+    """Turns the records of a Snakemake run into pipeline-run and execution calls on a Recorder.
+
+    ``recorder`` is called once, at the first record that needs it; returning None makes the tracker inert.
+    ``progress_may_be_hidden`` is true when Snakemake runs with ``--quiet`` and so may not log ``JOB_FINISHED``; the
+    jobs then still unfinished at :meth:`finish` are completed there from their outputs.
+    """
+
+    def __init__(self, recorder: Callable[[], Any], *, pipeline: str | None = None, namespace: str | None = None,
+                 default_namespace: Callable[[Any], str] | None = None, progress_may_be_hidden: bool = False) -> None:
+        self._recorder_factory = recorder
+        self._recorder: Any = None
+        self._recorder_ready = False
+        self._pipeline = pipeline
+        self._namespace = namespace
+        self._default_namespace = default_namespace
+        self._progress_may_be_hidden = progress_may_be_hidden
+        self._lock = threading.Lock()
+        self._state: _RunState | None = None
+        self._group: str | None = None
+        self._submits = 0  # items handed to the Recorder (each call hands one), to tell which are stored
+
+    # -- dispatch -----------------------------------------------------------------------------------------------
+    def handle(self, record: Any) -> None:
+        """Act on one Snakemake log record (records of no interest return at once)."""
+        event = compat.event_name(record)
+        with self._lock:
+            if self._state is not None:
+                self._state.last_seen = max(self._state.last_seen, float(getattr(record, "created", 0.0)))
+            if event is None:
+                self._message(record)
+            elif event == "job_info":
+                self._job_started(record)
+            elif event == "job_finished":
+                self._job_finished(record)
+            elif event == "job_error":
+                self._job_failed(record)
+            elif event == "error":
+                if self._state is not None:
+                    text = _message_text(record)
+                    self._state.pending_error = self._state.last_error = text
+            elif event == "group_info":
+                self._group = str(compat.record_value(record, "group_id"))
+            elif event == "job_started":
+                self._group = None
+            elif event == "workflow_started":
+                if self._state is not None:
+                    self._finish_locked(None)
+                self._start_run(record, compat.workflow_info(record))
+
+    def finish(self, at: float | None = None) -> None:
+        """End the pipeline run: jobs still open are completed (quiet mode) or aborted; safe to call twice."""
+        with self._lock:
+            self._finish_locked(at)
+
+    # -- pipeline run -------------------------------------------------------------------------------------------
+    def _recorder_or_none(self) -> Any:
+        if not self._recorder_ready:
+            self._recorder_ready = True
+            self._recorder = self._recorder_factory()
+        return self._recorder
+
+    def _start_run(self, record: Any, info: dict[str, Any]) -> _RunState | None:
+        recorder = self._recorder_or_none()
+        if recorder is None:
+            return None
+        started = float(getattr(record, "created", time.time()))
+        workflow_id = info["workflow_id"] or uuid7(started)
+        pipeline = self._pipeline or compat.pipeline_name(info["snakefile"], info["workdir"])
+        namespace = self._namespace or (self._default_namespace(recorder) if self._default_namespace
+                                        else DEFAULT_NAMESPACE)
+        extra = {key: info[key] for key in ("workflow_id", "snakefile", "workdir", "config_md5", "configfiles")}
+        run = recorder.pipeline_run_started(
+            pipeline, namespace=namespace, integration=INTEGRATION,
+            run_id=uuid7_from(started, f"snakemake:{workflow_id}"), integration_version=info["snakemake_version"],
+            started_at=started, extra=extra)
+        self._submits += 1
+        self._state = _RunState(run=run, pipeline=pipeline, namespace=namespace, version=info["snakemake_version"],
+                                workflow_id=workflow_id, workdir=str(info["workdir"]), last_seen=started)
+        return self._state
+
+    def _ensure_run(self, record: Any) -> _RunState | None:
+        # A run whose WORKFLOW_STARTED we did not see (a release that logs it late): start it from this record.
+        if self._state is not None:
+            return self._state
+        fallback = compat.workflow_info(object())
+        return self._start_run(record, fallback)
+
+    def _finish_locked(self, at: float | None) -> None:
+        state = self._state
+        if state is None:
+            return
+        self._state = None
+        recorder = self._recorder
+        end = at if at is not None else max(state.last_seen, state.run.started_at)
+        infer = self._inferring(state) and not state.interrupted
+        aborted = 0
+        for job in state.jobs.values():
+            if infer and self._complete_from_outputs(state, job, end):
+                continue
+            aborted += 1
+            recorder.execution_finished(
+                job.execution, status=Status.ABORTED, outputs=_existing(job.logs), ended_at=max(end, job.started_at),
+                error="Snakemake stopped before this job ended" + (" (interrupted)" if state.interrupted else ""))
+            self._submits += 1
+        state.jobs.clear()
+        if state.interrupted:
+            status, error = Status.ABORTED, "Snakemake was interrupted"
+        elif state.failed or aborted or state.last_error:
+            status = Status.FAILED
+            error = state.last_error or f"{state.failed} job(s) failed, {aborted} did not end"
+        else:
+            status, error = Status.COMPLETED, None
+        run = state.run
+        if state.temp_removed:
+            run = replace(run, extra={**run.extra, "temp_removed": list(state.temp_removed)})
+        recorder.pipeline_run_finished(run, status=status, error=error, ended_at=max(end, run.started_at))
+        self._submits += 1
+
+    # -- jobs ---------------------------------------------------------------------------------------------------
+    def _job_started(self, record: Any) -> None:
+        state = self._ensure_run(record)
+        if state is None:
+            return
+        state.pending_error = None
+        jobid = compat.record_value(record, "jobid")
+        rule = str(compat.record_value(record, "rule_name") or "unknown")
+        started = float(getattr(record, "created", time.time()))
+        outputs = compat.file_list(compat.record_value(record, "output"))
+        logs = compat.file_list(compat.record_value(record, "log"))
+        benchmark = compat.file_list([compat.record_value(record, "benchmark")])
+        threads = compat.record_value(record, "threads")
+        params = {
+            "wildcards": compat.wildcards(compat.record_value(record, "wildcards")),
+            "threads": threads if isinstance(threads, int) else None,
+            "resources": compat.resources(compat.record_value(record, "resources")),
+        }
+        inputs = _absolute(compat.file_list(compat.record_value(record, "input")), state.workdir)
+        if self._inferring(state):
+            self._complete_producers(state, inputs, started)
+        group = self._group if compat.record_value(record, "indent", False) else None
+        extra = {
+            "jobid": jobid,
+            "shellcmd": compat.record_value(record, "shellcmd"),
+            "reason": _text(compat.record_value(record, "reason")),
+            "rule_msg": _text(compat.record_value(record, "rule_msg")),
+            "is_checkpoint": bool(compat.record_value(record, "is_checkpoint", False)),
+            "local": compat.record_value(record, "local"),
+            "group_id": group,
+        }
+        execution = self._recorder.execution_started(
+            state.pipeline, rule, pipeline_run=state.run, namespace=state.namespace,
+            execution_id=uuid7_from(started, f"snakemake:{state.workflow_id}:{jobid}"),
+            inputs=inputs, params=params, integration=INTEGRATION, started_at=started,
+            integration_version=state.version, extra=extra, measure_energy=False)
+        self._submitted(state, inputs)
+        job = _Job(execution=execution, rule=rule, started_at=started,
+                   products=_absolute(outputs + logs + benchmark, state.workdir), logs=_absolute(logs, state.workdir),
+                   metadata_key=outputs[0] if outputs else None)
+        state.jobs[jobid] = job
+        if self._inferring(state):
+            for path in job.products:
+                state.producers[path] = jobid
+
+    def _inferring(self, state: _RunState) -> bool:
+        # Under --quiet Snakemake may log no JOB_FINISHED; until one is seen, job ends are inferred.
+        return self._progress_may_be_hidden and not state.saw_job_finished
+
+    def _complete_producers(self, state: _RunState, inputs: Iterable[str], now: float) -> None:
+        # A job can only start once the jobs producing its inputs ended: complete those (from their outputs).
+        for path in inputs:
+            for candidate in (path, *(str(p) for p in PurePath(path).parents)):  # a file in a directory() output
+                jobid = state.producers.get(candidate)
+                job = state.jobs.get(jobid) if jobid is not None else None
+                if job is not None and self._complete_from_outputs(state, job, now):
+                    del state.jobs[jobid]
+
+    def _job_finished(self, record: Any) -> None:
+        state = self._state
+        if state is None:
+            return
+        state.saw_job_finished = True
+        state.pending_error = None
+        job = state.jobs.pop(compat.record_value(record, "job_id"), None)
+        if job is None:
+            return
+        noticed = float(getattr(record, "created", time.time()))
+        self._complete(state, job, _end_time(job, noticed))
+
+    def _complete(self, state: _RunState, job: _Job, ended: float) -> None:
+        execution = job.execution
+        metadata = compat.read_metadata(job.metadata_key, state.workdir) if job.metadata_key else None
+        rule_params = compat.rule_params(metadata)
+        if rule_params is not None:
+            # A copy: the START event is built from the original handle on the writer thread, and must not race
+            # with parameters only known now.
+            execution = replace(execution, params={**execution.params, "params": rule_params},
+                                extra=dict(execution.extra))
+        state.finished += 1
+        self._recorder.execution_finished(execution, outputs=job.products, ended_at=ended)
+        self._submitted(state, job.products)
+
+    def _complete_from_outputs(self, state: _RunState, job: _Job, end: float) -> bool:
+        # Ended well if every output is there, or was there until Snakemake removed it as temporary.
+        outputs = [p for p in job.products if p not in job.logs]
+        if not all(p in state.temp_removed or os.path.exists(p) for p in outputs):
+            return False
+        for path in job.products:
+            state.producers.pop(path, None)
+        self._complete(state, job, _end_time(job, end))
+        return True
+
+    def _job_failed(self, record: Any) -> None:
+        state = self._state
+        if state is None:
+            return
+        job = state.jobs.pop(compat.record_value(record, "jobid"), None)
+        if job is None:
+            return
+        rule_msg = _text(compat.record_value(record, "rule_msg"))
+        error = state.pending_error or rule_msg or f"Error in rule {job.rule}"
+        state.pending_error = None
+        state.failed += 1
+        self._recorder.execution_failed(
+            job.execution, error=error, outputs=_existing(job.logs),
+            ended_at=max(float(getattr(record, "created", time.time())), job.started_at),
+            exit_code=compat.exit_code(error))
+        self._submits += 1
+
+    def _submitted(self, state: _RunState, paths: Iterable[str]) -> None:
+        self._submits += 1
+        for path in paths:
+            state.named[path] = self._submits
+
+    def wait_hashed(self, message: str, deadline: float) -> bool:
+        """Wait (polling, until the ``time.monotonic`` ``deadline``) until the Recorder has stored the last event
+        that names the temp file of a "Removing temporary output" ``message``; False if the deadline passed.
+
+        The Recorder works first in, first out and only this tracker feeds it, so that event is stored once no
+        more than (submissions since it) items are pending."""
+        with self._lock:
+            state, recorder = self._state, self._recorder
+            if state is None or recorder is None:
+                return True
+            paths = _absolute(_temp_paths(message), state.workdir)
+            mark = max((state.named.get(p, 0) for p in paths), default=0)
+            allowed = self._submits - mark
+        if mark == 0:
+            return True
+        delay = 0.001
+        while recorder.pending > allowed:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+        return True
+
+    # -- plain messages -----------------------------------------------------------------------------------------
+    def _message(self, record: Any) -> None:
+        state = self._state
+        if state is None:
+            return
+        msg = record.msg if isinstance(record.msg, str) else None
+        if not msg:
+            return
+        if msg.startswith(TEMP_REMOVED):
+            state.temp_removed.update(dict.fromkeys(_absolute(_temp_paths(msg), state.workdir)))
+        elif _USER_INTERRUPT in msg:
+            state.interrupted = True
+
+
+def _temp_paths(message: str) -> list[str]:
+    text = message[len(TEMP_REMOVED):] if message.startswith(TEMP_REMOVED) else ""
+    return compat.file_list([text[:-1] if text.endswith(".") else text])
+
+
+def _message_text(record: Any) -> str:
+    try:
+        return str(record.getMessage())
+    except Exception:  # a record whose arguments do not format: its raw text still says something
+        return str(getattr(record, "msg", ""))
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _absolute(paths: Iterable[str], workdir: str) -> list[str]:
+    # Storage URIs stay as they are; local paths are resolved against the workflow's working directory, not the
+    # writer thread's cwd at hashing time.
+    return [p if "://" in p else os.path.normpath(os.path.join(workdir, p)) for p in paths]
+
+
+def _existing(paths: Iterable[str]) -> list[str]:
+    return [p for p in paths if os.path.lexists(p)]
+
+
+def _end_time(job: _Job, noticed: float) -> float:
+    """When the job ended: its newest product's mtime, clamped to [start, noticed] (see module docstring)."""
+    newest: float | None = None
+    for path in job.products:
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError:
+            continue
+        newest = mtime if newest is None else max(newest, mtime)
+    if newest is None:
+        return max(noticed, job.started_at)
+    return min(max(newest, job.started_at), max(noticed, job.started_at))

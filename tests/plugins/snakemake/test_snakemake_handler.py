@@ -1,0 +1,211 @@
+"""The handler's boundary contract, in process: records built as Snakemake builds them (a ``LogRecord`` with the
+real ``LogEvent`` and the same extra fields, as the interface package's own test kit does), a real Recorder and
+store. End-to-end behaviour with the real Snakemake is in the other test files."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from olspec import assert_valid
+from smkrun import read_events, shim_source, store_url
+from snakemake_interface_logger_plugins.common import LogEvent
+
+from metatrail import logsafe
+from metatrail.config import load_settings
+from metatrail.plugins.snakemake import compat
+from metatrail.plugins.snakemake.handler import LogHandler
+from metatrail.plugins.snakemake.settings import LogHandlerSettings
+from metatrail.recorder import Recorder
+from metatrail.store import open_store
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_once() -> None:
+    """Each test sees its own first warnings (log_once remembers per process)."""
+    logsafe.reset()
+
+
+def _common(**overrides: Any) -> SimpleNamespace:
+    values = {"printshellcmds": False, "nocolor": True, "quiet": None, "debug_dag": False, "verbose": False,
+              "show_failed_logs": False, "stdout": False, "dryrun": False}
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+def _record(event: LogEvent | None, msg: str = "", **fields: Any) -> logging.LogRecord:
+    record = logging.LogRecord("snakemake.logging", logging.INFO, "snakemake", 1, msg, None, None)
+    if event is not None:
+        record.event = event
+    for key, value in fields.items():
+        setattr(record, key, value)
+    return record
+
+
+def _workflow_records(workdir: Path) -> list[logging.LogRecord]:
+    (workdir / "out.txt").write_text("x\n")
+    return [
+        _record(LogEvent.WORKFLOW_STARTED, "Workflow has started!", workflow_id="3f1c", snakefile_main=str(
+            workdir / "Snakefile"), cwd=str(workdir), config_md5="99914b932bd37a50b983c5e7c90ae93b"),
+        _record(LogEvent.JOB_STARTED, "Execute 1 jobs...", jobs=[1]),
+        _record(LogEvent.JOB_INFO, " Rule: one, Jobid: 1", jobid=1, rule_name="one", input=[], output=["out.txt"],
+                log=[], benchmark=None, wildcards={}, threads=1, resources=None, shellcmd="echo x > out.txt",
+                indent=False, is_checkpoint=False, local=True, reason="Missing output files: out.txt",
+                rule_msg=None),
+        _record(LogEvent.JOB_FINISHED, "Finished jobid: 1 (Rule: one)", job_id=1),
+    ]
+
+
+def test_capabilities_and_settings_fields() -> None:
+    handler = LogHandler(_common(), LogHandlerSettings())
+    assert (handler.writes_to_stream, handler.writes_to_file, handler.has_filter, handler.has_formatter,
+            handler.needs_rulegraph) == (False, False, True, True, False)
+    assert isinstance(handler, logging.Handler)
+    assert [f for f in LogHandlerSettings.__dataclass_fields__] == ["store", "pipeline", "namespace", "flush_timeout"]
+    assert all("help" in f.metadata and f.metadata["env_var"] for f in LogHandlerSettings.__dataclass_fields__.values())
+    handler.close()
+    handler.close()  # Snakemake closes plugin handlers twice
+
+
+def test_records_a_run_and_closes_once(tmp_path: Path) -> None:
+    handler = LogHandler(_common(), LogHandlerSettings(pipeline="unit", namespace="tests"))
+    for record in _workflow_records(tmp_path):
+        handler.emit(record)
+    handler.close()
+    handler.close()
+    handler.emit(_record(LogEvent.JOB_INFO, jobid=2, rule_name="late"))  # after close: ignored, no error
+    events = read_events()
+    assert [(e["job"]["name"], e["eventType"]) for e in events] == [
+        ("unit", "START"), ("unit.one", "START"), ("unit.one", "COMPLETE"), ("unit", "COMPLETE")]
+    for event in events:
+        assert_valid(event)
+        assert event["job"]["namespace"] == "tests"
+
+
+def test_malformed_records_never_raise(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    handler = LogHandler(_common(), None)
+    bad_args = _record(None, "%s %s")
+    bad_args.args = ("only one",)
+    weird = [
+        _record(LogEvent.JOB_INFO),  # no fields at all
+        _record(LogEvent.JOB_FINISHED, job_id=object()),
+        _record(LogEvent.JOB_ERROR, jobid=None),
+        _record(LogEvent.ERROR),
+        bad_args,
+        _record(LogEvent.GROUP_INFO, group_id=None, jobs=None),
+        _record(LogEvent.JOB_INFO, jobid=[1], rule_name=3, input=5, output=object(), wildcards="x", threads="2",
+                resources=42, log=None),
+    ]
+    with caplog.at_level(logging.WARNING, logger="metatrail"):
+        for record in [*_workflow_records(tmp_path)[:1], *weird]:
+            handler.emit(record)
+        handler.close()
+    assert read_events()[0]["eventType"] == "START"
+
+
+def test_kill_switch_and_dry_run_do_no_io(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store_dir = Path(store_url().removeprefix("sqlite:///")).parent
+    dry = LogHandler(_common(dryrun=True), None)
+    for record in _workflow_records(tmp_path):
+        dry.emit(record)
+    dry.close()
+    monkeypatch.setenv("METATRAIL_DISABLED", "1")
+    off = LogHandler(_common(), None)
+    for record in _workflow_records(tmp_path):
+        off.emit(record)
+    off.close()
+    assert not store_dir.exists()
+
+
+def test_bad_configuration_disables_with_one_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("METATRAIL_TIMEOUT", "soon")
+    handler = LogHandler(_common(), None)
+    with caplog.at_level(logging.WARNING, logger="metatrail"):
+        for record in _workflow_records(tmp_path) * 2:
+            handler.emit(record)
+        handler.close()
+    messages = [r.getMessage() for r in caplog.records if "recording is off" in r.getMessage()]
+    assert len(messages) == 1 and "timeout" in messages[0]
+
+
+class _BlockingStore:
+    """A store whose writes hang until released: the Recorder's caps must not wait for it."""
+
+    def __init__(self, url: str) -> None:
+        self.inner = open_store(url)
+        self.release = threading.Event()
+
+    def ingest(self, events: Any, **kwargs: Any) -> Any:
+        self.release.wait(60)
+        return self.inner.ingest(events, **kwargs)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_close_is_capped_when_the_store_hangs(tmp_path: Path) -> None:
+    store = _BlockingStore(store_url())
+    recorder = Recorder(load_settings(flush_timeout=0.5), store=store)
+    handler = LogHandler(_common(), None, recorder=recorder)
+    try:
+        for record in _workflow_records(tmp_path):
+            handler.emit(record)
+        started = time.monotonic()
+        handler.close()
+        assert time.monotonic() - started < 10  # capped at flush_timeout (0.5 s), not the store's 60 s
+        assert recorder.pending > 0
+    finally:
+        store.release.set()
+        recorder.flush(10)
+
+
+def test_compat_helpers() -> None:
+    assert compat.file_list(["a.txt", "p (pipe)", "s3://b/k (send to storage)", "<TBD>", None, "x (y).txt"]) == [
+        "a.txt", "p", "s3://b/k", "x (y).txt"]
+    assert compat.pipeline_name("/p/proj/workflow/Snakefile", None) == "proj"
+    assert compat.pipeline_name("/p/proj/Snakefile", None) == "proj"
+    assert compat.pipeline_name("/p/proj/align.smk", None) == "align"
+    assert compat.exit_code("Command 'x' returned non-zero exit status 3.") == 3
+    assert compat.exit_code("no status here") is None
+    assert compat.read_metadata("missing.txt", "/nonexistent") is None
+
+
+def test_import_metatrail_stays_free_of_snakemake() -> None:
+    code = ("import sys, metatrail, metatrail.plugins.snakemake as p; "
+            "assert 'snakemake' not in sys.modules and 'snakemake_interface_logger_plugins' not in sys.modules, "
+            "sorted(m for m in sys.modules if 'snakemake' in m); print(p.__all__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
+                            env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr
+
+
+def test_snakemake_discovers_plugin_and_its_options(plugin_path: Path) -> None:
+    code = ("from dataclasses import fields; "
+            "from snakemake_interface_logger_plugins.registry import LoggerPluginRegistry; "
+            "p = LoggerPluginRegistry().get_plugin('metatrail'); "
+            "print(p.log_handler.__module__, [f.name for f in fields(p.settings_cls)])")
+    env = {**os.environ, "PYTHONPATH": str(plugin_path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                            env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "metatrail.plugins.snakemake.handler"
+    help_text = subprocess.run([sys.executable, "-m", "snakemake", "--help"], capture_output=True, text=True,
+                               timeout=120, check=False, env=env).stdout
+    for option in ("--logger-metatrail-store", "--logger-metatrail-pipeline", "--logger-metatrail-namespace",
+                   "--logger-metatrail-flush-timeout"):
+        assert option in help_text
+    assert "SNAKEMAKE_LOGGER_METATRAIL_STORE" in help_text
+
+
+def test_pyproject_ships_the_discovery_module() -> None:
+    source = shim_source()  # asserts both packages are listed in [tool.setuptools] packages
+    assert (source / "__init__.py").is_file() and source.name == "snakemake_logger_plugin_metatrail"
