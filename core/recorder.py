@@ -83,7 +83,7 @@ class _Item:
     status: Status = Status.RUNNING
     error: BaseException | str | None = None
     exit_code: int | None = None
-    energy: dict[str, Any] | None = None
+    energy: object = None  # the energy monitor's task_stopped() result; reported on the writer thread
     warnings: list[str] = field(default_factory=list)
 
 
@@ -269,7 +269,7 @@ class Recorder:
             energy = None
             token = execution.extra.pop("_energy_token", None) if execution.extra else None
             if token is not None:
-                energy = self._guard("energy finish", lambda: self._energy().task_finished(token), None)
+                energy = self._guard("energy stop", lambda: self._energy().task_stopped(token), None)
             self._submit(_Item("exec_end", execution, at, inputs=list(inputs), outputs=list(outputs),
                                status=Status(status), error=error, exit_code=exit_code, energy=energy))
 
@@ -454,11 +454,14 @@ class Recorder:
             job_name, job_type = f"{subject.pipeline}.{subject.stage}", "TASK"
         else:
             job_name, job_type = subject.pipeline, "DAG"
+        energy: dict[str, Any] | None = None
+        if item.energy is not None:
+            energy = self._guard("energy report", lambda: self._energy().task_report(item.energy), None)
         return build_run_event(
             event_type, run_id=subject.id, namespace=subject.namespace, job_name=job_name,
             event_time=item.at if ended else subject.started_at, integration=subject.integration,
             job_type=job_type, execution_facet=facet, integration_version=subject.host_version or __version__,
-            parent=parent, inputs=inputs, outputs=outputs, error=item.error, energy=item.energy,
+            parent=parent, inputs=inputs, outputs=outputs, error=item.error, energy=energy,
         )
 
 
@@ -482,6 +485,12 @@ def _numeric(metrics: Mapping[str, Any]) -> dict[str, float | None]:
 
 class _NoEnergy:
     def task_started(self, execution_id: str, *, pid: int, include_children: bool = True) -> object:
+        return None
+
+    def task_stopped(self, token: object) -> object:
+        return None
+
+    def task_report(self, stopped: object) -> dict[str, Any] | None:
         return None
 
     def task_finished(self, token: object) -> dict[str, Any] | None:

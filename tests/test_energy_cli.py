@@ -27,7 +27,9 @@ def mt(*args: str, cwd: Path) -> str:
 
 
 def test_run_measures_the_commands_process_tree(tmp_path: Path) -> None:
-    (tmp_path / "burn.py").write_text(BURN.format(secs=0.6))
+    # Long enough for several 1 s samples to see the grandchild alive: a process tree that exits between two
+    # samples is not seen by the sampler (its coverage says so).
+    (tmp_path / "burn.py").write_text(BURN.format(secs=2.5))
     (tmp_path / "m.json").write_text('{"accuracy": 0.91, "loss": "n/a"}')
     # The work happens in a grandchild: the shell's child, reaped before the command ends.
     mt("run", "--pipeline", "e", "--stage", "burn", "--metrics-file", "m.json", "--", "sh", "-c",

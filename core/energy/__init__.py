@@ -5,15 +5,19 @@ Public API::
     from metatrail.energy import get_monitor
     monitor = get_monitor()                     # process-wide, lazy, never raises
     token = monitor.task_started(execution_id, pid=os.getpid(), include_children=True)
-    facet = monitor.task_finished(token)        # the ``metatrail_energy`` run-facet body, or None when off
+    stopped = monitor.task_stopped(token)       # cheap, on the task's thread
+    facet = monitor.task_report(stopped)        # later, any thread: the ``metatrail_energy`` run-facet body,
+                                                # or None when off (``task_finished(token)`` does both)
 
 Switches (read at the first ``get_monitor()`` call, not at import): ``METATRAIL_DISABLED=1`` or
 ``METATRAIL_ENERGY=0`` give a monitor that does nothing and returns ``None``. Other settings:
 ``METATRAIL_ENERGY_INTERVAL`` (s), ``METATRAIL_ENERGY_POLICY`` (``busy-share``/``active-only``),
 ``METATRAIL_POWERCAP_ROOT``, ``METATRAIL_RAPL_PSYS``,
 ``METATRAIL_CPU_TDP_PER_CORE_W``/``METATRAIL_CPU_TDP_W``, ``METATRAIL_CARBON_REGION``, ``METATRAIL_PUE``.
-Modules: :mod:`.meter` (the interface), :mod:`.rapl`, :mod:`.nvml`, :mod:`.estimate`, :mod:`.attribution`
-(pure split functions), :mod:`.monitor`, :mod:`.facet`, :mod:`.carbon`, :mod:`.report`.
+Modules: :mod:`.interface` (the Recorder's contract), :mod:`.meter` (the meter interface), :mod:`.rapl`,
+:mod:`.nvml`, :mod:`.estimate`, :mod:`.attribution` (pure split functions), :mod:`.window` (closing a window
+at the stop), :mod:`.ledger` (per-task bookkeeping of sampled intervals), :mod:`.monitor`, :mod:`.facet`,
+:mod:`.carbon`, :mod:`.report`.
 
 Importing this package imports nothing heavy: the monitor, psutil and pynvml load on first use.
 """
@@ -38,10 +42,18 @@ _OFF = ("0", "false", "no", "off")
 
 
 class DisabledMonitor:
-    """The monitor used when energy metering is off: no I/O, ``task_finished`` returns None."""
+    """The monitor used when energy metering is off: no I/O, every report is None."""
 
     def task_started(self, execution_id: str, *, pid: int, include_children: bool = True) -> object:
         """Do nothing; return a placeholder token."""
+        return None
+
+    def task_stopped(self, token: object) -> object:
+        """Do nothing; nothing to report."""
+        return None
+
+    def task_report(self, stopped: object) -> dict[str, Any] | None:
+        """Always None: metering is off."""
         return None
 
     def task_finished(self, token: object) -> dict[str, Any] | None:

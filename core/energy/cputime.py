@@ -66,6 +66,8 @@ class ProcessTree:
             self.root = None
         self._procs: dict[int, psutil.Process] = {}
         self.last_seconds: float | None = None
+        self.last_root_seconds: float | None = None
+        """The root's own (plus, with children, reaped children's) part of ``last_seconds``."""
         self.lost = False
 
     def descendants(self, skip: Collection[int] = ()) -> list[int]:
@@ -102,6 +104,7 @@ class ProcessTree:
         except psutil.Error:
             self.lost = True
             return self.last_seconds
+        root_part = total
         if self.include_children:
             live = set(self.descendants(skip))
             for pid in list(self._procs):
@@ -119,6 +122,7 @@ class ProcessTree:
                 except psutil.Error:
                     continue
         self.last_seconds = total
+        self.last_root_seconds = root_part
         return total
 
     def owns(self, pid: int) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 
 from .attribution import CpuPolicy, other_policy
 from .carbon import carbon_block
+from .window import WindowEnd
 
 FACET_KEY = "metatrail_energy"
 SCHEMA_URL = (
@@ -43,6 +44,14 @@ class DomainAccount:
     bases: list[str] = field(default_factory=list)
     sources: tuple[str, ...] = ()
     detail: dict[str, object] = field(default_factory=dict)
+    last_sample_seq: int = -1
+    """The monitor sample that last added to ``intervals`` (an interval split at a stop counts once)."""
+
+    def count_interval(self, seq: int) -> None:
+        """Count the sampled interval ``seq`` once, however many parts a stop split it into."""
+        if seq != self.last_sample_seq:
+            self.last_sample_seq = seq
+            self.intervals += 1
 
     def note(self, reason: str) -> None:
         """Remember a distinct reason (kept short: the first few)."""
@@ -66,6 +75,9 @@ class TaskAccount:
     last_sample: float | None = None
     max_concurrent: int = 1
     shared_process: bool = False
+    cpu_s: float | None = None
+    """CPU seconds of the task's tree over its sampled window (after any equal split), or, for a task no sample
+    covered, its root's between start and stop; None if never read."""
     domains: dict[str, DomainAccount] = field(default_factory=dict)
     estimates: dict[str, DomainAccount] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
@@ -186,9 +198,11 @@ def build_payload(
     estimate_parameters: dict[str, object] | None = None,
     region: str | None = None,
     pue: float | None = None,
+    end: WindowEnd | None = None,
 ) -> dict[str, Any]:
     """The facet body for a finished task. ``missing`` maps domains no meter could read to the reason; ``known``
-    lists the reading keys the meters gave (so a task that saw no interval still lists them, null with a reason)."""
+    lists the reading keys the meters gave (so a task that saw no interval still lists them, null with a reason);
+    ``end`` says how the window was closed at the stop (see :mod:`metatrail.energy.window`)."""
     wall = max(0.0, end_mono - task.start_mono)
     sampled = 0.0
     if task.first_sample is not None and task.last_sample is not None:
@@ -259,6 +273,10 @@ def build_payload(
         "measured_j": measured_j,
         "estimated_j": estimated_j,
         "idle_j": sum(idle) if idle else None,
+        "task_cpu_s": task.cpu_s,
+        "end_interpolated": bool(end and end.interpolated),
+        "end_interpolation_s": end.span_s if end and end.interpolated else None,
+        "end_task_cpu": end.task_cpu if end else None,
         "uncertainty": {"attribution_low_j": low, "attribution_high_j": high, "not_covered": NOT_COVERED},
         "carbon": carbon,
         "meter": meter,

@@ -2,22 +2,32 @@
 
 One :class:`EnergyMonitor` per process. Tasks register a root pid (and, by default, its children);
 a daemon sampler thread reads every meter every ``interval_s`` (default 1 s, ``METATRAIL_ENERGY_INTERVAL``)
-and splits each interval's energy among the tasks registered over the whole interval with the pure functions
-of :mod:`metatrail.energy.attribution`. Both CPU policies are computed; the chosen one (``policy`` argument >
+and splits each interval's energy among the tasks registered over it with the pure functions of
+:mod:`metatrail.energy.attribution`. Both CPU policies are computed; the chosen one (``policy`` argument >
 ``METATRAIL_ENERGY_POLICY`` > ``busy-share``) is reported and the other is kept as the attribution
 uncertainty.
 
-Cost rules: construction does nothing; :meth:`EnergyMonitor.task_started` appends to a queue and wakes the
-sampler (no hardware access, no lock shared with sampling). The first call starts the sampler thread, which
-probes the meters once (RAPL tree, NVML init) and then takes the task's baseline sample immediately. The
-thread sleeps without a timeout (and background GPU power sampling is suspended) while no task is registered.
-:meth:`EnergyMonitor.task_finished` takes the final sample in the caller's thread and returns the facet
-payload. Neither call raises.
+Cost rules (the host task's thread does almost nothing): construction does nothing;
+:meth:`EnergyMonitor.task_started` appends to a queue and wakes the sampler; :meth:`EnergyMonitor.task_stopped`
+reads the clock (and, when the task's root is this process, ``os.times()``), marks the task and wakes the
+sampler. Neither touches hardware, files or the monitor lock, nor waits for the meters to finish starting. The
+first start starts the sampler thread, which probes the meters once (RAPL tree, NVML init) and then takes the
+task's baseline sample. Starts and stops wake the sampler, which samples at most every ``min_sample_gap_s``
+(20 ms) so that a burst of short tasks does not turn into a burst of samples; it sleeps without a timeout (and
+background GPU power sampling is suspended) while no task is registered.
+
+Closing a window (:mod:`metatrail.energy.window`): the first sample after a stop splits its interval at the stop
+time, with counters interpolated linearly to it; the task gets ``[last sample, stop]`` (shared with the tasks
+running then), the others ``[stop, sample]``, and the task leaves the monitor. :meth:`EnergyMonitor.task_report`,
+called later on any thread (the Recorder's writer), waits for that closing sample at most ``report_timeout_s``
+and builds the facet payload; a late report therefore gives the same figures as a prompt one.
+``task_finished`` does both steps. No call raises.
 
 Limits, stated in the payload where they apply: the gap between task start and its first sample is not counted
-(see ``coverage``); the monitor's own CPU time is part of the host process's; CPU time of a task process that
-exits between samples without being reaped by the tree is lost; several concurrent tasks registering the same
-process share its CPU time equally (``shared_process``).
+(see ``coverage``); the last partial interval is interpolated (``end_interpolated``, ``end_interpolation_s``);
+the monitor's own CPU time is part of the host process's; CPU time of a task process that exits between samples
+without being reaped by the tree is lost; several concurrent tasks registering the same process share its CPU
+time equally (``shared_process``).
 """
 
 from __future__ import annotations
@@ -29,21 +39,24 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from .ledger import IntervalSplit, Sample, TaskToken, TrackedTask, stop_time
 
 if TYPE_CHECKING:  # the modules below load in the sampler thread, off the host task's path
     from . import DisabledMonitor
     from .attribution import CpuPolicy
-    from .cputime import ProcessTree
     from .estimate import CpuEstimateMeter
-    from .facet import TaskAccount
     from .interface import TaskEnergyMonitor
     from .meter import EnergyMeter, Reading
-    from .nvml import GpuProcesses, NvmlMeter
+    from .nvml import NvmlMeter
+    from .window import WindowEnd
 
 log = logging.getLogger("metatrail.energy")
 DEFAULT_INTERVAL_S = 1.0
+MIN_SAMPLE_GAP_S = 0.02
+REPORT_TIMEOUT_FLOOR_S = 1.0
 METER_NAME = "metatrail.energy"
 
 
@@ -92,55 +105,27 @@ def default_meters() -> list[EnergyMeter]:
     return [RaplMeter(root, include_psys=psys), NvmlMeter(), CpuEstimateMeter()]
 
 
+def _own_cpu_seconds(include_children: bool) -> float | None:
+    """This process's CPU seconds (plus its reaped children's): ``os.times()``, one system call that keeps the
+    GIL and reads what psutil reads from ``/proc/self/stat``, in the same clock ticks."""
+    try:
+        t = os.times()
+    except OSError:
+        return None
+    own = t.user + t.system
+    return own + t.children_user + t.children_system if include_children else own
+
+
 @dataclass(frozen=True, slots=True)
-class TaskToken:
-    """The opaque handle ``task_started`` returns."""
+class StoppedTask:
+    """What ``task_stopped`` returns and ``task_report`` takes."""
 
-    id: int
-    execution_id: str
-
-
-@dataclass(slots=True)
-class _Task:
-    token: TaskToken
-    pid: int
-    include_children: bool
-    start_wall: float
-    start_mono: float
-    tree: ProcessTree | None = None
-    account: TaskAccount | None = None
-    last_cpu: float | None = None
-    baselined: bool = False
-
-    def attach(self) -> None:
-        """Create the process-tree reader and the accumulator (in the sampler, not in ``task_started``)."""
-        from .cputime import ProcessTree
-        from .facet import TaskAccount
-
-        if self.tree is None:
-            self.tree = ProcessTree(self.pid, self.include_children)
-        if self.account is None:
-            self.account = TaskAccount(self.token.execution_id, self.start_wall, self.start_mono)
+    task: TrackedTask
 
     @property
-    def proc(self) -> ProcessTree:
-        """The process-tree reader (after :meth:`attach`)."""
-        assert self.tree is not None
-        return self.tree
-
-    @property
-    def acct(self) -> TaskAccount:
-        """The accumulator (after :meth:`attach`)."""
-        assert self.account is not None
-        return self.account
-
-
-@dataclass(slots=True)
-class _Sample:
-    t: float
-    readings: dict[str, Reading]
-    busy_s: float | None
-    extra: dict[str, Any] = field(default_factory=dict)
+    def execution_id(self) -> str:
+        """The execution the stopped window belongs to."""
+        return self.task.token.execution_id
 
 
 class EnergyMonitor:
@@ -157,7 +142,8 @@ class EnergyMonitor:
         clock: Callable[[], float] = time.monotonic,
         busy_seconds: Callable[[], float] | None = None,
         n_cpus: int | None = None,
-        probe_timeout_s: float = 10.0,
+        report_timeout_s: float | None = None,
+        min_sample_gap_s: float = MIN_SAMPLE_GAP_S,
     ) -> None:
         self._meter_arg = list(meters) if meters is not None else None
         self._interval_arg = interval_s
@@ -167,21 +153,28 @@ class EnergyMonitor:
         self._clock = clock
         self._busy_seconds = busy_seconds
         self._n_cpus = n_cpus
-        self.probe_timeout_s = probe_timeout_s
+        self._report_timeout_arg = report_timeout_s
+        self.min_sample_gap_s = max(0.0, min_sample_gap_s)
         self._ids = itertools.count(1)
+        self._generations = itertools.count(1)
         self._reset_runtime()
 
     def _reset_runtime(self) -> None:
         self._pid = os.getpid()
-        self._pending: collections.deque[_Task] = collections.deque()
-        self._tasks: dict[int, _Task] = {}
+        self._generation = next(self._generations)
+        self._pending: collections.deque[TrackedTask] = collections.deque()
+        self._live: dict[int, TrackedTask] = {}
+        self._tasks: dict[int, TrackedTask] = {}
         self._lock = threading.RLock()
         self._start_lock = threading.Lock()
         self._wake = threading.Event()
         self._ready = threading.Event()
+        self._window_closed = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._prev: _Sample | None = None
+        self._prev: Sample | None = None
+        self._closed_until: dict[int, float] = {}  # pid -> latest stop of a closed task rooted there
+        self._seq = 0
         self.meters: list[EnergyMeter] = []
         self.config_errors: list[str] = []
         self.interval_s = DEFAULT_INTERVAL_S
@@ -191,6 +184,15 @@ class EnergyMonitor:
         self._missing: dict[str, str] = {}
         self._meter_info: dict[str, Any] = {"name": METER_NAME, "version": _meter_version(), "backends": []}
 
+    @property
+    def report_timeout_s(self) -> float:
+        """Longest wait of :meth:`task_report` for the sample that closes a window: the constructor argument,
+        else twice the sampling interval, at least 1 s (a short interval on a loaded node must not make reports
+        give up on a sampler that is merely late)."""
+        if self._report_timeout_arg is not None:
+            return max(0.0, self._report_timeout_arg)
+        return max(2 * self.interval_s, REPORT_TIMEOUT_FLOOR_S)
+
     # -- the TaskEnergyMonitor interface -------------------------------------------------------------------
     def task_started(self, execution_id: str, *, pid: int, include_children: bool = True) -> object:
         """Register the process tree rooted at ``pid``; returns a token; never raises."""
@@ -198,32 +200,63 @@ class EnergyMonitor:
         try:
             if os.getpid() != self._pid:  # forked: the parent's thread does not exist here
                 self._reset_runtime()
-            self._pending.append(_Task(token, pid, include_children, time.time(), self._clock()))
+            task = TrackedTask(token, pid, include_children, time.time(), self._clock(), self._generation)
+            if pid == self._pid:
+                task.start_root_cpu = _own_cpu_seconds(include_children)
+            self._live[token.id] = task
+            self._pending.append(task)
             self._ensure_thread()
-            self._wake.set()
+            if not self._wake.is_set():
+                self._wake.set()
         except Exception:
             log.exception("energy: task_started failed for %s (energy will be missing)", execution_id)
         return token
 
-    def task_finished(self, token: object) -> dict[str, Any] | None:
-        """Take the final sample and return the ``metatrail_energy`` facet payload; never raises."""
+    def task_stopped(self, token: object) -> object:
+        """Mark the task stopped now and return the handle for :meth:`task_report`; cheap; never raises.
+
+        One clock read, plus one ``os.times()`` when the task's root is this process; no lock the sampler
+        holds, no waiting. ``None`` for an unknown or already stopped token.
+        """
         if not isinstance(token, TaskToken):
             return None
         try:
-            if not self._ready.wait(self.probe_timeout_s):
-                return self._abandon(token, f"energy meters still initialising after {self.probe_timeout_s} s")
-            with self._lock:
-                return self._sample(finishing=token.id)
-        except Exception as exc:
-            log.exception("energy: task_finished failed for %s", token.execution_id)
-            self._abandon(token, "")
-            from .facet import failure_payload
+            task = self._live.pop(token.id, None)
+            if task is None:
+                return None
+            if task.pid == self._pid:
+                task.stop_root_cpu = _own_cpu_seconds(task.include_children)
+            task.stop = self._clock()  # last: once the sampler sees this, the stop is complete
+            if not self._wake.is_set():
+                self._wake.set()
+            return StoppedTask(task)
+        except Exception:
+            log.exception("energy: task_stopped failed for %s (energy will be missing)", token.execution_id)
+            return None
 
-            return failure_payload(
-                f"energy monitor error: {type(exc).__name__}: {exc}",
-                interval_s=self.interval_s,
-                meter=self._meter_info,
-            )
+    def task_report(self, stopped: object) -> dict[str, Any] | None:
+        """The ``metatrail_energy`` payload for a stopped task's window ``[start, stop]``; never raises.
+
+        Waits at most :attr:`report_timeout_s` for the sample that closes the window (see the module
+        docstring); ``None`` for an unknown or already reported object.
+        """
+        if not isinstance(stopped, StoppedTask) or stopped.task.reported:
+            return None
+        task = stopped.task
+        task.reported = True
+        try:
+            if task.generation != self._generation or os.getpid() != self._pid:
+                return self._failure("the process forked while the task ran: its energy is not measured here")
+            failure = self._await_end(task)
+            return failure if failure is not None else self._payload(task)
+        except Exception as exc:
+            log.exception("energy: task_report failed for %s", task.token.execution_id)
+            self._abandon(task)
+            return self._failure(f"energy monitor error: {type(exc).__name__}: {exc}")
+
+    def task_finished(self, token: object) -> dict[str, Any] | None:
+        """Stop the task and return its payload (``task_report(task_stopped(token))``); never raises."""
+        return self.task_report(self.task_stopped(token))
 
     def close(self) -> None:
         """Stop the sampler thread and close the meters (tests, interpreter shutdown)."""
@@ -234,6 +267,132 @@ class EnergyMonitor:
             thread.join(timeout=5.0)
         for m in self.meters:
             m.close()
+        self._notify_closed()
+
+    # -- reporting (any thread, typically the Recorder's writer) -------------------------------------------
+    def _await_end(self, task: TrackedTask) -> dict[str, Any] | None:
+        """Wait, bounded, until the task's window is closed; force-close it at the deadline. Returns a failure
+        payload when nothing can be reported, else None (``task.end`` is set)."""
+        timeout = self.report_timeout_s
+        deadline = time.monotonic() + timeout
+        if task.end is None and not self._ready.wait(max(0.0, deadline - time.monotonic())):
+            # Still probing: nothing can have sampled the task, and probing can take seconds (NVML).
+            reason = f"energy meters still initialising {timeout:.1f} s after the task ended"
+            if self._lock.acquire(timeout=0.05):  # the sampler takes it only to sample, never while probing
+                try:
+                    if task.end is None and task.queued:
+                        from .window import WindowEnd
+
+                        task.end = WindowEnd(at=stop_time(task), reason=reason)
+                        return self._failure(reason)
+                finally:
+                    self._lock.release()
+        with self._window_closed:
+            while task.end is None and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._window_closed.wait(remaining)
+        if task.end is not None:
+            return None
+        if not self._lock.acquire(timeout=max(0.05, deadline - time.monotonic())):
+            return self._failure(f"the energy sampler did not answer within {timeout:.1f} s (a meter read may hang)")
+        try:
+            if task.end is None:
+                self._close_late(task, timeout)
+        finally:
+            self._lock.release()
+        return None
+
+    def _close_late(self, task: TrackedTask, timeout: float) -> None:
+        """Close a window no sample came for in time: it covers the task up to its last sample (under the lock)."""
+        from .window import WindowEnd
+
+        self._tasks.pop(task.token.id, None)
+        stop = stop_time(task)
+        last = task.account.last_sample if task.account is not None else None
+        why = "the monitor was closed" if self._closed else f"no energy sample came within {timeout:.1f} s"
+        left_out = "" if last is None else f": the last {max(0.0, stop - last):.3f} s before the stop are not counted"
+        reason = f"{why} after the task stopped{left_out}"
+        known = tuple(self._prev.readings) if self._prev is not None else ()
+        if task.baselined:
+            task.end = WindowEnd(at=stop, known=known, reason=reason)
+        else:
+            task.end = self._unsampled_end(task, known, [], reason)
+        self._closed_until[task.pid] = max(self._closed_until.get(task.pid, stop), stop)
+
+    def _unsampled_end(
+        self, task: TrackedTask, known: tuple[str, ...], closing: list[TrackedTask], reason: str | None = None
+    ) -> WindowEnd:
+        """The end of a window no sample covered. Its CPU time is still known exactly when the task's root is
+        this process (read at start and stop), unless another task registered that process meanwhile: then
+        the process's CPU time cannot be told apart between them (``closing``: the others closed with it)."""
+        from .window import WindowEnd
+
+        stop = stop_time(task)
+        if task.start_root_cpu is None or task.stop_root_cpu is None:
+            return WindowEnd(at=stop, known=known, reason=reason)
+        others = itertools.chain(self._tasks.values(), closing)
+        shared = self._closed_until.get(task.pid, task.start_mono) > task.start_mono or any(
+            o is not task
+            and o.pid == task.pid
+            and o.start_mono < stop
+            and (o.stop is None or o.stop > task.start_mono)
+            for o in others
+        )
+        if shared:
+            note = (
+                f"no energy sample covered the task and other tasks registered its process {task.pid} meanwhile: "
+                "its CPU time cannot be told apart"
+            )
+            return WindowEnd(at=stop, known=known, reason="; ".join(r for r in (reason, note) if r))
+        cpu = max(0.0, task.stop_root_cpu - task.start_root_cpu)
+        return WindowEnd(at=stop, known=known, reason=reason, task_cpu="read-at-stop", unsampled_cpu_s=cpu)
+
+    def _payload(self, task: TrackedTask) -> dict[str, Any]:
+        from .facet import DomainAccount, TaskAccount, build_payload
+
+        end = task.end
+        assert end is not None
+        acct = task.account or TaskAccount(task.token.execution_id, task.start_wall, task.start_mono)
+        if end.unsampled_cpu_s is not None and acct.first_sample is None:
+            # No sample covered the task, but its CPU time was read at start and stop: that is all the CPU
+            # estimate needs (TDP per CPU x the task's CPU-seconds, the same figure the interval split gives).
+            acct.cpu_s = end.unsampled_cpu_s
+            if self._estimate is not None:
+                acct.estimates["cpu"] = DomainAccount(
+                    method="estimated", value_j=self._estimate.watts_per_cpu * end.unsampled_cpu_s, intervals=1
+                )
+        if task.tree is not None and task.tree.lost:
+            acct.error(
+                f"process {task.tree.pid} ended before the task finished: CPU time after the last sample is missing"
+            )
+        for e in self.config_errors:
+            acct.error(e)
+        if end.reason:
+            acct.error(end.reason)
+        return build_payload(
+            acct,
+            end_mono=end.at,
+            policy=self.policy,
+            interval_s=self.interval_s,
+            meter=self._meter_info,
+            missing=self._missing,
+            known=end.known,
+            estimate_parameters=self._estimate.parameters if self._estimate else None,
+            region=self.region,
+            pue=self.pue,
+            end=end,
+        )
+
+    def _failure(self, reason: str) -> dict[str, Any]:
+        from .facet import failure_payload
+
+        return failure_payload(reason, interval_s=self.interval_s, meter=self._meter_info)
+
+    def _notify_closed(self) -> None:
+        with self._window_closed:
+            self._window_closed.notify_all()
 
     # -- sampler thread ------------------------------------------------------------------------------------
     def _ensure_thread(self) -> None:
@@ -261,6 +420,7 @@ class EnergyMonitor:
                 idle = not self._tasks and not self._pending
                 if idle:
                     self._prev = None  # the next interval starts from a fresh baseline
+                    self._closed_until.clear()  # a later task cannot overlap the ones closed so far
             if idle:
                 if not suspended:
                     for m in self.meters:
@@ -277,15 +437,28 @@ class EnergyMonitor:
                 self._wake.clear()
             if self._closed:
                 break
+            self._pace()
+            closed_any = True
             try:
                 with self._lock:
-                    self._sample(finishing=None)
+                    closed_any = self._sample()
             except Exception:
                 log.exception("energy: sampling failed")
+            if closed_any:
+                self._notify_closed()
+        self._notify_closed()
 
     def _max_wait(self) -> float:
         limits = [self.interval_s] + [m.max_read_interval_s / 2 for m in self.meters if m.available]
         return max(0.01, min(limits))
+
+    def _pace(self) -> None:
+        # Starts and stops wake the sampler at once; in a burst of short tasks that would mean a sample per task.
+        prev = self._prev
+        if prev is not None:
+            wait = self.min_sample_gap_s - (self._clock() - prev.t)
+            if wait > 0:
+                time.sleep(min(wait, self.min_sample_gap_s))
 
     def _open_meters(self) -> None:
         from .cputime import node_busy_seconds
@@ -332,11 +505,25 @@ class EnergyMonitor:
                 readings[f"estimated:{key}" if r.method == "estimated" else key] = r
         return readings
 
-    def _sample(self, finishing: int | None) -> dict[str, Any] | None:
+    def _sample(self) -> bool:
+        """Take one sample, attribute the time since the previous one, and close the windows of the tasks that
+        stopped in it (sampler thread, under the lock). Returns whether a window was closed."""
+        from .window import WindowEnd
+
+        self._seq += 1
+        unsampled: list[TrackedTask] = []  # stopped before their first sample
         while self._pending:
             queued = self._pending.popleft()
+            queued.queued = False
+            if queued.end is not None:  # its report gave up waiting and closed it
+                continue
+            if queued.stop is not None:
+                unsampled.append(queued)
+                continue
             queued.attach()
             self._tasks[queued.token.id] = queued
+        # Stops are read before the clock, so every stop seen here is at or before ``now``.
+        stopping = sorted((t for t in self._tasks.values() if t.stop is not None), key=stop_time)
         now = self._clock()
         readings = self._read_all()
         try:
@@ -345,178 +532,51 @@ class EnergyMonitor:
             busy = None
         roots = {t.proc.pid for t in self._tasks.values()}
         cpu_now = {tid: t.proc.seconds(skip=roots - {t.proc.pid}) for tid, t in self._tasks.items()}
-        active = [t for t in self._tasks.values() if t.baselined]
+        registered = len(self._tasks)
+        for t in stopping:
+            del self._tasks[t.token.id]
+        sampled_stops = [t for t in stopping if t.baselined]
+        unsampled.extend(t for t in stopping if not t.baselined)
+        active = [t for t in self._tasks.values() if t.baselined] + sampled_stops
         gpu = self._nvml.processes() if self._nvml is not None and active else {}
-        current = _Sample(now, readings, busy)
+        current = Sample(now, readings, busy)
+        known = tuple(readings)
+        ends: dict[int, WindowEnd] = {}
         if self._prev is not None and active:
-            self._account_interval(self._prev, current, active, cpu_now, gpu)
+            split = IntervalSplit(self.policy, self._cpu_count(), self._seq, gpu, known)
+            ends = split.span(self._prev, current, active, sampled_stops, cpu_now)
+        for t in sampled_stops:
+            t.acct.max_concurrent = max(t.acct.max_concurrent, registered)
+            t.end = ends.get(t.token.id) or WindowEnd(at=stop_time(t), known=known)
+        closing = stopping + unsampled
+        for t in unsampled:
+            t.end = self._unsampled_end(t, known, closing)
+        for t in closing:
+            self._closed_until[t.pid] = max(self._closed_until.get(t.pid, stop_time(t)), stop_time(t))
         for tid, t in self._tasks.items():
             if not t.baselined:
                 t.baselined = True
                 t.acct.first_sample = now
             t.last_cpu = cpu_now[tid] if cpu_now[tid] is not None else t.last_cpu
+            t.last_root = t.proc.last_root_seconds
             t.acct.last_sample = now
-            t.acct.max_concurrent = max(t.acct.max_concurrent, len(self._tasks))
+            t.acct.max_concurrent = max(t.acct.max_concurrent, registered)
         self._prev = current
-        if finishing is None:
-            return None
-        if finishing not in self._tasks:
-            return None
-        task = self._tasks.pop(finishing)
-        if task.proc.lost:
-            task.acct.error(
-                f"process {task.proc.pid} ended before the task finished: CPU time after the last sample is missing"
-            )
-        for e in self.config_errors:
-            task.acct.error(e)
-        from .facet import build_payload
+        return bool(stopping or unsampled)
 
-        return build_payload(
-            task.acct,
-            end_mono=now,
-            policy=self.policy,
-            interval_s=self.interval_s,
-            meter=self._meter_info,
-            missing=self._missing,
-            known=tuple(readings),
-            estimate_parameters=self._estimate.parameters if self._estimate else None,
-            region=self.region,
-            pue=self.pue,
-        )
-
-    def _task_cpu_deltas(self, active: list[_Task], cpu_now: dict[int, float | None]) -> dict[int, float]:
-        deltas: dict[int, float] = {}
-        by_pid: dict[int, list[_Task]] = collections.defaultdict(list)
-        for t in active:
-            by_pid[t.proc.pid].append(t)
-        for group in by_pid.values():
-            for t in group:
-                now, before = cpu_now[t.token.id], t.last_cpu
-                delta = max(0.0, now - before) if now is not None and before is not None else 0.0
-                if len(group) > 1:
-                    t.acct.shared_process = True
-                    t.acct.error(
-                        f"{len(group)} concurrent tasks registered process {t.proc.pid}: "
-                        "its CPU time is split equally among them"
-                    )
-                    delta /= len(group)
-                deltas[t.token.id] = delta
-        return deltas
-
-    def _account_interval(
-        self,
-        prev: _Sample,
-        cur: _Sample,
-        active: list[_Task],
-        cpu_now: dict[int, float | None],
-        gpu: dict[str, GpuProcesses],
-    ) -> None:
-        dt = max(0.0, cur.t - prev.t)
-        if dt <= 0:
-            return
+    def _cpu_count(self) -> int:
         import psutil
 
-        from .attribution import other_policy, split_cpu
-        from .facet import DomainAccount
+        return self._n_cpus or psutil.cpu_count() or os.cpu_count() or 1
 
-        n_cpus = self._n_cpus or psutil.cpu_count() or os.cpu_count() or 1
-        capacity = dt * n_cpus
-        deltas = self._task_cpu_deltas(active, cpu_now)
-        busy = None if cur.busy_s is None or prev.busy_s is None else max(0.0, cur.busy_s - prev.busy_s)
-        ids = [t.token.id for t in active]
-        by_id = {t.token.id: t for t in active}
-        for key, r in cur.readings.items():
-            old = prev.readings.get(key)
-            estimated = key.startswith("estimated:")
-            domain = key.split(":", 1)[1] if estimated else key
-            delta, reason = self._delta(old, r)
-            if delta is not None and busy is None and not key.startswith("gpu:"):
-                delta, reason = None, "node CPU time unreadable: the interval cannot be split"
-            for t in active:
-                table = t.acct.estimates if estimated else t.acct.domains
-                acc = table.get(domain)
-                if acc is None:
-                    acc = table[domain] = DomainAccount(method=r.method, sources=r.sources, detail=dict(r.detail))
-                    acc.wraps_first = r.wraps
-                acc.wraps_last = r.wraps
-                acc.sampled_s += dt
-                if delta is None:
-                    acc.note(reason or "unreadable")
-            if delta is None:
-                continue
-            if key.startswith("gpu:"):
-                self._split_gpu_interval(domain, delta, dt, gpu.get(key), active, by_id)
-                continue
-            task_cpu = {i: deltas[i] for i in ids}
-            assert busy is not None
-            total = capacity if r.has_idle else busy
-            chosen = split_cpu(delta, task_cpu, busy, total, self.policy)
-            other = split_cpu(delta, task_cpu, busy, total, other_policy(self.policy))
-            for i in ids:
-                table = by_id[i].acct.estimates if estimated else by_id[i].acct.domains
-                acc = table[domain]
-                acc.value_j += chosen.tasks[i]
-                acc.value_other_j += other.tasks[i]
-                acc.node_j += delta
-                idle_split = chosen if self.policy == "active-only" else other
-                acc.idle_j += idle_split.idle_j
-                acc.intervals += 1
-                acc.covered_s += dt
-
-    @staticmethod
-    def _delta(old: Reading | None, new: Reading) -> tuple[float | None, str | None]:
-        if new.joules is None:
-            return None, new.reason
-        if old is None or old.joules is None:
-            return (
-                None,
-                old.reason if old is not None and old.reason else "no earlier reading to take a delta from",
-            )
-        if new.unusable > old.unusable:
-            return None, "counter reset or wrap with unknown range: interval dropped"
-        return max(0.0, new.joules - old.joules), None
-
-    def _split_gpu_interval(
-        self,
-        key: str,
-        delta: float,
-        dt: float,
-        procs: GpuProcesses | None,
-        active: list[_Task],
-        by_id: dict[int, _Task],
-    ) -> None:
-        from .attribution import split_gpu
-
-        def owner(pid: int) -> int | None:
-            for t in active:
-                if t.proc.owns(pid):
-                    return t.token.id
-            return None
-
-        memory = procs.memory if procs is not None else None
-        sm = procs.sm_util if procs is not None else None
-        split = split_gpu(delta, owner, memory, sm, [t.token.id for t in active])
-        for t in active:
-            acc = t.acct.domains[key]
-            acc.value_j += split.tasks.get(t.token.id, 0.0)
-            acc.node_j += delta
-            acc.intervals += 1
-            acc.covered_s += dt
-            acc.basis(split.basis if t.token.id in split.tasks else "none")
-            if split.basis == "equal-split" and procs is not None and procs.reason:
-                acc.note(procs.reason)
-
-    def _abandon(self, token: TaskToken, reason: str) -> dict[str, Any] | None:
+    def _abandon(self, task: TrackedTask) -> None:
         with self._lock:
-            self._tasks.pop(token.id, None)
-            remaining = [t for t in self._pending if t.token.id != token.id]
-            self._pending.clear()
-            self._pending.extend(remaining)
-        if not reason:
-            return None
-        from .facet import failure_payload
-
-        return failure_payload(reason, interval_s=self.interval_s, meter=self._meter_info)
+            self._live.pop(task.token.id, None)
+            self._tasks.pop(task.token.id, None)
+            if task.queued:
+                remaining = [t for t in self._pending if t is not task]
+                self._pending.clear()
+                self._pending.extend(remaining)
 
 
 if TYPE_CHECKING:
