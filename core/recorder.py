@@ -4,9 +4,9 @@ Guarantees (tests hold us to each):
 
 * **Never raises into the caller.** Every public method is a boundary: typed errors inside are caught, logged once per
   kind of problem, and the call returns normally (a handle that is still usable).
-* **Bounded time per call.** The calling thread only captures what happened (ids, times, parameters, the energy
-  counter readings) and hands it to a writer thread; hashing, event building and store writes run there. Waiting
-  calls (``flush``) take a timeout, capped by the ``timeout`` setting unless given.
+* **Bounded time per call.** The calling thread only captures what happened (ids, times, parameters, a clock and
+  CPU-time reading for energy) and hands it to a writer thread; hashing, energy reports, event building and store
+  writes run there. Waiting calls (``flush``) take a timeout, capped by the ``timeout`` setting unless given.
 * **Kill switch.** With ``METATRAIL_DISABLED=1`` (checked on every call) methods return at once and do no I/O.
 * **Durable, then async.** The writer thread stores events in the local store as soon as it gets them (batched in one
   transaction when several are waiting); at process exit pending events are flushed (``flush_timeout``). A host that
@@ -43,6 +43,8 @@ PathLike: TypeAlias = str | os.PathLike[str] | ArtifactRef
 MAX_PENDING = 100_000
 WRITE_BATCH = 64  # events per store transaction: small enough to hold the GIL only briefly
 MAX_PARAM_TEXT = 2000
+MAX_PARAM_JSON = 16_384  # larger values (whole datasets passed as arguments) are kept as a truncated repr
+WRITE_LINGER_S = 0.005  # the writer waits this long for more events, to store them in one transaction
 
 
 def safe_params(params: Mapping[str, Any] | None, warnings: list[str] | None = None) -> dict[str, Any]:
@@ -55,19 +57,30 @@ def safe_params(params: Mapping[str, Any] | None, warnings: list[str] | None = N
     out: dict[str, Any] = {}
     for key, value in params.items():
         name = str(key)
-        try:
-            json.dumps(value, allow_nan=False)
+        if value is None or isinstance(value, bool | int) or (isinstance(value, str) and len(value) <= MAX_PARAM_TEXT):
+            out[name] = value  # the common case, without serialising anything
+            continue
+        if isinstance(value, float) and math.isfinite(value):
             out[name] = value
+            continue
+        problem = "is not JSON-serialisable"
+        try:
+            text = json.dumps(value, allow_nan=False)
+            if len(text) <= MAX_PARAM_JSON:
+                out[name] = value
+                continue
+            problem = f"is {len(text):,} characters of JSON (limit {MAX_PARAM_JSON:,})"
         except (TypeError, ValueError, RecursionError, OverflowError):
-            try:
-                text = repr(value)
-            except Exception as exc:  # a broken __repr__ must not break the host
-                text = f"<unrepresentable {type(value).__name__}: {exc}>"
-            out[name] = text[:MAX_PARAM_TEXT]
-            if warnings is not None:
-                warnings.append(f"parameter {name!r} ({type(value).__name__}) is not JSON-serialisable; stringified")
-            log_once(f"param:{type(value).__name__}", "metatrail: parameter %r of type %s stringified",
-                     name, type(value).__name__)
+            pass
+        try:
+            text = repr(value)
+        except Exception as exc:  # a broken __repr__ must not break the host
+            text = f"<unrepresentable {type(value).__name__}: {exc}>"
+        out[name] = text[:MAX_PARAM_TEXT] + ("…" if len(text) > MAX_PARAM_TEXT else "")
+        if warnings is not None:
+            warnings.append(f"parameter {name!r} ({type(value).__name__}) {problem}; stored as its repr")
+        log_once(f"param:{type(value).__name__}", "metatrail: parameter %r of type %s stored as its repr",
+                 name, type(value).__name__)
     return out
 
 
@@ -102,6 +115,7 @@ class Recorder:
         self._done = 0
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._flushing = 0
         self._hash_cache: Any = None
         self._input_refs: dict[str, list[ArtifactRef]] = {}
         self._code_version: dict[str, Any] | bool | None = False
@@ -202,13 +216,20 @@ class Recorder:
         return self._guard("pipeline_run_started", go, fallback)
 
     def pipeline_run_finished(self, run: PipelineRun, *, status: Status | str = Status.COMPLETED,
-                              error: BaseException | str | None = None, ended_at: float | None = None) -> None:
-        """Record the end of a pipeline run (``status`` completed, failed or aborted)."""
+                              error: BaseException | str | None = None, ended_at: float | None = None,
+                              extra: Mapping[str, Any] | None = None) -> None:
+        """Record the end of a pipeline run (``status`` completed, failed or aborted); ``extra`` adds context
+        only known at the end (a final state name, counts)."""
         if is_disabled():
             return
         at = ended_at if ended_at is not None else time.time()
-        self._guard("pipeline_run_finished",
-                    lambda: self._submit(_Item("pipeline_end", run, at, status=Status(status), error=error)), None)
+
+        def go() -> None:
+            if extra:
+                run.extra.update(extra)
+            self._submit(_Item("pipeline_end", run, at, status=Status(status), error=error))
+
+        self._guard("pipeline_run_finished", go, None)
 
     def execution_started(self, pipeline: str, stage: str, *, pipeline_run: PipelineRun | None = None,
                           execution_id: str | None = None, inputs: Iterable[PathLike] = (),
@@ -253,11 +274,13 @@ class Recorder:
     def execution_finished(self, execution: Execution, *, outputs: Iterable[PathLike] = (),
                            inputs: Iterable[PathLike] = (), status: Status | str = Status.COMPLETED,
                            error: BaseException | str | None = None, ended_at: float | None = None,
-                           exit_code: int | None = None, metrics: Mapping[str, Any] | None = None) -> None:
+                           exit_code: int | None = None, metrics: Mapping[str, Any] | None = None,
+                           extra: Mapping[str, Any] | None = None) -> None:
         """Record the end of an execution: its outputs (hashed off this thread), status, error, exit code and
         result metrics (numbers; others are dropped with a warning in the record).
 
-        ``inputs`` adds inputs only known at the end; those declared at start are kept.
+        ``inputs`` adds inputs only known at the end; those declared at start are kept. ``extra`` adds context only
+        known at the end (a return value, a final state name).
         """
         if is_disabled():
             return
@@ -266,6 +289,8 @@ class Recorder:
         def go() -> None:
             if metrics:
                 execution.metrics.update(metrics)
+            if extra:
+                execution.extra.update(extra)
             energy = None
             token = execution.extra.pop("_energy_token", None) if execution.extra else None
             if token is not None:
@@ -292,17 +317,26 @@ class Recorder:
             deadline = time.monotonic() + limit
             with self._cv:
                 target = self._submitted
-                while self._done < target:
-                    if self._thread is None or not self._thread.is_alive():
-                        return False
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return False
-                    self._cv.wait(remaining)
-            return True
+                self._flushing += 1
+                self._cv.notify_all()
+                try:
+                    return self._wait_done(target, deadline)
+                finally:
+                    self._flushing -= 1
         except Exception as exc:
             log_once("flush", "metatrail: flush failed: %s", exc)
             return False
+
+    def _wait_done(self, target: int, deadline: float) -> bool:
+        """Wait (holding ``_cv``) until ``target`` items are done; False at the deadline or without a writer."""
+        while self._done < target:
+            if self._thread is None or not self._thread.is_alive():
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._cv.wait(remaining)
+        return True
 
     @property
     def pending(self) -> int:
@@ -328,13 +362,15 @@ class Recorder:
         self._cv = threading.Condition(self._lock)
         self._queue = deque()
         self._submitted = self._done = 0
+        self._flushing = 0
         self._thread = None
         self._store = None
         self._hash_cache = None
         self._input_refs = {}
 
     def _at_exit(self) -> None:
-        if self._submitted > self._done and not is_disabled():
+        # After close() the flush already had its chance (and its timeout): do not wait a second time.
+        if self._submitted > self._done and not self._closed and not is_disabled():
             timeout = self._settings.flush_timeout if self._settings else 30.0
             if not self.flush(timeout):
                 log.warning("metatrail: %d events were not stored before exit (flush timeout %.0fs)",
@@ -348,6 +384,14 @@ class Recorder:
                     self._cv.wait(1.0)
                 if not self._queue and self._closed:
                     return
+                # Linger briefly so that a burst of events shares one transaction (a commit costs far more than an
+                # event); a flush or close does not wait for the linger.
+                deadline = time.monotonic() + WRITE_LINGER_S
+                while len(self._queue) < WRITE_BATCH and not self._closed and not self._flushing:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cv.wait(remaining)
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), WRITE_BATCH))]
             events: list[dict[str, Any]] = []
             for item in batch:
@@ -441,7 +485,7 @@ class Recorder:
         parent = None
         if isinstance(subject, Execution):
             if item.kind == "exec_start":
-                inputs = self._hash(item.inputs)
+                inputs = _unless_modified_since(self._hash(item.inputs), subject.started_at)
                 self._input_refs[subject.id] = inputs
             else:
                 known = self._input_refs.pop(subject.id, None)
@@ -463,6 +507,23 @@ class Recorder:
             job_type=job_type, execution_facet=facet, integration_version=subject.host_version or __version__,
             parent=parent, inputs=inputs, outputs=outputs, error=item.error, energy=energy,
         )
+
+
+def _unless_modified_since(refs: list[ArtifactRef], started_at: float) -> list[ArtifactRef]:
+    """Inputs are hashed on the writer thread, shortly after the task started. A file modified since then may
+    no longer be what the task read, so its hash is withdrawn, with the reason (checked after hashing, so a
+    change during hashing is caught too)."""
+    for ref in refs:
+        if ref.hash is None or ref.kind != "file" or ref.namespace != "file":
+            continue
+        try:
+            modified = os.stat(ref.name).st_mtime
+        except OSError:
+            continue
+        if modified > started_at + 0.001:
+            ref.hash = None
+            ref.hash_error = "modified after the task started: the content it read is unknown"
+    return refs
 
 
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float | None]:

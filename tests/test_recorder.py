@@ -226,3 +226,36 @@ def test_uuid7_layout() -> None:
     assert uuid7_from(1.8e9, "dag.run.task.1") == uuid7_from(1.8e9, "dag.run.task.1")
     assert uuid7_from(1.8e9, "dag.run.task.1") != uuid7_from(1.8e9, "dag.run.task.2")
     assert uuid.UUID(uuid7_from(1.8e9, "k")).version == 7
+
+
+def test_an_input_rewritten_before_it_was_hashed_gets_no_hash(tmp_path: Path) -> None:
+    store = BlockingStore(f"sqlite:///{tmp_path / 's.db'}")
+    recorder = Recorder(store=store)
+    data = tmp_path / "in.csv"
+    data.write_text("original")
+    os.utime(data, (1.7e9, 1.7e9))  # written well before the task
+    ex = recorder.execution_started("p", "s", inputs=[data])
+    store.release.set()
+    assert recorder.flush(30)
+    recorder.execution_finished(ex)
+    ex2 = recorder.execution_started("p", "s2", inputs=[data], started_at=1.6e9)  # "started" before the write
+    recorder.execution_finished(ex2)
+    assert recorder.flush(30)
+    starts = {e.body["job"]["name"]: e.body["inputs"][0]["facets"]["metatrail_artifact"]
+              for e in store.iter_events() if e.body["eventType"] == "START"}
+    assert starts["p.s"]["hash"] is not None
+    assert starts["p.s2"]["hash"] is None and "modified after the task started" in starts["p.s2"]["hashError"]
+    recorder.close()
+
+
+def test_large_and_odd_parameters_are_bounded() -> None:
+    recorder = Recorder()
+    big = list(range(100_000))
+    ex = recorder.execution_started("p", "s", params={"rows": big, "name": "x", "n": 3, "f": 0.5, "none": None})
+    recorder.execution_finished(ex, extra={"return_value": "ok"})
+    assert recorder.flush(30)
+    facet = _events(recorder)[-1]["run"]["facets"]["metatrail_execution"]
+    assert facet["params"]["name"] == "x" and facet["params"]["n"] == 3 and facet["params"]["none"] is None
+    assert isinstance(facet["params"]["rows"], str) and len(facet["params"]["rows"]) <= 2001
+    assert any("'rows'" in w and "limit" in w for w in facet["warnings"])
+    assert facet["extra"]["return_value"] == "ok"
