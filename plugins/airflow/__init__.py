@@ -1,0 +1,9 @@
+"""metatrail for Apache Airflow 3: record every DAG run and task-instance try, with no change to DAG code.
+
+Enabled by installing ``metatrail[airflow]`` (the ``airflow.plugins`` entry point loads :mod:`.plugin`); disabled by
+``METATRAIL_DISABLED=1`` or ``[metatrail] disabled = True`` in ``airflow.cfg``. Modules: :mod:`.plugin` (the
+``AirflowPlugin``), :mod:`.listener` (hooks → Recorder calls), :mod:`.adapter` (ids, parameters, datasets),
+:mod:`.guard` (hard time cap), :mod:`.config` (the ``[metatrail]`` section), :mod:`.compat` (Airflow versions).
+
+Importing this package imports no Airflow module; :mod:`.plugin` does, and only Airflow imports it.
+"""

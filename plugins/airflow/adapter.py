@@ -1,0 +1,272 @@
+"""Translate Airflow objects into what the Recorder takes: ids, parameters, inputs and outputs.
+
+Pure functions over duck-typed Airflow objects (``RuntimeTaskInstance``, ORM ``DagRun``/``TaskInstance``, operators,
+assets), so that the listener stays a thin sequence of calls. Nothing here calls the Airflow API server or the
+metadata database; only :func:`local_paths` touches the filesystem (one ``stat`` per candidate).
+
+Identity (the same in every process, so the scheduler, the task runner and a re-run agree):
+
+* pipeline run id = ``uuid7_from(anchor, "<dag_id>.<run_id>")`` (``".<clear_number>"`` appended once a run has
+  been cleared), where ``anchor`` is the run's ``logical_date``, or ``run_after`` for runs without one;
+* execution id = ``uuid7_from(anchor, "<dag_id>.<run_id>.<task_id>.<try_number>.<map_index>")``: one per try of
+  each (mapped) task instance.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+from metatrail.model import ArtifactRef, uuid7_from
+
+INTEGRATION = "AIRFLOW"
+MAX_TEXT = 2000  # longest string parameter kept (a rendered SQL file can be megabytes)
+MAX_PATH_CANDIDATES = 64  # argument/return values looked at per task: a list of 10^6 strings is data, not paths
+MAX_PATH_LENGTH = 4096  # PATH_MAX on Linux; a longer string cannot be a local path
+ASSET_NAMESPACE = "airflow"  # OpenLineage namespace of assets that name no location (``Asset("x")``)
+
+
+def timestamp(value: Any) -> float | None:
+    """Unix seconds of an aware ``datetime`` (Airflow's are all aware), else None."""
+    if isinstance(value, dt.datetime):
+        return value.timestamp()
+    return None
+
+
+def run_anchor(dag_run: Any) -> float:
+    """The time part of a DAG run's ids: its logical date, or ``run_after`` when it has none (manual runs)."""
+    for attr in ("logical_date", "run_after", "start_date"):
+        ts = timestamp(getattr(dag_run, attr, None))
+        if ts is not None:
+            return ts
+    return 0.0
+
+
+def pipeline_run_id(dag_id: str, run_id: str, anchor: float, clear_number: int | None = 0) -> str:
+    """The DAG run's id as a pipeline run (see module docstring)."""
+    key = f"{dag_id}.{run_id}" + (f".{clear_number}" if clear_number else "")
+    return uuid7_from(anchor, key)
+
+
+def execution_id(dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int | None,
+                 anchor: float) -> str:
+    """One task-instance try's id as an execution (see module docstring)."""
+    index = -1 if map_index is None else map_index
+    return uuid7_from(anchor, f"{dag_id}.{run_id}.{task_id}.{try_number}.{index}")
+
+
+def _clip(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        return value[:MAX_TEXT] + f"... [{len(value) - MAX_TEXT} more characters]"
+    return value
+
+
+def _json_plain(value: Any) -> Any:
+    """Airflow's rendered values include its lazy proxies; lists/dicts of plain values are kept as they are."""
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def task_params(task: Any, *, params: Mapping[str, Any] | None, conf: Mapping[str, Any] | None,
+                redact: Any) -> dict[str, Any]:
+    """Parameters of one task-instance try, flattened so that one odd value spoils only its own key.
+
+    ``op_args.<i>`` and ``op_kwargs.<name>`` (rendered call arguments of Python/TaskFlow tasks), ``params.<name>``
+    (DAG and task params, resolved), ``conf.<key>`` (the DAG run's ``conf``) and ``template.<field>`` (other
+    rendered template fields, such as ``bash_command``). Values pass through Airflow's secrets masker.
+    """
+    out: dict[str, Any] = {}
+    op_args = getattr(task, "op_args", None)
+    if isinstance(op_args, Sequence) and not isinstance(op_args, str):
+        for i, value in enumerate(op_args):
+            out[f"op_args.{i}"] = _clip(redact(_json_plain(value), None))
+    op_kwargs = getattr(task, "op_kwargs", None)
+    if isinstance(op_kwargs, Mapping):
+        for name, value in op_kwargs.items():
+            out[f"op_kwargs.{name}"] = _clip(redact(_json_plain(value), str(name)))
+    for name in getattr(task, "template_fields", ()) or ():
+        if name in ("op_args", "op_kwargs", "templates_dict") or not isinstance(name, str):
+            continue
+        value = getattr(task, name, None)
+        if value is None or value == "" or value == {} or value == []:
+            continue
+        out[f"template.{name}"] = _clip(redact(_json_plain(value), name))
+    for name, value in (params or {}).items():
+        out[f"params.{name}"] = _clip(redact(_json_plain(value), str(name)))
+    for name, value in (conf or {}).items():
+        out[f"conf.{name}"] = _clip(redact(_json_plain(value), str(name)))
+    return out
+
+
+def resolved_params(context: Mapping[str, Any] | None, task: Any) -> dict[str, Any]:
+    """The params the task saw: from the task-runner's cached context when there is one (it includes
+    ``dag_run.conf`` overrides), else the task's own defaults. Never renders the context again."""
+    params = context.get("params") if context else None
+    if params is None:
+        params = getattr(task, "params", None)
+    if params is None:
+        return {}
+    dump = getattr(params, "dump", None)
+    if callable(dump):
+        result = dump()
+        return dict(result) if isinstance(result, Mapping) else {}
+    return dict(params) if isinstance(params, Mapping) else {}
+
+
+def operator_name(task: Any) -> str:
+    """The operator's class as ``module.Class`` (TaskFlow tasks show their decorated operator class)."""
+    cls = type(task)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def asset_artifact(obj: Any) -> str | ArtifactRef | None:
+    """What the Recorder takes for one inlet/outlet/hook-lineage item, or None when it names no dataset.
+
+    ``Asset("file:///p")``, ``ObjectStoragePath``, ``"/p"`` → a local path (hashed); ``s3://…`` and other URIs → a
+    remote dataset (never downloaded); an asset named without a location (``Asset("x")``) → dataset ``x`` in the
+    ``airflow`` namespace, with no hash. Aliases and asset conditions name no dataset by themselves.
+    """
+    if isinstance(obj, str | os.PathLike):
+        uri = os.fspath(obj)
+    elif isinstance(getattr(obj, "uri", None), str):
+        uri = obj.uri
+    elif isinstance(getattr(obj, "protocol", None), str | tuple):  # ObjectStoragePath: str() is its URL
+        uri = str(obj)
+    else:
+        return None
+    uri = uri.strip()
+    if not uri:
+        return None
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    return ArtifactRef(uri=uri, namespace=ASSET_NAMESPACE, name=uri, kind="remote", hash_error="asset: no location")
+
+
+def declared_artifacts(items: Iterable[Any] | None) -> list[str | ArtifactRef]:
+    """Datasets of declared ``inlets``/``outlets`` (assets, paths), deduplicated."""
+    return dedupe(asset_artifact(item) for item in (items or ()))
+
+
+def dataset_key(item: str | ArtifactRef) -> tuple[str, str]:
+    """The OpenLineage identity ``(namespace, name)`` of what the Recorder takes."""
+    if isinstance(item, ArtifactRef):
+        return item.namespace, item.name
+    # Imported here: Airflow imports the plugin in every component, most of which never record anything.
+    from metatrail.hashing import dataset_name
+
+    return dataset_name(item)
+
+
+def dedupe(items: Iterable[str | ArtifactRef | None]) -> list[str | ArtifactRef]:
+    """Drop Nones and repeats of the same dataset (namespace + name), keeping the first."""
+    seen: set[tuple[str, str]] = set()
+    out: list[str | ArtifactRef] = []
+    for item in items:
+        if item is None:
+            continue
+        key = dataset_key(item)
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out
+
+
+def _candidates(value: Any, depth: int = 0) -> Iterator[Any]:
+    if isinstance(value, str | os.PathLike):
+        yield value
+    elif depth < 2 and isinstance(value, Mapping):
+        for item in value.values():
+            yield from _candidates(item, depth + 1)
+    elif depth < 2 and isinstance(value, list | tuple | set | frozenset):
+        for item in value:
+            yield from _candidates(item, depth + 1)
+
+
+def _too_broad() -> frozenset[str]:
+    # Hashing one of these would read a whole machine's worth of files for one argument that merely named it.
+    home = os.path.expanduser("~")
+    return frozenset(os.path.normpath(p) for p in ("/", home, tempfile.gettempdir(), "/tmp", "/var/tmp", os.getcwd()))
+
+
+def local_paths(values: Iterable[Any]) -> list[str]:
+    """Values (and values inside lists/tuples/dicts, two levels down) that name an existing local file or directory.
+
+    Only absolute paths and ``file://`` URIs count: a bare word such as ``"data"`` that happens to exist in the
+    task's working directory is an argument, not a dataset. At most ``MAX_PATH_CANDIDATES`` values are looked at;
+    ``/``, the home, temp and working directories are never taken.
+    """
+    found: list[str] = []
+    broad: frozenset[str] | None = None
+    for count, value in enumerate(v for item in values for v in _candidates(item)):
+        if count >= MAX_PATH_CANDIDATES:
+            break
+        try:
+            text = os.fspath(value)
+        except TypeError:
+            continue
+        if not isinstance(text, str) or len(text) > MAX_PATH_LENGTH or "\n" in text or "\x00" in text:
+            continue
+        if text.startswith("file://"):
+            namespace, path = dataset_key(text)
+            if namespace != "file":
+                continue
+        elif text.startswith("/"):
+            path = text
+        else:
+            continue
+        path = os.path.normpath(path)
+        if broad is None:
+            broad = _too_broad()
+        if path in broad or not os.path.exists(path):
+            continue
+        if path not in found:
+            found.append(path)
+    return found
+
+
+def call_arguments(task: Any) -> list[Any]:
+    """The rendered positional and keyword arguments of a Python/TaskFlow task (empty for other operators)."""
+    values: list[Any] = []
+    op_args = getattr(task, "op_args", None)
+    if isinstance(op_args, Sequence) and not isinstance(op_args, str):
+        values.extend(op_args)
+    op_kwargs = getattr(task, "op_kwargs", None)
+    if isinstance(op_kwargs, Mapping):
+        values.extend(op_kwargs.values())
+    return values
+
+
+def lineage_marks(collector: Any) -> tuple[int, int]:
+    """How many inputs/outputs the hook-lineage collector holds now (it only grows while a process lives)."""
+    collected = collector.collected_assets
+    return len(collected.inputs), len(collected.outputs)
+
+
+def lineage_since(collector: Any, marks: tuple[int, int]) -> tuple[list[str | ArtifactRef], list[str | ArtifactRef]]:
+    """Inputs and outputs the collector gained since ``marks``.
+
+    Under ``airflow dags test`` every task runs in one process and the collector accumulates across tasks; entries
+    are kept in insertion order, so what a task added is what lies past the marks taken when it started.
+    """
+    collected = collector.collected_assets
+    inputs = dedupe(asset_artifact(info.asset) for info in collected.inputs[marks[0]:])
+    outputs = dedupe(asset_artifact(info.asset) for info in collected.outputs[marks[1]:])
+    return inputs, outputs
+
+
+def alias_outputs(context: Mapping[str, Any] | None) -> list[str | ArtifactRef]:
+    """Assets a task attached at run time to its outlet aliases (``outlet_events[alias].add(asset)``)."""
+    events = context.get("outlet_events") if context else None
+    if events is None:
+        return []
+    found: list[str | ArtifactRef | None] = []
+    for key in list(events):
+        if type(key).__name__ != "AssetAlias":
+            continue
+        for event in getattr(events[key], "asset_alias_events", ()) or ():
+            found.append(asset_artifact(getattr(event, "dest_asset_key", None)))
+    return dedupe(found)

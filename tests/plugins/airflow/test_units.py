@@ -1,0 +1,257 @@
+"""The plugin's parts on their own, in-process and fast: the time cap, id derivation, parameter and dataset
+translation (with Airflow's real assets, paths and secrets masker), the ``[metatrail]`` section."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("airflow", reason="Airflow tests run in the Airflow environment: nox -s airflow")
+
+from metatrail.errors import ConfigError
+from metatrail.model import ArtifactRef
+from metatrail.plugins.airflow import adapter, compat
+from metatrail.plugins.airflow.config import read_config
+from metatrail.plugins.airflow.guard import BoundedCaller
+
+# -- the time cap ------------------------------------------------------------------------------------------------
+
+
+def test_a_body_that_finishes_in_time_runs_on_the_worker_thread() -> None:
+    seen: list[str] = []
+    assert BoundedCaller().call("hook", lambda: seen.append(threading.current_thread().name), 5.0)
+    assert seen == ["metatrail-airflow-hook"]
+
+
+def test_a_raising_body_is_contained_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    guard = BoundedCaller()
+
+    def boom() -> None:
+        raise ValueError("broken translation")
+
+    for _ in range(3):
+        assert guard.call("unit_raise_hook", boom, 5.0)
+    messages = [r.getMessage() for r in caplog.records if "unit_raise_hook failed" in r.getMessage()]
+    assert messages == ["metatrail: unit_raise_hook failed (ValueError: broken translation); the task is not affected"]
+
+
+def test_a_hanging_body_costs_one_cap_then_later_calls_return_at_once() -> None:
+    guard = BoundedCaller()
+    release = threading.Event()
+    started = time.monotonic()
+    assert not guard.call("unit_hang", release.wait, 0.3)
+    capped = time.monotonic() - started
+    ran: list[int] = []
+    assert not guard.call("unit_after_hang", lambda: ran.append(1), 5.0)
+    assert ran == []  # skipped, not queued behind the stuck body
+    assert guard.overruns == 1 and guard.skipped == 1
+    release.set()
+    deadline = time.monotonic() + 5
+    while not guard.call("unit_recovered", lambda: ran.append(2), 5.0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ran == [2]
+    assert 0.3 <= capped < 5.0
+
+
+def test_a_task_runner_waits_for_a_hanging_store_once_then_briefly(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The end-of-try flush of a task-runner process is bounded, and a stuck store costs one full wait only."""
+    from airflow.sdk.execution_time.task_runner import TaskRunnerMarker
+
+    from metatrail.plugins.airflow import config
+    from metatrail.plugins.airflow.listener import SHORT_FLUSH, MetatrailListener
+    from metatrail.store.sql import SqlStore
+
+    release = threading.Event()
+    monkeypatch.setattr(SqlStore, "ingest", lambda self, events, **kw: release.wait(30))
+    monkeypatch.setenv("METATRAIL_TIMEOUT", "0.5")
+    config.plugin_config.cache_clear()
+    try:
+        listener = MetatrailListener()
+        listener.on_starting(TaskRunnerMarker())
+        recorder = listener._recorder_for(config.plugin_config())
+        recorder.pipeline_run_started("p", run_id="0190a2a6-5c00-7000-8000-000000000001")
+        waits = []
+        for _ in range(2):
+            started = time.monotonic()
+            listener.before_stopping(TaskRunnerMarker())
+            waits.append(time.monotonic() - started)
+        assert recorder.pending == 1  # still not stored: the store hangs
+        assert 0.5 <= waits[0] < 3 and waits[1] < SHORT_FLUSH + 1
+        # outside a task runner (`airflow dags test`, one process) a try ends without waiting at all
+        other = MetatrailListener()
+        other._recorder = recorder
+        started = time.monotonic()
+        other.before_stopping(TaskRunnerMarker())
+        assert time.monotonic() - started < SHORT_FLUSH
+    finally:
+        release.set()
+        config.plugin_config.cache_clear()
+
+
+# -- ids ---------------------------------------------------------------------------------------------------------
+
+
+def test_ids_are_deterministic_and_distinguish_every_part_of_a_try() -> None:
+    anchor = 1704067200.0
+    base = adapter.execution_id("d", "r", "t", 1, -1, anchor)
+    assert base == adapter.execution_id("d", "r", "t", 1, None, anchor)
+    parts = [("d2", "r", "t", 1, -1), ("d", "r2", "t", 1, -1), ("d", "r", "t2", 1, -1), ("d", "r", "t", 2, -1),
+             ("d", "r", "t", 1, 0)]
+    variants = {adapter.execution_id(*p, anchor) for p in parts}  # type: ignore[arg-type]
+    assert len(variants) == 5 and base not in variants
+    assert adapter.pipeline_run_id("d", "r", anchor) == adapter.pipeline_run_id("d", "r", anchor, 0)
+    assert adapter.pipeline_run_id("d", "r", anchor) != adapter.pipeline_run_id("d", "r", anchor, 1)
+    assert base[:13] == adapter.pipeline_run_id("d", "r", anchor)[:13]  # both carry the run's logical time
+
+
+# -- parameters --------------------------------------------------------------------------------------------------
+
+
+class _Task:
+    template_fields = ("bash_command", "env", "op_args", "op_kwargs")
+
+    def __init__(self) -> None:
+        self.op_args = ("a", ("tuple", 2))
+        self.op_kwargs = {"password": "hunter2-very-secret", "rows": 3, "long": "x" * 5000}
+        self.bash_command = "echo hi"
+        self.env = {}
+
+
+def test_parameters_are_flattened_clipped_and_masked_by_airflow() -> None:
+    params = adapter.task_params(_Task(), params={"scale": 2}, conf={"label": "x"}, redact=compat.redactor())
+    assert params["op_args.0"] == "a"
+    assert params["op_args.1"] == ["tuple", 2]
+    assert params["op_kwargs.password"] == "***"  # Airflow's masker hides sensitive names
+    assert params["op_kwargs.rows"] == 3
+    assert params["op_kwargs.long"].startswith("x" * adapter.MAX_TEXT) and "3000 more characters" in params[
+        "op_kwargs.long"]
+    assert params["template.bash_command"] == "echo hi"
+    assert "template.env" not in params  # empty fields say nothing
+    assert (params["params.scale"], params["conf.label"]) == (2, "x")
+
+
+# -- datasets ----------------------------------------------------------------------------------------------------
+
+
+def test_assets_and_paths_map_to_datasets() -> None:
+    from airflow.sdk import Asset, AssetAlias, ObjectStoragePath
+
+    assert adapter.asset_artifact(Asset("file:///data/x.csv")) == "file:///data/x.csv"
+    assert adapter.asset_artifact(Asset("s3://bucket/key")) == "s3://bucket/key"
+    assert adapter.asset_artifact(ObjectStoragePath("file:///data/y")) == "file:///data/y"
+    named = adapter.asset_artifact(Asset(name="daily_report"))
+    assert isinstance(named, ArtifactRef)
+    assert (named.namespace, named.name, named.hash) == ("airflow", "daily_report", None)
+    assert adapter.asset_artifact(AssetAlias("alias")) is None
+    assert adapter.declared_artifacts([Asset("file:///d/a"), "/d/a", Asset("s3://b/k")]) == ["file:///d/a",
+                                                                                           "s3://b/k"]
+
+
+def test_only_existing_absolute_paths_count_and_broad_directories_never(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.csv").write_text("1\n")
+    (tmp_path / "rel").write_text("")
+    (tmp_path / "sub").mkdir()
+    values = [str(tmp_path / "in.csv"), "rel", str(tmp_path / "missing"), {"nested": [f"file://{tmp_path}/sub"]},
+              "/", os.path.expanduser("~"), str(tmp_path), "not\na path", 42, None]
+    assert adapter.local_paths(values) == [str(tmp_path / "in.csv"), str(tmp_path / "sub")]
+
+
+def test_path_candidates_are_capped(tmp_path: Path) -> None:
+    files = []
+    for i in range(adapter.MAX_PATH_CANDIDATES + 10):
+        f = tmp_path / f"{i}.txt"
+        f.write_text("")
+        files.append(str(f))
+    assert len(adapter.local_paths([files])) == adapter.MAX_PATH_CANDIDATES
+
+
+# -- the [metatrail] section -------------------------------------------------------------------------------------
+
+
+def _cfg(text: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser()
+    parser.read_string(text)
+    return parser
+
+
+def test_config_defaults_take_the_airflow_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("METATRAIL_NAMESPACE", raising=False)
+    cfg = read_config(_cfg("[core]\nx = 1\n"))
+    assert (cfg.disabled, cfg.namespace, cfg.hook_timeout) == (False, "airflow", 2.0)
+    monkeypatch.setenv("METATRAIL_NAMESPACE", "from-env")
+    assert read_config(_cfg("")).namespace == "from-env"
+
+
+def test_config_section_overrides_metatrail_settings(tmp_path: Path) -> None:
+    cfg = read_config(_cfg(f"[metatrail]\nnamespace = team\nhook_timeout = 0.5\nstore = sqlite:///{tmp_path}/s.db\n"
+                           "site = lab\n"))
+    assert (cfg.namespace, cfg.hook_timeout) == ("team", 0.5)
+    assert cfg.settings is not None
+    assert (cfg.settings.store, cfg.settings.site) == (f"sqlite:///{tmp_path}/s.db", "lab")
+
+
+def test_config_disabled_and_invalid_values() -> None:
+    assert read_config(_cfg("[metatrail]\ndisabled = True\n")).disabled
+    assert not read_config(_cfg("[metatrail]\ndisabled = false\n")).disabled
+    with pytest.raises(ConfigError, match="hook_timeout"):
+        read_config(_cfg("[metatrail]\nhook_timeout = soon\n"))
+
+
+# -- hooks called with ORM objects (scheduler, API server) -------------------------------------------------------
+
+
+def test_scheduler_side_hooks_record_from_loaded_orm_values(tmp_path: Path) -> None:
+    """The scheduler calls DAG-run hooks, and the failure hook of a task that died unreported, with ORM objects."""
+    import datetime as dt
+    import uuid
+
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.providers.standard.operators.empty import EmptyOperator
+    from airflow.sdk import DAG
+    from olspec import assert_valid
+
+    from metatrail.plugins.airflow import config
+    from metatrail.plugins.airflow.listener import MetatrailListener
+    from metatrail.store import open_store
+
+    logical = dt.datetime(2024, 5, 1, tzinfo=dt.UTC)
+    with DAG("orm_dag", schedule=None, start_date=logical) as dag:
+        op = EmptyOperator(task_id="t")
+    dag_run = DagRun(dag_id=dag.dag_id, run_id="scheduled__x", logical_date=logical, run_after=logical,
+                     run_type="scheduled", conf={"k": 1}, start_date=logical + dt.timedelta(minutes=1))
+    ti = TaskInstance(task=op, dag_version_id=uuid.uuid4(), run_id="scheduled__x")
+    ti.dag_run, ti.try_number, ti.state = dag_run, 1, "failed"
+    config.plugin_config.cache_clear()
+    try:
+        listener = MetatrailListener()
+        listener.on_dag_run_running(dag_run, "")
+        listener.on_task_instance_failed(None, ti, "Executor reported that the task instance finished with failed")
+        dag_run.end_date = logical + dt.timedelta(minutes=2)
+        listener.on_dag_run_failed(dag_run, "task_failure")
+        assert listener._recorder.flush(10)
+        with open_store(os.environ["METATRAIL_STORE"]) as store:
+            events = [e.body for e in store.iter_events()]
+    finally:
+        config.plugin_config.cache_clear()
+    for e in events:
+        assert_valid(e)
+    pipeline_id = adapter.pipeline_run_id("orm_dag", "scheduled__x", logical.timestamp())
+    assert [(e["job"]["name"], e["eventType"]) for e in events] == [
+        ("orm_dag", "START"), ("orm_dag.t", "FAIL"), ("orm_dag", "FAIL")]
+    assert {events[0]["run"]["runId"], events[2]["run"]["runId"]} == {pipeline_id}
+    assert events[0]["run"]["facets"]["metatrail_execution"]["params"] == {"conf.k": 1}
+    task_fail = events[1]
+    assert task_fail["run"]["runId"] == adapter.execution_id("orm_dag", "scheduled__x", "t", 1, -1,
+                                                             logical.timestamp())
+    assert task_fail["run"]["facets"]["parent"]["run"]["runId"] == pipeline_id
+    assert task_fail["run"]["facets"]["metatrail_execution"]["extra"]["reportedOutsideTask"] is True
+    assert task_fail["run"]["facets"]["errorMessage"]["message"].startswith("Executor reported")
