@@ -38,6 +38,8 @@ def _make_session(name: str, extras: list[str], pytest_args: list[str]) -> None:
     def _session(session: nox.Session) -> None:
         # A regular (not editable) install: what users get, and what mypy can read as the package `metatrail`.
         session.install(f".[{','.join(extras)}]", *REQUIREMENTS.get(name, []))
+        # A reused environment keeps an installed metatrail of the same version: put this tree's in place.
+        session.install("--no-deps", "--force-reinstall", ".")
         if name == "core":
             session.run("ruff", "check", "core", "plugins", "tests", "bench", "examples", "noxfile.py")
             session.run("mypy", "-p", "metatrail")

@@ -346,7 +346,9 @@ class Recorder:
 
     def close(self, timeout: float | None = None) -> None:
         """Flush and stop the writer; the store is closed. Safe to call twice."""
-        self.flush(timeout if timeout is not None else self.settings.flush_timeout if self._settings else 5.0)
+        limit = timeout if timeout is not None else self.settings.flush_timeout if self._settings else 5.0
+        if not self._closed and not self.flush(limit) and not is_disabled():
+            log.warning("metatrail: %d events were not stored before exit (flush timeout %.0fs)", self.pending, limit)
         with self._cv:
             self._closed = True
             self._cv.notify_all()
