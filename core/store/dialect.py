@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import sqlite3
@@ -113,7 +114,14 @@ def insert_ignore(engine: Engine, table: Table) -> Any:
 
 def upsert(engine: Engine, table: Table, key: Sequence[str]) -> Any:
     """``INSERT … ON CONFLICT (key) DO UPDATE SET every other column``."""
-    stmt = sqlite_dialect.insert(table) if is_sqlite(engine) else pg_dialect.insert(table)
+    return _upsert(engine.dialect.name, table, tuple(key))
+
+
+@functools.lru_cache(maxsize=64)
+def _upsert(dialect_name: str, table: Table, key: tuple[str, ...]) -> Any:
+    # Built once per table: constructing ``excluded`` column proxies cost ~1 ms per ingest (a third of a
+    # single-event ingest); the statement is immutable and SQLAlchemy caches its compiled form.
+    stmt = sqlite_dialect.insert(table) if dialect_name == "sqlite" else pg_dialect.insert(table)
     others = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in key}
     return stmt.on_conflict_do_update(index_elements=list(key), set_=others)
 
@@ -123,8 +131,10 @@ def lock_runs(conn: Connection, run_ids: Sequence[str]) -> None:
     already serialises everything)."""
     if conn.dialect.name == "sqlite":
         return
-    for run_id in sorted(set(run_ids)):  # a fixed order, so two writers never deadlock
-        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": run_id})
+    # One round trip for all of them (one per run made a 1,000-run batch wait on 1,000 round trips); unnest keeps
+    # the array's sorted order, so two writers still lock in the same order and never deadlock.
+    conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(k)) FROM unnest(CAST(:keys AS text[])) AS k"),
+                 {"keys": sorted(set(run_ids))})
 
 
 def lock_log(conn: Connection) -> None:

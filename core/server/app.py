@@ -1,0 +1,75 @@
+"""The application factory: routers per area, error handlers, the body-size cap, and the services' lifecycle."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from metatrail import __version__
+from metatrail.server import errors
+from metatrail.server.auth import route_policy
+from metatrail.server.config import ServerConfig
+from metatrail.server.limits import BodyLimit
+from metatrail.server.routes import admin, federation, ingest, meta, queries, sync
+from metatrail.server.services import Services
+
+# Routes outside the routers (FastAPI's own), each with its explicit policy: the API description is public.
+FRAMEWORK_ROUTES = {"/openapi.json": "public"}
+
+
+def create_app(config: ServerConfig, *, services: Services | None = None) -> FastAPI:
+    """A FastAPI app serving ``config.store``. The store is opened (and migrated) here; background work starts
+    with the app's lifespan and stops, writing what is queued, when it ends."""
+    svc = services or Services.open(config)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        svc.start_background()
+        try:
+            yield
+        finally:
+            svc.close()
+
+    app = FastAPI(title="metatrail", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  redirect_slashes=False,
+                  description="OpenLineage ingest, sync, queries and federation for metatrail stores.")
+    app.state.services = svc
+    errors.install(app)
+    for module in (meta, ingest, sync, queries, federation, admin):
+        app.include_router(module.router)
+    # Declare the bearer scheme in the API description (clients and fuzzers read it); checks are in PolicyRoute.
+    original_openapi = app.openapi
+
+    def openapi() -> dict[str, object]:
+        if app.openapi_schema is None:
+            schema = original_openapi()
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(BodyLimit, max_bytes=config.max_batch_bytes)
+    return app
+
+
+def _flatten(routes: list[Any]) -> Iterator[Any]:
+    for route in routes:
+        inner = getattr(route, "original_router", None)  # FastAPI ≥ 0.16x keeps included routers as one route
+        if inner is not None:
+            yield from _flatten(list(inner.routes))
+        else:
+            yield route
+
+
+def route_table(app: FastAPI) -> list[tuple[str, frozenset[str], str | None]]:
+    """Every route of ``app`` as ``(path, methods, policy)``; policy None means the route is denied to everyone."""
+    table = []
+    for route in _flatten(list(app.routes)):
+        methods = frozenset(getattr(route, "methods", None) or ())
+        policy = route_policy(route) or FRAMEWORK_ROUTES.get(route.path)
+        table.append((route.path, methods, policy))
+    return table

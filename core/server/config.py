@@ -1,0 +1,34 @@
+"""Server settings: one frozen dataclass, built by ``metatrail server`` from its arguments (or by tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything a server needs to know; defaults are safe for a public deployment.
+
+    ``forward`` turns on fan-out to another OpenLineage backend: ``True`` resolves the transport the way
+    ``openlineage-python`` does (``OPENLINEAGE_CONFIG``/``openlineage.yml``, ``OPENLINEAGE__TRANSPORT__*``,
+    ``OPENLINEAGE_URL``); a dict is an explicit client config (``{"transport": {"type": "file", …}}``).
+    """
+
+    store: str
+    site: str = "server"
+    max_event_bytes: int = 5 * MiB
+    max_batch_bytes: int = 64 * MiB
+    max_batch_events: int = 10_000
+    max_ids: int = 10_000
+    max_depth: int = 64
+    auth_cache_ttl: float = 5.0
+    max_pending_events: int = 200_000
+    writer_batch: int = 5_000
+    forward: bool | dict[str, Any] | None = None
+    forward_queue: int = 10_000
+    schedule_tick: float = 5.0
+    peer_timeout: float = 30.0
+    extra: dict[str, Any] = field(default_factory=dict)

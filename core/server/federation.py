@@ -1,0 +1,197 @@
+"""Federation: a server keeps a list of peer servers and syncs with them, pulling and/or pushing, on demand
+(``POST /api/v1/peers/{name}/sync``, ``metatrail peer sync``) and on a schedule (``interval_s`` per peer).
+
+Sync with a peer is the same missing-events transfer as a client's push/pull (:mod:`metatrail.sync`), with cursors
+kept under the peer's name. Selective sharing: a peer reads only the pipelines its token on *our* server allows
+(``metatrail token create --pipelines …``), and we push to it only the pipelines in its ``share`` list. Events
+pulled from a peer are recorded with their origin site (the site the peer recorded, else the peer's own site).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete, select, update
+
+from metatrail.errors import ConfigError
+from metatrail.store import dialect
+from metatrail.store.schema import peers
+from metatrail.sync import Filter, HttpEndpoint, LocalEndpoint, Shipped, decode_shipped, transfer
+
+if TYPE_CHECKING:
+    from metatrail.server.services import Services
+
+log = logging.getLogger("metatrail.server")
+PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DIRECTIONS = ("pull", "push", "both")
+
+
+class PeerStore:
+    """Peers in the ``peers`` table of the server's database."""
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        if migrate:  # creates or upgrades the schema, so the peers table exists
+            from metatrail.store import open_store
+
+            open_store(url).close()
+        self._engine = dialect.make_engine(url)
+
+    def close(self) -> None:
+        """Release connections."""
+        self._engine.dispose()
+
+    @staticmethod
+    def _public(row: Any, *, with_token: bool = False) -> dict[str, Any]:
+        d = dict(row._mapping)
+        d["pull"], d["push"] = bool(d["pull"]), bool(d["push"])
+        d["share"] = json.loads(d["share"]) if d.get("share") else None
+        if not with_token:
+            d["has_token"] = bool(d.pop("token"))
+        return d
+
+    def add(self, name: str, url: str, *, token: str | None, pull: bool = True, push: bool = False,
+            share: Sequence[str] | None = None, interval_s: float | None = None) -> dict[str, Any]:
+        """Add or replace a peer."""
+        if not PEER_NAME.match(name):
+            raise ConfigError(f"peer name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"peer URL {url!r} must start with http:// or https://")
+        if interval_s is not None and interval_s < 1:
+            raise ConfigError("a sync interval must be at least 1 second")
+        row = {"name": name, "url": url.rstrip("/"), "token": token, "pull": int(pull), "push": int(push),
+               "share": json.dumps(sorted(set(share))) if share is not None else None, "interval_s": interval_s,
+               "created_at": time.time(), "last_sync_at": None, "last_error": None}
+
+        def run() -> None:
+            with self._engine.begin() as conn:
+                conn.execute(delete(peers).where(peers.c.name == name))
+                conn.execute(peers.insert().values(**row))
+
+        dialect.retrying(run)
+        found = self.get(name)
+        assert found is not None
+        return found
+
+    def get(self, name: str, *, with_token: bool = False) -> dict[str, Any] | None:
+        """One peer, or None."""
+        with self._engine.connect() as conn:
+            row = conn.execute(select(peers).where(peers.c.name == name)).first()
+        return self._public(row, with_token=with_token) if row is not None else None
+
+    def list(self, *, with_token: bool = False) -> list[dict[str, Any]]:
+        """Every peer, by name."""
+        with self._engine.connect() as conn:
+            return [self._public(r, with_token=with_token) for r in conn.execute(select(peers).order_by(peers.c.name))]
+
+    def remove(self, name: str) -> bool:
+        """Remove a peer; False when unknown."""
+
+        def run() -> int:
+            with self._engine.begin() as conn:
+                return int(conn.execute(delete(peers).where(peers.c.name == name)).rowcount or 0)
+
+        return dialect.retrying(run) > 0
+
+    def record(self, name: str, *, error: str | None) -> None:
+        """Note the time (and error, if any) of the last sync with ``name``."""
+
+        def run() -> None:
+            with self._engine.begin() as conn:
+                conn.execute(update(peers).where(peers.c.name == name)
+                             .values(last_sync_at=time.time(), last_error=error))
+
+        dialect.retrying(run)
+
+
+class WriterEndpoint(LocalEndpoint):
+    """The server's own store as a sync destination: received events go through the server's writer, so they are
+    group-committed with client ingests and forwarded like them."""
+
+    def __init__(self, services: Services, *, site: str | None) -> None:
+        super().__init__(services.store, services.log, site=site)
+        self._services = services
+
+    def receive(self, shipped: Sequence[Shipped]) -> int:
+        inserted = 0
+        for site, batch in decode_shipped(shipped, self.site).items():
+            future = self._services.writer.submit(batch, site)
+            inserted += future.result(timeout=300).inserted
+        return inserted
+
+
+def sync_peer(services: Services, name: str, direction: str = "both") -> dict[str, Any]:
+    """Sync with peer ``name`` now (``pull``, ``push`` or ``both``, limited to what the peer is configured for);
+    return what each direction did. Errors are recorded on the peer and raised."""
+    from metatrail.store.remote import ServerClient
+
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"direction must be one of {', '.join(DIRECTIONS)}")
+    peer = services.peers.get(name, with_token=True)
+    if peer is None:
+        raise KeyError(name)
+    client = ServerClient(peer["url"], peer.get("token"), timeout=services.config.peer_timeout,
+                          connect_timeout=min(5.0, services.config.peer_timeout),
+                          ca_bundle=services.config.extra.get("ca_bundle"))
+    remote = HttpEndpoint(client)
+    out: dict[str, Any] = {"peer": name}
+    try:
+        if direction in ("pull", "both") and peer["pull"]:
+            info = client.request("GET", "/api/v1/version")
+            local = WriterEndpoint(services, site=str(info.get("site") or name))
+            out["pull"] = transfer(remote, local, log=services.log, peer=f"peer:{name}", direction="pull").as_dict()
+        if direction in ("push", "both") and peer["push"]:
+            share = frozenset(peer["share"]) if peer["share"] is not None else None
+            source = LocalEndpoint(services.store, services.log, site=services.config.site)
+            out["push"] = transfer(source, remote, log=services.log, peer=f"peer:{name}", direction="push",
+                                   filt=Filter(pipelines=share)).as_dict()
+    except Exception as exc:
+        services.peers.record(name, error=f"{type(exc).__name__}: {exc}"[:500])
+        raise
+    finally:
+        client.close()
+    services.peers.record(name, error=None)
+    return out
+
+
+class Scheduler:
+    """Syncs each peer that has an ``interval_s`` when it is due; one daemon thread, errors logged, never raised."""
+
+    def __init__(self, services: Services, tick: float = 5.0) -> None:
+        self._services = services
+        self._tick = tick
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metatrail-federation", daemon=True)
+        self.runs = 0
+
+    def start(self) -> None:
+        """Start the schedule."""
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._tick):
+            try:
+                due = [p for p in self._services.peers.list() if p["interval_s"]
+                       and (p["last_sync_at"] is None or time.time() - p["last_sync_at"] >= p["interval_s"])]
+            except Exception as exc:
+                log.warning("metatrail server: cannot read peers: %s", exc)
+                continue
+            for peer in due:
+                if self._stop.is_set():
+                    return
+                try:
+                    sync_peer(self._services, peer["name"])
+                    self.runs += 1
+                except Exception as exc:
+                    log.warning("metatrail server: scheduled sync with %s failed: %s", peer["name"], exc)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the sync in progress, if any (waits up to ``timeout``)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)

@@ -1,0 +1,68 @@
+"""OpenLineage ingest: ``POST /api/v1/lineage`` (one event, Marquez-compatible) and ``POST /api/v1/lineage/batch``
+(a JSON array, all-or-nothing). Any valid OpenLineage 2-x event from any producer; run, dataset and job events.
+Idempotent: an event already stored is acknowledged again and stored once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from metatrail.openlineage.events import event_id
+from metatrail.openlineage.validation import InvalidEvent, validate_event
+from metatrail.server.auth import WRITE, policy, writing_site
+from metatrail.server.errors import ApiError
+from metatrail.server.limits import read_json
+from metatrail.server.routes import make_router
+from metatrail.server.routes.common import EVENT_SCHEMA, json_body, services, submit
+
+router = make_router()
+
+
+@router.post("/api/v1/lineage", status_code=201, tags=["ingest"],
+             openapi_extra=json_body(EVENT_SCHEMA, "one OpenLineage event (run, dataset or job event)"),
+             responses={201: {"description": "stored (or already stored)"}, 400: {}, 413: {}, 422: {}})
+@policy(WRITE)
+async def post_lineage(request: Request) -> JSONResponse:
+    """Store one OpenLineage event. 201 when stored or already stored; 400/422 as Marquez would refuse it."""
+    svc = services(request)
+    body = await read_json(request, max_bytes=svc.config.max_event_bytes, max_depth=svc.config.max_depth,
+                           check=False)
+    try:
+        kind = validate_event(body, max_depth=svc.config.max_depth)
+    except InvalidEvent as exc:
+        raise ApiError(exc.status, "invalid_event", str(exc)) from None
+    result = await submit(svc, [body], writing_site(request))
+    return JSONResponse({"id": event_id(body), "kind": kind, "stored": result.inserted == 1}, status_code=201)
+
+
+@router.post("/api/v1/lineage/batch", status_code=201, tags=["ingest"],
+             openapi_extra=json_body({"type": "array", "items": EVENT_SCHEMA}, "a JSON array of OpenLineage events"),
+             responses={201: {"description": "all stored"}, 400: {}, 413: {}, 422: {}})
+@policy(WRITE)
+async def post_lineage_batch(request: Request) -> JSONResponse:
+    """Store a batch of events atomically: when any event is invalid nothing is stored and every problem is
+    listed (status of the first)."""
+    svc = services(request)
+    body = await read_json(request, max_bytes=svc.config.max_batch_bytes, max_depth=svc.config.max_depth,
+                           check=False)
+    if not isinstance(body, list):
+        raise ApiError(400, "invalid_batch", "a batch is a JSON array of events")
+    if len(body) > svc.config.max_batch_events:
+        raise ApiError(413, "batch_too_large", f"at most {svc.config.max_batch_events} events per batch")
+    errors: list[dict[str, Any]] = []
+    for i, event in enumerate(body):
+        try:
+            validate_event(event, max_depth=svc.config.max_depth)
+        except InvalidEvent as exc:
+            errors.append({"index": i, "status": exc.status, "path": exc.path, "message": exc.reason})
+            if len(errors) >= 100:
+                break
+    if errors:
+        raise ApiError(errors[0]["status"], "invalid_events", f"{len(errors)} invalid event(s); nothing stored",
+                       details=errors)
+    if not body:
+        return JSONResponse({"received": 0, "inserted": 0}, status_code=201)
+    result = await submit(svc, body, writing_site(request))
+    return JSONResponse({"received": result.received, "inserted": result.inserted}, status_code=201)

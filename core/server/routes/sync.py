@@ -1,0 +1,149 @@
+"""Sync: the routes :mod:`metatrail.sync` uses to exchange only missing events, plus a digest to compare sites.
+
+``GET /api/v1/sync/ids`` pages the log as ``(seq, id)`` pairs after a cursor; ``POST /api/v1/sync/fetch`` returns
+bodies by id; ``POST /api/v1/sync/missing`` says which ids this server lacks; ``POST /api/v1/sync/push`` stores
+events with their origin sites. ``GET /api/v1/events`` pages whole events (for ``RemoteStore.iter_events``). Reads
+honour the token's pipeline restriction.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from fastapi import Query
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from metatrail.openlineage.validation import InvalidEvent, validate_event
+from metatrail.server.auth import READ, SITE_RE, WRITE, current, policy, writing_site
+from metatrail.server.errors import ApiError
+from metatrail.server.limits import read_json
+from metatrail.server.routes import make_router
+from metatrail.server.routes.common import EVENT_ID_PATTERN, EVENT_SCHEMA, UUID_PATTERN, json_body, services, submit
+from metatrail.sync import Filter
+
+router = make_router()
+_EVENT_ID = re.compile(EVENT_ID_PATTERN)
+IDS_SCHEMA = {"type": "object", "required": ["ids"],
+              "properties": {"ids": {"type": "array", "maxItems": 10000,
+                                     "items": {"type": "string", "pattern": EVENT_ID_PATTERN}}}}
+PUSH_SCHEMA = {"type": "object", "required": ["events"],
+               "properties": {"events": {"type": "array", "items": EVENT_SCHEMA},
+                              "origins": {"type": "array", "items": {"type": ["string", "null"]}}}}
+
+
+def _filter(request: Request, pipeline: str | None, run_id: str | None, since: float | None) -> Filter:
+    return Filter(pipeline=pipeline, run_id=run_id, since=since, pipelines=current(request).pipelines)
+
+
+async def _ids(request: Request, limit: int) -> list[str]:
+    body = await read_json(request, max_bytes=limit * 80 + 1024, max_depth=4)
+    ids = body.get("ids") if isinstance(body, dict) else None
+    if not isinstance(ids, list) or len(ids) > limit:
+        raise ApiError(422, "invalid_ids", f"send {{\"ids\": [...]}} with at most {limit} event ids")
+    if not all(isinstance(i, str) and _EVENT_ID.match(i) for i in ids):
+        raise ApiError(422, "invalid_ids", "event ids are 64 lower-case hex characters")
+    return ids
+
+
+@router.get("/api/v1/sync/ids", tags=["sync"])
+@policy(READ)
+async def sync_ids(request: Request, after: int = Query(0, ge=0, le=2**62), limit: int = Query(2000, ge=0, le=10000),
+                   pipeline: str | None = Query(None, max_length=1024),
+                   run_id: str | None = Query(None, pattern=UUID_PATTERN),
+                   since: float | None = Query(None, ge=-1e11, le=1e11)) -> dict[str, Any]:
+    """The next ``(seq, id)`` pairs of the log after ``after``; ``last`` is where to resume. ``limit=0`` only
+    counts what remains."""
+    svc = services(request)
+    filt = _filter(request, pipeline, run_id, since)
+    if limit == 0:
+        remaining = await run_in_threadpool(svc.log.count_after, after, filt)
+        return {"site": svc.config.site, "items": [], "last": after, "more": remaining > 0, "remaining": remaining}
+    page = await run_in_threadpool(svc.log.page, after, filt, limit)
+    return {"site": svc.config.site, "items": page.items, "last": page.last, "more": page.more}
+
+
+@router.post("/api/v1/sync/fetch", tags=["sync"], openapi_extra=json_body(IDS_SCHEMA))
+@policy(READ)
+async def sync_fetch(request: Request) -> Response:
+    """The events with these ids (those the token may read), with their origin sites."""
+    svc = services(request)
+    ids = await _ids(request, svc.config.max_ids)
+    found = await run_in_threadpool(svc.log.fetch, ids, _filter(request, None, None, None))
+    # Stored bodies are canonical JSON text already: splice them in rather than decode and encode them again.
+    parts = [f'{{"id":"{s.id}","site":{json.dumps(s.site)},"event":{s.text}}}' for s in found]
+    return Response(('{"events":[' + ",".join(parts) + "]}").encode("utf-8"), media_type="application/json")
+
+
+@router.post("/api/v1/sync/missing", tags=["sync"], openapi_extra=json_body(IDS_SCHEMA))
+@policy(WRITE)
+async def sync_missing(request: Request) -> dict[str, Any]:
+    """Which of these event ids this server does not have."""
+    svc = services(request)
+    ids = await _ids(request, svc.config.max_ids)
+    return {"missing": await run_in_threadpool(svc.log.missing, ids)}
+
+
+@router.post("/api/v1/sync/push", status_code=201, tags=["sync"], openapi_extra=json_body(PUSH_SCHEMA))
+@policy(WRITE)
+async def sync_push(request: Request) -> JSONResponse:
+    """Store pushed events (all or nothing). ``origins`` names the site each event was first recorded at (null:
+    the pushing site); events without one are recorded under the token's site."""
+    svc = services(request)
+    body = await read_json(request, max_bytes=svc.config.max_batch_bytes, max_depth=svc.config.max_depth,
+                           check=False)
+    events = body.get("events") if isinstance(body, dict) else None
+    origins = body.get("origins") if isinstance(body, dict) else None
+    if not isinstance(events, list):
+        raise ApiError(422, "invalid_push", 'send {"events": [...], "origins": [...]}')
+    if len(events) > svc.config.max_batch_events:
+        raise ApiError(413, "batch_too_large", f"at most {svc.config.max_batch_events} events per push")
+    if origins is None:
+        origins = [None] * len(events)
+    if not isinstance(origins, list) or len(origins) != len(events) or not all(
+            o is None or (isinstance(o, str) and SITE_RE.match(o)) for o in origins):
+        raise ApiError(422, "invalid_origins", "origins must list one site name (or null) per event")
+    errors: list[dict[str, Any]] = []
+    for i, event in enumerate(events):
+        try:
+            validate_event(event, max_depth=svc.config.max_depth)
+        except InvalidEvent as exc:
+            errors.append({"index": i, "status": exc.status, "path": exc.path, "message": exc.reason})
+    if errors:
+        raise ApiError(errors[0]["status"], "invalid_events", f"{len(errors)} invalid event(s); nothing stored",
+                       details=errors[:100])
+    default = writing_site(request)
+    groups: dict[str, list[Any]] = {}
+    for event, origin in zip(events, origins, strict=True):
+        groups.setdefault(origin or default, []).append(event)
+    inserted = 0
+    for site, group in groups.items():
+        inserted += (await submit(svc, group, site)).inserted
+    return JSONResponse({"received": len(events), "inserted": inserted}, status_code=201)
+
+
+@router.get("/api/v1/sync/digest", tags=["sync"])
+@policy(READ)
+async def sync_digest(request: Request, pipeline: str | None = Query(None, max_length=1024)) -> dict[str, Any]:
+    """A digest of the set of events this token can read: two sites hold the same events when digests match."""
+    svc = services(request)
+    digest: dict[str, Any] = await run_in_threadpool(svc.log.digest, _filter(request, pipeline, None, None))
+    return {"site": svc.config.site, **digest}
+
+
+@router.get("/api/v1/events", tags=["sync"])
+@policy(READ)
+async def list_events(request: Request, after: int = Query(0, ge=0, le=2**62),
+                      limit: int = Query(1000, ge=1, le=5000), pipeline: str | None = Query(None, max_length=1024),
+                      run_id: str | None = Query(None, pattern=UUID_PATTERN),
+                      since: float | None = Query(None, ge=-1e11, le=1e11)) -> Response:
+    """Whole events in log order after ``after`` (``RemoteStore.iter_events``)."""
+    svc = services(request)
+    rows = await run_in_threadpool(svc.log.events_after, after, _filter(request, pipeline, run_id, since), limit)
+    parts = [f'{{"seq":{seq},"id":"{s.id}","site":{json.dumps(s.site)},"event":{s.text}}}' for seq, s in rows]
+    more = "true" if len(rows) == limit else "false"
+    return Response(('{"events":[' + ",".join(parts) + '],"more":' + more + "}").encode("utf-8"),
+                    media_type="application/json")

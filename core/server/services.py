@@ -1,0 +1,75 @@
+"""What the routes share, opened once per application: the store, its event log, tokens, peers, the writer, the
+optional forwarder and the federation scheduler."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from metatrail.errors import ConfigError
+from metatrail.server.auth import TokenStore
+from metatrail.server.config import ServerConfig
+from metatrail.server.federation import PeerStore, Scheduler
+from metatrail.server.writer import IngestWriter
+from metatrail.store.base import EventStore
+from metatrail.sync import SyncLog
+
+log = logging.getLogger("metatrail.server")
+
+
+@dataclass
+class Services:
+    """The server's long-lived parts (see module docstring)."""
+
+    config: ServerConfig
+    store: EventStore
+    log: SyncLog
+    tokens: TokenStore
+    peers: PeerStore
+    writer: IngestWriter
+    forwarder: Any = None
+    scheduler: Scheduler | None = None
+
+    @classmethod
+    def open(cls, config: ServerConfig) -> Services:
+        """Open the store (running its migrations) and everything built on it."""
+        from metatrail.store import open_store
+
+        if not config.store.startswith(("sqlite:", "postgresql", "postgres:")):
+            raise ConfigError(f"a server keeps its own SQL store (sqlite:/// or postgresql://), not {config.store!r}")
+        store = open_store(config.store)
+        forwarder = None
+        if config.forward:
+            from metatrail.server.fanout import Forwarder
+
+            forwarder = Forwarder(config.forward, max_queue=config.forward_queue)
+        writer = IngestWriter(store, max_pending=config.max_pending_events, max_batch=config.writer_batch,
+                              on_inserted=forwarder.enqueue if forwarder is not None else None)
+        return cls(config=config, store=store, log=SyncLog(store.url),
+                   tokens=TokenStore(store.url, ttl=config.auth_cache_ttl, migrate=False),
+                   peers=PeerStore(store.url, migrate=False),
+                   writer=writer, forwarder=forwarder)
+
+    def start_background(self) -> None:
+        """Start the federation schedule (the writer starts itself on first use)."""
+        self.writer.open()
+        if self.forwarder is not None:
+            self.forwarder.start()
+        if self.scheduler is None:
+            self.scheduler = Scheduler(self, tick=self.config.schedule_tick)
+            self.scheduler.start()
+
+    def close(self) -> None:
+        """Stop background work (writing what is queued) and release every connection."""
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.scheduler = None
+        self.writer.close()
+        if self.forwarder is not None:
+            self.forwarder.close()
+        for part in (self.log, self.tokens, self.peers, self.store):
+            try:
+                part.close()
+            except Exception as exc:
+                log.warning("metatrail server: closing %s failed: %s", type(part).__name__, exc)

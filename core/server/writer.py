@@ -1,0 +1,158 @@
+"""One writer thread for the server's store: concurrent ingests are group-committed.
+
+Requests hand their validated events to :meth:`IngestWriter.submit` and wait for the returned future; the writer
+takes everything waiting (up to ``max_batch`` events), stores it in one transaction per origin site, and resolves
+each request's future with its own counts. A request is acknowledged only after its events are committed. One
+writer means SQLite never sees two writers of ours at once, and a transaction's cost is shared by every request in
+it. If a combined batch fails on one request's events, each request is retried alone so only the faulty one fails.
+
+Bounded: past ``max_pending`` waiting events, ``submit`` raises :class:`Overloaded` (the route answers 503 with
+``Retry-After``) rather than growing without limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from metatrail.errors import EventError
+from metatrail.openlineage.events import event_id
+from metatrail.store.base import EventStore, IngestResult
+
+log = logging.getLogger("metatrail.server")
+
+
+class Overloaded(Exception):
+    """Too many events are waiting to be written; the client should retry later."""
+
+
+@dataclass
+class _Job:
+    events: Sequence[Mapping[str, Any]]
+    site: str | None
+    future: Future[IngestResult] = field(default_factory=Future)
+
+
+class IngestWriter:
+    """The group-committing writer (see module docstring). ``on_inserted(events, site)`` is called after each
+    commit with the events that were new (for fan-out); it must not block."""
+
+    def __init__(self, store: EventStore, *, max_pending: int = 200_000, max_batch: int = 5_000,
+                 on_inserted: Callable[[list[Mapping[str, Any]], str | None], None] | None = None) -> None:
+        self.store = store
+        self.max_pending = max_pending
+        self.max_batch = max_batch
+        self.on_inserted = on_inserted
+        self._queue: deque[_Job] = deque()
+        self._pending = 0
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.committed = 0
+        self.transactions = 0
+
+    @property
+    def pending(self) -> int:
+        """Events waiting to be written."""
+        with self._cv:
+            return self._pending
+
+    def submit(self, events: Sequence[Mapping[str, Any]], site: str | None) -> Future[IngestResult]:
+        """Queue validated events for writing under ``site``; the future resolves after commit."""
+        job = _Job(events=events, site=site)
+        with self._cv:
+            if self._closed:
+                raise Overloaded("the server is shutting down")
+            if self._pending + len(events) > self.max_pending and self._pending > 0:
+                raise Overloaded(f"{self._pending} events are waiting to be written")
+            self._queue.append(job)
+            self._pending += len(events)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="metatrail-server-writer", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return job.future
+
+    def open(self) -> None:
+        """Accept work again after :meth:`close` (an app whose lifespan is run more than once, as test clients do)."""
+        with self._cv:
+            self._closed = False
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what is queued (up to ``timeout``), then stop."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _take(self) -> list[_Job] | None:
+        with self._cv:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cv.wait(1.0)
+            jobs = [self._queue.popleft()]
+            size = len(jobs[0].events)
+            while self._queue and size + len(self._queue[0].events) <= self.max_batch:
+                job = self._queue.popleft()
+                size += len(job.events)
+                jobs.append(job)
+            return jobs
+
+    def _run(self) -> None:
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                return
+            by_site: dict[str | None, list[_Job]] = {}
+            for job in jobs:
+                by_site.setdefault(job.site, []).append(job)
+            for site, group in by_site.items():
+                self._write(site, group)
+            with self._cv:
+                self._pending -= sum(len(j.events) for j in jobs)
+
+    def _write(self, site: str | None, jobs: list[_Job]) -> None:
+        try:
+            result = self.store.ingest([e for j in jobs for e in j.events], site=site)
+        except EventError as exc:
+            if len(jobs) == 1:
+                jobs[0].future.set_exception(exc)
+            else:
+                for job in jobs:  # isolate the request whose events the store refused
+                    self._write(site, [job])
+            return
+        except Exception as exc:
+            log.warning("metatrail server: write of %d events failed: %s", sum(len(j.events) for j in jobs), exc)
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        self.transactions += 1
+        self.committed += result.inserted
+        new = set(result.inserted_ids)
+        inserted_events: list[Mapping[str, Any]] = []
+        if len(jobs) == 1 and self.on_inserted is None:
+            jobs[0].future.set_result(result)  # the common case of a push or batch: no need to attribute ids
+            return
+        for job in jobs:
+            mine = 0
+            for event in job.events:
+                eid = event_id(event)
+                if eid in new:
+                    new.discard(eid)  # an event sent twice in one batch counts once, for its first sender
+                    mine += 1
+                    inserted_events.append(event)
+            job.future.set_result(IngestResult(received=len(job.events), inserted=mine))
+        if inserted_events and self.on_inserted is not None:
+            try:
+                self.on_inserted(inserted_events, site)
+            except Exception as exc:  # fan-out must never fail an ingest that is already committed
+                log.warning("metatrail server: fan-out hook failed: %s", exc)

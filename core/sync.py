@@ -1,0 +1,522 @@
+"""Push and pull: exchange only the events the other side lacks, resumably.
+
+Merge is set union of events (an event's identity is the hash of its canonical JSON), followed by the store's
+projections, which depend only on the set. So merging is commutative, associative and idempotent, and two sites
+converge whatever the order they sync in. Executions join by run id, artifacts by content hash.
+
+One algorithm moves events from a *source* to a *destination* :class:`Endpoint` (a local SQL store or a metatrail
+server over HTTP), page by page::
+
+    page    = source.page(after=cursor, filter)      # (seq, id) of the next events in the source's log
+    missing = destination.missing(ids of page)       # what the destination lacks
+    events  = source.fetch(missing)                  # only those bodies travel
+    destination.receive(events)                      # idempotent ingest, origin site kept
+    cursor  = page.last                              # persisted after every page: resumable
+
+The cursor (high-water mark) is the source's log position, kept per (peer, direction, filter) in the
+``sync_cursors`` table of the store that runs the sync. ``push`` = local → server, ``pull`` = server → local.
+Log positions follow commit order (SQLite's single writer; PostgreSQL's log lock), so a cursor never skips an event
+committed later with a smaller position.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy import Engine, and_, case, func, or_, select
+
+from metatrail.errors import ConfigError, StoreError
+from metatrail.store import dialect
+from metatrail.store.base import EventStore
+from metatrail.store.schema import events, runs, sync_cursors
+
+PAGE = 2000
+FETCH_CHUNK = 1000
+_EVENT_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Which events a sync covers. ``pipelines`` is the set a token may read (None = all); the others are the user's
+    ``--pipeline/--run/--since`` selection."""
+
+    pipeline: str | None = None
+    run_id: str | None = None
+    since: float | None = None
+    pipelines: frozenset[str] | None = None
+
+    @property
+    def scope(self) -> str:
+        """The cursor key of this selection ("" when it selects everything)."""
+        parts = [f"{k}={v}" for k, v in (("pipeline", self.pipeline), ("run", self.run_id), ("since", self.since))
+                 if v is not None]
+        return "&".join(parts)
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """One event in transit: its identity, the site it came from (None = recorded here) and its canonical JSON."""
+
+    id: str
+    site: str | None
+    text: str
+
+
+@dataclass(frozen=True)
+class Page:
+    """A page of a log: ``(seq, id)`` pairs, the position to resume after, and whether more follow."""
+
+    items: list[tuple[int, str]]
+    last: int
+    more: bool
+
+
+@dataclass
+class TransferResult:
+    """What one push or pull did."""
+
+    scanned: int = 0
+    sent: int = 0
+    inserted: int = 0
+    position: int = 0
+    pages: int = 0
+    skipped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"scanned": self.scanned, "sent": self.sent, "inserted": self.inserted, "position": self.position,
+                "pages": self.pages, "skipped": self.skipped}
+
+
+def parse_since(text: str | None) -> float | None:
+    """``--since``: Unix seconds, an ISO 8601 date or date-time (UTC if no zone), or an age (``30m``, ``2h``)."""
+    if text is None or text == "":
+        return None
+    text = text.strip()
+    age = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text)
+    if age:
+        return time.time() - float(age.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[age.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"--since {text!r}: give Unix seconds, an ISO 8601 date/time, or an age like 2h") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
+
+
+def peer_key(url: str) -> str:
+    """A server URL normalised for cursor keys (scheme, lower-case host, port, path without trailing slash)."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}{parts.path.rstrip('/')}"
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class SyncLog:
+    """SQL access to one store's event log and sync cursors, for sync (the store API covers the rest).
+
+    Opens its own engine on the store's URL; the store must exist and be migrated (open it with ``open_store``
+    first).
+    """
+
+    def __init__(self, url: str) -> None:
+        if not url.startswith(("sqlite:", "postgresql", "postgres:")):
+            raise ConfigError(f"sync needs an SQL store here, not {url!r}")
+        self.url = url
+        self._engine: Engine = dialect.make_engine(url)
+
+    def close(self) -> None:
+        """Release connections."""
+        self._engine.dispose()
+
+    def _where(self, stmt: Any, filt: Filter) -> Any:
+        if filt.pipelines is not None:
+            allowed = select(runs.c.run_id).where(runs.c.pipeline.in_(sorted(filt.pipelines)))
+            stmt = stmt.where(events.c.run_id.in_(allowed))
+        if filt.pipeline is not None:
+            stmt = stmt.where(events.c.run_id.in_(select(runs.c.run_id).where(runs.c.pipeline == filt.pipeline)))
+        if filt.run_id is not None:
+            family = select(runs.c.run_id).where(or_(runs.c.run_id == filt.run_id, runs.c.parent_run_id == filt.run_id))
+            stmt = stmt.where(events.c.run_id.in_(family))
+        if filt.since is not None:
+            stmt = stmt.where(events.c.event_time >= filt.since)
+        return stmt
+
+    def last_seq(self) -> int:
+        """The newest log position."""
+        with self._engine.connect() as conn:
+            return int(conn.execute(select(func.max(events.c.seq))).scalar() or 0)
+
+    def page(self, after: int, filt: Filter = Filter(), limit: int = PAGE) -> Page:
+        """The next ``limit`` events after ``after`` that match ``filt``."""
+        with self._engine.connect() as conn:
+            # Read the horizon first: every position up to it is committed (commit-ordered log), so when the page
+            # is short the cursor may safely jump to it, past events the filter skipped.
+            horizon = int(conn.execute(select(func.max(events.c.seq))).scalar() or 0)
+            stmt = select(events.c.seq, events.c.id).where(and_(events.c.seq > after, events.c.seq <= horizon))
+            rows = conn.execute(self._where(stmt, filt).order_by(events.c.seq).limit(limit)).all()
+        items = [(int(s), str(i)) for s, i in rows]
+        if len(items) < limit:
+            return Page(items=items, last=max(horizon, after), more=False)
+        return Page(items=items, last=items[-1][0], more=True)
+
+    def count_after(self, after: int, filt: Filter = Filter()) -> int:
+        """How many events after ``after`` match ``filt`` (for progress bars)."""
+        stmt = self._where(select(func.count()).select_from(events).where(events.c.seq > after), filt)
+        with self._engine.connect() as conn:
+            return int(conn.execute(stmt).scalar() or 0)
+
+    def events_after(self, after: int, filt: Filter = Filter(), limit: int = PAGE) -> list[tuple[int, Shipped]]:
+        """``(seq, event)`` pairs after ``after`` matching ``filt``, bodies included."""
+        stmt = self._where(select(events.c.seq, events.c.id, events.c.site, events.c.body)
+                           .where(events.c.seq > after), filt).order_by(events.c.seq).limit(limit)
+        with self._engine.connect() as conn:
+            return [(int(s), Shipped(id=i, site=site, text=body)) for s, i, site, body in conn.execute(stmt)]
+
+    def missing(self, ids: Sequence[str]) -> list[str]:
+        """The ids of ``ids`` not in the log, in the order given."""
+        have: set[str] = set()
+        with self._engine.connect() as conn:
+            for part in _chunks(list(dict.fromkeys(ids)), FETCH_CHUNK):
+                have.update(conn.execute(select(events.c.id).where(events.c.id.in_(part))).scalars())
+        return [i for i in dict.fromkeys(ids) if i not in have]
+
+    def fetch(self, ids: Sequence[str], filt: Filter = Filter()) -> list[Shipped]:
+        """The events with these ids (those ``filt`` allows), in log order."""
+        found: list[tuple[int, Shipped]] = []
+        with self._engine.connect() as conn:
+            for part in _chunks(list(dict.fromkeys(ids)), FETCH_CHUNK):
+                stmt = self._where(select(events.c.seq, events.c.id, events.c.site, events.c.body)
+                                   .where(events.c.id.in_(part)), filt)
+                found.extend((int(s), Shipped(id=i, site=site, text=b)) for s, i, site, b in conn.execute(stmt))
+        return [s for _, s in sorted(found, key=lambda x: x[0])]
+
+    def digest(self, filt: Filter = Filter()) -> dict[str, Any]:
+        """A digest of the set of event ids (sha256 of the sorted ids): equal digests, equal sets."""
+        h = hashlib.sha256()
+        count = 0
+        with self._engine.connect() as conn:
+            for (eid,) in conn.execute(self._where(select(events.c.id), filt).order_by(events.c.id)):
+                h.update(eid.encode())
+                h.update(b"\n")
+                count += 1
+        return {"events": count, "digest": h.hexdigest()}
+
+    # -- cursors --------------------------------------------------------------------------------------------------
+    def get_cursor(self, peer: str, direction: str, scope: str = "") -> int:
+        """The high-water mark of (peer, direction, scope); 0 when none."""
+        stmt = select(sync_cursors.c.position).where(and_(sync_cursors.c.peer == peer,
+                                                          sync_cursors.c.direction == direction,
+                                                          sync_cursors.c.scope == scope))
+        with self._engine.connect() as conn:
+            return int(conn.execute(stmt).scalar() or 0)
+
+    def set_cursor(self, peer: str, direction: str, scope: str, position: int, *, force: bool = False) -> None:
+        """Advance the cursor to ``position`` (never backwards unless ``force``: two shippers may race)."""
+        from sqlalchemy.dialects import postgresql as pg
+        from sqlalchemy.dialects import sqlite
+
+        ins = sqlite.insert(sync_cursors) if dialect.is_sqlite(self._engine) else pg.insert(sync_cursors)
+        stmt = ins.values(peer=peer, direction=direction, scope=scope, position=position, updated_at=time.time())
+        new_pos = stmt.excluded.position if force else case(
+            (stmt.excluded.position > sync_cursors.c.position, stmt.excluded.position), else_=sync_cursors.c.position)
+        stmt = stmt.on_conflict_do_update(index_elements=["peer", "direction", "scope"],
+                                          set_={"position": new_pos, "updated_at": stmt.excluded.updated_at})
+
+        def run() -> None:
+            with self._engine.begin() as conn:
+                conn.execute(stmt)
+
+        dialect.retrying(run)
+
+    def cursors(self) -> list[dict[str, Any]]:
+        """Every cursor, for status displays."""
+        with self._engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(select(sync_cursors).order_by(
+                sync_cursors.c.peer, sync_cursors.c.direction, sync_cursors.c.scope))]
+
+
+class Endpoint(Protocol):
+    """One side of a transfer: a local store or a remote server (see module docstring)."""
+
+    key: str
+
+    def page(self, after: int, filt: Filter, limit: int) -> Page:
+        """The next ids of the log after ``after``."""
+        ...
+
+    def fetch(self, ids: Sequence[str], filt: Filter) -> list[Shipped]:
+        """Bodies of these events."""
+        ...
+
+    def missing(self, ids: Sequence[str]) -> list[str]:
+        """Which of these ids this side lacks."""
+        ...
+
+    def receive(self, shipped: Sequence[Shipped]) -> int:
+        """Store these events (idempotently); return how many were new."""
+        ...
+
+
+def decode_shipped(shipped: Sequence[Shipped], default_site: str | None) -> dict[str | None, list[dict[str, Any]]]:
+    """Decode and validate events that came from elsewhere, grouped by the site to record them under.
+
+    Validation is the server's (a peer is not trusted more than any client); an invalid event raises
+    :class:`~metatrail.openlineage.validation.InvalidEvent`.
+    """
+    from metatrail.openlineage.validation import validate_event
+
+    groups: dict[str | None, list[dict[str, Any]]] = {}
+    for item in shipped:
+        body = json.loads(item.text)
+        validate_event(body)
+        groups.setdefault(item.site or default_site, []).append(body)
+    return groups
+
+
+class LocalEndpoint:
+    """A local SQL store as a sync endpoint. ``site`` is recorded on events received without an origin."""
+
+    def __init__(self, store: EventStore, log: SyncLog | None = None, *, site: str | None = None,
+                 validate: bool = True) -> None:
+        self.store = store
+        self.log = log or SyncLog(store.url)
+        self.key = store.url
+        self.site = site
+        self.validate = validate
+
+    def page(self, after: int, filt: Filter, limit: int) -> Page:
+        return self.log.page(after, filt, limit)
+
+    def fetch(self, ids: Sequence[str], filt: Filter) -> list[Shipped]:
+        return self.log.fetch(ids, filt)
+
+    def missing(self, ids: Sequence[str]) -> list[str]:
+        return self.log.missing(ids)
+
+    def receive(self, shipped: Sequence[Shipped]) -> int:
+        if self.validate:
+            groups = decode_shipped(shipped, self.site)
+        else:
+            groups = {}
+            for item in shipped:
+                groups.setdefault(item.site or self.site, []).append(json.loads(item.text))
+        return sum(self.store.ingest(batch, site=site).inserted for site, batch in groups.items())
+
+    def close(self) -> None:
+        self.log.close()
+
+
+class HttpEndpoint:
+    """A metatrail server as a sync endpoint (its ``/api/v1/sync/*`` routes)."""
+
+    def __init__(self, client: Any) -> None:
+        from metatrail.store.remote import ServerClient
+
+        self.client: ServerClient = client
+        self.key = peer_key(client.url)
+        self.site: str | None = None
+
+    @staticmethod
+    def _params(filt: Filter) -> dict[str, Any]:
+        return {"pipeline": filt.pipeline, "run_id": filt.run_id, "since": filt.since}
+
+    def page(self, after: int, filt: Filter, limit: int) -> Page:
+        reply = self.client.request("GET", "/api/v1/sync/ids", params={"after": after, "limit": limit,
+                                                                       **self._params(filt)})
+        self.site = reply.get("site", self.site)
+        items = [(int(s), str(i)) for s, i in reply["items"]]
+        if any(not _EVENT_ID.match(i) for _, i in items):
+            # A peer is not trusted more than a client: ids travel back into our queries, so check their form.
+            raise StoreError(f"{self.client.url} sent malformed event ids; refusing its page")
+        return Page(items=items, last=int(reply["last"]), more=bool(reply["more"]))
+
+    def fetch(self, ids: Sequence[str], filt: Filter) -> list[Shipped]:
+        out: list[Shipped] = []
+        for part in _chunks(list(ids), FETCH_CHUNK):
+            reply = self.client.request("POST", "/api/v1/sync/fetch", json_body={"ids": list(part)})
+            for item in reply["events"]:
+                text = json.dumps(item["event"], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+                out.append(Shipped(id=str(item["id"]), site=item.get("site") or self.site, text=text))
+        return out
+
+    def missing(self, ids: Sequence[str]) -> list[str]:
+        out: list[str] = []
+        for part in _chunks(list(ids), 5000):
+            out.extend(self.client.request("POST", "/api/v1/sync/missing", json_body={"ids": list(part)})["missing"])
+        return out
+
+    def receive(self, shipped: Sequence[Shipped]) -> int:
+        # One chunk at a time: two in flight measured no faster (the server's parse and store share one GIL).
+        return sum(self._send(part) for part in _chunks(list(shipped), FETCH_CHUNK))
+
+    def _send(self, part: Sequence[Shipped]) -> int:
+        from metatrail.store.remote import RemoteRejected
+
+        # The bodies are canonical JSON already: splice them in rather than decode and encode them again.
+        origins = json.dumps([s.site for s in part])
+        body = ('{"origins":' + origins + ',"events":[' + ",".join(s.text for s in part) + "]}").encode("utf-8")
+        try:
+            reply = self.client.request("POST", "/api/v1/sync/push", raw_body=body)
+        except RemoteRejected as exc:
+            if exc.status != 413 or len(part) == 1:
+                raise
+            half = len(part) // 2  # large events: the server caps a body's size, so send fewer at a time
+            return self._send(part[:half]) + self._send(part[half:])
+        return int(reply["inserted"])
+
+
+@dataclass
+class Progress:
+    """Reports transfer progress; the default draws a rich progress bar on a terminal for long transfers."""
+
+    label: str
+    total: int
+    enabled: bool = True
+    _bar: Any = field(default=None, repr=False)
+    _task: Any = field(default=None, repr=False)
+
+    def __enter__(self) -> Progress:
+        import sys
+
+        if self.enabled and self.total >= 1000 and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress("[bold]{task.description}", BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), transient=True)
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.label, total=self.total)
+        return self
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+
+def transfer(source: Endpoint, destination: Endpoint, *, log: SyncLog | None, peer: str, direction: str,
+             filt: Filter = Filter(), page_size: int = PAGE, progress: Progress | None = None,
+             should_stop: Callable[[], bool] | None = None) -> TransferResult:
+    """Move the events ``destination`` lacks from ``source`` (see module docstring); resumable through the cursor
+    (``peer``, ``direction``, ``filt.scope``) kept in ``log`` (no cursor when ``log`` is None: a full comparison)."""
+    result = TransferResult()
+    cursor = log.get_cursor(peer, direction, filt.scope) if log is not None else 0
+    result.position = cursor
+    while True:
+        if should_stop is not None and should_stop():
+            break
+        page = source.page(cursor, filt, page_size)
+        result.pages += 1
+        ids = [i for _, i in page.items]
+        if ids:
+            missing = destination.missing(ids)
+            if missing:
+                shipped = source.fetch(missing, filt)
+                result.inserted += destination.receive(shipped)
+                result.sent += len(shipped)
+            result.scanned += len(ids)
+            if progress is not None:
+                progress.advance(len(ids))
+        if page.last != cursor:
+            cursor = page.last
+            if log is not None:
+                log.set_cursor(peer, direction, filt.scope, cursor)
+        result.position = cursor
+        if not page.more:
+            break
+    return result
+
+
+def _open_local(store_url: str) -> tuple[EventStore, SyncLog]:
+    from metatrail.store import open_store
+
+    store = open_store(store_url)
+    if store.url.startswith(("http:", "https:")):
+        store.close()
+        raise ConfigError("push/pull run between a local SQL store and a server; --store must be sqlite:// or "
+                          "postgresql://")
+    return store, SyncLog(store.url)
+
+
+def _client(url: str | None, token: str | None, timeout: float) -> Any:
+    from metatrail.store.remote import ServerClient, client_settings
+
+    server, resolved, ca_bundle = client_settings(url, token)
+    if not server:
+        raise ConfigError("no server given: pass --to/--from URL or set METATRAIL_SERVER")
+    return ServerClient(server, resolved, timeout=timeout, ca_bundle=ca_bundle)
+
+
+def push(store_url: str, server_url: str | None = None, *, token: str | None = None, filt: Filter = Filter(),
+         show_progress: bool = True, timeout: float = 60.0) -> TransferResult:
+    """Send the events of the local store at ``store_url`` that the server lacks (``metatrail push``)."""
+    store, log = _open_local(store_url)
+    client = _client(server_url, token, timeout)
+    try:
+        remote = HttpEndpoint(client)
+        local = LocalEndpoint(store, log)
+        total = log.count_after(log.get_cursor(remote.key, "push", filt.scope), filt) if show_progress else 0
+        with Progress(f"push to {client.url}", total, enabled=show_progress) as bar:
+            return transfer(local, remote, log=log, peer=remote.key, direction="push", filt=filt, progress=bar)
+    finally:
+        client.close()
+        log.close()
+        store.close()
+
+
+def pull(store_url: str, server_url: str | None = None, *, token: str | None = None, filt: Filter = Filter(),
+         show_progress: bool = True, timeout: float = 60.0) -> TransferResult:
+    """Fetch the events the local store at ``store_url`` lacks from the server (``metatrail pull``); each is recorded
+    with the site it came from."""
+    store, log = _open_local(store_url)
+    client = _client(server_url, token, timeout)
+    try:
+        remote = HttpEndpoint(client)
+        local = LocalEndpoint(store, log)
+        total = 0
+        if show_progress:
+            cursor = log.get_cursor(remote.key, "pull", filt.scope)
+            info = client.request("GET", "/api/v1/sync/ids", params={"after": cursor, "limit": 0,
+                                                                   **HttpEndpoint._params(filt)})
+            total = int(info.get("remaining", 0))
+        with Progress(f"pull from {client.url}", total, enabled=show_progress) as bar:
+            return transfer(remote, local, log=log, peer=remote.key, direction="pull", filt=filt, progress=bar)
+    finally:
+        client.close()
+        log.close()
+        store.close()
+
+
+def merge(source: EventStore, destination: EventStore, *, filt: Filter = Filter()) -> TransferResult:
+    """Merge every event of ``source`` into ``destination`` (set union; both SQL stores), without cursors."""
+    src = LocalEndpoint(source, validate=False)
+    dst = LocalEndpoint(destination, validate=False)
+    try:
+        return transfer(src, dst, log=None, peer=source.url, direction="merge", filt=filt)
+    finally:
+        src.close()
+        dst.close()
+
+
+__all__ = ["Endpoint", "Filter", "HttpEndpoint", "LocalEndpoint", "Page", "Progress", "Shipped", "SyncLog",
+           "TransferResult", "merge", "parse_since", "peer_key", "pull", "push", "transfer"]

@@ -1,0 +1,170 @@
+"""Federation and the two-site story, end to end over loopback: two servers on different ports, two client stores,
+real Recorders hashing real files.
+
+Site 1 records a pipeline (raw → clean → model) and pushes it to its server. Site 2 pulls the model's metadata from
+server 1 (a read token restricted to that pipeline), records a refinement consuming the same model bytes, and
+pushes to server 2. The servers federate (pull on demand, push on a schedule), and the lineage of site 2's final
+output reaches site 1's raw data on both servers, joined by content hash, with each event's origin site recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import Tokens
+from srvkit import AsgiClient, auth, bulk_events, live, make_token, wait_for
+
+from metatrail.config import load_settings
+from metatrail.hashing import hash_path
+from metatrail.recorder import Recorder
+from metatrail.server import commands
+from metatrail.server.config import ServerConfig
+from metatrail.store import open_store
+from metatrail.store.remote import RemoteStore
+from metatrail.sync import Filter, SyncLog, pull, push
+
+
+def _record(store: str, site: str, steps: list[tuple[str, str, list[Path], list[Path]]]) -> list[str]:
+    recorder = Recorder(load_settings(store=store, site=site, energy="off"))
+    pipeline_run = recorder.pipeline_run_started(steps[0][0], params={"site": site})
+    ids = []
+    for pipeline, stage, inputs, outputs in steps:
+        for out in outputs:
+            out.write_text(f"{stage} of {','.join(p.read_text() for p in inputs)}")
+        ex = recorder.execution_started(pipeline, stage, pipeline_run=pipeline_run, inputs=inputs)
+        recorder.execution_finished(ex, outputs=outputs)
+        ids.append(ex.id)
+    recorder.pipeline_run_finished(pipeline_run)
+    assert recorder.flush(30)
+    recorder.close()
+    return ids
+
+
+def _md5(path: Path) -> str:
+    ref = hash_path(str(path), None)
+    assert ref.hash is not None
+    return ref.hash.value
+
+
+def test_two_sites(store_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    s1 = ServerConfig(store=store_url, site="site1", auth_cache_ttl=0, schedule_tick=0.2)
+    s2 = ServerConfig(store=f"sqlite:///{tmp_path / 'server2.db'}", site="site2", auth_cache_ttl=0,
+                      schedule_tick=0.2)
+    site1_write, site1_share = make_token(s1.store, "write", site="site1"), \
+        make_token(s1.store, "read", site="site2", pipelines=["trackml"])
+    site2_write, site2_read = make_token(s2.store, "write", site="site2"), make_token(s2.store, "read", site="site2")
+    s2_admin = make_token(s2.store, "admin", site="site2")
+    s1_peer = make_token(s1.store, "read,write", site="site2", pipelines=["trackml", "refine"])
+    s1_read = make_token(s1.store, "read", site="site1")
+    d1, d2 = tmp_path / "site1", tmp_path / "site2"
+    d1.mkdir()
+    d2.mkdir()
+    raw, clean, model = d1 / "raw.csv", d1 / "clean.csv", d1 / "model.pt"
+    raw.write_text("hits")
+    c1 = f"sqlite:///{d1 / '.metatrail' / 'metatrail.db'}"
+    c2 = f"sqlite:///{d2 / '.metatrail' / 'metatrail.db'}"
+    # A private pipeline at site 1 that must never leave it.
+    _record(c1, "site1", [("private", "secret", [raw], [d1 / "secret.txt"])])
+    site1_runs = _record(c1, "site1", [("trackml", "prep", [raw], [clean]), ("trackml", "train", [clean], [model])])
+
+    with live(s1) as server1, live(s2) as server2:
+        assert push(c1, server1.url, token=site1_write, show_progress=False).sent == 10
+        # Site 2 pulls the model artifact's metadata: the run that produced it (and its pipeline run).
+        train = RemoteStore(server1.url, token=site1_share).get_run(site1_runs[1])
+        assert train is not None and train["site"] == "site1"
+        pulled = pull(c2, server1.url, token=site1_share, filt=Filter(run_id=train["parent_run_id"]),
+                      show_progress=False)
+        assert pulled.sent == 6  # the trackml pipeline run and its two executions; nothing of "private"
+        local2 = open_store(c2)
+        assert local2.find_artifacts(key=f"md5:{_md5(model)}")[0]["stage"] == "train"
+        local2.close()
+        # Site 2 refines the same model bytes (a copy: the content hash joins them) and evaluates the result.
+        model_copy, refined, report = d2 / "model.pt", d2 / "refined.pt", d2 / "report.json"
+        shutil.copy(model, model_copy)
+        _record(c2, "site2", [("refine", "tune", [model_copy], [refined]), ("refine", "evaluate", [refined], [report])])
+        pushed = push(c2, server2.url, token=site2_write, show_progress=False)
+        assert pushed.inserted == 12  # its own 6, plus the 6 it pulled
+
+        # Federation: server 2 pulls from server 1 (on demand, via the CLI), and pushes to it on a schedule.
+        assert commands.main(["peer", "add", "s1", server1.url, "--token", s1_peer, "--push", "--share", "refine",
+                              "--store", s2.store]) == 0
+        assert commands.main(["peer", "list", "--store", s2.store, "--json"]) == 0
+        capsys.readouterr()
+        admin = {"Authorization": f"Bearer {s2_admin}"}
+        import httpx
+
+        r = httpx.post(f"{server2.url}/api/v1/peers/s1/sync", params={"direction": "pull"}, headers=admin, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["pull"]["inserted"] == 0  # the model's metadata already came with site 2's push
+        report_key = f"md5:{_md5(report)}"
+        graph = RemoteStore(server2.url, token=site2_read).lineage([report_key], direction="upstream")
+        stages = {(n["pipeline"], n["stage"], n["site"]) for n in graph["nodes"] if n["type"] == "run"}
+        assert {("refine", "evaluate", "site2"), ("refine", "tune", "site2"), ("trackml", "train", "site1"),
+                ("trackml", "prep", "site1")} <= stages
+        assert f"artifact:md5:{_md5(raw)}" in {n["id"] for n in graph["nodes"]}
+        # Origin sites are recorded on every event that came from elsewhere.
+        served2 = open_store(s2.store)
+        origins = {e.body["run"]["facets"]["metatrail_execution"]["pipeline"]: e.site for e in served2.iter_events()}
+        served2.close()
+        assert origins == {"trackml": "site1", "refine": "site2"}  # relayed by site 2, first recorded at site 1
+
+        # Scheduled push to server 1: the peer shares only "refine".
+        r = httpx.post(f"{server2.url}/api/v1/peers", headers=admin, timeout=30, json={
+            "name": "s1", "url": server1.url, "token": s1_peer, "pull": True, "push": True, "share": ["refine"],
+            "interval_s": 1})
+        assert r.status_code == 201
+        assert wait_for(lambda: RemoteStore(server1.url, token=s1_read).list_runs(pipeline="refine") != [], 30)
+        graph1 = RemoteStore(server1.url, token=s1_read).lineage([report_key], direction="upstream")
+        assert f"artifact:md5:{_md5(raw)}" in {n["id"] for n in graph1["nodes"]}
+        peers = httpx.get(f"{server2.url}/api/v1/peers", headers=admin).json()["peers"]
+        assert peers[0]["last_sync_at"] and peers[0]["last_error"] is None and peers[0]["has_token"] is True
+        served1 = SyncLog(s1.store)
+        try:
+            refine_sites = {s.site for _, s in served1.events_after(0, Filter(pipeline="refine"), 100)}
+            private = served1.digest(Filter(pipeline="private"))["events"]
+        finally:
+            served1.close()
+        assert refine_sites == {"site2"} and private == 4
+        # Nothing of site 1's private pipeline reached site 2.
+        served2 = SyncLog(s2.store)
+        try:
+            assert served2.digest(Filter(pipeline="private"))["events"] == 0
+        finally:
+            served2.close()
+        # A peer's token cannot do more than its scopes: the share token is read-only.
+        assert httpx.post(f"{server1.url}/api/v1/lineage", json=bulk_events(1)[0],
+                          headers=auth(site1_share)).status_code == 403
+        del site2_read
+
+
+def test_peer_routes_and_errors(client: AsgiClient, tokens: Tokens) -> None:
+    h = auth(tokens.admin)
+    assert client.get("/api/v1/peers", headers=h).json() == {"peers": []}
+    bad = [{"name": "../x", "url": "http://a"}, {"name": "p", "url": "ftp://a"},
+           {"name": "p", "url": "http://a", "interval_s": 0.1}, {"name": "p", "url": "http://a", "share": "x"},
+           {"name": "p"}, [1, 2]]
+    for body in bad:
+        assert client.post("/api/v1/peers", json=body, headers=h).status_code == 422, body
+    r = client.post("/api/v1/peers", json={"name": "p1", "url": "http://127.0.0.1:9", "token": "t"}, headers=h)
+    assert r.status_code == 201 and r.json()["has_token"] is True and "token" not in r.json()
+    r = client.post("/api/v1/peers/p1/sync", headers=h)
+    assert r.status_code == 502 and "unreachable" in r.json()["message"]
+    assert client.get("/api/v1/peers", headers=h).json()["peers"][0]["last_error"]
+    assert client.post("/api/v1/peers/nope/sync", headers=h).status_code == 404
+    assert client.delete("/api/v1/peers/p1", headers=h).json() == {"removed": "p1"}
+    assert client.delete("/api/v1/peers/p1", headers=h).status_code == 404
+    # token administration over HTTP
+    r = client.post("/api/v1/admin/tokens", json={"scopes": ["read"], "site": "lab", "pipelines": ["a"]}, headers=h)
+    assert r.status_code == 201 and r.json()["token"].startswith("mt_")
+    made = r.json()
+    assert client.get("/api/v1/runs", headers=auth(made["token"])).status_code == 200
+    assert made["id"] in {t["id"] for t in client.get("/api/v1/admin/tokens", headers=h).json()["tokens"]}
+    assert client.delete(f"/api/v1/admin/tokens/{made['id']}", headers=h).status_code == 200
+    assert client.get("/api/v1/runs", headers=auth(made["token"])).status_code == 401
+    assert client.post("/api/v1/admin/tokens", json={"scopes": ["root"], "site": "lab"}, headers=h).status_code == 422
+    assert client.post("/api/v1/admin/rebuild", headers=h).json() == {"rebuilt": True}
+    assert client.get("/api/v1/admin/status", headers=h).json()["writer"]["pending"] == 0
+    assert json.loads(json.dumps(client.get("/api/v1/version").json()))["site"] == "hub"

@@ -1,0 +1,158 @@
+"""OpenLineage ingest over ASGI, on SQLite and PostgreSQL: Marquez's fixtures, idempotency, out-of-order events,
+dataset/job events, batches, malformed input (4xx and nothing stored)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+from conftest import Tokens
+from srvkit import FIXTURES, AsgiClient, auth, bulk_events
+
+from metatrail.openlineage.events import event_id
+from metatrail.store import open_store
+
+ACCEPTED = sorted(FIXTURES.glob("accepted/**/*.json"))
+REJECTED = sorted(FIXTURES.glob("rejected/*.json"))
+
+
+def _stored(store_url: str) -> list[dict]:
+    store = open_store(store_url)
+    try:
+        return [e.body for e in store.iter_events()]
+    finally:
+        store.close()
+
+
+def _expected_status(path: Path) -> int:
+    prefix = path.name.split("_", 1)[0]
+    return 400 if prefix == "json" else int(prefix)
+
+
+def test_marquez_fixtures(client: AsgiClient, tokens: Tokens, store_url: str) -> None:
+    assert len(ACCEPTED) >= 14 and len(REJECTED) >= 7
+    for path in REJECTED:
+        r = client.post("/api/v1/lineage", content=path.read_bytes(), headers=auth(tokens.write))
+        assert r.status_code == _expected_status(path), (path.name, r.status_code, r.text)
+        assert r.json()["error"] == "invalid_event"
+    assert _stored(store_url) == []
+    posted = []
+    for path in ACCEPTED:
+        body = json.loads(path.read_text())
+        r = client.post("/api/v1/lineage", json=body, headers=auth(tokens.write))
+        assert r.status_code == 201, (path.name, r.text)
+        assert r.json()["id"] == event_id(body)
+        posted.append(body)
+    stored = _stored(store_url)
+    # Read back exactly what was posted (the facets too, as Marquez's round-trip test checks).
+    assert sorted(map(event_id, stored)) == sorted(map(event_id, posted))
+    kinds = {r["run_id"] for r in client.get("/api/v1/runs?limit=1000", headers=auth(tokens.read)).json()["runs"]}
+    run_ids = {b["run"]["runId"] for b in posted if b.get("run")}
+    assert kinds == run_ids  # projections hold the runs and skip the run-less dataset/job events
+
+
+def test_dataset_and_job_events_are_stored_not_projected(client: AsgiClient, tokens: Tokens, store_url: str) -> None:
+    for name in ("event_dataset_event.json", "event_job_event.json"):
+        r = client.post("/api/v1/lineage", content=(FIXTURES / "accepted" / name).read_bytes(),
+                        headers=auth(tokens.write))
+        assert r.status_code == 201
+    stats = client.get("/api/v1/stats", headers=auth(tokens.read)).json()
+    assert stats["events"] == 2 and stats["runs"] == 0
+    assert {r.json()["kind"] for r in ()} == set()
+    events = client.get("/api/v1/events", headers=auth(tokens.read)).json()["events"]
+    assert {e["event"].get("schemaURL", "").rsplit("/", 1)[-1] for e in events} == {"DatasetEvent", "JobEvent"}
+    assert {e["site"] for e in events} == {"site1"}
+
+
+def test_idempotent_and_out_of_order(client: AsgiClient, tokens: Tokens, store_url: str) -> None:
+    events = bulk_events(20)
+    shuffled = events * 3
+    random.Random(7).shuffle(shuffled)  # every event three times, COMPLETE often before START
+    for e in shuffled:
+        assert client.post("/api/v1/lineage", json=e, headers=auth(tokens.write)).status_code == 201
+    stored = _stored(store_url)
+    assert len(stored) == 40 and {event_id(e) for e in stored} == {event_id(e) for e in events}
+    runs = client.get("/api/v1/runs?limit=100", headers=auth(tokens.read)).json()["runs"]
+    assert len(runs) == 20 and {r["state"] for r in runs} == {"completed"}
+    assert all(r["event_count"] == 2 for r in runs)
+    again = client.post("/api/v1/lineage", json=events[0], headers=auth(tokens.write)).json()
+    assert again["stored"] is False
+
+
+def test_batch_is_atomic(client: AsgiClient, tokens: Tokens, store_url: str) -> None:
+    good = bulk_events(5)
+    bad = json.loads(json.dumps(good[3]))
+    bad["run"]["runId"] = "not-a-uuid"
+    r = client.post("/api/v1/lineage/batch", json=[*good, bad], headers=auth(tokens.write))
+    assert r.status_code == 422
+    assert r.json()["details"][0]["index"] == 10 and r.json()["details"][0]["path"] == "$.run.runId"
+    assert _stored(store_url) == []
+    r = client.post("/api/v1/lineage/batch", json=good + good[:2], headers=auth(tokens.write))
+    assert r.status_code == 201 and r.json() == {"received": 12, "inserted": 10}
+    assert len(_stored(store_url)) == 10
+
+
+def test_gzip_bodies(client: AsgiClient, tokens: Tokens) -> None:
+    events = bulk_events(50)
+    body = gzip.compress(json.dumps(events).encode())
+    r = client.post("/api/v1/lineage/batch", content=body,
+                    headers={**auth(tokens.write), "Content-Encoding": "gzip", "Content-Type": "application/json"})
+    assert r.status_code == 201 and r.json()["inserted"] == 100
+
+
+def _deep(n: int) -> str:
+    return '{"eventTime":"2024-01-01T00:00:00Z","producer":"p","run":{"runId":"' + \
+        "123e4567-e89b-12d3-a456-426614174000" + '","facets":{"x":' + "[" * n + "]" * n + "}}," + \
+        '"job":{"namespace":"n","name":"j"}}'
+
+
+MALFORMED: list[tuple[str, bytes, dict[str, str], int]] = [
+    ("not json", b"{not json", {}, 400),
+    ("truncated", b'{"eventTime": "2024-01-01T00:00:00Z", "producer"', {}, 400),
+    ("invalid utf-8", b'{"producer": "\xff\xfe"}', {}, 400),
+    ("NaN", b'{"eventTime":"2024-01-01T00:00:00Z","producer":"p","x":NaN}', {}, 400),
+    ("array, not object", b"[]", {}, 400),
+    ("wrong types", json.dumps({"eventTime": "2024-01-01T00:00:00Z", "producer": "p", "run": "r",
+                                "job": {"namespace": "n", "name": "j"}}).encode(), {}, 422),
+    ("missing required", json.dumps({"eventTime": "2024-01-01T00:00:00Z", "producer": "p"}).encode(), {}, 422),
+    ("unknown eventType", json.dumps({"eventType": "EXPLODED", "eventTime": "2024-01-01T00:00:00Z", "producer": "p",
+                                      "run": {"runId": "123e4567-e89b-12d3-a456-426614174000"},
+                                      "job": {"namespace": "n", "name": "j"}}).encode(), {}, 422),
+    ("non-UUID runId", json.dumps({"eventTime": "2024-01-01T00:00:00Z", "producer": "p", "run": {"runId": "42"},
+                                   "job": {"namespace": "n", "name": "j"}}).encode(), {}, 422),
+    ("NUL byte", json.dumps({"eventTime": "2024-01-01T00:00:00Z", "producer": "p\u0000",
+                             "run": {"runId": "123e4567-e89b-12d3-a456-426614174000"},
+                             "job": {"namespace": "n", "name": "j"}}).encode(), {}, 422),
+    ("100-deep nesting", _deep(100).encode(), {}, 422),
+    ("10,000-deep nesting", _deep(10_000).encode(), {}, 422),
+    ("year 0", json.dumps({"eventTime": "0000-01-01T00:00:00Z", "producer": "p",
+                           "run": {"runId": "123e4567-e89b-12d3-a456-426614174000"},
+                           "job": {"namespace": "n", "name": "j"}}).encode(), {}, 400),
+    ("wrong content type", b"{}", {"Content-Type": "application/xml"}, 415),
+    ("gzip bomb", gzip.compress(b"[" + b" " * (64 * 1024 * 1024) + b"]"), {"Content-Encoding": "gzip"}, 413),
+    ("bad gzip", b"\x1f\x8b\x08\x00garbage", {"Content-Encoding": "gzip"}, 400),
+    ("huge body", b'{"producer":"' + b"x" * (6 * 1024 * 1024) + b'"}', {}, 413),
+]
+
+
+def test_malformed_is_4xx_and_stores_nothing(client: AsgiClient, tokens: Tokens, store_url: str) -> None:
+    for name, body, headers, status in MALFORMED:
+        head = {"Content-Type": "application/json", **headers, **auth(tokens.write)}
+        r = client.post("/api/v1/lineage", content=body, headers=head)
+        assert r.status_code == status, (name, r.status_code, r.text[:200])
+        assert r.json()["error"], name
+        if name in ("gzip bomb", "bad gzip", "huge body", "wrong content type"):
+            batch = body
+        elif name == "array, not object":
+            batch = b"{}"
+        else:
+            batch = b"[" + body + b"]"
+        r = client.post("/api/v1/lineage/batch", content=batch, headers=head)
+        assert 400 <= r.status_code < 500, (name, "batch", r.status_code, r.text[:200])
+        for route in ("/api/v1/sync/push",):
+            r = client.post(route, content=b'{"events":[' + body + b"]}" if name not in (
+                "gzip bomb", "bad gzip", "huge body", "wrong content type") else body, headers=head)
+            assert 400 <= r.status_code < 500, (name, route, r.status_code, r.text[:200])
+    assert _stored(store_url) == []

@@ -1,0 +1,239 @@
+"""Security: every route has an explicit policy (deny by default), 401/403 rules, sites, token lifecycle and CLI,
+start-up refusal on public addresses, TLS, request size limits, path traversal."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Tokens
+from srvkit import AsgiClient, auth, bulk_events, live
+
+from metatrail.server import commands
+from metatrail.server.app import FRAMEWORK_ROUTES, create_app, route_table
+from metatrail.server.auth import PUBLIC, TokenStore, policy
+from metatrail.server.config import ServerConfig
+from metatrail.server.routes import make_router
+from metatrail.store.remote import RemoteUnavailable, ServerClient
+
+PUBLIC_ROUTES = {("/health", "GET"), ("/api/v1/version", "GET"), ("/openapi.json", "GET"), ("/openapi.json", "HEAD")}
+SAMPLE = {"run_id": "123e4567-e89b-12d3-a456-426614174000", "hash": "d41d8cd98f00b204e9800998ecf8427e",
+          "name": "peer1", "token_id": "0123456789ab"}
+
+
+def _routes(client: AsgiClient) -> list[tuple[str, str, str | None]]:
+    return [(path, m, pol) for path, methods, pol in route_table(client.app) for m in sorted(methods)]
+
+
+def _url(path: str) -> str:
+    return re.sub(r"\{(\w+)\}", lambda m: SAMPLE[m.group(1)], path)
+
+
+def test_every_route_has_an_explicit_policy(client: AsgiClient) -> None:
+    routes = _routes(client)
+    assert len(routes) >= 24
+    assert all(pol in ("public", "read", "write", "admin") for _, _, pol in routes), routes
+    assert {(p, m) for p, m, pol in routes if pol == "public"} == PUBLIC_ROUTES
+    assert set(FRAMEWORK_ROUTES) == {"/openapi.json"}
+    writes = {p for p, m, pol in routes if pol == "write"}
+    assert writes == {"/api/v1/lineage", "/api/v1/lineage/batch", "/api/v1/sync/missing", "/api/v1/sync/push"}
+
+
+def test_a_route_without_policy_is_denied(config: ServerConfig, tokens: Tokens) -> None:
+    app = create_app(config)
+    router = make_router()
+
+    @router.get("/api/v1/forgotten")
+    async def forgotten() -> dict[str, str]:
+        return {"secret": "leaked"}
+
+    @router.get("/api/v1/declared")
+    @policy(PUBLIC)
+    async def declared() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    app.include_router(router)
+    c = AsgiClient(app)
+    try:
+        for token in (None, tokens.read, tokens.admin):
+            r = c.get("/api/v1/forgotten", headers=auth(token) if token else {})
+            assert r.status_code == 403 and "secret" not in r.text
+        assert c.get("/api/v1/declared").json() == {"ok": "yes"}
+        assert ("/api/v1/forgotten", frozenset({"GET"}), None) in route_table(app)
+    finally:
+        c.close()
+
+
+def test_authentication_and_scopes(client: AsgiClient, tokens: Tokens) -> None:
+    for path, method, pol in _routes(client):
+        url = _url(path)
+        if pol == "public" or method == "HEAD":
+            assert client.request(method, url).status_code < 400 or path != "/health"
+            continue
+        r = client.request(method, url)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (method, path, r.status_code)
+        for bad in ("Bearer", "Bearer nonsense", "Basic dXNlcjpwYXNz", f"Token {tokens.admin}",
+                    "Bearer mt_0123456789ab_" + "x" * 43):
+            assert client.request(method, url, headers={"Authorization": bad}).status_code == 401, (path, bad)
+        assert client.request(method, url, params={"token": tokens.admin}).status_code == 401
+        if pol == "read":
+            assert client.request(method, url, headers=auth(tokens.write)).status_code == 403, path
+        elif pol == "write":
+            assert client.request(method, url, headers=auth(tokens.read)).status_code == 403, path
+        else:
+            for token in (tokens.read, tokens.write, tokens.other_site):
+                assert client.request(method, url, headers=auth(token)).status_code == 403, path
+
+
+def test_sites(client: AsgiClient, tokens: Tokens) -> None:
+    event = bulk_events(1)[0]
+    h = {**auth(tokens.other_site), "X-Metatrail-Site": "site1"}
+    r = client.post("/api/v1/lineage", json=event, headers=h)
+    assert r.status_code == 403 and r.json()["error"] == "wrong_site"
+    r = client.post("/api/v1/sync/push", json={"events": [event]}, headers=h)
+    assert r.status_code == 403
+    assert client.get("/api/v1/stats", headers=auth(tokens.read)).json()["events"] == 0
+    ok = {**auth(tokens.other_site), "X-Metatrail-Site": "site2"}
+    assert client.post("/api/v1/lineage", json=event, headers=ok).status_code == 201
+    relay = {**auth(tokens.admin), "X-Metatrail-Site": "site9"}
+    assert client.post("/api/v1/lineage", json=bulk_events(1, t0=1.9e9)[1], headers=relay).status_code == 201
+    sites = [e["site"] for e in client.get("/api/v1/events", headers=auth(tokens.read)).json()["events"]]
+    assert sites == ["site2", "site9"]
+
+
+def test_token_lifecycle_cli_and_hashing(config: ServerConfig, capsys: pytest.CaptureFixture[str]) -> None:
+    store = ["--store", config.store]
+    assert commands.main(["token", "create", "--scope", "read,write", "--site", "lab", "--name", "ci", *store]) == 0
+    text = capsys.readouterr().out.strip()
+    assert re.fullmatch(r"mt_[0-9a-f]{12}_[A-Za-z0-9_-]{43}", text)
+    assert commands.main(["token", "list", "--json", *store]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(t["name"], t["scopes"], t["site"]) for t in listed] == [("ci", ["read", "write"], "lab")]
+    assert "secret_sha256" not in listed[0]
+    # Stored hashed: the secret never appears in the database.
+    if config.store.startswith("sqlite"):
+        assert text.split("_", 2)[2].encode() not in Path(config.store[len("sqlite:///"):]).read_bytes()
+    app = create_app(config)
+    c = AsgiClient(app)
+    try:
+        assert c.get("/api/v1/runs", headers=auth(text)).status_code == 200
+        assert commands.main(["token", "revoke", listed[0]["id"], *store]) == 0
+        assert c.get("/api/v1/runs", headers=auth(text)).status_code == 401  # auth cache TTL 0: at once
+    finally:
+        c.close()
+    assert commands.main(["token", "revoke", listed[0]["id"], *store]) == 1
+    assert "no active token" in capsys.readouterr().err
+    assert commands.main(["token", "create", "--scope", "root", *store]) == 1
+    assert "scopes must be" in capsys.readouterr().err
+
+
+def test_revocation_within_cache_ttl(store_url: str) -> None:
+    tokens = TokenStore(store_url, ttl=0.5)
+    record, text = tokens.create(name="t", scopes=["read"], site="s")
+    assert tokens.verify(text) is not None
+    other = TokenStore(store_url, ttl=0)  # another process (the CLI) revokes it
+    assert other.revoke(record["id"])
+    assert tokens.verify(text) is not None  # still cached
+    time.sleep(0.6)
+    assert tokens.verify(text) is None
+    tokens.close()
+    other.close()
+
+
+def test_refuses_public_address_without_admin_token(config: ServerConfig,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    code = commands.main(["server", "--store", config.store, "--host", "0.0.0.0", "--port", "1"])
+    assert code == 1
+    assert "no admin token" in capsys.readouterr().err
+    assert commands.main(["server", "--store", config.store, "--tls-cert", "x.pem"]) == 1
+    assert "--tls-key" in capsys.readouterr().err
+
+
+def _self_signed(directory: Path) -> tuple[str, str]:
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
+
+
+def test_tls(config: ServerConfig, tokens: Tokens, tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    with live(config, ssl_certfile=cert, ssl_keyfile=key) as server:
+        assert server.url.startswith("https://")
+        client = ServerClient(server.url, tokens.write, ca_bundle=cert)
+        reply = client.request("POST", "/api/v1/lineage", json_body=bulk_events(1)[0])
+        assert reply["stored"] is True
+        client.close()
+        untrusting = ServerClient(server.url, tokens.write)
+        with pytest.raises(RemoteUnavailable, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            untrusting.request("GET", "/health")
+        plain = ServerClient(server.url.replace("https", "http"), tokens.write)
+        with pytest.raises(RemoteUnavailable):
+            plain.request("GET", "/api/v1/stats")
+
+
+def test_body_limits_on_every_route(client: AsgiClient, tokens: Tokens) -> None:
+    big = 65 * 1024 * 1024
+
+    async def chunks() -> object:
+        block = b" " * (1024 * 1024)
+        for _ in range(big // len(block)):
+            yield block
+
+    for path in ("/api/v1/admin/tokens", "/api/v1/peers", "/api/v1/sync/missing", "/api/v1/sync/push"):
+        r = client.post(path, content=chunks(), headers=auth(tokens.admin))  # chunked: no Content-Length
+        assert r.status_code == 413, path
+        r = client.post(path, content=b"{}", headers={**auth(tokens.admin), "Content-Length": str(big)})
+        assert r.status_code in (400, 413), path
+
+
+TRAVERSAL = ["../x", "..%2fx", "%2e%2e%2fx", "%252e%252e%252fx", "..\\x", "..%5cx", "/etc/passwd", "C:\\x", "C:x",
+             "\\\\srv\\share", "a/../../b", "a;/../b", "a#/../b", "a?q=../../b", "file:///etc/passwd", "%00",
+             "\uff0e\uff0e\uff0f", "%c0%ae%c0%ae/", "....//....//etc/passwd"]
+
+
+def test_path_traversal_is_refused(client: AsgiClient, tokens: Tokens, tmp_path: Path) -> None:
+    canary = tmp_path.parent / "canary.txt"
+    canary.write_text("do not read")
+    prefixes = ["/api/v1/runs/", "/api/v1/artifacts/", "/api/v1/peers/", "/api/v1/admin/tokens/"]
+    for prefix in prefixes:
+        for attack in TRAVERSAL:
+            for method in ("GET", "DELETE", "POST"):
+                r = client.request(method, prefix + attack, headers=auth(tokens.admin))
+                assert 400 <= r.status_code < 500, (method, prefix + attack, r.status_code)
+                assert "do not read" not in r.text
+    for attack in TRAVERSAL:
+        r = client.get("/api/v1/lineage", params={"key": attack}, headers=auth(tokens.read))
+        assert 400 <= r.status_code < 500 or r.json()["nodes"] == [], attack
+        r = client.get("/api/v1/artifacts", params={"hash": attack}, headers=auth(tokens.read))
+        assert r.status_code == 422, attack
+    assert canary.read_text() == "do not read"
+    for params in ({"name": "\x00"}, {"pipeline": "a\x00b"}, {"key": "md5:\x00"}):
+        for path in ("/api/v1/artifacts", "/api/v1/runs", "/api/v1/lineage"):
+            r = client.get(path, params=params, headers=auth(tokens.read))
+            assert r.status_code == 400 and r.json()["error"] == "bad_query", (path, params)
+    r = client.post("/api/v1/lineage", json=bulk_events(1)[0], headers={**auth(tokens.admin),
+                                                                         "X-Metatrail-Site": "a\tb"})
+    assert r.status_code == 400

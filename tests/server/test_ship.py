@@ -1,0 +1,203 @@
+"""The shipper: a real Recorder records 1,000 events while the server is down, hanging, slow, or answering 5xx/429;
+everything arrives later, once, and nothing blocks. Plus exit, restart and kill-switch behaviour in subprocesses.
+
+The Recorder here carries the three-line hook the lead adds to ``core/recorder.py`` (see ``ShippingRecorder``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Tokens
+from srvkit import FaultProxy, live, wait_for
+
+from metatrail.config import load_settings
+from metatrail.recorder import Recorder
+from metatrail.server.config import ServerConfig
+from metatrail.ship import LazyShipper, Shipper
+from metatrail.store import open_store
+from metatrail.sync import SyncLog
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ShippingRecorder(Recorder):
+    """A Recorder with the shipper hook: ``Shipper.lazy`` in ``__init__`` and ``notify()`` after each store write."""
+
+    def __init__(self, *args: Any, shipper: Any = None, **kwargs: Any) -> None:
+        self._shipper = shipper if shipper is not None else Shipper.lazy(lambda: self.settings)
+        super().__init__(*args, **kwargs)
+
+    def _write(self, events: list[dict[str, Any]]) -> None:
+        super()._write(events)
+        self._shipper.notify()
+
+
+def _server_runs(store_url: str) -> dict[str, dict[str, Any]]:
+    store = open_store(store_url)
+    try:
+        return {r["run_id"]: r for r in store.list_runs(limit=100_000)}
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_thousand_events_survive_every_fault(config: ServerConfig, tokens: Tokens, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METATRAIL_ENERGY", "0")
+    local = f"sqlite:///{tmp_path / 'client' / 'metatrail.db'}"
+    with live(config) as server:
+        proxy = FaultProxy(server.url.replace("http://", ""))
+        shipper = Shipper(local, proxy.url, tokens.write, base_delay=0.05, max_delay=0.5, timeout=1.0,
+                          connect_timeout=1.0, exit_timeout=0)
+        recorder = ShippingRecorder(load_settings(store=local), shipper=shipper)
+        ledger: list[str] = []  # what the harness asked to record, kept by the harness
+
+        def record(n: int) -> None:
+            for _ in range(n):
+                ex = recorder.execution_started("reliable", "step", params={"i": len(ledger)})
+                recorder.execution_finished(ex)
+                ledger.append(ex.id)
+
+        try:
+            phases = [("down", lambda: proxy.down()), ("hang", lambda: setattr(proxy, "mode", "hang")),
+                      ("5xx", lambda: setattr(proxy, "statuses", [500, 502, 503, 504] * 3)),
+                      ("429", lambda: setattr(proxy, "statuses", [429] * 6)),
+                      ("slow", lambda: setattr(proxy, "delay", 0.3) or setattr(proxy, "mode", "slow"))]
+            for _name, fault in phases:
+                fault()
+                record(100)  # 200 events per phase, 1,000 in all
+                assert recorder.flush(30)
+                time.sleep(0.3)  # let the shipper meet the fault
+                proxy.up()
+                proxy.mode, proxy.statuses, proxy.delay = "ok", [], 0.0
+            assert recorder.flush(30)
+            assert shipper.drain(60, give_up_on_failure=False), shipper.stats()
+            runs = _server_runs(config.store)
+            assert set(runs) == set(ledger) and len(ledger) == 500
+            assert all(runs[r]["event_count"] == 2 and runs[r]["state"] == "completed" for r in ledger)
+            served = SyncLog(config.store)
+            try:
+                assert served.digest()["events"] == 1000  # none duplicated
+            finally:
+                served.close()
+            stats = shipper.stats()
+            assert stats["retried"] > 0 and proxy.faults > 0 and stats["rejected"] == stats["dropped"] == 0
+        finally:
+            recorder.close(10)
+            shipper.close(1)
+            proxy.close()
+
+
+def test_bad_events_are_isolated_and_counted(tmp_path: Path) -> None:
+    from srvkit import bulk_events, make_token
+
+    config = ServerConfig(store=f"sqlite:///{tmp_path / 'server.db'}", auth_cache_ttl=0)
+    token = make_token(config.store, "write")
+    local = f"sqlite:///{tmp_path / 'client.db'}"
+    events = bulk_events(10)
+    # The local store takes any run id; the server refuses one that is not a UUID (422).
+    events[7]["run"]["runId"] = "run-42"
+    store = open_store(local)
+    store.ingest(events)
+    store.close()
+    with live(config) as server:
+        shipper = Shipper(local, server.url, token, base_delay=0.05, max_delay=0.2)
+        shipper.notify()
+        assert shipper.drain(30)
+        assert shipper.stats()["rejected"] == 1 and shipper.stats()["acked"] == 19
+        assert len(_server_runs(config.store)) == 10  # run 4 arrived with its START only
+        shipper.close(1)
+
+
+def test_backlog_bound_drops_only_non_essential_events(tmp_path: Path) -> None:
+    from srvkit import bulk_events, make_token
+
+    config = ServerConfig(store=f"sqlite:///{tmp_path / 'server.db'}", auth_cache_ttl=0)
+    token = make_token(config.store, "write")
+    local = f"sqlite:///{tmp_path / 'client.db'}"
+    events = bulk_events(20)
+    running = []
+    for e in events[::2]:  # a RUNNING event per run: non-essential
+        r = json.loads(json.dumps(e))
+        r["eventType"] = "RUNNING"
+        r["eventTime"] = r["eventTime"].replace(".000000", ".250000")
+        running.append(r)
+    store = open_store(local)
+    store.ingest(events + running)
+    store.close()
+    with live(config) as server:
+        shipper = Shipper(local, server.url, token, max_backlog=45)
+        shipper.notify()
+        assert shipper.drain(30)
+        stats = shipper.stats()
+        assert stats["dropped"] == 15 and stats["acked"] == 45
+        runs = _server_runs(config.store)
+        assert len(runs) == 20 and all(r["state"] == "completed" for r in runs.values())
+        shipper.close(1)
+
+
+SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {tests!r})
+    from test_ship import ShippingRecorder
+    from metatrail.config import load_settings
+    rec = ShippingRecorder(load_settings())
+    for i in range(int(sys.argv[1])):
+        ex = rec.execution_started("exiting", "step", params={{"i": i}})
+        rec.execution_finished(ex)
+    print(time.time(), flush=True)
+""")
+
+
+def _child(tmp_path: Path, n: int, env: dict[str, str]) -> tuple[float, float]:
+    script = tmp_path / "child.py"
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
+    start = time.time()
+    out = subprocess.run([sys.executable, str(script), str(n)], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return float(out.stdout.strip().splitlines()[-1]) - start, time.time() - float(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_exit_restart_and_kill_switch(config: ServerConfig, tokens: Tokens, tmp_path: Path) -> None:
+    local = f"sqlite:///{tmp_path / 'client' / 'metatrail.db'}"
+    env = {**os.environ, "METATRAIL_STORE": local, "METATRAIL_ENERGY": "0", "METATRAIL_TOKEN": tokens.write,
+           "PYTHONPATH": str(ROOT / "tests")}
+    # 1. Server down: the process still exits promptly (bounded exit drain); events stay in the local store.
+    env["METATRAIL_SERVER"] = "http://127.0.0.1:9"
+    _, exit_delay = _child(tmp_path, 20, env)
+    assert exit_delay < 10
+    log = SyncLog(local)
+    assert log.digest()["events"] == 40
+    log.close()
+    with live(config) as server:
+        env["METATRAIL_SERVER"] = server.url
+        # 2. Restart: the next process's shipper picks up the earlier backlog too, and ships its own at exit.
+        _child(tmp_path, 5, env)
+        assert wait_for(lambda: len(_server_runs(config.store)) == 25, 30)
+        # 3. The kill switch: nothing recorded, nothing shipped.
+        _child(tmp_path, 5, {**env, "METATRAIL_DISABLED": "1"})
+        time.sleep(0.5)
+        assert len(_server_runs(config.store)) == 25
+
+
+def test_lazy_shipper_without_server_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("METATRAIL_SERVER", raising=False)
+    lazy = LazyShipper(load_settings)
+    lazy.notify()
+    assert lazy.shipper is None
+    monkeypatch.setenv("METATRAIL_SERVER", "http://127.0.0.1:9")
+    monkeypatch.setenv("METATRAIL_DISABLED", "1")
+    other = LazyShipper(load_settings)
+    other.notify()
+    assert other.shipper is None  # the kill switch is checked before any configuration is read
