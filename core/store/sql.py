@@ -119,7 +119,7 @@ class SqlStore(EventStore):
                 now = time.time()
                 rows = [{**prepared[i][2], "site": site, "ingested_at": now, "body": prepared[i][0]} for i in new_ids]
                 dialect.lock_log(conn)
-                conn.execute(dialect.insert_ignore(self._engine, events), rows)
+                dialect.bulk_insert(conn, events, rows, mode="ignore")
                 touched = sorted({prepared[i][2]["run_id"] for i in new_ids if prepared[i][2]["run_id"]})
                 self._reproject(conn, touched, known={i: prepared[i][1] for i in new_ids})
                 return IngestResult(received=len(events_in), inserted=len(new_ids), inserted_ids=tuple(new_ids))
@@ -155,11 +155,10 @@ class SqlStore(EventStore):
             own = {k: v for k, v in proj.run["facets"].items() if k in ("metatrail_execution", "metatrail_energy")}
             run_rows.append({**proj.run, "facets": orjson.dumps(own, option=orjson.OPT_SORT_KEYS).decode()})
             edge_rows.extend(proj.edges)
-        conn.execute(dialect.upsert(self._engine, runs, ["run_id"]), run_rows)
+        dialect.bulk_insert(conn, runs, run_rows, mode="update", key=["run_id"])
         for part in _chunks(list(run_ids)):
             conn.execute(delete(edges).where(edges.c.run_id.in_(part)))
-        if edge_rows:
-            conn.execute(edges.insert(), edge_rows)
+        dialect.bulk_insert(conn, edges, edge_rows)
 
     def rebuild_projections(self) -> None:
         def run() -> None:
