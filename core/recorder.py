@@ -37,6 +37,7 @@ from metatrail import __version__
 from metatrail.config import Settings, is_disabled, load_settings
 from metatrail.logsafe import log, log_once
 from metatrail.model import ArtifactRef, Execution, PipelineRun, Status, current_user, uuid7
+from metatrail.ship import Shipper
 
 T = TypeVar("T")
 PathLike: TypeAlias = str | os.PathLike[str] | ArtifactRef
@@ -104,7 +105,7 @@ class Recorder:
     """Records pipeline runs and executions as OpenLineage events into the local store (see module docstring)."""
 
     def __init__(self, settings: Settings | None = None, *, store: Any = None,
-                 energy_monitor: Any = None) -> None:
+                 energy_monitor: Any = None, shipper: Any = None) -> None:
         self._settings = settings
         self._store = store
         self._energy_monitor = energy_monitor
@@ -129,6 +130,9 @@ class Recorder:
         # Flush when the main thread ends, before the interpreter shuts threading down: after that, the writer
         # could no longer import what it needs (concurrent.futures refuses new atexit hooks). CPython runs these
         # hooks in threading._shutdown; plain atexit is the fallback elsewhere.
+        # Events reach a configured server (METATRAIL_SERVER) after the local store has them; created before the
+        # exit hook below, so the shipper's own exit step runs after the Recorder's exit flush.
+        self._shipper = shipper if shipper is not None else Shipper.lazy(lambda: self.settings)
         register = getattr(threading, "_register_atexit", None)
         try:
             if register is None:
@@ -419,6 +423,7 @@ class Recorder:
             try:
                 self._get_store().ingest(events)
                 self.written += len(events)
+                self._shipper.notify()
                 return
             except Exception as exc:
                 log_once(f"write:{type(exc).__name__}", "metatrail: cannot write to the store (%s: %s); retrying",

@@ -8,7 +8,7 @@ import json
 import pytest
 from conftest import Tokens
 from eventgen import artifact, chain, execution_events
-from srvkit import AsgiClient, auth, live, make_token
+from srvkit import AsgiClient, auth, live
 
 from metatrail import cli
 from metatrail.server.config import ServerConfig
@@ -120,7 +120,3 @@ def test_remote_store_and_cli_over_loopback(config: ServerConfig, tokens: Tokens
         assert cli.main(["runs", "--store", server.url]) != 0  # no token: the CLI says so, exit code not 0
         assert "401" in capsys.readouterr().err
 
-
-def test_make_token_helper_creates_working_tokens(store_url: str) -> None:
-    token = make_token(store_url, "read", site="x")
-    assert token.startswith("mt_")
