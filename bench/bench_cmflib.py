@@ -55,6 +55,7 @@ from _cmflib_workload import (  # the bench directory, put on sys.path above
     summarize,
     write_output,
 )
+from machine import cpu_model, memory_total, usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "cmflib.txt"
@@ -251,22 +252,8 @@ def run_cmflib_worker(tmp: Path, n: int, python: Path) -> dict[str, Any]:
 
 
 def machine_facts(cmflib_python: Path) -> list[str]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mem = "unknown"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    except OSError:
-        pass
+    model, usable = cpu_model(), usable_cpus()
+    mem = memory_total()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return [
         f"cpu              {model}",

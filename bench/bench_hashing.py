@@ -28,6 +28,8 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+from machine import cpu_model, memory_total, usable_cpus
+
 from metatrail.hashing import HashCache, hash_path, md5_file
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hashing.txt"
@@ -39,28 +41,14 @@ _T = TypeVar("_T")
 
 
 def machine_facts(tmp: Path) -> list[str]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    model, usable = cpu_model(), usable_cpus()
     md5sum = shutil.which("md5sum")
     md5sum_version = (
         subprocess.run([md5sum, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
         if md5sum
         else "not installed"
     )
-    mem = "unknown"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    except OSError:
-        pass
+    mem = memory_total()
     fs_type = "unknown"
     try:
         best = ""

@@ -45,6 +45,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from machine import cpu_model, memory_total, usable_cpus
+
 import metatrail
 from metatrail.config import load_settings
 from metatrail.hashing import HashCache, hash_path
@@ -85,22 +87,8 @@ DIST_HEADER = f"  {'(ms)':<44}{'p50':>9}{'p90':>9}{'p99':>9}{'p99.9':>9}{'max':>
 
 
 def machine_facts() -> list[str]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mem = "unknown"
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    except OSError:
-        pass
+    model, usable = cpu_model(), usable_cpus()
+    mem = memory_total()
 
     def version(dist: str) -> str:
         try:
