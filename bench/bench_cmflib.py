@@ -55,7 +55,7 @@ from _cmflib_workload import (  # the bench directory, put on sys.path above
     summarize,
     write_output,
 )
-from machine import cpu_model, memory_total, usable_cpus
+from machine import cpu_model, memory_total, tree_state, usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "cmflib.txt"
@@ -265,19 +265,6 @@ def machine_facts(cmflib_python: Path) -> list[str]:
         f"cmflib python    {cmflib_python}",
         f"tree measured    git {tree_state()}",
     ]
-
-
-def tree_state() -> str:
-    """The commit measured, and whether core/ differs from it (other developers work in the same tree)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "core"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git)"
-    return f"{head}" + (f", core/ with {len(dirty)} uncommitted change(s)" if dirty else ", core/ clean")
 
 
 def _ms(s: float) -> str:

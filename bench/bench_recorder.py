@@ -45,7 +45,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from machine import cpu_model, memory_total, usable_cpus
+from machine import cpu_model, memory_total, tree_state, usable_cpus
 
 import metatrail
 from metatrail.config import load_settings
@@ -110,19 +110,6 @@ def machine_facts() -> list[str]:
         f"os            {platform.platform()}",
         f"tree          git {tree_state()}",
     ]
-
-
-def tree_state() -> str:
-    """The commit measured, and whether core/ differs from it (other developers work in the same tree)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "core"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no git)"
-    return f"{head}" + (f", core/ with {len(dirty)} uncommitted change(s)" if dirty else ", core/ clean")
 
 
 # -- profiling helpers --------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""What every benchmark prints about the machine it ran on (CPU model, usable cores, memory)."""
+"""What every benchmark prints about its machine (CPU model, usable cores, memory) and the tree it measured."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 
@@ -30,3 +31,16 @@ def memory_total() -> str:
     """Total memory, e.g. ``23.5 GiB``."""
     field = _proc_field("/proc/meminfo", "MemTotal")
     return f"{int(field.split()[0]) / 2**20:.1f} GiB" if field else "unknown"
+
+
+def tree_state() -> str:
+    """The commit measured, and whether core/ differs from it (other developers work in the same tree)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "core"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (no git)"
+    return f"{head}" + (f", core/ with {len(dirty)} uncommitted change(s)" if dirty else ", core/ clean")

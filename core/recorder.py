@@ -552,6 +552,9 @@ def _numeric(metrics: Mapping[str, Any]) -> dict[str, float | None]:
 
 
 class _NoEnergy:
+    """The Recorder's own no-op monitor, for when ``metatrail.energy`` (home of ``DisabledMonitor``) cannot even be
+    imported: recording must go on without energy then."""
+
     def task_started(self, execution_id: str, *, pid: int, include_children: bool = True) -> object:
         return None
 
