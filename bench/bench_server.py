@@ -238,6 +238,11 @@ def main() -> int:
     say(f"versions      metatrail {metatrail.__version__}, openlineage-python {openlineage.client.__version__ if hasattr(openlineage.client, '__version__') else '?'}, "  # noqa: E501
         f"SQLAlchemy {sqlalchemy.__version__}")
     say(f"os            {platform.platform()}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from machine import cpu_model, memory_total, tree_state
+
+    say(f"machine       {cpu_model()}, {memory_total()}")
+    say(f"tree          {tree_state()}")
     work = Path(tempfile.mkdtemp(prefix="mt-bench-server-"))
     try:
         # (a) single-event POSTs --------------------------------------------------------------------------------

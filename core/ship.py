@@ -185,7 +185,10 @@ class Shipper:
         cursor = log_.get_cursor(key, "push", "")
         backlog = log_.count_after(cursor) if self.max_backlog > 0 else 0
         source = _Bounded(local, self, excess=max(0, backlog - self.max_backlog))
-        transfer(source, remote, log=log_, peer=key, direction="push", filt=Filter(), page_size=self.page)
+        # Not pipelined: the bounded source counts what it skips per page read, so read a page only when the one
+        # before it is delivered.
+        transfer(source, remote, log=log_, peer=key, direction="push", filt=Filter(), page_size=self.page,
+                 pipelined=False)
 
     def _run(self) -> None:
         from metatrail.store.remote import RemoteError, RemoteRejected

@@ -21,12 +21,15 @@ committed later with a smaller position.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import re
+import threading
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -40,6 +43,7 @@ from metatrail.store.schema import events, runs, sync_cursors
 
 PAGE = 2000
 FETCH_CHUNK = 1000
+PUSH_CHUNK = 2000  # events per push request: one server transaction each
 _EVENT_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -332,6 +336,10 @@ class HttpEndpoint:
         self.client: ServerClient = client
         self.key = peer_key(client.url)
         self.site: str | None = None
+        # receive's own connections (clones, closed with client): receives run beside page/missing, and beside each
+        # other, in a pipelined transfer
+        self._senders: list[ServerClient] = []
+        self._senders_lock = threading.Lock()
 
     @staticmethod
     def _params(filt: Filter) -> dict[str, Any]:
@@ -363,22 +371,27 @@ class HttpEndpoint:
         return out
 
     def receive(self, shipped: Sequence[Shipped]) -> int:
-        # One chunk at a time: two in flight measured no faster (the server's parse and store share one GIL).
-        return sum(self._send(part) for part in _chunks(list(shipped), FETCH_CHUNK))
+        with self._senders_lock:
+            sender = self._senders.pop() if self._senders else self.client.clone()
+        try:
+            return sum(self._send(sender, part) for part in _chunks(list(shipped), PUSH_CHUNK))
+        finally:
+            with self._senders_lock:
+                self._senders.append(sender)
 
-    def _send(self, part: Sequence[Shipped]) -> int:
+    def _send(self, sender: Any, part: Sequence[Shipped]) -> int:
         from metatrail.store.remote import RemoteRejected
 
         # The bodies are canonical JSON already: splice them in rather than decode and encode them again.
         origins = json.dumps([s.site for s in part])
         body = ('{"origins":' + origins + ',"events":[' + ",".join(s.text for s in part) + "]}").encode("utf-8")
         try:
-            reply = self.client.request("POST", "/api/v1/sync/push", raw_body=body)
+            reply = sender.request("POST", "/api/v1/sync/push", raw_body=body)
         except RemoteRejected as exc:
             if exc.status != 413 or len(part) == 1:
                 raise
             half = len(part) // 2  # large events: the server caps a body's size, so send fewer at a time
-            return self._send(part[:half]) + self._send(part[half:])
+            return self._send(sender, part[:half]) + self._send(sender, part[half:])
         return int(reply["inserted"])
 
 
@@ -416,35 +429,102 @@ class Progress:
 
 def transfer(source: Endpoint, destination: Endpoint, *, log: SyncLog | None, peer: str, direction: str,
              filt: Filter = Filter(), page_size: int = PAGE, progress: Progress | None = None,
-             should_stop: Callable[[], bool] | None = None) -> TransferResult:
+             should_stop: Callable[[], bool] | None = None, pipelined: bool = True) -> TransferResult:
     """Move the events ``destination`` lacks from ``source`` (see module docstring); resumable through the cursor
-    (``peer``, ``direction``, ``filt.scope``) kept in ``log`` (no cursor when ``log`` is None: a full comparison)."""
+    (``peer``, ``direction``, ``filt.scope``) kept in ``log`` (no cursor when ``log`` is None: a full comparison).
+    ``pipelined=False`` finishes each page before reading the next (for sources that count what they skip)."""
     result = TransferResult()
     cursor = log.get_cursor(peer, direction, filt.scope) if log is not None else 0
     result.position = cursor
-    while True:
-        if should_stop is not None and should_stop():
-            break
-        page = source.page(cursor, filt, page_size)
-        result.pages += 1
-        ids = [i for _, i in page.items]
-        if ids:
-            missing = destination.missing(ids)
-            if missing:
-                shipped = source.fetch(missing, filt)
-                result.inserted += destination.receive(shipped)
-                result.sent += len(shipped)
-            result.scanned += len(ids)
-            if progress is not None:
-                progress.advance(len(ids))
-        if page.last != cursor:
-            cursor = page.last
+    # Pipelined: while the destination stores earlier pages' events (on worker threads: two pages in flight, so a
+    # server parses one batch while its writer commits the other), this thread reads the next page, asks what the
+    # destination lacks and fetches the bodies. Pages settle in order, and the cursor moves past a page only once
+    # its events and those of every page before it are stored, so an interruption resumes where it should.
+    depth = 2 if pipelined else 1
+    in_flight: deque[tuple[_Send, int, int]] = deque()
+    reading = cursor  # where the next page starts: past the pages in flight
+
+    def advance(position: int) -> None:
+        nonlocal cursor
+        if position != cursor:
+            cursor = position
             if log is not None:
                 log.set_cursor(peer, direction, filt.scope, cursor)
         result.position = cursor
-        if not page.more:
-            break
+
+    def settle(keep: int) -> None:
+        while len(in_flight) > keep:
+            send, sent, position = in_flight[0]
+            inserted = send.result()
+            in_flight.popleft()
+            result.inserted += inserted
+            result.sent += sent
+            advance(position)
+
+    try:
+        while True:
+            if should_stop is not None and should_stop():
+                break
+            page = source.page(reading, filt, page_size)
+            reading = page.last
+            result.pages += 1
+            ids = [i for _, i in page.items]
+            shipped: list[Shipped] = []
+            if ids:
+                missing = destination.missing(ids)
+                if missing:
+                    shipped = source.fetch(missing, filt)
+                result.scanned += len(ids)
+            if shipped:
+                settle(depth - 1)
+                in_flight.append((_Send(destination.receive, shipped, background=pipelined), len(shipped),
+                                  page.last))
+                if not pipelined:
+                    settle(0)
+            else:
+                settle(0)
+                advance(page.last)
+            if progress is not None and ids:
+                progress.advance(len(ids))
+            if not page.more:
+                break
+        settle(0)
+    finally:
+        # An error above: let the pages in flight finish, keeping the cursor of those that did.
+        with contextlib.suppress(Exception):
+            settle(0)
     return result
+
+
+class _Send:
+    """One page being stored by the destination: on a thread of its own when ``background``, else done at once.
+
+    Plain threads, not a ``concurrent.futures`` pool: the shipper's exit drain runs after ``concurrent.futures`` has
+    shut its pools down for the interpreter's exit, and must still ship (it sends one page at a time, in place)."""
+
+    def __init__(self, receive: Callable[[list[Shipped]], int], shipped: list[Shipped], *, background: bool) -> None:
+        self._value = 0
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._run, args=(receive, shipped), name="metatrail-sync",
+                                            daemon=True)
+            self._thread.start()
+        else:
+            self._run(receive, shipped)
+
+    def _run(self, receive: Callable[[list[Shipped]], int], shipped: list[Shipped]) -> None:
+        try:
+            self._value = receive(shipped)
+        except BaseException as exc:  # re-raised in the transferring thread by result()
+            self._error = exc
+
+    def result(self) -> int:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _open_local(store_url: str) -> tuple[EventStore, SyncLog]:

@@ -27,6 +27,7 @@ class ServerConfig:
     auth_cache_ttl: float = 5.0
     max_pending_events: int = 200_000
     writer_batch: int = 5_000
+    inline_events: int = 1  # SQLite: a job this small is written on the event loop when the writer is idle
     forward: bool | dict[str, Any] | None = None
     forward_queue: int = 10_000
     schedule_tick: float = 5.0

@@ -45,7 +45,8 @@ class Services:
 
             forwarder = Forwarder(config.forward, max_queue=config.forward_queue)
         writer = IngestWriter(store, max_pending=config.max_pending_events, max_batch=config.writer_batch,
-                              on_inserted=forwarder.enqueue if forwarder is not None else None)
+                              on_inserted=forwarder.enqueue if forwarder is not None else None,
+                              inline_max=config.inline_events if store.url.startswith("sqlite:") else 0)
         return cls(config=config, store=store, log=SyncLog(store.url),
                    tokens=TokenStore(store.url, ttl=config.auth_cache_ttl, migrate=False),
                    peers=PeerStore(store.url, migrate=False),

@@ -124,11 +124,22 @@ class ServerClient:
         self._port = parsed.port or (443 if self._https else 80)
         self._prefix = parsed.path.rstrip("/")
         self._compress = (not is_loopback(self._host)) if compress is None else compress
+        self._ca_bundle = ca_bundle
         self._ssl: ssl.SSLContext | None = None
         if self._https:
             self._ssl = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
+        self._clones: list[ServerClient] = []
+
+    def clone(self) -> ServerClient:
+        """A client with the same settings and its own connection (for a second request in flight); closing this
+        client closes it too."""
+        twin = ServerClient(self.url, self.token, timeout=self.timeout, connect_timeout=self.connect_timeout,
+                            ca_bundle=self._ca_bundle, compress=self._compress)
+        with self._lock:
+            self._clones.append(twin)
+        return twin
 
     def _connect(self, timeout: float) -> http.client.HTTPConnection:
         if self._conn is None:
@@ -208,9 +219,12 @@ class ServerClient:
         raise RemoteRejected(message, status=status, retry_after=retry_after, body=decoded)
 
     def close(self) -> None:
-        """Close the connection; the client reconnects on the next request."""
+        """Close the connection (and those of its clones); the client reconnects on the next request."""
         with self._lock:
             self._drop()
+            clones = list(self._clones)
+        for twin in clones:
+            twin.close()
 
 
 class RemoteStore(EventStore):

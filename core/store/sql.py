@@ -12,8 +12,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, delete, func, or_, select
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy import Connection, and_, func, or_, select
+from sqlalchemy.exc import DatabaseError
 
 from metatrail.errors import CorruptStoreError, EventError, StoreError
 from metatrail.openlineage.events import canonical_bytes
@@ -107,46 +107,57 @@ class SqlStore(EventStore):
         if not prepared:
             return IngestResult(received=len(events_in), inserted=0)
 
+        name = self._engine.dialect.name
+
         def run() -> IngestResult:
-            with self._engine.begin() as conn:
+            with dialect.raw_transaction(self._engine) as cur:
+                dialect.lock_log(cur, name)
                 ids = list(prepared)
                 existing: set[str] = set()
                 for part in _chunks(ids):
-                    existing.update(conn.execute(select(events.c.id).where(events.c.id.in_(part))).scalars())
+                    clause, params = dialect.any_of(name, "id", part)
+                    cur.execute(f"SELECT id FROM events WHERE {clause}", params)
+                    existing.update(r[0] for r in cur.fetchall())
                 new_ids = [i for i in ids if i not in existing]
                 if not new_ids:
                     return IngestResult(received=len(events_in), inserted=0)
                 now = time.time()
                 rows = [{**prepared[i][2], "site": site, "ingested_at": now, "body": prepared[i][0]} for i in new_ids]
-                dialect.lock_log(conn)
-                dialect.bulk_insert(conn, events, rows, mode="ignore")
+                dialect.bulk_insert(cur, name, events, rows)  # new: the log lock is held and we looked
                 touched = sorted({prepared[i][2]["run_id"] for i in new_ids if prepared[i][2]["run_id"]})
-                self._reproject(conn, touched, known={i: prepared[i][1] for i in new_ids})
-                return IngestResult(received=len(events_in), inserted=len(new_ids), inserted_ids=tuple(new_ids))
+                self._reproject(cur, name, touched, known={i: prepared[i][1] for i in new_ids})
+            return IngestResult(received=len(events_in), inserted=len(new_ids), inserted_ids=tuple(new_ids))
 
         try:
             return dialect.retrying(run)
-        except OperationalError as exc:
-            raise StoreError(f"cannot write store {self.url}: {exc.orig}") from None
+        except Exception as exc:
+            if dialect.is_operational(exc):
+                raise StoreError(f"cannot write store {self.url}: {getattr(exc, 'orig', None) or exc}") from None
+            raise
 
-    def _reproject(self, conn: Connection, run_ids: Sequence[str],
+    @staticmethod
+    def _reproject(cur: Any, name: str, run_ids: Sequence[str],
                    known: Mapping[str, EventRecord] | None = None) -> None:
-        """Recompute the projections of ``run_ids`` from all their events (``known``: records already parsed)."""
+        """Recompute the projections of ``run_ids`` from all their events (``known``: records already parsed).
+        ``cur`` is the transaction's DBAPI cursor, ``name`` the dialect's name."""
         if not run_ids:
             return
-        dialect.lock_runs(conn, run_ids)
+        dialect.lock_runs(cur, name, run_ids)
         known = known or {}
         by_run: dict[str, list[EventRecord]] = defaultdict(list)
         missing: list[str] = []
         for part in _chunks(run_ids):
-            for run_id, eid in conn.execute(select(events.c.run_id, events.c.id).where(events.c.run_id.in_(part))):
+            clause, params = dialect.any_of(name, "run_id", part)
+            cur.execute(f"SELECT run_id, id FROM events WHERE {clause}", params)
+            for run_id, eid in cur.fetchall():
                 if eid in known:
                     by_run[run_id].append(known[eid])
                 else:
                     missing.append(eid)
         for part in _chunks(missing):
-            columns = select(events.c.run_id, events.c.id, events.c.event_time, events.c.body)
-            for run_id, eid, etime, body in conn.execute(columns.where(events.c.id.in_(part))):
+            clause, params = dialect.any_of(name, "id", part)
+            cur.execute(f"SELECT run_id, id, event_time, body FROM events WHERE {clause}", params)
+            for run_id, eid, etime, body in cur.fetchall():
                 by_run[run_id].append(EventRecord(id=eid, time=etime, body=orjson.loads(body)))
         run_rows, edge_rows = [], []
         for run_id in run_ids:
@@ -155,20 +166,23 @@ class SqlStore(EventStore):
             own = {k: v for k, v in proj.run["facets"].items() if k in ("metatrail_execution", "metatrail_energy")}
             run_rows.append({**proj.run, "facets": orjson.dumps(own, option=orjson.OPT_SORT_KEYS).decode()})
             edge_rows.extend(proj.edges)
-        dialect.bulk_insert(conn, runs, run_rows, mode="update", key=["run_id"])
+        dialect.bulk_insert(cur, name, runs, run_rows, mode="update", key=["run_id"])
         for part in _chunks(list(run_ids)):
-            conn.execute(delete(edges).where(edges.c.run_id.in_(part)))
-        dialect.bulk_insert(conn, edges, edge_rows)
+            clause, params = dialect.any_of(name, "run_id", part)
+            cur.execute(f"DELETE FROM io_edges WHERE {clause}", params)
+        dialect.bulk_insert(cur, name, edges, edge_rows)
 
     def rebuild_projections(self) -> None:
+        name = self._engine.dialect.name
+
         def run() -> None:
-            with self._engine.begin() as conn:
-                conn.execute(delete(edges))
-                conn.execute(delete(runs))
-                run_ids = list(conn.execute(select(events.c.run_id).where(events.c.run_id.is_not(None))
-                                            .distinct()).scalars())
+            with dialect.raw_transaction(self._engine) as cur:
+                cur.execute("DELETE FROM io_edges")
+                cur.execute("DELETE FROM runs")
+                cur.execute("SELECT DISTINCT run_id FROM events WHERE run_id IS NOT NULL")
+                run_ids = [r[0] for r in cur.fetchall()]
                 for part in _chunks(run_ids):
-                    self._reproject(conn, list(part))
+                    self._reproject(cur, name, list(part))
 
         dialect.retrying(run)
 

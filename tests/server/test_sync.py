@@ -89,27 +89,27 @@ def test_selections(config: ServerConfig, tokens: Tokens, tmp_path: Path) -> Non
 
 
 def test_push_is_resumable_after_interruption(config: ServerConfig, tokens: Tokens, tmp_path: Path) -> None:
-    events = bulk_events(1500)
+    events = bulk_events(2500)  # three pages: two in flight at once, then one more
     a = _local(tmp_path, "a", events)
     with live(config) as server:
         proxy = FaultProxy(server.url.replace("http://", ""))
         try:
-            proxy.fail_after = 3  # the server becomes unavailable mid-push (after the first page)
+            proxy.fail_after = 3  # the server becomes unavailable mid-push (after the first page's requests)
             with pytest.raises(RemoteUnavailable):
                 push(a, proxy.url, token=tokens.write, show_progress=False)
             log = SyncLog(a)
             position = log.get_cursor(peer_key(proxy.url), "push")
             log.close()
-            assert 0 < position < 3000  # the acknowledged pages are remembered
+            assert 0 < position < 5000  # the acknowledged pages are remembered
             proxy.fail_after = None
             rest = push(a, proxy.url, token=tokens.write, show_progress=False)
-            assert rest.scanned == 3000 - position
+            assert rest.scanned == 5000 - position
         finally:
             proxy.close()
         served = SyncLog(config.store)
         try:
             assert served.missing(sorted(ids_of(events))) == []
-            assert served.digest()["events"] == 3000
+            assert served.digest()["events"] == 5000
         finally:
             served.close()
 

@@ -58,7 +58,8 @@ async def submit(svc: Services, events: Sequence[Mapping[str, Any]], site: str |
     except Overloaded as exc:
         raise ApiError(503, "overloaded", f"{exc}; retry later", headers={"Retry-After": "1"}) from None
     try:
-        return await asyncio.wrap_future(future)
+        # A job written inline comes back resolved: skip the hop through the loop's self-pipe.
+        return future.result() if future.done() else await asyncio.wrap_future(future)
     except EventError as exc:
         raise ApiError(422, "invalid_event", str(exc)) from None
     except Exception as exc:  # the events were valid: a store failure is temporary from the client's view
