@@ -12,6 +12,11 @@ file and touches no disk or network.
 | exit flush (s)   | ``METATRAIL_FLUSH_TIMEOUT`` | ``flush_timeout``   | ``30``                                    |
 | energy on/off    | ``METATRAIL_ENERGY``        | ``energy``          | on                                        |
 | hash cache file  | ``METATRAIL_HASH_CACHE``    | ``hash_cache``      | beside an SQLite store, or ~/.cache       |
+| event writer     | ``METATRAIL_WRITER``        | ``writer``          | ``auto``                                  |
+
+``writer`` says where events are built and stored: ``thread`` (a thread of the host process), ``process`` (a child
+process, so that the work holds none of the host's GIL), or ``auto``: a thread, and a child process once a process has
+recorded ``PROCESS_AFTER_EVENTS`` events (busy hosts; a short-lived process never pays the child's start-up).
 
 The config file is ``$METATRAIL_CONFIG`` or ``config.toml`` inside the ``.metatrail`` directory found by walking up
 from the working directory.
@@ -58,6 +63,7 @@ class Settings:
     flush_timeout: float = 30.0
     energy: bool = True
     hash_cache: str = ""
+    writer: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -76,7 +82,9 @@ _ENV = {
     "flush_timeout": "METATRAIL_FLUSH_TIMEOUT",
     "energy": "METATRAIL_ENERGY",
     "hash_cache": "METATRAIL_HASH_CACHE",
+    "writer": "METATRAIL_WRITER",
 }
+WRITERS = ("auto", "thread", "process")
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -97,6 +105,11 @@ def _coerce(name: str, value: Any) -> Any:
         if word in FALSE_WORDS:
             return False
         raise ConfigError(f"setting 'energy' must be on/off (1/0), got {value!r}")
+    if name == "writer":
+        word = str(value).strip().lower()
+        if word not in WRITERS:
+            raise ConfigError(f"setting 'writer' must be one of {', '.join(WRITERS)}, got {value!r}")
+        return word
     return str(value)
 
 

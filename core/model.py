@@ -52,6 +52,21 @@ class Direction(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class ErrorText:
+    """An error as the record keeps it: the message and, for an exception, its formatted traceback. Unlike an
+    exception with its traceback, it can be pickled (handed to another process)."""
+
+    message: str
+    stack: str | None = None
+
+    @classmethod
+    def of(cls, error: BaseException) -> ErrorText:
+        import traceback
+
+        return cls(f"{type(error).__name__}: {error}", "".join(traceback.format_exception(error)) or None)
+
+
+@dataclass(frozen=True)
 class HashInfo:
     """A content hash that carries its algorithm (``md5`` = DVC 3 md5; directories end in ``.dir``)."""
 

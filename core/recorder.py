@@ -11,6 +11,9 @@ Guarantees (tests hold us to each):
 * **Durable, then async.** The writer thread stores events in the local store as soon as it gets them (batched in one
   transaction when several are waiting); at process exit pending events are flushed (``flush_timeout``). A host that
   ends its processes with ``os._exit`` must call :meth:`Recorder.flush` itself.
+* **Out of the host's way.** The ``writer`` setting moves building and storing into a writer process
+  (:mod:`metatrail.writerproc`; by default once a process has recorded many events), so that a busy host's GIL is
+  not shared with this work; the thread then only hands batches over.
 * **Thread- and process-safe.** Any number of threads may call one Recorder; after ``fork`` the child starts a fresh
   writer; many processes write one store (the store serialises them).
 
@@ -36,7 +39,7 @@ from typing import Any, TypeAlias, TypeVar
 from metatrail import __version__
 from metatrail.config import Settings, is_disabled, load_settings
 from metatrail.logsafe import log, log_once
-from metatrail.model import ArtifactRef, Execution, PipelineRun, Status, current_user, uuid7
+from metatrail.model import ArtifactRef, ErrorText, Execution, PipelineRun, Status, current_user, uuid7
 from metatrail.ship import Shipper
 
 T = TypeVar("T")
@@ -46,6 +49,7 @@ WRITE_BATCH = 64  # events per store transaction: small enough to hold the GIL o
 MAX_PARAM_TEXT = 2000
 MAX_PARAM_JSON = 16_384  # larger values (whole datasets passed as arguments) are kept as a truncated repr
 WRITE_LINGER_S = 0.005  # the writer waits this long for more events, to store them in one transaction
+PROCESS_AFTER_EVENTS = 256  # writer "auto": hand events to a writer process once this process has recorded this many
 
 
 def safe_params(params: Mapping[str, Any] | None, warnings: list[str] | None = None) -> dict[str, Any]:
@@ -95,10 +99,12 @@ class _Item:
     inputs: list[PathLike] = field(default_factory=list)
     outputs: list[PathLike] = field(default_factory=list)
     status: Status = Status.RUNNING
-    error: BaseException | str | None = None
+    error: BaseException | ErrorText | str | None = None
     exit_code: int | None = None
     energy: object = None  # the energy monitor's task_stopped() result; reported on the writer thread
     warnings: list[str] = field(default_factory=list)
+    energy_report: dict[str, Any] | None = None  # made before the item goes to a writer process
+    pid: int | None = None  # the recording process, when the event is built in another
 
 
 class Recorder:
@@ -108,7 +114,10 @@ class Recorder:
                  energy_monitor: Any = None, shipper: Any = None) -> None:
         self._settings = settings
         self._store = store
+        self._store_given = store is not None  # an injected store object cannot be handed to a writer process
         self._energy_monitor = energy_monitor
+        self._process: Any = None  # the WriterProcess, once started
+        self._process_refused = False
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._queue: deque[_Item] = deque()
@@ -241,11 +250,12 @@ class Recorder:
                           namespace: str | None = None, started_at: float | None = None,
                           try_number: int | None = None, integration_version: str | None = None,
                           extra: Mapping[str, Any] | None = None, pid: int | None = None,
-                          measure_energy: bool = True) -> Execution:
+                          measure_energy: bool = True, energy_source: object = None) -> Execution:
         """Record the start of one execution (one try of a stage); returns its handle.
 
         ``inputs`` are local paths, remote URLs or pre-hashed :class:`ArtifactRef`; they are hashed off this thread.
-        ``pid`` is the root of the process tree whose energy is attributed to the execution (default: this process).
+        ``pid`` is the root of the process tree whose energy is attributed to the execution (default: this process);
+        ``energy_source`` replaces it (host-fed processes or accounted energy, see ``metatrail.energy.interface``).
         """
         at = started_at if started_at is not None else time.time()
         ns = namespace or (pipeline_run.namespace if pipeline_run else None)
@@ -265,7 +275,7 @@ class Recorder:
                 handle.extra["_warnings"] = warnings
             if measure_energy:
                 token = self._guard("energy start", lambda: self._energy().task_started(
-                    handle.id, pid=pid or os.getpid(), include_children=True), None)
+                    handle.id, pid=pid or os.getpid(), include_children=True, source=energy_source), None)
                 if token is not None:
                     handle.extra["_energy_token"] = token
             input_list = list(inputs)
@@ -356,6 +366,8 @@ class Recorder:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+        if self._process is not None:
+            self._process.close()
         if self._store is not None:
             self._guard("close", self._store.close, None)
             self._store = None
@@ -373,6 +385,10 @@ class Recorder:
         self._store = None
         self._hash_cache = None
         self._input_refs = {}
+        if self._process is not None:
+            self._process.abandon()  # the parent's writer process and pipes stay the parent's
+        self._process = None
+        self._process_refused = False
 
     def _at_exit(self) -> None:
         # After close() the flush already had its chance (and its timeout): do not wait a second time.
@@ -399,21 +415,77 @@ class Recorder:
                         break
                     self._cv.wait(remaining)
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), WRITE_BATCH))]
-            events: list[dict[str, Any]] = []
-            for item in batch:
-                try:
-                    events.append(self._build(item))
-                except Exception as exc:
-                    self.failed_writes += 1
-                    log_once(f"build:{type(exc).__name__}", "metatrail: could not build an event (%s: %s)",
-                             type(exc).__name__, exc, exc_info=True)
-                # Hand the GIL over between events: a host thread waiting for it (after any system call) would
-                # otherwise wait a whole switch interval (5 ms) behind this CPU-bound loop.
-                time.sleep(0)
-            self._write(events)
+            if self._to_process(batch):
+                continue  # done when the writer process acknowledges it
+            self.write_items(batch)
             with self._cv:
                 self._done += len(batch)
                 self._cv.notify_all()
+
+    def write_items(self, batch: list[_Item]) -> None:
+        """Build and store the events of ``batch`` here and now (the writer thread's work, or a writer process's)."""
+        events: list[dict[str, Any]] = []
+        for item in batch:
+            try:
+                events.append(self._build(item))
+            except Exception as exc:
+                self.failed_writes += 1
+                log_once(f"build:{type(exc).__name__}", "metatrail: could not build an event (%s: %s)",
+                         type(exc).__name__, exc, exc_info=True)
+            # Hand the GIL over between events: a host thread waiting for it (after any system call) would
+            # otherwise wait a whole switch interval (5 ms) behind this CPU-bound loop.
+            time.sleep(0)
+        self._write(events)
+
+    # -- the writer process (see metatrail.writerproc) ----------------------------------------------------------
+    def _to_process(self, batch: list[_Item]) -> bool:
+        """Hand ``batch`` to the writer process, starting it when the ``writer`` setting says so; False when the
+        batch is to be written on this thread."""
+        if self._process is None:
+            if self._process_refused or self._store_given:
+                return False
+            mode = self.settings.writer
+            if mode == "thread" or (mode == "auto" and self._submitted < PROCESS_AFTER_EVENTS):
+                return False
+            from metatrail.writerproc import WriterProcess
+
+            self._process = WriterProcess.start(self.settings, self._process_done, self._process_lost)
+            if self._process is None:
+                self._process_refused = True
+                return False
+        if not self._process.alive:
+            return False
+        pid = os.getpid()
+        for item in batch:
+            item.pid = pid
+            if item.energy is not None:
+                stopped, item.energy = item.energy, None
+                item.energy_report = self._energy_report(stopped)
+            if isinstance(item.error, BaseException):
+                item.error = ErrorText.of(item.error)
+        return bool(self._process.send(batch))
+
+    def _energy_report(self, stopped: object) -> dict[str, Any] | None:
+        report: dict[str, Any] | None = self._guard("energy report", lambda: self._energy().task_report(stopped), None)
+        return report
+
+    def _process_done(self, count: int, written: int, failed: int) -> None:
+        if written:
+            # Shipping stays with the host (the writer process ships nothing). Told before the batch counts as done,
+            # as on the thread: a flush that returns leaves a shipper that knows, for its exit step.
+            self._shipper.notify()
+        with self._cv:
+            self.written += written
+            self.failed_writes += failed
+            self._done += count
+            self._cv.notify_all()
+
+    def _process_lost(self, items: list[_Item]) -> None:
+        # The writer process is gone: what it had not acknowledged goes back to the front of the queue, in order, for
+        # this process's writer thread (an event it did store is stored once). Never dropped: they were accepted.
+        with self._cv:
+            self._queue.extendleft(reversed(items))
+            self._cv.notify_all()
 
     def _write(self, events: list[dict[str, Any]]) -> None:
         if not events:
@@ -451,8 +523,7 @@ class Recorder:
                 for p in paths]
 
     def _build(self, item: _Item) -> dict[str, Any]:
-        from metatrail.openlineage.events import build_run_event
-        from metatrail.openlineage.facets import MetatrailExecutionRunFacet
+        from metatrail.openlineage.events import build_run_event, execution_facet
 
         if self._code_version is False:
             from metatrail.codeversion import git_commit
@@ -467,7 +538,7 @@ class Recorder:
             Status.RUNNING: "RUNNING"}[item.status]
         ended = item.kind in ("pipeline_end", "exec_end")
         extra = {k: v for k, v in subject.extra.items() if not k.startswith("_")}
-        facet = MetatrailExecutionRunFacet(
+        facet = execution_facet(
             pipeline=subject.pipeline,
             kind="execution" if is_exec else "pipeline_run",
             site=self.settings.site,
@@ -475,16 +546,15 @@ class Recorder:
             stage=subject.stage if isinstance(subject, Execution) else None,
             host=self._host,
             user=self._user if isinstance(self._user, str) else None,
-            pid=os.getpid(),
+            pid=item.pid or os.getpid(),
             integrationVersion=subject.host_version,
             tryNumber=subject.try_number if isinstance(subject, Execution) else None,
             params=subject.params,
             codeVersion=self._code_version if isinstance(self._code_version, dict) else None,
             exitCode=item.exit_code,
             durationSeconds=round(item.at - subject.started_at, 6) if ended else None,
-            warnings=list(subject.extra.get("_warnings", [])) + [w for w in item.warnings
-                                                                 if w not in subject.extra.get("_warnings", [])],
-            extra=json.loads(json.dumps(extra, default=repr)),
+            warnings=_merged_warnings(subject.extra.get("_warnings"), item.warnings),
+            extra=json.loads(json.dumps(extra, default=repr)) if extra else {},
             metrics=_numeric(subject.metrics) if isinstance(subject, Execution) and ended else {},
         )
         inputs: list[ArtifactRef] = []
@@ -505,15 +575,20 @@ class Recorder:
             job_name, job_type = f"{subject.pipeline}.{subject.stage}", "TASK"
         else:
             job_name, job_type = subject.pipeline, "DAG"
-        energy: dict[str, Any] | None = None
-        if item.energy is not None:
-            energy = self._guard("energy report", lambda: self._energy().task_report(item.energy), None)
+        energy = item.energy_report if item.energy is None else self._energy_report(item.energy)
         return build_run_event(
             event_type, run_id=subject.id, namespace=subject.namespace, job_name=job_name,
             event_time=item.at if ended else subject.started_at, integration=subject.integration,
             job_type=job_type, execution_facet=facet, integration_version=subject.host_version or __version__,
             parent=parent, inputs=inputs, outputs=outputs, error=item.error, energy=energy,
         )
+
+
+def _merged_warnings(known: list[str] | None, new: list[str]) -> list[str]:
+    """The execution's warnings, then this event's own that are not among them."""
+    if not new:
+        return list(known or ())
+    return list(known or ()) + [w for w in new if w not in (known or ())]
 
 
 def _unless_modified_since(refs: list[ArtifactRef], started_at: float) -> list[ArtifactRef]:
@@ -555,7 +630,8 @@ class _NoEnergy:
     """The Recorder's own no-op monitor, for when ``metatrail.energy`` (home of ``DisabledMonitor``) cannot even be
     imported: recording must go on without energy then."""
 
-    def task_started(self, execution_id: str, *, pid: int, include_children: bool = True) -> object:
+    def task_started(self, execution_id: str, *, pid: int, include_children: bool = True,
+                     source: object = None) -> object:
         return None
 
     def task_stopped(self, token: object) -> object:

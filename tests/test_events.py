@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from olspec import assert_valid, marquez_errors, spec_errors
 
 from metatrail.model import ArtifactRef, HashInfo, uuid7
@@ -143,3 +146,59 @@ def test_fast_serialiser_matches_openlineage_serde() -> None:
         outputs=[],
     )
     assert to_plain(event) == Serde.to_dict(event)
+
+
+def _refs(draw_hash: bool, size: int | None, nfiles: int | None, error: str | None) -> ArtifactRef:
+    return ArtifactRef("a.txt", "file", "/w/a.txt", kind="directory" if nfiles else "file",
+                       hash=HashInfo("md5", "d" * 32) if draw_hash else None, size=size, nfiles=nfiles,
+                       hash_error=error)
+
+
+@settings(max_examples=150, deadline=None)
+@given(event_type=st.sampled_from(["START", "RUNNING", "COMPLETE", "FAIL", "ABORT", "OTHER"]),
+       with_parent=st.booleans(), integration=st.sampled_from(["PYTHON", "airflow", "Snakemake"]),
+       version=st.one_of(st.none(), st.text(max_size=8)),
+       refs=st.lists(st.builds(_refs, st.booleans(), st.one_of(st.none(), st.integers(0, 2**40)),
+                               st.one_of(st.none(), st.integers(1, 9)), st.one_of(st.none(), st.text(max_size=10))),
+                     max_size=3),
+       error=st.one_of(st.none(), st.text(max_size=20), st.just(ValueError("bad"))),
+       energy=st.one_of(st.none(), st.just({"joules": {"cpu": 1.5}, "method": "estimated"})),
+       kind=st.sampled_from(["execution", "pipeline_run"]))
+def test_fast_builder_equals_the_openlineage_python_reference(
+        event_type: str, with_parent: bool, integration: str, version: str | None, refs: list[ArtifactRef],
+        error: BaseException | str | None, energy: dict[str, Any] | None, kind: str) -> None:
+    """The events we store are assembled from cached parts; built with openlineage-python's classes and Serde
+    instead, every one is identical."""
+    from olreference import reference_run_event
+
+    from metatrail.openlineage.events import execution_facet
+
+    common: dict[str, Any] = dict(
+        run_id=uuid7(), namespace="ns", job_name="p.st", event_time=1.8e9 + 0.123456, integration=integration,
+        job_type="TASK", integration_version=version, parent=(uuid7(), "ns", "p") if with_parent else None,
+        inputs=refs, outputs=refs[::-1], error=error, energy=energy)
+    facet = _facet(kind)
+    expected = reference_run_event(event_type, execution_facet=facet, **common)
+    assert build_run_event(event_type, execution_facet=facet, **common) == expected
+    body = execution_facet(pipeline="p", kind=kind, site="s", integration="PYTHON",
+                           stage="st" if kind == "execution" else None, params={"lr": 0.1, "n": [1, 2]},
+                           codeVersion={"gitCommit": "c" * 40, "repoPath": "/work"})
+    assert build_run_event(event_type, execution_facet=body, **common) == expected
+    if energy is None:  # (a made-up energy body: the energy facet has its own tests)
+        assert_valid(expected)
+
+
+def test_fast_builder_refuses_what_openlineage_python_refuses() -> None:
+    from metatrail.openlineage.events import execution_facet
+
+    body = execution_facet(pipeline="p", kind="execution", site="s", integration="PYTHON")
+    with pytest.raises(ValueError):
+        build_run_event("START", run_id="not-a-uuid", namespace="ns", job_name="p", event_time=1.8e9,
+                        integration="PYTHON", job_type="TASK", execution_facet=body)
+    with pytest.raises(ValueError):
+        build_run_event("BEGUN", run_id=uuid7(), namespace="ns", job_name="p", event_time=1.8e9,
+                        integration="PYTHON", job_type="TASK", execution_facet=body)
+    with pytest.raises(TypeError):
+        execution_facet(pipeline="p", kind="execution", site="s", integration="PYTHON", colour="red")
+    with pytest.raises(TypeError):
+        execution_facet(pipeline="p", kind="execution")

@@ -14,11 +14,20 @@ from typing import Any
 
 import pytest
 
+from metatrail import logsafe
 from metatrail.model import uuid7, uuid7_from
 from metatrail.openlineage.events import iso_time
 from metatrail.recorder import Recorder
 from metatrail.store import IngestResult, open_store
 from metatrail.store.sql import SqlStore
+
+
+@pytest.fixture(autouse=True, params=["thread", "process"])
+def writer(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every guarantee holds whether events are written on the Recorder's thread or by its writer process."""
+    monkeypatch.setenv("METATRAIL_WRITER", request.param)
+    logsafe.reset()  # "logged once" is per process: each run of a test starts with nothing logged
+    return str(request.param)
 
 
 def _events(recorder: Recorder) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
 """Build OpenLineage 2-0-2 RunEvents for executions and pipeline runs, with ``openlineage-python``'s classes.
 
 The builder is pure: it takes our model objects and returns the event as a JSON-ready ``dict``. It runs on the
-Recorder's writer thread, never on a host task's critical path (building attrs objects costs ~1 ms an event).
+Recorder's writer thread, never on a host task's critical path.
 """
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ import enum
 import functools
 import hashlib
 import json
-import traceback
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attr
 import orjson
-from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
+from openlineage.client.event_v2 import RunState
 from openlineage.client.facet_v2 import (
     dataset_version_dataset,
     error_message_run,
@@ -27,10 +26,9 @@ from openlineage.client.facet_v2 import (
     parent_run,
     processing_engine_run,
 )
-from openlineage.client.generated.base import JobFacet
 
 from metatrail import __version__
-from metatrail.model import ArtifactRef
+from metatrail.model import ArtifactRef, ErrorText
 from metatrail.openlineage.facets import (
     PRODUCER,
     MetatrailArtifactDatasetFacet,
@@ -115,49 +113,104 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+# Parts of events that repeat, as JSON data made once from openlineage-python's own classes (which check them as they
+# are built), so field names and schema URLs always follow the installed client. Events are then assembled from plain
+# dicts: building the attrs objects and serialising them for every event cost about 100 µs an event, on a writer
+# thread that shares the GIL with the host. ``tests/olreference.py`` builds the same events the slow way; tests hold
+# the two equal.
 @functools.lru_cache(maxsize=256)
-def _engine_facet(integration: str, version: str) -> processing_engine_run.ProcessingEngineRunFacet:
-    # Facet objects are immutable in use; building one runs URL validators, so the few distinct ones are cached.
-    return processing_engine_run.ProcessingEngineRunFacet(
-        version=version, name=integration.title(), openlineageAdapterVersion=__version__, producer=PRODUCER)
+def _engine_facet(integration: str, version: str) -> dict[str, Any]:
+    plain: dict[str, Any] = to_plain(processing_engine_run.ProcessingEngineRunFacet(
+        version=version, name=integration.title(), openlineageAdapterVersion=__version__, producer=PRODUCER))
+    return plain
 
 
 @functools.lru_cache(maxsize=256)
-def _job_type_facet(integration: str, job_type: str) -> job_type_job.JobTypeJobFacet:
-    return job_type_job.JobTypeJobFacet(processingType="BATCH", integration=integration.upper(), jobType=job_type,
-                                        producer=PRODUCER)
+def _job_type_facet(integration: str, job_type: str) -> dict[str, Any]:
+    plain: dict[str, Any] = to_plain(job_type_job.JobTypeJobFacet(
+        processingType="BATCH", integration=integration.upper(), jobType=job_type, producer=PRODUCER))
+    return plain
 
 
 @functools.lru_cache(maxsize=1024)
-def _parent_facet(p_run: str, p_ns: str, p_name: str) -> parent_run.ParentRunFacet:
-    return parent_run.ParentRunFacet(
+def _parent_facet(p_run: str, p_ns: str, p_name: str) -> dict[str, Any]:
+    plain: dict[str, Any] = to_plain(parent_run.ParentRunFacet(
         run=parent_run.Run(runId=p_run),
         job=parent_run.Job(namespace=p_ns, name=p_name),
         root=parent_run.Root(run=parent_run.RootRun(runId=p_run), job=parent_run.RootJob(namespace=p_ns, name=p_name)),
         producer=PRODUCER,
-    )
+    ))
+    return plain
 
 
-def _dataset_facets(ref: ArtifactRef) -> dict[str, Any]:
+@functools.cache
+def _facet_header(kind: str) -> dict[str, str]:
+    """``_producer``/``_schemaURL`` of the facets built per event, taken from one instance of each class."""
+    if kind == "version":
+        facet: Any = dataset_version_dataset.DatasetVersionDatasetFacet(datasetVersion="-", producer=PRODUCER)
+    elif kind == "outputStatistics":
+        facet = output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(size=0, producer=PRODUCER)
+    elif kind == "metatrail_artifact":
+        return {"_producer": PRODUCER, "_schemaURL": MetatrailArtifactDatasetFacet._get_schema()}
+    elif kind == "metatrail_execution":
+        return {"_producer": PRODUCER, "_schemaURL": MetatrailExecutionRunFacet._get_schema()}
+    else:
+        return {"_producer": PRODUCER, "_schemaURL": MetatrailEnergyRunFacet._get_schema()}
+    plain = to_plain(facet)
+    return {"_producer": plain["_producer"], "_schemaURL": plain["_schemaURL"]}
+
+
+@functools.cache
+def _execution_fields() -> tuple[tuple[str, Any], ...]:
+    """``(name, default factory or value)`` of every field of the execution facet, in schema order."""
+    return tuple((a.name, a.default) for a in attr.fields(MetatrailExecutionRunFacet) if not a.name.startswith("_"))
+
+
+def execution_facet(**fields: Any) -> dict[str, Any]:
+    """The ``metatrail_execution`` facet body from its fields (see :class:`MetatrailExecutionRunFacet`); fields not
+    given take the class's defaults. Null values are kept: null-with-a-reason is information."""
+    body: dict[str, Any] = {}
+    for name, default in _execution_fields():
+        if name in fields:
+            body[name] = fields.pop(name)
+        elif isinstance(default, attr.Factory):  # type: ignore[arg-type]
+            body[name] = default.factory()
+        elif default is attr.NOTHING:
+            raise TypeError(f"execution facet field {name!r} is required")
+        else:
+            body[name] = default
+    if fields:
+        raise TypeError(f"unknown execution facet fields: {sorted(fields)}")
+    body.update(_facet_header("metatrail_execution"))
+    return body
+
+
+def _dataset(ref: ArtifactRef, output: bool) -> dict[str, Any]:
     facets: dict[str, Any] = {}
     if ref.hash is not None:
-        facets["version"] = dataset_version_dataset.DatasetVersionDatasetFacet(
-            datasetVersion=ref.hash.value, producer=PRODUCER
-        )
-    return facets
-
-
-def _artifact_facet(ref: ArtifactRef) -> MetatrailArtifactDatasetFacet:
-    return MetatrailArtifactDatasetFacet(
-        uri=ref.uri,
-        kind=ref.kind,
-        algorithm=ref.hash.name if ref.hash else None,
-        hash=ref.hash.value if ref.hash else None,
-        size=ref.size,
-        nfiles=ref.nfiles,
-        hashError=ref.hash_error,
-        producer=PRODUCER,
-    )
+        facets["version"] = {**_facet_header("version"), "datasetVersion": ref.hash.value}
+    facets["metatrail_artifact"] = {
+        "uri": ref.uri,
+        "kind": ref.kind,
+        "algorithm": ref.hash.name if ref.hash else None,
+        "hash": ref.hash.value if ref.hash else None,
+        "size": ref.size,
+        "nfiles": ref.nfiles,
+        "hashError": ref.hash_error,
+        **_facet_header("metatrail_artifact"),
+    }
+    dataset: dict[str, Any] = {"namespace": ref.namespace, "name": ref.name, "facets": facets}
+    if not output:
+        dataset["inputFacets"] = {}
+        return dataset
+    out_facets: dict[str, Any] = {}
+    if ref.size is not None:
+        stats: dict[str, Any] = {**_facet_header("outputStatistics"), "size": ref.size}
+        if ref.nfiles is not None:
+            stats["fileCount"] = ref.nfiles
+        out_facets["outputStatistics"] = stats
+    dataset["outputFacets"] = out_facets
+    return dataset
 
 
 def build_run_event(
@@ -169,69 +222,52 @@ def build_run_event(
     event_time: float,
     integration: str,
     job_type: str,
-    execution_facet: MetatrailExecutionRunFacet,
+    execution_facet: MetatrailExecutionRunFacet | Mapping[str, Any],
     integration_version: str | None = None,
     parent: tuple[str, str, str] | None = None,
     inputs: Iterable[ArtifactRef] = (),
     outputs: Iterable[ArtifactRef] = (),
-    error: BaseException | str | None = None,
+    error: BaseException | ErrorText | str | None = None,
     energy: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One RunEvent as a dict.
 
     ``parent`` is ``(run_id, namespace, job_name)`` of the pipeline run. ``error`` adds an ErrorMessageRunFacet
-    (with the traceback of an exception). ``energy`` is the ``metatrail_energy`` facet body.
+    (with the traceback of an exception). ``execution_facet`` is the facet object or its body
+    (:func:`execution_facet`); ``energy`` is the ``metatrail_energy`` facet body.
     """
+    state = RunState(event_type).value  # refuses an unknown event type
+    uuid.UUID(run_id)  # refuses a run id that is not a UUID, as openlineage-python's Run does
     run_facets: dict[str, Any] = {
-        "processing_engine": _engine_facet(integration, integration_version or __version__),
-        "metatrail_execution": execution_facet,
+        "processing_engine": dict(_engine_facet(integration, integration_version or __version__)),
+        "metatrail_execution": (_facet_body(execution_facet) if isinstance(execution_facet, MetatrailExecutionRunFacet)
+                                else dict(execution_facet)),
     }
     if parent is not None:
-        run_facets["parent"] = _parent_facet(*parent)
+        run_facets["parent"] = dict(_parent_facet(*parent))
     if error is not None:
         if isinstance(error, BaseException):
-            message = f"{type(error).__name__}: {error}"
-            stack = "".join(traceback.format_exception(error)) or None
+            error = ErrorText.of(error)
+        if isinstance(error, ErrorText):
+            message, stack = error.message, error.stack
         else:
             message, stack = str(error), None
-        run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
+        run_facets["errorMessage"] = to_plain(error_message_run.ErrorMessageRunFacet(
             message=message or "failed", programmingLanguage="python", stackTrace=stack, producer=PRODUCER
-        )
-    job_facets: dict[str, JobFacet] = {"jobType": _job_type_facet(integration, job_type)}
-    input_refs, output_refs = list(inputs), list(outputs)
-    ol_inputs = [InputDataset(namespace=r.namespace, name=r.name, facets=_dataset_facets(r)) for r in input_refs]
-    ol_outputs = []
-    for ref in output_refs:
-        out_facets: dict[str, Any] = {}
-        if ref.size is not None:
-            out_facets["outputStatistics"] = output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
-                size=ref.size, fileCount=ref.nfiles, producer=PRODUCER
-            )
-        ol_outputs.append(
-            OutputDataset(namespace=ref.namespace, name=ref.name, facets=_dataset_facets(ref), outputFacets=out_facets)
-        )
-    event = RunEvent(
-        eventType=RunState(event_type),
-        eventTime=iso_time(event_time),
-        run=Run(runId=run_id, facets=run_facets),
-        job=Job(namespace=namespace, name=job_name, facets=job_facets),
-        producer=PRODUCER,
-        inputs=ol_inputs,
-        outputs=ol_outputs,
-    )
-    body: dict[str, Any] = to_plain(event)
-    body["run"]["facets"]["metatrail_execution"] = _facet_body(execution_facet)
+        ))
     if energy is not None:
-        body["run"]["facets"]["metatrail_energy"] = {
-            **energy,
-            "_producer": PRODUCER,
-            "_schemaURL": MetatrailEnergyRunFacet._get_schema(),
-        }
-    for ds_list, refs in (("inputs", input_refs), ("outputs", output_refs)):
-        for ds, ref in zip(body.get(ds_list, []), refs, strict=True):
-            ds.setdefault("facets", {})["metatrail_artifact"] = _facet_body(_artifact_facet(ref))
-    body["schemaURL"] = SCHEMA_URL
-    return body
+        run_facets["metatrail_energy"] = {**energy, **_facet_header("metatrail_energy")}
+    return {
+        "eventTime": iso_time(event_time),
+        "producer": PRODUCER,
+        "schemaURL": SCHEMA_URL,
+        "run": {"runId": run_id, "facets": run_facets},
+        "job": {"namespace": namespace, "name": job_name,
+                "facets": {"jobType": dict(_job_type_facet(integration, job_type))}},
+        "eventType": state,
+        "inputs": [_dataset(ref, False) for ref in inputs],
+        "outputs": [_dataset(ref, True) for ref in outputs],
+    }
 
 
-__all__ = ["build_run_event", "canonical_json", "event_id", "iso_time", "schema_url"]
+__all__ = ["build_run_event", "canonical_json", "event_id", "execution_facet", "iso_time", "schema_url"]

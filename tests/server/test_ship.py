@@ -160,11 +160,13 @@ def _child(tmp_path: Path, n: int, env: dict[str, str]) -> tuple[float, float]:
     return float(out.stdout.strip().splitlines()[-1]) - start, time.time() - float(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize("writer", ["thread", "process"])
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
-def test_exit_restart_and_kill_switch(config: ServerConfig, tokens: Tokens, tmp_path: Path) -> None:
+def test_exit_restart_and_kill_switch(config: ServerConfig, tokens: Tokens, tmp_path: Path, writer: str) -> None:
+    """Shipping is the recording process's job whether its events were stored by its thread or its writer process."""
     local = f"sqlite:///{tmp_path / 'client' / 'metatrail.db'}"
     env = {**os.environ, "METATRAIL_STORE": local, "METATRAIL_ENERGY": "0", "METATRAIL_TOKEN": tokens.write,
-           "PYTHONPATH": str(ROOT / "tests")}
+           "PYTHONPATH": str(ROOT / "tests"), "METATRAIL_WRITER": writer}
     # 1. Server down: the process still exits promptly (bounded exit drain); events stay in the local store.
     env["METATRAIL_SERVER"] = "http://127.0.0.1:9"
     _, exit_delay = _child(tmp_path, 20, env)

@@ -1,0 +1,193 @@
+"""The writer process: events built and stored outside the host's interpreter, with nothing lost when it dies."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from metatrail import recorder as recorder_module
+from metatrail.config import load_settings
+from metatrail.errors import ConfigError
+from metatrail.model import Status
+from metatrail.recorder import Recorder
+from metatrail.store import open_store
+from metatrail.store.sql import SqlStore
+
+
+def _bodies(url: str) -> list[dict[str, Any]]:
+    with open_store(url) as store:
+        return [e.body for e in store.iter_events()]
+
+
+def _record(recorder: Recorder, n: int, *, fail_every: int = 0, inputs: list[Any] | None = None) -> None:
+    run = recorder.pipeline_run_started("wp", run_id="0190a000-0000-7000-8000-0000000000ff", started_at=1.8e9)
+    for i in range(n):
+        ex = recorder.execution_started("wp", f"s{i % 3}", pipeline_run=run, params={"i": i},
+                                        execution_id=f"0190a000-0000-7000-8000-{i:012d}", started_at=1.8e9 + i,
+                                        inputs=inputs or [])
+        if fail_every and i % fail_every == 0:
+            try:
+                raise ValueError(f"task {i} failed")
+            except ValueError as exc:
+                recorder.execution_failed(ex, error=exc, ended_at=1.8e9 + i + 0.5)
+        else:
+            recorder.execution_finished(ex, ended_at=1.8e9 + i + 0.5)
+    recorder.pipeline_run_finished(run, ended_at=1.8e9 + n + 1)
+
+
+def test_process_writer_stores_what_the_thread_writer_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same recorded calls give byte-identical events either way: the writer process is only a place."""
+    stored: dict[str, list[dict[str, Any]]] = {}
+    monkeypatch.setenv("METATRAIL_ENERGY", "0")  # measured values differ from run to run (reports: next test)
+    for mode in ("thread", "process"):
+        url = f"sqlite:///{tmp_path / mode / 'm.db'}"
+        monkeypatch.setenv("METATRAIL_STORE", url)
+        monkeypatch.setenv("METATRAIL_WRITER", mode)
+        recorder = Recorder()
+        _record(recorder, 150, fail_every=10)
+        assert recorder.flush(60)
+        assert recorder.written == 302 and recorder.failed_writes == 0
+        assert (recorder._process is not None) == (mode == "process")
+        recorder.close()
+        stored[mode] = sorted(_bodies(url), key=lambda e: (e["run"]["runId"], e["eventType"]))
+    assert stored["thread"] == stored["process"]
+    fails = [e for e in stored["process"] if e["eventType"] == "FAIL"]
+    assert len(fails) == 15
+    error = fails[0]["run"]["facets"]["errorMessage"]
+    assert error["message"].startswith("ValueError: task") and "Traceback" in error["stackTrace"]
+    assert {e["run"]["facets"]["metatrail_execution"]["pid"] for e in stored["process"]} == {os.getpid()}
+
+
+def test_auto_starts_the_process_only_for_a_busy_recorder(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METATRAIL_WRITER", "auto")
+    quiet = Recorder()
+    _record(quiet, 10)
+    assert quiet.flush(60) and quiet._process is None
+    busy = Recorder()
+    _record(busy, recorder_module.PROCESS_AFTER_EVENTS)
+    assert busy.flush(60) and busy._process is not None
+    assert busy.written == 2 * recorder_module.PROCESS_AFTER_EVENTS + 2
+
+
+def test_an_injected_store_keeps_the_thread_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METATRAIL_WRITER", "process")
+    store = SqlStore(f"sqlite:///{tmp_path / 'own.db'}")
+    recorder = Recorder(store=store)
+    _record(recorder, 5)
+    assert recorder.flush(30) and recorder._process is None
+    assert len(list(store.iter_events())) == 12
+
+
+def test_a_killed_writer_process_loses_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METATRAIL_WRITER", "process")
+    recorder = Recorder()
+    _record(recorder, 20)
+    assert recorder.flush(60)
+    first = recorder._process
+    assert first is not None
+    os.kill(first.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while first.alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not first.alive
+    run = recorder.pipeline_run_started("after", run_id="0190a000-0000-7000-8000-0000000000fe")
+    for i in range(300):
+        recorder.execution_finished(recorder.execution_started("after", "s", pipeline_run=run, params={"i": i}))
+    recorder.pipeline_run_finished(run)
+    assert recorder.flush(60)
+    with open_store(recorder.settings.store) as store:
+        assert store.stats()["events"] == 42 + 602
+
+
+def test_batches_unacknowledged_when_the_process_dies_are_written_once(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kill the writer process while it is busy: whatever it had not acknowledged is written on the thread, and an
+    event that it had stored but not acknowledged is still stored once. The store ends up exactly as the thread
+    writer leaves it after the same calls."""
+    monkeypatch.setenv("METATRAIL_ENERGY", "0")
+    stored: dict[str, list[str]] = {}
+    for mode in ("thread", "process"):
+        url = f"sqlite:///{tmp_path / mode / 'm.db'}"
+        monkeypatch.setenv("METATRAIL_STORE", url)
+        monkeypatch.setenv("METATRAIL_WRITER", mode)
+        recorder = Recorder()
+        _record(recorder, 1)
+        assert recorder.flush(60)
+        process = recorder._process
+        _record(recorder, 2000)  # the first execution again: the same events, stored once by design
+        if mode == "process":
+            assert process is not None
+            os.kill(process.pid, signal.SIGKILL)
+        assert recorder.flush(120)
+        recorder.close()
+        with open_store(url) as store:
+            stored[mode] = sorted(e.id for e in store.iter_events())
+    assert len(stored["process"]) > 4000
+    assert stored["process"] == stored["thread"]
+
+
+def test_events_are_stored_when_the_host_exits_without_flushing(tmp_path: Path) -> None:
+    script = ("import metatrail\n"
+              "r = metatrail.get_recorder()\n"
+              "for i in range(400):\n"
+              "    r.execution_finished(r.execution_started('exit', f's{i}'))\n")
+    env = {**os.environ, "METATRAIL_WRITER": "process"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
+    with open_store(env["METATRAIL_STORE"]) as store:
+        assert store.stats()["events"] == 800
+
+
+def test_relative_paths_resolve_where_the_host_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer process follows the host's working directory, so a relative input names the host's file."""
+    monkeypatch.setenv("METATRAIL_WRITER", "process")
+    recorder = Recorder()
+    _record(recorder, 2)
+    assert recorder.flush(60) and recorder._process is not None  # started in the first directory
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "input.txt").write_bytes(b"the host's data\n")
+    monkeypatch.chdir(elsewhere)
+    ex = recorder.execution_started("rel", "s", inputs=["input.txt"])
+    recorder.execution_finished(ex)
+    assert recorder.flush(60)
+    starts = [e for e in _bodies(recorder.settings.store) if e["job"]["name"] == "rel.s" and e["eventType"] == "START"]
+    artifact = starts[0]["inputs"][0]["facets"]["metatrail_artifact"]
+    assert artifact["uri"] == "input.txt"
+    assert artifact["hash"] == hashlib.md5(b"the host's data\n").hexdigest()
+
+
+def test_energy_reports_are_made_by_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The energy report needs the host's meter: it is made before the item goes to the writer process."""
+
+    class Monitor:
+        def task_started(self, execution_id: str, *, pid: int, include_children: bool = True,
+                         source: object = None) -> object:
+            return ("token", execution_id)
+
+        def task_stopped(self, token: object) -> object:
+            return ("stopped", token)
+
+        def task_report(self, stopped: object) -> dict[str, Any]:
+            return {"reportedIn": os.getpid(), "stopped": repr(stopped)}
+
+    monkeypatch.setenv("METATRAIL_WRITER", "process")
+    recorder = Recorder(energy_monitor=Monitor())
+    ex = recorder.execution_started("energy", "s")
+    recorder.execution_finished(ex, status=Status.COMPLETED)
+    assert recorder.flush(60) and recorder._process is not None
+    complete = next(e for e in _bodies(recorder.settings.store) if e["eventType"] == "COMPLETE")
+    assert complete["run"]["facets"]["metatrail_energy"]["reportedIn"] == os.getpid()
+
+
+def test_writer_setting_is_checked() -> None:
+    with pytest.raises(ConfigError, match="writer"):
+        load_settings(writer="fork")
+    assert load_settings(writer=" Process ").writer == "process"
