@@ -4,7 +4,8 @@ Run: ``python bench/bench_energy.py --codecarbon-python /tmp/cc-venv/bin/python`
 ``python3 -m venv /tmp/cc-venv && /tmp/cc-venv/bin/pip install codecarbon``); without that option only metatrail is
 measured. Each repetition runs in a fresh interpreter, alternating the tools, and reports:
 
-* start latency: import + construction + start call, as the host task waits for it (metatrail: ``import
+* start latency (both tools byte-compiled, as pip installs them): import + construction + start call, as the
+  host task waits for it (metatrail: ``import
   metatrail.energy`` + ``get_monitor()`` + ``task_started``, the ``metatrail`` package itself being imported
   already by the Recorder and reported apart; CodeCarbon: its import + ``OfflineEmissionsTracker(...)`` +
   ``start()``), and for metatrail also the time until its background thread has probed the meters and taken the
@@ -168,6 +169,15 @@ def main() -> int:
     args = parser.parse_args()
     env = {k: v for k, v in os.environ.items() if not k.startswith("METATRAIL_")}
     env["METATRAIL_ENERGY_INTERVAL"] = "1"
+    # Both tools as installed: pip byte-compiles a wheel (CodeCarbon's venv has its .pyc files), while this
+    # checkout is an editable install whose modules would be compiled from source at every start when
+    # PYTHONDONTWRITEBYTECODE is set. Compile metatrail once here, then let its runs use the bytecode.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    import compileall
+
+    import metatrail
+
+    compileall.compile_dir(str(Path(metatrail.__file__).parent), quiet=1, force=False)
     tools = [("metatrail.energy", sys.executable, METATRAIL)]
     if args.codecarbon_python:
         tools.append(("CodeCarbon", args.codecarbon_python, CODECARBON))

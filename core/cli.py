@@ -330,6 +330,33 @@ def _read_metrics(path: str) -> dict[str, Any] | None:
     return data
 
 
+def _command_processes(pid: int) -> Any:
+    """The energy monitor's view of the command: its tree, whose final CPU time ``_reap`` will supply."""
+    try:
+        from metatrail.energy.processes import TaskProcesses
+
+        processes = TaskProcesses()
+        processes.add(pid)
+        return processes
+    except Exception:  # energy is optional: without it the command is still recorded
+        return None
+
+
+def _reap(child: subprocess.Popen[bytes]) -> tuple[int, float | None]:
+    """Wait for the command; its exit status and the user+system CPU seconds of it and every descendant it
+    waited for (``os.wait4``'s resource usage), or None where the platform cannot tell."""
+    wait4 = getattr(os, "wait4", None)
+    if wait4 is not None:
+        try:
+            _, status, usage = wait4(child.pid, 0)
+        except ChildProcessError:
+            pass
+        else:
+            child.returncode = os.waitstatus_to_exitcode(status)
+            return child.returncode, usage.ru_utime + usage.ru_stime
+    return child.wait(), None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a command, record it as an execution, return its exit status with its output untouched."""
     command = list(args.command)
@@ -371,16 +398,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         rec.flush(rec.settings.flush_timeout)
         print(f"metatrail: cannot run {command[0]!r}: {exc.strerror or exc}", file=sys.stderr)
         return 127 if isinstance(exc, FileNotFoundError) else 126
+    processes = _command_processes(child.pid)
     ex = rec.execution_started(args.pipeline, args.stage, pipeline_run=parent, inputs=inputs, params=params,
                                integration="SHELL", namespace=args.namespace, started_at=started, pid=child.pid,
-                               extra={"command": command})
+                               extra={"command": command}, energy_source=processes)
 
     def forward(signum: int, _frame: Any) -> None:
         child.send_signal(signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
-    returncode = child.wait()
+    returncode, cpu_s = _reap(child)
+    if processes is not None:
+        # The exact CPU time of the whole tree, even if it ended between two energy samples.
+        processes.exited(child.pid, cpu_s)
+        processes.close()
     exit_code = returncode if returncode >= 0 else 128 - returncode
     ended = time.time()
     metrics = _read_metrics(args.metrics_file) if args.metrics_file else None

@@ -44,7 +44,9 @@ _OFF = ("0", "false", "no", "off")
 class DisabledMonitor:
     """The monitor used when energy metering is off: no I/O, every report is None."""
 
-    def task_started(self, execution_id: str, *, pid: int, include_children: bool = True) -> object:
+    def task_started(
+        self, execution_id: str, *, pid: int, include_children: bool = True, source: object = None
+    ) -> object:
         """Do nothing; return a placeholder token."""
         return None
 

@@ -20,10 +20,11 @@ def register(sub: Any) -> None:
     p.add_argument("--store", help="store URL (default: METATRAIL_STORE or the nearest .metatrail/)")
     p.add_argument("--pipeline")
     p.add_argument("--run", help="a pipeline run id (its executions) or an execution id")
-    p.add_argument("--by", choices=["stage", "execution", "pipeline"], default="stage")
+    p.add_argument("--by", choices=["stage", "execution", "pipeline", "run"], default="stage",
+                   help="group by stage, execution, pipeline, or pipeline run (default: stage)")
     p.add_argument("--json", action="store_true", help="stable JSON output for scripts")
     p.add_argument("--plot", metavar="FILE.png|FILE.html", help="write charts: energy per row, CPU/GPU/DRAM split, "
-                   "and a metric against energy")
+                   "and a metric against energy, one point per pipeline run")
     p.add_argument("--metric", help="metric for the trade-off chart (default: the first one recorded)")
     p.add_argument("--limit", type=int, default=10_000, help="most executions read (default 10000)")
     p.set_defaults(func=cmd_energy)
@@ -39,8 +40,8 @@ def _records(store: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
             if r["parent_run_id"] == run["run_id"]]
     else:
         rows = store.list_runs(pipeline=args.pipeline, kind="execution", limit=args.limit)
-    return [{"pipeline": r["pipeline"], "stage": r["stage"], "execution": r["run_id"], "energy": r.get("energy"),
-             "metrics": r.get("metrics") or {}} for r in rows]
+    return [{"pipeline": r["pipeline"], "stage": r["stage"], "execution": r["run_id"], "run": r.get("parent_run_id"),
+             "energy": r.get("energy"), "metrics": r.get("metrics") or {}} for r in rows]
 
 
 def cmd_energy(args: argparse.Namespace) -> int:
@@ -55,7 +56,8 @@ def cmd_energy(args: argparse.Namespace) -> int:
     rows = report.aggregate(records, by=args.by)
     if args.plot:
         path = report.plot(rows, args.plot, metric=args.metric,
-                           title=f"Energy per {args.by}" + (f" — {args.pipeline}" if args.pipeline else ""))
+                           title=f"Energy per {args.by}" + (f" — {args.pipeline}" if args.pipeline else ""),
+                           tradeoff=report.aggregate(records, by="run"))
         print(f"wrote {path}", file=sys.stderr)
     if args.json:
         sys.stdout.write(json.dumps(report.table(rows), indent=2, sort_keys=True) + "\n")
@@ -77,7 +79,7 @@ def cmd_energy(args: argparse.Namespace) -> int:
         return f"{value * 1000:.3g} mg" if value < 1 else f"{value:,.3g} g"
 
     for r in rows:
-        label = f"{r.stage} {r.key[:13]}" if args.by == "execution" else r.key
+        label = {"execution": f"{r.stage} {r.key[:13]}", "run": f"{r.pipeline} …{r.key[-12:]}"}.get(args.by, r.key)
         table.add_row(label, str(r.runs), joules(r.cpu_j), joules(r.dram_j), joules(r.gpu_j), joules(r.measured_j),
                       joules(r.estimated_j), grams(r.co2e_g),
                       str(r.incomplete))

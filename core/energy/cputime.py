@@ -69,6 +69,8 @@ class ProcessTree:
         self.last_root_seconds: float | None = None
         """The root's own (plus, with children, reaped children's) part of ``last_seconds``."""
         self.lost = False
+        self.final_seconds: float | None = None
+        """The tree's CPU seconds once known to be complete (set only by readers that can know it)."""
 
     def descendants(self, skip: Collection[int] = ()) -> list[int]:
         """Live descendant pids (registered roots in ``skip`` and their subtrees left out)."""

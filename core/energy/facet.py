@@ -100,7 +100,9 @@ def _domain_reason(acc: DomainAccount, coverage: float) -> str | None:
     return None
 
 
-def _cpu_domain(acc: DomainAccount, policy: CpuPolicy, sampled_s: float, counted: bool) -> dict[str, Any]:
+def _cpu_domain(
+    acc: DomainAccount, policy: CpuPolicy, sampled_s: float, counted: bool, shared: bool = False
+) -> dict[str, Any]:
     coverage = min(1.0, acc.covered_s / sampled_s) if sampled_s > 0 else 0.0
     measured = acc.intervals > 0
     out: dict[str, Any] = {
@@ -114,6 +116,7 @@ def _cpu_domain(acc: DomainAccount, policy: CpuPolicy, sampled_s: float, counted
             "share": _share(acc.value_j, acc.node_j) if measured else None,
             "value_other_policy_j": acc.value_other_j if measured else None,
             "other_policy": other_policy(policy),
+            "shared_process": shared,
         },
         "coverage": coverage,
         "wraps": max(0, acc.wraps_last - (acc.wraps_first or 0)),
@@ -210,7 +213,9 @@ def build_payload(
     domains: dict[str, Any] = {}
     for name in ("cpu", "dram", "psys"):
         if name in task.domains:
-            domains[name] = _cpu_domain(task.domains[name], policy, sampled, counted=name != "psys")
+            domains[name] = _cpu_domain(
+                task.domains[name], policy, sampled, counted=name != "psys", shared=task.shared_process
+            )
         elif name in missing:
             domains[name] = {"value_j": None, "reason": missing[name], "method": None}
         elif name in known:
@@ -290,3 +295,41 @@ def failure_payload(reason: str, *, interval_s: float, meter: dict[str, Any]) ->
     task.error(reason)
     missing = {d: reason for d in ("cpu", "dram", "gpu")}
     return build_payload(task, end_mono=0.0, policy="busy-share", interval_s=interval_s, meter=meter, missing=missing)
+
+
+def accounted_payload(
+    domain: str,
+    entry: dict[str, Any],
+    *,
+    wall_s: float,
+    interval_s: float,
+    meter: dict[str, Any],
+    errors: list[str],
+    region: str | None = None,
+    pue: float | None = None,
+) -> dict[str, Any]:
+    """A facet body for energy that came from elsewhere than this node's meters (a batch system's accounting):
+    ``entry`` is the one domain's object (``value_j`` null with a ``reason`` when it could not be had); it counts
+    in ``measured_j`` when it has a value. The node-monitor fields (coverage, task CPU time) do not apply."""
+    value = entry.get("value_j")
+    carbon, carbon_errors = carbon_block(value, None, region=region, pue=pue)
+    return {
+        "policy": "busy-share",
+        "interval_s": interval_s,
+        "wall_s": max(0.0, wall_s),
+        "coverage": 1.0 if value is not None else 0.0,
+        "max_concurrent_tasks": 1,
+        "domains": {domain: entry},
+        "estimated": {},
+        "measured_j": value,
+        "estimated_j": None,
+        "idle_j": None,
+        "task_cpu_s": None,
+        "end_interpolated": False,
+        "end_interpolation_s": None,
+        "end_task_cpu": None,
+        "uncertainty": {"attribution_low_j": value, "attribution_high_j": value, "not_covered": NOT_COVERED},
+        "carbon": carbon,
+        "meter": meter,
+        "errors": list(errors) + carbon_errors,
+    }

@@ -12,6 +12,12 @@ The Recorder calls, for every execution it records (unless energy is disabled by
 ``task_finished(token)`` is ``task_report(task_stopped(token))`` in one call, for callers that do not mind
 waiting.
 
+Hosts whose task has no single root process pass ``source=`` to ``task_started`` instead of relying on ``pid``:
+a :class:`metatrail.energy.processes.TaskProcesses` they feed with the task's processes as they come and go
+(Snakemake's controller, ``metatrail run`` with the exact CPU time of its reaped command), or an
+:class:`metatrail.energy.accounting.AccountedEnergy` whose report replaces the node's figures (a cluster job,
+Slurm ``sacct``). Every monitor accepts the keyword; the disabled one ignores it.
+
 Rules an implementation keeps:
 
 * No call raises.
@@ -51,8 +57,11 @@ from typing import Any, Protocol, runtime_checkable
 class TaskEnergyMonitor(Protocol):
     """What the Recorder needs from an energy monitor (see the module docstring for the rules)."""
 
-    def task_started(self, execution_id: str, *, pid: int, include_children: bool = True) -> object:
-        """Begin attributing energy to the process tree rooted at ``pid``; returns an opaque token."""
+    def task_started(
+        self, execution_id: str, *, pid: int, include_children: bool = True, source: object = None
+    ) -> object:
+        """Begin attributing energy to the process tree rooted at ``pid`` (or to ``source``: processes the host
+        feeds in, or energy from a batch system's accounting); returns an opaque token."""
         ...
 
     def task_stopped(self, token: object) -> object:

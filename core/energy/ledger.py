@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .facet import TaskAccount
     from .meter import Reading
     from .nvml import GpuProcesses
+    from .processes import TaskProcesses
     from .window import TaskCpuSource, WindowEnd
 
 
@@ -61,6 +62,8 @@ class TrackedTask:
     end: WindowEnd | None = None
     """Set once, under the monitor lock, when the window is closed; the account is final from then on."""
     reported: bool = False
+    source: TaskProcesses | None = None
+    """The host-fed processes of a task that has no root the monitor follows (``pid`` is then a pseudo id)."""
 
     def attach(self) -> None:
         """Create the process-tree reader and the accumulator (in the sampler, not in ``task_started``)."""
@@ -68,7 +71,12 @@ class TrackedTask:
         from .facet import TaskAccount
 
         if self.tree is None:
-            self.tree = ProcessTree(self.pid, self.include_children)
+            if self.source is not None:
+                from .processes import ProcessGroup
+
+                self.tree = ProcessGroup(self.source, self.pid)
+            else:
+                self.tree = ProcessTree(self.pid, self.include_children)
         if self.account is None:
             self.account = TaskAccount(self.token.execution_id, self.start_wall, self.start_mono)
 
@@ -139,6 +147,12 @@ class IntervalSplit:
             sources: dict[int, TaskCpuSource] = {}
             for s in group:
                 sid = s.token.id
+                final = getattr(s.proc, "final_seconds", None)  # set only by readers that can know it
+                if final is not None:
+                    # The host closed the task's process set and none is alive: its CPU time is complete.
+                    earlier = before[sid]
+                    cpu_at[sid], sources[sid] = max(final, earlier if earlier is not None else 0.0), "read-at-stop"
+                    continue
                 cpu_at[sid], sources[sid] = cpu_at_stop(
                     stop_root_s=s.stop_root_cpu,
                     before_s=before[sid],

@@ -39,13 +39,13 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .ledger import IntervalSplit, Sample, TaskToken, TrackedTask, stop_time
 
 if TYPE_CHECKING:  # the modules below load in the sampler thread, off the host task's path
     from . import DisabledMonitor
+    from .accounting import AccountedEnergy
     from .attribution import CpuPolicy
     from .estimate import CpuEstimateMeter
     from .interface import TaskEnergyMonitor
@@ -116,11 +116,37 @@ def _own_cpu_seconds(include_children: bool) -> float | None:
     return own + t.children_user + t.children_system if include_children else own
 
 
-@dataclass(frozen=True, slots=True)
+# Plain slotted classes, not dataclasses: they are created while the host task waits for its first energy call,
+# and generating dataclass methods costs about a millisecond each.
+class AccountedToken:
+    """The token of a task whose energy comes from a batch system's accounting (not sampled here)."""
+
+    __slots__ = ("reported", "source", "start_mono", "token")
+
+    def __init__(self, token: TaskToken, source: Any, start_mono: float) -> None:
+        self.token = token
+        self.source = source
+        self.start_mono = start_mono
+        self.reported = False
+
+
+class AccountedStop:
+    """What ``task_stopped`` returns for an :class:`AccountedToken`."""
+
+    __slots__ = ("at", "token")
+
+    def __init__(self, token: AccountedToken, at: float) -> None:
+        self.token = token
+        self.at = at
+
+
 class StoppedTask:
     """What ``task_stopped`` returns and ``task_report`` takes."""
 
-    task: TrackedTask
+    __slots__ = ("task",)
+
+    def __init__(self, task: TrackedTask) -> None:
+        self.task = task
 
     @property
     def execution_id(self) -> str:
@@ -194,14 +220,31 @@ class EnergyMonitor:
         return max(2 * self.interval_s, REPORT_TIMEOUT_FLOOR_S)
 
     # -- the TaskEnergyMonitor interface -------------------------------------------------------------------
-    def task_started(self, execution_id: str, *, pid: int, include_children: bool = True) -> object:
-        """Register the process tree rooted at ``pid``; returns a token; never raises."""
+    def task_started(
+        self, execution_id: str, *, pid: int, include_children: bool = True, source: object = None
+    ) -> object:
+        """Register the process tree rooted at ``pid``; returns a token; never raises.
+
+        ``source`` replaces the tree: a :class:`~metatrail.energy.processes.TaskProcesses` the host feeds (the
+        task's processes as they come and go), or an :class:`~metatrail.energy.accounting.AccountedEnergy`
+        (energy from a batch system's accounting; the task is then not sampled here at all).
+        """
         token = TaskToken(next(self._ids), execution_id)
         try:
             if os.getpid() != self._pid:  # forked: the parent's thread does not exist here
                 self._reset_runtime()
+            if source is not None:
+                from .accounting import AccountedEnergy
+                from .processes import TaskProcesses
+
+                if isinstance(source, AccountedEnergy):
+                    return AccountedToken(token, source, self._clock())
+                if not isinstance(source, TaskProcesses):
+                    raise TypeError(f"unknown energy source {type(source).__name__}")
             task = TrackedTask(token, pid, include_children, time.time(), self._clock(), self._generation)
-            if pid == self._pid:
+            if source is not None:
+                task.pid, task.source = -token.id, source  # a pseudo id: no real process is the task's root
+            elif pid == self._pid:
                 task.start_root_cpu = _own_cpu_seconds(include_children)
             self._live[token.id] = task
             self._pending.append(task)
@@ -218,6 +261,8 @@ class EnergyMonitor:
         One clock read, plus one ``os.times()`` when the task's root is this process; no lock the sampler
         holds, no waiting. ``None`` for an unknown or already stopped token.
         """
+        if isinstance(token, AccountedToken):
+            return AccountedStop(token, self._clock())
         if not isinstance(token, TaskToken):
             return None
         try:
@@ -240,6 +285,8 @@ class EnergyMonitor:
         Waits at most :attr:`report_timeout_s` for the sample that closes the window (see the module
         docstring); ``None`` for an unknown or already reported object.
         """
+        if isinstance(stopped, AccountedStop):
+            return self._accounted_report(stopped)
         if not isinstance(stopped, StoppedTask) or stopped.task.reported:
             return None
         task = stopped.task
@@ -270,6 +317,22 @@ class EnergyMonitor:
         self._notify_closed()
 
     # -- reporting (any thread, typically the Recorder's writer) -------------------------------------------
+    def _accounted_report(self, stopped: AccountedStop) -> dict[str, Any] | None:
+        """The facet of a task whose energy comes from a batch system's accounting (see ``task_started``)."""
+        if stopped.token.reported:
+            return None
+        stopped.token.reported = True
+        try:
+            interval, _ = resolve_interval(self._interval_arg)
+            source: AccountedEnergy = stopped.token.source
+            return source.report(
+                wall_s=max(0.0, stopped.at - stopped.token.start_mono), interval_s=interval,
+                meter=dict(self._meter_info), region=self.region, pue=self.pue,
+            )
+        except Exception as exc:
+            log.exception("energy: accounted report failed for %s", stopped.token.token.execution_id)
+            return self._failure(f"energy accounting error: {type(exc).__name__}: {exc}")
+
     def _await_end(self, task: TrackedTask) -> dict[str, Any] | None:
         """Wait, bounded, until the task's window is closed; force-close it at the deadline. Returns a failure
         payload when nothing can be reported, else None (``task.end`` is set)."""
@@ -330,6 +393,14 @@ class EnergyMonitor:
         from .window import WindowEnd
 
         stop = stop_time(task)
+        if task.source is not None:
+            # Host-fed processes were all born inside the task: once the host closed the set and none is alive,
+            # their whole CPU time is the task's, sample or no sample.
+            task.attach()
+            total = task.proc.seconds()
+            if task.proc.final_seconds is not None and total is not None:
+                return WindowEnd(at=stop, known=known, reason=reason, task_cpu="read-at-stop", unsampled_cpu_s=total)
+            return WindowEnd(at=stop, known=known, reason=reason)
         if task.start_root_cpu is None or task.stop_root_cpu is None:
             return WindowEnd(at=stop, known=known, reason=reason)
         others = itertools.chain(self._tasks.values(), closing)
@@ -363,6 +434,14 @@ class EnergyMonitor:
                 acct.estimates["cpu"] = DomainAccount(
                     method="estimated", value_j=self._estimate.watts_per_cpu * end.unsampled_cpu_s, intervals=1
                 )
+        group = task.tree
+        if task.source is not None and group is not None:
+            from .processes import ProcessGroup
+
+            if isinstance(group, ProcessGroup):
+                acct.shared_process = acct.shared_process or group.shared
+                for note in group.notes:
+                    acct.error(note)
         if task.tree is not None and task.tree.lost:
             acct.error(
                 f"process {task.tree.pid} ended before the task finished: CPU time after the last sample is missing"
@@ -557,6 +636,10 @@ class EnergyMonitor:
             if not t.baselined:
                 t.baselined = True
                 t.acct.first_sample = now
+                if t.source is not None:
+                    # Host-fed processes were born inside the task: what they used before this first sample is
+                    # the task's too, and goes into its first sampled interval.
+                    cpu_now[tid] = 0.0
             t.last_cpu = cpu_now[tid] if cpu_now[tid] is not None else t.last_cpu
             t.last_root = t.proc.last_root_seconds
             t.acct.last_sample = now

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from ..errors import ConfigError, MissingExtraError
 
-GroupBy = Literal["stage", "execution", "pipeline"]
+GroupBy = Literal["stage", "execution", "pipeline", "run"]
 DOMAINS = ("cpu", "dram", "gpu")
 COLOURS = {"cpu": "#4C78A8", "dram": "#F58518", "gpu": "#54A24B", "measured": "#3B3B6D", "estimated": "#B0B0B0"}
 
@@ -77,15 +77,18 @@ def _add(current: float | None, value: object) -> float | None:
 def _key(record: Mapping[str, Any], by: GroupBy) -> str:
     if by == "execution":
         return str(record.get("execution", ""))
+    if by == "run":  # the pipeline run (an execution recorded without one is a run of its own)
+        return str(record.get("run") or record.get("execution", ""))
     if by == "pipeline":
         return str(record.get("pipeline", ""))
     return f"{record.get('pipeline', '')}.{record.get('stage', '')}"
 
 
 def aggregate(records: Iterable[Mapping[str, Any]], by: GroupBy = "stage") -> list[EnergyRow]:
-    """Sum energy per group (``stage`` = pipeline + stage, ``execution``, or ``pipeline``); metrics are averaged."""
-    if by not in ("stage", "execution", "pipeline"):
-        raise ConfigError(f"unknown grouping {by!r}; valid: stage, execution, pipeline")
+    """Sum energy per group (``stage`` = pipeline + stage, ``execution``, ``pipeline``, or ``run``: one pipeline run,
+    the unit a trade-off compares); metrics are averaged."""
+    if by not in ("stage", "execution", "pipeline", "run"):
+        raise ConfigError(f"unknown grouping {by!r}; valid: stage, execution, pipeline, run")
     rows: dict[str, EnergyRow] = {}
     for record in records:
         facet: Mapping[str, Any] = record.get("energy") or {}
@@ -127,24 +130,33 @@ def plot(
     *,
     metric: str | None = None,
     title: str = "Energy per stage",
+    tradeoff: list[EnergyRow] | None = None,
 ) -> Path:
     """Write a PNG (``.png``, needs the ``plot`` extra) or a self-contained HTML page (``.html``) of ``rows``.
 
     Panels: total energy per row (measured and estimated apart), the CPU/DRAM/GPU split, and ``metric`` (default:
-    the first metric any row has) against total energy. Returns the path written.
+    the first metric any row has) against total energy, one point per row of ``tradeoff`` (pass the same records
+    aggregated ``by="run"``: one point per pipeline run), else of ``rows``. Returns the path written.
     """
     out = Path(path)
-    metric = metric or next((m for r in rows for m in r.metrics), None)
+    points = tradeoff if tradeoff is not None else rows
+    metric = metric or next((m for r in points for m in r.metrics), None)
     if out.suffix.lower() == ".png":
-        _plot_png(rows, out, metric, title)
+        _plot_png(rows, out, metric, title, points)
     elif out.suffix.lower() in (".html", ".htm"):
-        out.write_text(render_html(rows, metric=metric, title=title), encoding="utf-8")
+        out.write_text(render_html(rows, metric=metric, title=title, tradeoff=points), encoding="utf-8")
     else:
         raise ConfigError(f"unknown plot format {out.suffix!r} for {out}; use .png or .html")
     return out
 
 
-def _plot_png(rows: list[EnergyRow], out: Path, metric: str | None, title: str) -> None:
+def _point_label(row: EnergyRow) -> str:
+    """A short label: a run id is cut to its tail (UUIDv7s share their leading, time part)."""
+    return row.key if len(row.key) < 24 else f"{row.pipeline} …{row.key[-6:]}"
+
+
+def _plot_png(rows: list[EnergyRow], out: Path, metric: str | None, title: str,
+              tradeoff: list[EnergyRow]) -> None:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -174,8 +186,14 @@ def _plot_png(rows: list[EnergyRow], out: Path, metric: str | None, title: str) 
     ax2.invert_yaxis()
     ax2.set_xlabel("measured energy (J)")
     ax2.set_title("CPU / DRAM / GPU split")
-    ax2.legend(loc="lower right")
-    points = [(r.total_j, r.metrics[metric], r.key) for r in rows if metric and metric in r.metrics and r.total_j]
+    if any(left):
+        ax2.legend(loc="lower right")
+    else:  # an empty chart with a legend reads as zero joules: say why there is nothing
+        ax2.set_xticks([])
+        ax2.text(0.5, 0.5, "nothing measured: no readable RAPL or NVML counter\n(estimates are in the first panel)",
+                 ha="center", va="center", transform=ax2.transAxes)
+    points = [(r.total_j, r.metrics[metric], _point_label(r)) for r in tradeoff
+              if metric and metric in r.metrics and r.total_j]
     if points:
         ax3.scatter([p[0] for p in points], [p[1] for p in points], color=COLOURS["gpu"])
         for x, v, name in points:
@@ -261,7 +279,8 @@ def _scatter_svg(rows: list[EnergyRow], metric: str | None, size: int = 420) -> 
     return "".join(parts)
 
 
-def render_html(rows: list[EnergyRow], *, metric: str | None = None, title: str = "Energy per stage") -> str:
+def render_html(rows: list[EnergyRow], *, metric: str | None = None, title: str = "Energy per stage",
+                tradeoff: list[EnergyRow] | None = None) -> str:
     """A self-contained HTML page (inline SVG and CSS, no scripts, no network) of the three panels and a table."""
     totals = [("measured", [r.measured_j or 0.0 for r in rows]), ("estimated", [r.estimated_j or 0.0 for r in rows])]
     totals_svg = _bars_svg(rows, [("measured", totals[0][1]), ("estimated", totals[1][1])])
@@ -300,7 +319,7 @@ def render_html(rows: list[EnergyRow], *, metric: str | None = None, title: str 
         "<section><h2>Energy per row (measured, then estimated)</h2>" + totals_svg + "</section>"
         "<section><h2>CPU / DRAM / GPU split (measured)</h2>" + _bars_svg(rows, split) + "</section>"
         f"<section><h2>Trade-off: {html.escape(metric or 'no metric')} vs energy</h2>"
-        + _scatter_svg(rows, metric)
+        + _scatter_svg(tradeoff if tradeoff is not None else rows, metric)
         + "</section>"
         f"<section><h2>Table</h2><table><tr>{head}</tr>{body}</table></section>"
         "</body></html>"

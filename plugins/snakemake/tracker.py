@@ -17,8 +17,11 @@ Mapping:
   newest modification time of its products (clamped between its start and when Snakemake noticed its end): on a
   cluster Snakemake notices the end only at its next status check. A job's start is when Snakemake handed it to
   the executor; on a cluster that includes its time in the queue (``extra.local`` is false there);
-* energy is not measured per job (``measure_energy=False``): jobs run in other processes whose pids no record
-  carries.
+* energy per job: a job run by the local executor (``local`` true in its record) is measured by the node monitor
+  through the processes :class:`~metatrail.plugins.snakemake.processes.JobProcesses` finds belonging to it; a job
+  run elsewhere (a cluster executor) gets its energy from Slurm's accounting when the executor logged a Slurm job
+  id and ``sacct`` is on ``PATH`` (:class:`metatrail.energy.accounting.ClusterJobEnergy`), else null with the
+  reason "not measured here".
 
 Records arrive on Snakemake's queue-listener thread; ``finish`` may come from another thread, hence the lock.
 """
@@ -26,6 +29,7 @@ Records arrive on Snakemake's queue-listener thread; ``finish`` may come from an
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -40,6 +44,11 @@ from metatrail.plugins.snakemake.guard import TEMP_REMOVED
 INTEGRATION = "SNAKEMAKE"
 DEFAULT_NAMESPACE = "snakemake"
 _USER_INTERRUPT = "on user request"
+# How executors name a submitted job's id in the batch system (cluster-generic; the Slurm executor plugin).
+_EXTERNAL_ID = (
+    re.compile(r"^Submitted (?P<group>group )?job (?P<jobid>\S+) with external jobid '(?P<ext>[^']*)'"),
+    re.compile(r"^Job (?P<jobid>\S+) has been submitted with SLURM jobid (?P<ext>\S+)"),
+)
 
 
 @dataclass
@@ -52,6 +61,9 @@ class _Job:
     products: list[str]  # absolute paths of outputs, logs and benchmark file, as the end event names them
     logs: list[str]
     metadata_key: str | None  # the first output as the rule names it: the key of Snakemake's persistence record
+    jobid: Any = None
+    group: str | None = None
+    accounted: Any = None  # the ClusterJobEnergy of a job run outside this node
 
 
 @dataclass
@@ -98,6 +110,7 @@ class WorkflowTracker:
         self._state: _RunState | None = None
         self._group: str | None = None
         self._submits = 0  # items handed to the Recorder (each call hands one), to tell which are stored
+        self._processes: Any = None  # JobProcesses, created at the first local job
 
     # -- dispatch -----------------------------------------------------------------------------------------------
     def handle(self, record: Any) -> None:
@@ -178,11 +191,15 @@ class WorkflowTracker:
             if infer and self._complete_from_outputs(state, job, end):
                 continue
             aborted += 1
+            self._job_ending(job)
             recorder.execution_finished(
                 job.execution, status=Status.ABORTED, outputs=_existing(job.logs), ended_at=max(end, job.started_at),
                 error="Snakemake stopped before this job ended" + (" (interrupted)" if state.interrupted else ""))
             self._submits += 1
         state.jobs.clear()
+        if self._processes is not None:
+            self._processes.close()
+            self._processes = None
         if state.interrupted:
             status, error = Status.ABORTED, "Snakemake was interrupted"
         elif state.failed or aborted or state.last_error:
@@ -227,19 +244,69 @@ class WorkflowTracker:
             "local": compat.record_value(record, "local"),
             "group_id": group,
         }
+        source, accounted = self._energy_source(jobid, rule, record, extra)
         execution = self._recorder.execution_started(
             state.pipeline, rule, pipeline_run=state.run, namespace=state.namespace,
             execution_id=uuid7_from(started, f"snakemake:{state.workflow_id}:{jobid}"),
             inputs=inputs, params=params, integration=INTEGRATION, started_at=started,
-            integration_version=state.version, extra=extra, measure_energy=False)
+            integration_version=state.version, extra=extra, measure_energy=source is not None,
+            energy_source=source)
         self._submitted(state, inputs)
         job = _Job(execution=execution, rule=rule, started_at=started,
                    products=_absolute(outputs + logs + benchmark, state.workdir), logs=_absolute(logs, state.workdir),
-                   metadata_key=outputs[0] if outputs else None)
+                   metadata_key=outputs[0] if outputs else None, jobid=jobid, group=group,
+                   accounted=accounted)
         state.jobs[jobid] = job
         if self._inferring(state):
             for path in job.products:
                 state.producers[path] = jobid
+
+    def _energy_source(self, jobid: Any, rule: str, record: Any, extra: dict[str, Any]) -> tuple[Any, Any]:
+        """What the job's energy is read from: its processes here, or the cluster's accounting (see module doc).
+        ``(None, None)`` when energy metering is unavailable: the job is then recorded without it."""
+        try:
+            if extra.get("local") is False:
+                from metatrail.energy.accounting import ClusterJobEnergy
+
+                accounted = ClusterJobEnergy(executor="cluster")
+                return accounted, accounted
+            if self._processes is None:
+                from metatrail.plugins.snakemake.processes import JobProcesses
+
+                self._processes = JobProcesses()
+            wildcards = compat.record_value(record, "wildcards")
+            feed = self._processes.job_started(jobid, rule, wildcards if isinstance(wildcards, dict) else None,
+                                               _text(extra.get("shellcmd")))
+            return feed, None
+        except Exception as exc:  # energy must never cost the job its record
+            from metatrail.logsafe import log_once
+
+            log_once(f"snakemake-energy:{type(exc).__name__}", "metatrail: Snakemake jobs recorded without energy "
+                     "(%s: %s)", type(exc).__name__, exc)
+            return None, None
+
+    def _job_ending(self, job: _Job) -> None:
+        # Settle the job's processes before its energy window closes (the Recorder's stop comes next).
+        if self._processes is not None and job.accounted is None:
+            self._processes.job_ended(job.jobid)
+
+    def _external_id(self, state: _RunState, message: str) -> None:
+        for pattern in _EXTERNAL_ID:
+            match = pattern.match(message)
+            if match is None:
+                continue
+            ext, ident = match.group("ext").strip(), match.group("jobid")
+            jobs = [job for key, job in state.jobs.items() if str(key) == ident]
+            if not jobs and match.groupdict().get("group"):
+                # A group job is named by an id no record carries: it is the group whose members were logged last
+                # and have no external id yet.
+                waiting = [job for job in state.jobs.values()
+                           if job.group and job.accounted is not None and job.accounted.external_id is None]
+                jobs = [job for job in waiting if job.group == waiting[-1].group] if waiting else []
+            for job in jobs:
+                if job.accounted is not None:
+                    job.accounted.external_id = ext
+            return
 
     def _inferring(self, state: _RunState) -> bool:
         # Under --quiet Snakemake may log no JOB_FINISHED; until one is seen, job ends are inferred.
@@ -267,6 +334,7 @@ class WorkflowTracker:
         self._complete(state, job, _end_time(job, noticed))
 
     def _complete(self, state: _RunState, job: _Job, ended: float) -> None:
+        self._job_ending(job)
         execution = job.execution
         metadata = compat.read_metadata(job.metadata_key, state.workdir) if job.metadata_key else None
         rule_params = compat.rule_params(metadata)
@@ -296,6 +364,7 @@ class WorkflowTracker:
         job = state.jobs.pop(compat.record_value(record, "jobid"), None)
         if job is None:
             return
+        self._job_ending(job)
         rule_msg = _text(compat.record_value(record, "rule_msg"))
         error = state.pending_error or rule_msg or f"Error in rule {job.rule}"
         state.pending_error = None
@@ -342,6 +411,8 @@ class WorkflowTracker:
         msg = record.msg if isinstance(record.msg, str) else None
         if not msg:
             return
+        if "submitted" in msg.lower():
+            self._external_id(state, msg)
         if msg.startswith(TEMP_REMOVED):
             state.temp_removed.update(dict.fromkeys(_absolute(_temp_paths(msg), state.workdir)))
         elif _USER_INTERRUPT in msg:

@@ -104,3 +104,22 @@ def test_png(tmp_path: pathlib.Path) -> None:
 def test_unknown_format(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ConfigError, match=r"\.png or \.html"):
         plot([], tmp_path / "energy.pdf")
+
+
+def test_tradeoff_is_one_point_per_pipeline_run(tmp_path: pathlib.Path) -> None:
+    """Three training runs: the trade-off compares each run's energy with the accuracy it reached, not a stage's
+    average over runs."""
+    records = [
+        {"pipeline": "train", "stage": stage, "execution": f"{run}-{stage}", "run": run,
+         "energy": _facet(10.0 * (i + 1) * (2 if stage == "fit" else 1), None, None),
+         "metrics": {"accuracy": 0.7 + 0.1 * i} if stage == "eval" else {}}
+        for i, run in enumerate(("r1", "r2", "r3")) for stage in ("fit", "eval")
+    ]
+    runs = {r.key: r for r in aggregate(records, by="run")}
+    assert set(runs) == {"r1", "r2", "r3"}
+    assert runs["r3"].total_j == pytest.approx(60 + 30) and runs["r3"].metrics == {"accuracy": pytest.approx(0.9)}
+    (eval_stage,) = [r for r in aggregate(records) if r.stage == "eval"]
+    assert eval_stage.metrics["accuracy"] == pytest.approx(0.8)  # by stage, the runs' accuracies are averaged
+    page = plot(aggregate(records), tmp_path / "t.html", tradeoff=aggregate(records, by="run")).read_text()
+    scatter = page[page.index("Trade-off"):page.index("<h2>Table")]
+    assert scatter.count("<circle") == 3 and "accuracy = 0.9" in scatter
