@@ -33,7 +33,9 @@ def normalise(events: Iterable[Mapping[str, Any]], *, paths: Mapping[str, str] |
         return _TIME.sub("<time>", value)
 
     def walk(value: Any, key: str = "") -> Any:
-        if key in VOLATILE_KEYS and value is not None:
+        # "version" names two things: the processing engine's version (volatile) and a dataset's version facet, the
+        # content hash we record (compared, like every hash).
+        if key in VOLATILE_KEYS and value is not None and not (key == "version" and isinstance(value, Mapping)):
             return "<volatile>"
         if isinstance(value, Mapping):
             return {k: walk(v, k) for k, v in sorted(value.items())}
