@@ -102,7 +102,9 @@ def _run(home: Path, dag_file: Path, day: int, kind: str, work: Path) -> dict[st
     timings = work / f"timings-{day}.json"
     store = work / f"store-{day}" / "metatrail.db"
     store.parent.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "METATRAIL_"))}
+    # METATRAIL_WRITER passes through, to compare where events are built (thread or writer process).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AIRFLOW", "METATRAIL_")) or k == "METATRAIL_WRITER"}
     env.update({"AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "AIRFLOW__CORE__DAGS_FOLDER": str(dag_file.parent), "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
                 "METATRAIL_STORE": f"sqlite:///{store}", "METATRAIL_HASH_CACHE": str(store.parent / "hc.db"),

@@ -4,8 +4,9 @@
 
 Every figure comes from this one run, so ratios compare like with like on a shared machine:
 
-* wall clock from the first submit to the last result (the DFK and its workers already up; a warm-up task runs
-  first), baseline and tracked runs interleaved, median ratio reported;
+* wall clock from the first submit to the last result (the DFK and its workers already up; 50 warm-up tasks run
+  first, so one-time costs are not in it: imports, and the Recorder's writer processes, which start once a process
+  has recorded 32 events), baseline and tracked runs interleaved, median ratio reported;
 * time spent in our code on the DFK side per task (``check_memo``'s recording, the ``submit`` wrapper, the final
   hook), measured inside the tracked runs;
 * time the worker-side wrapper adds around one task (start + end recording), measured in-process with the real
@@ -33,6 +34,8 @@ from parsl import python_app
 from parsl.config import Config
 from parsl.executors import HighThroughputExecutor, ThreadPoolExecutor
 from parsl.providers import LocalProvider
+
+WARMUP_TASKS = 50
 
 
 @python_app
@@ -125,7 +128,8 @@ def one_run(kind: str, tracked: bool, tasks: int, workdir: str, timer: HookTimer
         metatrail.plugins.parsl.track(config)
         timer.wrap_tracked(executor)
     with parsl.load(config):
-        noop().result()  # workers up, imports done
+        for future in [noop() for _ in range(WARMUP_TASKS)]:
+            future.result()  # workers up, imports done, the Recorder's writer processes started
         t0 = time.perf_counter()
         futures = [noop() for _ in range(tasks)]
         for f in futures:

@@ -248,7 +248,7 @@ def main() -> int:
         "  " + ", ".join(f"{key} {cpu_totals[key] * 1000 / recorded_jobs:.3f}" for key in cpu_totals)
         + f"; total {sum(cpu_totals.values()) * 1000 / recorded_jobs:.3f}"
         " (emit and filter per job's share of all records; build, write and handoff: the Recorder's writer thread;",
-        "  once a process has recorded 256 events, batches go to the Recorder's writer process: they are built and",
+        "  once a process has recorded 32 events, batches go to the Recorder's writer process: they are built and",
         "  written there, outside Snakemake's interpreter, and only the handoff (pickling a batch) runs here)",
         "",
         "Only the guard filter runs on Snakemake's own thread (it numbers each record and waits only before a temp()",

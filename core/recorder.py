@@ -49,7 +49,7 @@ WRITE_BATCH = 64  # events per store transaction: small enough to hold the GIL o
 MAX_PARAM_TEXT = 2000
 MAX_PARAM_JSON = 16_384  # larger values (whole datasets passed as arguments) are kept as a truncated repr
 WRITE_LINGER_S = 0.005  # the writer waits this long for more events, to store them in one transaction
-PROCESS_AFTER_EVENTS = 256  # writer "auto": hand events to a writer process once this process has recorded this many
+PROCESS_AFTER_EVENTS = 32  # writer "auto": a writer process once this process has recorded this many (16 tasks)
 
 
 def safe_params(params: Mapping[str, Any] | None, warnings: list[str] | None = None) -> dict[str, Any]:
