@@ -23,7 +23,6 @@ Large outputs never stretch a task's critical path: outputs are hashed on the wr
 
 from __future__ import annotations
 
-import atexit
 import json
 import logging
 import math
@@ -38,6 +37,7 @@ from typing import Any, TypeAlias, TypeVar
 
 from metatrail import __version__
 from metatrail.config import Settings, is_disabled, load_settings
+from metatrail.exithook import at_exit
 from metatrail.logsafe import log, log_once
 from metatrail.model import ArtifactRef, ErrorText, Execution, PipelineRun, Status, current_user, uuid7
 from metatrail.ship import Shipper
@@ -136,19 +136,11 @@ class Recorder:
         self.written = 0
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._after_fork)
-        # Flush when the main thread ends, before the interpreter shuts threading down: after that, the writer
-        # could no longer import what it needs (concurrent.futures refuses new atexit hooks). CPython runs these
-        # hooks in threading._shutdown; plain atexit is the fallback elsewhere.
+        # Flush when the main thread ends (metatrail.exithook), while the writer can still import what it needs.
         # Events reach a configured server (METATRAIL_SERVER) after the local store has them; created before the
         # exit hook below, so the shipper's own exit step runs after the Recorder's exit flush.
         self._shipper = shipper if shipper is not None else Shipper.lazy(lambda: self.settings)
-        register = getattr(threading, "_register_atexit", None)
-        try:
-            if register is None:
-                raise AttributeError
-            register(self._at_exit)
-        except (AttributeError, RuntimeError):
-            atexit.register(self._at_exit)
+        at_exit(self._at_exit)
 
     # -- configuration (lazy) -----------------------------------------------------------------------------------
     @property

@@ -23,7 +23,6 @@ file > environment). Without a server nothing is shipped.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import random
@@ -32,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from metatrail import exithook
 from metatrail.config import is_disabled
 from metatrail.logsafe import log_once
 
@@ -317,13 +317,7 @@ class LazyShipper:
         self._shipper: Shipper | None = None
         self._resolved = False
         self._lock = threading.Lock()
-        register = getattr(threading, "_register_atexit", None)
-        try:
-            if register is None:
-                raise AttributeError
-            register(self._at_exit)
-        except (AttributeError, RuntimeError):
-            atexit.register(self._at_exit)
+        exithook.at_exit(self._at_exit)
 
     @property
     def shipper(self) -> Shipper | None:
