@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,56 @@ def test_fast_builder_refuses_what_openlineage_python_refuses() -> None:
         execution_facet(pipeline="p", kind="execution", site="s", integration="PYTHON", colour="red")
     with pytest.raises(TypeError):
         execution_facet(pipeline="p", kind="execution")
+
+
+def test_constants_are_openlineage_pythons_own() -> None:
+    """The builder writes schema URLs and the execution facet's fields from constants (it never imports
+    openlineage-python); they are the ones openlineage-python's classes and our facet class declare."""
+    import attr
+    from openlineage.client.event_v2 import RunState
+    from openlineage.client.facet_v2 import (
+        dataset_version_dataset,
+        error_message_run,
+        job_type_job,
+        output_statistics_output_dataset,
+        parent_run,
+        processing_engine_run,
+    )
+
+    from metatrail.openlineage.events import EXECUTION_FIELDS
+    from metatrail.openlineage.names import RUN_STATES, SPEC_FACET_VERSIONS, spec_facet_url
+
+    classes = [processing_engine_run.ProcessingEngineRunFacet, job_type_job.JobTypeJobFacet,
+               parent_run.ParentRunFacet, error_message_run.ErrorMessageRunFacet,
+               dataset_version_dataset.DatasetVersionDatasetFacet,
+               output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet]
+    assert {c.__name__ for c in classes} == set(SPEC_FACET_VERSIONS)
+    for cls in classes:
+        assert spec_facet_url(cls.__name__) == cls._get_schema()
+    assert {s.value for s in RunState} == RUN_STATES
+    fields = [a for a in attr.fields(MetatrailExecutionRunFacet) if not a.name.startswith("_")]
+    assert [name for name, _ in EXECUTION_FIELDS] == [a.name for a in fields]
+    for (_, default), a in zip(EXECUTION_FIELDS, fields, strict=True):
+        expected = a.default.factory() if isinstance(a.default, attr.Factory) else a.default  # type: ignore[arg-type]
+        actual = default() if callable(default) else default
+        assert actual == expected or (a.default is attr.NOTHING and actual is not None and not callable(default))
+
+
+def test_recording_never_imports_openlineage_python(tmp_path: Path) -> None:
+    """Recording and storing an event in a fresh interpreter leaves openlineage-python unimported (its client
+    package costs about half a second of CPU per process)."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "input.txt"
+    data.write_text("data\n")
+    script = ("import sys, metatrail\n"
+              "r = metatrail.get_recorder()\n"
+              f"r.execution_failed(r.execution_started('p', 's', inputs=[{str(data)!r}]), error=ValueError('x'))\n"
+              "assert r.flush(60) and r.written == 2, r.written\n"
+              "print(sorted(m for m in sys.modules if m.startswith('openlineage')))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "METATRAIL_STORE": f"sqlite:///{tmp_path / 'm.db'}",
+                              "METATRAIL_WRITER": "thread"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

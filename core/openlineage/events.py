@@ -17,27 +17,12 @@ from typing import Any
 
 import attr
 import orjson
-from openlineage.client.event_v2 import RunState
-from openlineage.client.facet_v2 import (
-    dataset_version_dataset,
-    error_message_run,
-    job_type_job,
-    output_statistics_output_dataset,
-    parent_run,
-    processing_engine_run,
-)
 
 from metatrail import __version__
 from metatrail.model import ArtifactRef, ErrorText
-from metatrail.openlineage.facets import (
-    PRODUCER,
-    MetatrailArtifactDatasetFacet,
-    MetatrailEnergyRunFacet,
-    MetatrailExecutionRunFacet,
-    schema_url,
-)
+from metatrail.openlineage.names import PRODUCER, RUN_EVENT_SCHEMA, RUN_STATES, schema_url, spec_facet_url
 
-SCHEMA_URL = "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent"
+SCHEMA_URL = RUN_EVENT_SCHEMA
 OUR_FACETS = ("metatrail_execution", "metatrail_energy", "metatrail_artifact")
 
 
@@ -113,72 +98,67 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-# Parts of events that repeat, as JSON data made once from openlineage-python's own classes (which check them as they
-# are built), so field names and schema URLs always follow the installed client. Events are then assembled from plain
-# dicts: building the attrs objects and serialising them for every event cost about 100 µs an event, on a writer
-# thread that shares the GIL with the host. ``tests/olreference.py`` builds the same events the slow way; tests hold
-# the two equal.
+# Parts of events that repeat are made once per distinct value, from plain constants (metatrail.openlineage.names):
+# building openlineage-python's attrs objects and serialising them for every event cost about 100 µs an event, and
+# importing its client package half a second per process. ``tests/olreference.py`` builds the same events with
+# openlineage-python's classes; tests hold the two equal.
+def _header(facet: str) -> dict[str, str]:
+    return {"_producer": PRODUCER, "_schemaURL": spec_facet_url(facet)}
+
+
 @functools.lru_cache(maxsize=256)
 def _engine_facet(integration: str, version: str) -> dict[str, Any]:
-    plain: dict[str, Any] = to_plain(processing_engine_run.ProcessingEngineRunFacet(
-        version=version, name=integration.title(), openlineageAdapterVersion=__version__, producer=PRODUCER))
-    return plain
+    return {**_header("ProcessingEngineRunFacet"), "version": version, "name": integration.title(),
+            "openlineageAdapterVersion": __version__}
 
 
 @functools.lru_cache(maxsize=256)
 def _job_type_facet(integration: str, job_type: str) -> dict[str, Any]:
-    plain: dict[str, Any] = to_plain(job_type_job.JobTypeJobFacet(
-        processingType="BATCH", integration=integration.upper(), jobType=job_type, producer=PRODUCER))
-    return plain
+    return {**_header("JobTypeJobFacet"), "processingType": "BATCH", "integration": integration.upper(),
+            "jobType": job_type}
 
 
 @functools.lru_cache(maxsize=1024)
 def _parent_facet(p_run: str, p_ns: str, p_name: str) -> dict[str, Any]:
-    plain: dict[str, Any] = to_plain(parent_run.ParentRunFacet(
-        run=parent_run.Run(runId=p_run),
-        job=parent_run.Job(namespace=p_ns, name=p_name),
-        root=parent_run.Root(run=parent_run.RootRun(runId=p_run), job=parent_run.RootJob(namespace=p_ns, name=p_name)),
-        producer=PRODUCER,
-    ))
-    return plain
+    uuid.UUID(p_run)  # refuses a parent run id that is not a UUID, as openlineage-python's classes do
+    run, job = {"runId": p_run, "facets": {}}, {"namespace": p_ns, "name": p_name, "facets": {}}
+    return {**_header("ParentRunFacet"), "run": run, "job": job,
+            "root": {"run": dict(run, facets={}), "job": dict(job, facets={})}}
 
 
 @functools.cache
 def _facet_header(kind: str) -> dict[str, str]:
-    """``_producer``/``_schemaURL`` of the facets built per event, taken from one instance of each class."""
-    if kind == "version":
-        facet: Any = dataset_version_dataset.DatasetVersionDatasetFacet(datasetVersion="-", producer=PRODUCER)
-    elif kind == "outputStatistics":
-        facet = output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(size=0, producer=PRODUCER)
-    elif kind == "metatrail_artifact":
-        return {"_producer": PRODUCER, "_schemaURL": MetatrailArtifactDatasetFacet._get_schema()}
-    elif kind == "metatrail_execution":
-        return {"_producer": PRODUCER, "_schemaURL": MetatrailExecutionRunFacet._get_schema()}
-    else:
-        return {"_producer": PRODUCER, "_schemaURL": MetatrailEnergyRunFacet._get_schema()}
-    plain = to_plain(facet)
-    return {"_producer": plain["_producer"], "_schemaURL": plain["_schemaURL"]}
+    """``_producer``/``_schemaURL`` of the facets built per event."""
+    ours = {"metatrail_artifact": "MetatrailArtifactDatasetFacet", "metatrail_execution": "MetatrailExecutionRunFacet",
+            "metatrail_energy": "MetatrailEnergyRunFacet"}
+    if kind in ours:
+        return {"_producer": PRODUCER, "_schemaURL": schema_url(ours[kind])}
+    return _header({"version": "DatasetVersionDatasetFacet",
+                    "outputStatistics": "OutputStatisticsOutputDatasetFacet"}[kind])
 
 
-@functools.cache
-def _execution_fields() -> tuple[tuple[str, Any], ...]:
-    """``(name, default factory or value)`` of every field of the execution facet, in schema order."""
-    return tuple((a.name, a.default) for a in attr.fields(MetatrailExecutionRunFacet) if not a.name.startswith("_"))
+_REQUIRED = object()
+# The fields of the execution facet (the JSON Schema and MetatrailExecutionRunFacet, which tests hold equal to this), in
+# schema order, with their defaults: a callable makes a fresh value.
+EXECUTION_FIELDS: tuple[tuple[str, Any], ...] = (
+    ("pipeline", _REQUIRED), ("kind", _REQUIRED), ("site", _REQUIRED), ("integration", _REQUIRED),
+    ("stage", None), ("host", None), ("user", None), ("pid", None), ("integrationVersion", None),
+    ("tryNumber", None), ("params", dict), ("codeVersion", None), ("exitCode", None), ("durationSeconds", None),
+    ("warnings", list), ("extra", dict), ("metrics", dict),
+)
 
 
 def execution_facet(**fields: Any) -> dict[str, Any]:
-    """The ``metatrail_execution`` facet body from its fields (see :class:`MetatrailExecutionRunFacet`); fields not
-    given take the class's defaults. Null values are kept: null-with-a-reason is information."""
+    """The ``metatrail_execution`` facet body from its fields (see ``MetatrailExecutionRunFacet``); fields not
+    given take their defaults. Null values are kept: null-with-a-reason is information."""
     body: dict[str, Any] = {}
-    for name, default in _execution_fields():
+    for name, default in EXECUTION_FIELDS:
         if name in fields:
             body[name] = fields.pop(name)
-        elif isinstance(default, attr.Factory):  # type: ignore[arg-type]
-            body[name] = default.factory()
-        elif default is attr.NOTHING:
+        elif default is _REQUIRED:
             raise TypeError(f"execution facet field {name!r} is required")
         else:
-            body[name] = default
+            body[name] = default() if callable(default) else default
     if fields:
         raise TypeError(f"unknown execution facet fields: {sorted(fields)}")
     body.update(_facet_header("metatrail_execution"))
@@ -222,7 +202,7 @@ def build_run_event(
     event_time: float,
     integration: str,
     job_type: str,
-    execution_facet: MetatrailExecutionRunFacet | Mapping[str, Any],
+    execution_facet: Any,
     integration_version: str | None = None,
     parent: tuple[str, str, str] | None = None,
     inputs: Iterable[ArtifactRef] = (),
@@ -236,11 +216,13 @@ def build_run_event(
     (with the traceback of an exception). ``execution_facet`` is the facet object or its body
     (:func:`execution_facet`); ``energy`` is the ``metatrail_energy`` facet body.
     """
-    state = RunState(event_type).value  # refuses an unknown event type
+    if event_type not in RUN_STATES:
+        raise ValueError(f"{event_type!r} is not an OpenLineage run state ({', '.join(sorted(RUN_STATES))})")
+    state = event_type
     uuid.UUID(run_id)  # refuses a run id that is not a UUID, as openlineage-python's Run does
     run_facets: dict[str, Any] = {
         "processing_engine": dict(_engine_facet(integration, integration_version or __version__)),
-        "metatrail_execution": (_facet_body(execution_facet) if isinstance(execution_facet, MetatrailExecutionRunFacet)
+        "metatrail_execution": (_facet_body(execution_facet) if attr.has(type(execution_facet))
                                 else dict(execution_facet)),
     }
     if parent is not None:
@@ -252,9 +234,10 @@ def build_run_event(
             message, stack = error.message, error.stack
         else:
             message, stack = str(error), None
-        run_facets["errorMessage"] = to_plain(error_message_run.ErrorMessageRunFacet(
-            message=message or "failed", programmingLanguage="python", stackTrace=stack, producer=PRODUCER
-        ))
+        run_facets["errorMessage"] = {**_header("ErrorMessageRunFacet"), "message": message or "failed",
+                                      "programmingLanguage": "python"}
+        if stack is not None:
+            run_facets["errorMessage"]["stackTrace"] = stack
     if energy is not None:
         run_facets["metatrail_energy"] = {**energy, **_facet_header("metatrail_energy")}
     return {

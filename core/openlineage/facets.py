@@ -14,13 +14,7 @@ from typing import Any
 import attr
 from openlineage.client.generated.base import DatasetFacet, RunFacet
 
-SCHEMA_BASE = "https://raw.githubusercontent.com/metatrail/metatrail/v0.1.0/core/openlineage/schemas/"
-PRODUCER = "https://github.com/metatrail/metatrail/tree/v0.1.0"
-
-
-def schema_url(name: str) -> str:
-    """The ``_schemaURL`` of our facet ``name``."""
-    return f"{SCHEMA_BASE}{name}.json#/$defs/{name}"
+from metatrail.openlineage.names import PRODUCER, SCHEMA_BASE, schema_url
 
 
 def load_schema(name: str) -> dict[str, Any]:
@@ -81,3 +75,7 @@ class MetatrailEnergyRunFacet(RunFacet):
     @staticmethod
     def _get_schema() -> str:
         return schema_url("MetatrailEnergyRunFacet")
+
+
+__all__ = ["PRODUCER", "SCHEMA_BASE", "MetatrailArtifactDatasetFacet", "MetatrailEnergyRunFacet",
+           "MetatrailExecutionRunFacet", "load_schema", "schema_url"]
