@@ -117,38 +117,6 @@ def test_recorded_events_are_valid(tmp_path: Path) -> None:
     assert {e["eventType"] for e in events} == {"START", "COMPLETE", "FAIL"}
 
 
-def test_fast_serialiser_matches_openlineage_serde() -> None:
-    from openlineage.client.event_v2 import InputDataset, Job, Run, RunEvent, RunState
-    from openlineage.client.facet_v2 import (
-        error_message_run,
-        nominal_time_run,
-        parent_run,
-        schema_dataset,
-        tags_run,
-    )
-    from openlineage.client.serde import Serde
-
-    from metatrail.openlineage.events import to_plain
-
-    event = RunEvent(
-        eventType=RunState.FAIL, eventTime="2026-11-27T10:00:00+00:00",
-        run=Run(runId=uuid7(), facets={
-            "parent": parent_run.ParentRunFacet(run=parent_run.Run(runId=uuid7()),
-                                                job=parent_run.Job(namespace="n", name="p")),
-            "errorMessage": error_message_run.ErrorMessageRunFacet(message="m", programmingLanguage="python"),
-            "nominalTime": nominal_time_run.NominalTimeRunFacet(nominalStartTime="2026-11-27T10:00:00Z"),
-            "tags": tags_run.TagsRunFacet(tags=[tags_run.TagsRunFacetFields(key="k", value="v")]),
-            "ours": _facet(),
-        }),
-        job=Job(namespace="n", name="p.s"),
-        producer="https://example.org/p",
-        inputs=[InputDataset(namespace="file", name="/x", facets={"schema": schema_dataset.SchemaDatasetFacet(
-            fields=[schema_dataset.SchemaDatasetFacetFields(name="a", type=None, fields=[])])})],
-        outputs=[],
-    )
-    assert to_plain(event) == Serde.to_dict(event)
-
-
 def _refs(draw_hash: bool, size: int | None, nfiles: int | None, error: str | None) -> ArtifactRef:
     return ArtifactRef("a.txt", "file", "/w/a.txt", kind="directory" if nfiles else "file",
                        hash=HashInfo("md5", "d" * 32) if draw_hash else None, size=size, nfiles=nfiles,

@@ -1,13 +1,14 @@
-"""Build OpenLineage 2-0-2 RunEvents for executions and pipeline runs, with ``openlineage-python``'s classes.
+"""Build OpenLineage 2-0-2 RunEvents for executions and pipeline runs.
 
-The builder is pure: it takes our model objects and returns the event as a JSON-ready ``dict``. It runs on the
-Recorder's writer thread, never on a host task's critical path.
+The builder is pure: it takes our model objects and returns the event as a JSON-ready ``dict``, exactly as
+``openlineage-python``'s classes and ``Serde`` would (``tests/olreference.py`` builds them that way; tests hold the two
+equal), from the spec's names in :mod:`metatrail.openlineage.names`. It runs on the Recorder's writer thread or in its
+writer process, never on a host task's critical path.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import enum
 import functools
 import hashlib
 import json
@@ -63,39 +64,6 @@ def _facet_body(facet: Any) -> dict[str, Any]:
     body["_producer"] = PRODUCER
     body["_schemaURL"] = facet._get_schema()
     return body
-
-
-_FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}
-
-
-def to_plain(obj: Any) -> Any:
-    """An ``openlineage-python`` object as JSON data, exactly as ``Serde.to_dict`` gives it (``None`` dropped from
-    objects and lists, empty objects dropped from lists, enums as values), in one pass: Serde first copies the whole
-    tree with ``attr.asdict``, then walks it again, which is most of the cost of an event."""
-    if obj is None or isinstance(obj, str | int | float):
-        return obj
-    cls = type(obj)
-    names = _FIELD_NAMES.get(cls, ())
-    if names == ():
-        names = _FIELD_NAMES[cls] = tuple(a.name for a in attr.fields(cls)) if attr.has(cls) else None
-    if names is not None:
-        out: dict[str, Any] = {}
-        for name in names:
-            value = to_plain(getattr(obj, name))
-            if value is not None:
-                out[name] = value
-        return out
-    if isinstance(obj, dict):
-        return {k: p for k, p in ((k, to_plain(v)) for k, v in obj.items()) if p is not None}
-    if isinstance(obj, list | tuple | set | frozenset):
-        return [p for p in (to_plain(v) for v in obj if v is not None) if p is not None and p != {}]
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, dt.date):
-        return obj.isoformat()
-    if isinstance(obj, uuid.UUID):
-        return str(obj)
-    return obj
 
 
 # Parts of events that repeat are made once per distinct value, from plain constants (metatrail.openlineage.names):
