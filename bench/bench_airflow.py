@@ -271,8 +271,9 @@ def main() -> int:
     lines += [f"  {label:<52} {us:9.1f}" for label, us in _uncontended()]
     lines += [
         "",
-        "The running hook hands the START to the writer thread and starts the energy meter; the end hook hands over",
-        "the COMPLETE (outputs are hashed on the writer thread). get_template_context() is never called. Wall-clock",
+        "The running hook hands the START to the Recorder's writer (its thread; after 32 events, its writer process)",
+        "and starts the energy meter; the end hook hands over the COMPLETE (outputs are hashed by the writer).",
+        "get_template_context() is never called. Wall-clock",
         "differences below ~30 % are within the noise of this shared machine; the in-hook times are the robust figure.",
         "In a real run the hooks cost more than (c) adds up to: the hook thread and the Recorder's writer thread wait",
         "for the GIL behind Airflow's threads and each other (switch interval 5 ms), which the p90/p99 show.",

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import closing
 from typing import Any
 
 from metatrail.errors import ConfigError, MetatrailError
@@ -135,12 +136,9 @@ def _tokens(args: argparse.Namespace) -> Any:
 def _cmd_token_create(args: argparse.Namespace) -> int:
     from metatrail.config import load_settings
 
-    store = _tokens(args)
-    try:
+    with closing(_tokens(args)) as store:
         record, text = store.create(name=args.name or "", scopes=_split(args.scope) or [],
                                     site=args.site or load_settings().site, pipelines=_split(args.pipelines))
-    finally:
-        store.close()
     if args.json:
         _print_json({**record, "token": text})
     else:
@@ -151,11 +149,8 @@ def _cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_token_list(args: argparse.Namespace) -> int:
-    store = _tokens(args)
-    try:
+    with closing(_tokens(args)) as store:
         rows = store.list()
-    finally:
-        store.close()
     if args.json:
         _print_json(rows)
         return 0
@@ -167,11 +162,8 @@ def _cmd_token_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_token_revoke(args: argparse.Namespace) -> int:
-    store = _tokens(args)
-    try:
+    with closing(_tokens(args)) as store:
         done = store.revoke(args.id)
-    finally:
-        store.close()
     if not done:
         raise ConfigError(f"no active token with id {args.id}")
     print(f"token {args.id} revoked")
@@ -186,22 +178,16 @@ def _peers(args: argparse.Namespace) -> Any:
 
 
 def _cmd_peer_add(args: argparse.Namespace) -> int:
-    peers = _peers(args)
-    try:
+    with closing(_peers(args)) as peers:
         peer = peers.add(args.name, args.url, token=args.token or os.environ.get("METATRAIL_PEER_TOKEN"),
                          pull=not args.no_pull, push=args.push, share=_split(args.share), interval_s=args.interval)
-    finally:
-        peers.close()
     _print_json(peer) if args.json else print(f"peer {peer['name']} -> {peer['url']} saved")
     return 0
 
 
 def _cmd_peer_list(args: argparse.Namespace) -> int:
-    peers = _peers(args)
-    try:
+    with closing(_peers(args)) as peers:
         rows = peers.list()
-    finally:
-        peers.close()
     if args.json:
         _print_json(rows)
         return 0
