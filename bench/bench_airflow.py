@@ -192,6 +192,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="runs of each kind, interleaved")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "airflow.txt")
     args = parser.parse_args()
+    from machine import use_bytecode
+
+    bytecode = use_bytecode()
 
     from airflow import __version__ as airflow_version
 
@@ -245,6 +248,7 @@ def main() -> int:
         f"{os.getloadavg()[0]:.2f} at end",
         f"versions      apache-airflow {airflow_version}, metatrail {metatrail_version}, "
         f"CPython {platform.python_version()}",
+        f"bytecode      {bytecode}",
         f"workload      airflow dags test of {args.tasks} independent no-op TaskFlow tasks (one process), "
         f"{args.rounds} runs of each kind, interleaved, order rotated per round",
         "kinds         baseline: METATRAIL_DISABLED=1 (plugin loaded, every hook returns at once)",

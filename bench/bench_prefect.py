@@ -170,6 +170,9 @@ def main() -> int:
     parser.add_argument("--server-timeout", type=float, default=300)
     parser.add_argument("--child", nargs=2, metavar=("MODE", "TASKS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from machine import use_bytecode
+
+    bytecode = use_bytecode()
     if args.child:
         child(args.child[0], int(args.child[1]))
         return 0
@@ -222,6 +225,7 @@ def main() -> int:
         f"load average  {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f} at start, "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at end (1, 5, 15 min)",
         f"versions      {_versions()}",
+        f"bytecode      {bytecode}",
         "server        prefect server start --no-services --no-ui (SQLite), on 127.0.0.1",
         "flows         sequential: noop(i) called N times in the flow; submit: noop.submit(i) N times on a",
         "              ThreadPoolTaskRunner(max_workers=4), then every result()",

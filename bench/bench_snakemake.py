@@ -8,9 +8,10 @@ Every figure comes from this one run, so ratios compare like with like on a shar
   with ``--logger metatrail``, runs interleaved (off, on, off, on, ...), ratio of medians (target <= 1.03); and the
   CPU time of the same runs (Snakemake and its jobs), which a loaded machine disturbs less than the wall clock;
 * time in our code, from the recorded runs: per job, the plugin's ``emit`` on Snakemake's log-listener thread for
-  the job's records (JOB_INFO, JOB_FINISHED) plus the temp-file guard's filter on the thread that logs them (the
-  only part on Snakemake's own path), p50/p99; records of no job (progress, job batches) amortised per job; and
-  off Snakemake's threads, the Recorder's writer thread per event (build: hashing, event) and per batch (store);
+  the job's records (JOB_INFO, JOB_FINISHED) plus the record clock's and temp-file guard's filters on the thread
+  that logs them (the only part on Snakemake's own path), p50/p99; records of no job (progress, job batches)
+  amortised per job; and off Snakemake's threads, the Recorder's writer thread per event (build: hashing, event)
+  and per batch (store);
 * the same four functions' thread CPU time per job, which the machine's load does not inflate.
 
 Each run goes through a small driver (``python -c``) that wraps those four functions with ``perf_counter`` and dumps
@@ -56,7 +57,7 @@ def _dump():
 
 atexit.register(_dump)  # registered first, so it runs after the Recorder's own exit flush
 
-from metatrail.plugins.snakemake.guard import TempFileGuard
+from metatrail.plugins.snakemake.guard import RecordClock, TempFileGuard
 from metatrail.plugins.snakemake.handler import LogHandler
 from metatrail.recorder import Recorder
 
@@ -77,6 +78,7 @@ def _wrap(cls, name, key, tag):
     setattr(cls, name, timed)
 
 _wrap(LogHandler, "emit", "emit", _job)
+_wrap(RecordClock, "filter", "filter", _job)
 _wrap(TempFileGuard, "filter", "filter", _job)
 _wrap(Recorder, "_build", "build", lambda args: None)
 _wrap(Recorder, "_write", "write", lambda args: len(args[0]))
@@ -136,7 +138,7 @@ def _run(work: Path, site: Path, index: int, recorded: bool, jobs: int) -> dict[
 
 
 def _per_job(timings: dict[str, list[list[Any]]]) -> tuple[list[float], float, int]:
-    """Seconds in emit + guard filter per job; seconds of records of no job; number of jobs."""
+    """Seconds in emit + logging filters per job; seconds of records of no job; number of jobs."""
     per_job: dict[Any, float] = {}
     unattributed = 0.0
     for key in ("emit", "filter"):
@@ -154,6 +156,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="runs of each kind, interleaved")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "snakemake.txt")
     args = parser.parse_args()
+    from machine import use_bytecode
+
+    bytecode = use_bytecode()
 
     from importlib.metadata import version
 
@@ -217,6 +222,7 @@ def main() -> int:
         f"{os.getloadavg()[0]:.2f} at end",
         f"versions      snakemake {version('snakemake')}, metatrail {version('metatrail')}, "
         f"CPython {platform.python_version()}",
+        f"bytecode      {bytecode}",
         f"workload      {args.jobs} independent no-op shell jobs (`touch {{output}}`) + `all`, --cores 2, "
         f"{args.rounds} runs each way, interleaved",
         "",
@@ -233,9 +239,9 @@ def main() -> int:
         f"{', '.join(str(r['plugin_messages']) for r in runs[True])}",
         "",
         "(b) time in our code (ms)                           p50      p90      p99       max     mean       n",
-        row("per job: emit + guard filter of its records", per_job),
+        row("per job: emit + filters of its records", per_job),
         row("  emit, per record (listener thread)", emits),
-        row("  guard filter, per record (logging thread)", filters),
+        row("  clock + guard filters, per call (logging thread)", filters),
         f"  records of no job (job batches, progress, messages): {unattributed * 1000 / max(n_jobs, 1):.3f} ms "
         "per job, amortised",
         row("writer thread, build per event", builds),
@@ -251,8 +257,9 @@ def main() -> int:
         "  once a process has recorded 32 events, batches go to the Recorder's writer process: they are built and",
         "  written there, outside Snakemake's interpreter, and only the handoff (pickling a batch) runs here)",
         "",
-        "Only the guard filter runs on Snakemake's own thread (it numbers each record and waits only before a temp()",
-        "file is deleted: never in this workload); emit runs on Snakemake's log-listener thread and only queues work;",
+        "Only two logging filters run on Snakemake's own thread (the record clock numbers each record; the guard waits",
+        "only before a temp() file is deleted: never in this workload); emit runs on Snakemake's log-listener",
+        "thread and only queues work;",
         "hashing and store writes run on the Recorder's writer thread, then in its writer process.",
     ]
     report = "\n".join(lines) + "\n"

@@ -6,7 +6,8 @@ later still. Without help the file can be gone before anyone hashed it (the firs
 being opened, lose that race).
 
 :class:`TempFileGuard` is a ``logging.Filter`` on Snakemake's own logger, so it runs synchronously in whichever
-thread logs. It numbers every record; the handler reports each record it has processed. On a "Removing temporary
+thread logs. A :class:`RecordClock` (the filter before it) numbers every record; the handler reports each record
+it has processed. On a "Removing temporary
 output" record the guard waits until the handler has processed every earlier record (so every event naming the file
 was handed to the Recorder), then until the Recorder has written the last of those events (so the file was hashed;
 later events are not waited for), then lets Snakemake go on. A file no event named is not waited for.
@@ -31,63 +32,87 @@ SEQ_ATTRIBUTE = "metatrail_seq"
 MAX_TIMEOUTS = 3
 
 
+class RecordClock(logging.Filter):
+    """Numbers every record Snakemake logs (a ``logging.Filter`` on its logger, so in the logging thread) and
+    learns from the handler which of them it has processed (on the listener thread): :meth:`position` then says
+    whether every record logged before some moment has reached the tracker. Installed when the handler is built,
+    before Snakemake logs its first job; it only counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv = threading.Condition()
+        self.logged = 0
+        self.processed_seq = 0
+        self.listener_thread: int | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Number the record. Always True."""
+        with self.cv:
+            self.logged += 1
+            seq = self.logged
+        setattr(record, SEQ_ATTRIBUTE, seq)
+        return True
+
+    def processed(self, record: logging.LogRecord) -> None:
+        """Called by the handler (on the listener thread) after it handled ``record``."""
+        seq = getattr(record, SEQ_ATTRIBUTE, None)
+        with self.cv:
+            self.listener_thread = threading.get_ident()
+            if isinstance(seq, int) and seq > self.processed_seq:
+                self.processed_seq = seq
+                self.cv.notify_all()
+
+    def position(self) -> tuple[int, int]:
+        """``(logged, processed)``: the number of the last record logged and of the last one the handler is done
+        with (records are processed in order)."""
+        with self.cv:
+            return self.logged, self.processed_seq
+
+
 class TempFileGuard(logging.Filter):
     """See the module docstring. ``wait_hashed(message, deadline)`` waits (until the ``time.monotonic`` deadline)
-    for the Recorder to have hashed the file a "Removing temporary output" message names; False on timeout."""
+    for the Recorder to have hashed the file a "Removing temporary output" message names; False on timeout.
+    Records are numbered by ``clock``, a filter installed before this one."""
 
-    def __init__(self, wait_hashed: Callable[[str, float], bool], timeout: float) -> None:
+    def __init__(self, clock: RecordClock, wait_hashed: Callable[[str, float], bool], timeout: float) -> None:
         super().__init__()
+        self._clock = clock
         self._wait_hashed = wait_hashed
         self._timeout = timeout
-        self._cv = threading.Condition()
-        self._logged = 0
-        self._processed = 0
-        self._listener_thread: int | None = None
         self.gave_up = False
         self.waits = 0
         self.timeouts = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Number the record; before a temp file is removed, wait (capped) until it was hashed. Always True."""
+        """Before a temp file is removed, wait (capped) until it was hashed. Always True."""
         try:
-            with self._cv:
-                self._logged += 1
-                seq = self._logged
-            setattr(record, SEQ_ATTRIBUTE, seq)
+            seq = getattr(record, SEQ_ATTRIBUTE, None)
             msg = record.msg
-            if (isinstance(msg, str) and msg.startswith(TEMP_REMOVED) and not self.gave_up
-                    and threading.get_ident() != self._listener_thread):
+            if (isinstance(seq, int) and isinstance(msg, str) and msg.startswith(TEMP_REMOVED) and not self.gave_up
+                    and threading.get_ident() != self._clock.listener_thread):
                 self._hold(seq, msg)
         except Exception as exc:  # the guard must never stand between Snakemake and its logger
             log_once(f"snakemake-guard:{type(exc).__name__}", "metatrail: temp-file guard failed (%s: %s)",
                      type(exc).__name__, exc)
         return True
 
-    def processed(self, record: logging.LogRecord) -> None:
-        """Called by the handler (on the listener thread) after it handled ``record``."""
-        seq = getattr(record, SEQ_ATTRIBUTE, None)
-        with self._cv:
-            self._listener_thread = threading.get_ident()
-            if isinstance(seq, int) and seq > self._processed:
-                self._processed = seq
-                self._cv.notify_all()
-
     def release(self) -> None:
         """Stop waiting, now and for good (the handler is closing)."""
-        with self._cv:
+        with self._clock.cv:
             self.gave_up = True
-            self._cv.notify_all()
+            self._clock.cv.notify_all()
 
     def _hold(self, seq: int, message: str) -> None:
         deadline = time.monotonic() + self._timeout
         self.waits += 1
-        with self._cv:
-            while self._processed < seq - 1 and not self.gave_up:
+        clock = self._clock
+        with clock.cv:
+            while clock.processed_seq < seq - 1 and not self.gave_up:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     self._timed_out()
                     return
-                self._cv.wait(remaining)
+                clock.cv.wait(remaining)
         if not self.gave_up and not self._wait_hashed(message, deadline):
             self._timed_out()
 

@@ -3,8 +3,9 @@ log queue listener, and that hands every record to a :class:`~metatrail.plugins.
 
 Boundary rules (the host is never disturbed):
 
-* nothing happens at construction (Snakemake 9.0 builds handlers even in job subprocesses, which never use them);
-  the Recorder is created at the first record, and a configuration error disables the plugin with one message;
+* nothing happens at construction but installing a :class:`~metatrail.plugins.snakemake.guard.RecordClock` that
+  numbers records (Snakemake 9.0 builds handlers even in job subprocesses, which never use them); the Recorder is
+  created at the first record, and a configuration error disables the plugin with one message;
 * ``emit`` never raises: an error is logged once per kind on the ``metatrail`` logger (not Snakemake's, whose records
   would come back here) and the record is dropped;
 * ``emit`` only enqueues: hashing and store writes run on the Recorder's writer thread;
@@ -26,7 +27,7 @@ from snakemake_interface_logger_plugins.base import LogHandlerBase
 from metatrail.config import Settings, is_disabled
 from metatrail.logsafe import log_once
 from metatrail.plugins.snakemake import compat
-from metatrail.plugins.snakemake.guard import TempFileGuard
+from metatrail.plugins.snakemake.guard import RecordClock, TempFileGuard
 from metatrail.plugins.snakemake.tracker import DEFAULT_NAMESPACE, WorkflowTracker
 
 
@@ -49,6 +50,14 @@ class LogHandler(LogHandlerBase):
         self._guard_tried = False
         self._closed = False
         self._inert = bool(getattr(self.common_settings, "dryrun", False))
+        # Numbering starts before the first job is logged: the job-process tracking and the temp-file guard need
+        # to know which records logged so far the listener thread has not delivered yet.
+        self._clock = RecordClock()
+        self._clock_installed = False
+        logger = compat.snakemake_logger()
+        if logger is not None and not self._inert:
+            logger.addFilter(self._clock)
+            self._clock_installed = True
 
     # -- capabilities Snakemake asks about ----------------------------------------------------------------------
     @property
@@ -94,8 +103,7 @@ class LogHandler(LogHandlerBase):
                      "metatrail: could not record a Snakemake event (%s: %s); the workflow is not affected",
                      type(exc).__name__, exc, exc_info=True)
         finally:
-            if self._guard is not None:
-                self._guard.processed(record)
+            self._clock.processed(record)
 
     def flush(self) -> None:
         """Nothing to flush on Snakemake's thread: records are stored by the Recorder's writer thread."""
@@ -105,11 +113,14 @@ class LogHandler(LogHandlerBase):
         with self._state_lock:
             first = not self._closed
             self._closed = True
-        if first and self._guard is not None:
-            self._guard.release()
+        if first:
+            if self._guard is not None:
+                self._guard.release()
             logger = compat.snakemake_logger()
             if logger is not None:
-                logger.removeFilter(self._guard)
+                if self._guard is not None:
+                    logger.removeFilter(self._guard)
+                logger.removeFilter(self._clock)
         if first and self._tracker is not None and not is_disabled():
             try:
                 self._tracker.finish()
@@ -131,6 +142,7 @@ class LogHandler(LogHandlerBase):
             namespace=getattr(options, "namespace", None),
             default_namespace=_default_namespace,
             progress_may_be_hidden=bool(quiet),
+            record_clock=self._clock.position if self._clock_installed else None,
         )
         return self._tracker
 
@@ -140,7 +152,7 @@ class LogHandler(LogHandlerBase):
             return
         if self._tracker is None:
             return
-        self._guard = TempFileGuard(self._tracker.wait_hashed, self._recorder.settings.timeout)
+        self._guard = TempFileGuard(self._clock, self._tracker.wait_hashed, self._recorder.settings.timeout)
         logger.addFilter(self._guard)
 
     def _make_recorder(self) -> Any:

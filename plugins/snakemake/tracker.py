@@ -94,11 +94,14 @@ class WorkflowTracker:
 
     ``recorder`` is called once, at the first record that needs it; returning None makes the tracker inert.
     ``progress_may_be_hidden`` is true when Snakemake runs with ``--quiet`` and so may not log ``JOB_FINISHED``; the
-    jobs then still unfinished at :meth:`finish` are completed there from their outputs.
+    jobs then still unfinished at :meth:`finish` are completed there from their outputs. ``record_clock`` returns
+    ``(logged, processed)`` record numbers (a :class:`~metatrail.plugins.snakemake.guard.RecordClock`): the job
+    process tracking waits with guesses until the records logged before a process appeared have arrived.
     """
 
     def __init__(self, recorder: Callable[[], Any], *, pipeline: str | None = None, namespace: str | None = None,
-                 default_namespace: Callable[[Any], str] | None = None, progress_may_be_hidden: bool = False) -> None:
+                 default_namespace: Callable[[Any], str] | None = None, progress_may_be_hidden: bool = False,
+                 record_clock: Callable[[], tuple[int, int]] | None = None) -> None:
         self._recorder_factory = recorder
         self._recorder: Any = None
         self._recorder_ready = False
@@ -111,6 +114,7 @@ class WorkflowTracker:
         self._group: str | None = None
         self._submits = 0  # items handed to the Recorder (each call hands one), to tell which are stored
         self._processes: Any = None  # JobProcesses, created at the first local job
+        self._record_clock = record_clock
 
     # -- dispatch -----------------------------------------------------------------------------------------------
     def handle(self, record: Any) -> None:
@@ -273,7 +277,7 @@ class WorkflowTracker:
             if self._processes is None:
                 from metatrail.plugins.snakemake.processes import JobProcesses
 
-                self._processes = JobProcesses()
+                self._processes = JobProcesses(record_clock=self._record_clock)
             wildcards = compat.record_value(record, "wildcards")
             feed = self._processes.job_started(jobid, rule, wildcards if isinstance(wildcards, dict) else None,
                                                _text(extra.get("shellcmd")))
