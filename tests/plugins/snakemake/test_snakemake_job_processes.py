@@ -8,7 +8,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from metatrail.energy.processes import TaskProcesses
 from metatrail.plugins.snakemake.processes import JobProcesses
@@ -50,39 +53,9 @@ def _wait_for(predicate: object, timeout: float = 10.0) -> None:
     raise AssertionError("condition not met in time")
 
 
-def test_a_process_waits_for_the_record_of_its_job() -> None:
-    clock = Clock()
-    tracking = JobProcesses(poll_s=0.02, record_clock=clock)
-    sleeper = subprocess.Popen(["sleep", "30"])
-    try:
-        # Job 1 (a shell job) is known and has its own process.
-        clock.logged = clock.processed = 1
-        busy = tracking.job_started(1, "busy", {}, "sleep 30")
-        _wait_for(lambda: sleeper.pid in busy.pids)
-        # Job 2's record is logged (2) but not yet delivered when its process (a script's interpreter: its
-        # command line names no job) starts and runs.
-        clock.logged = 2
-        burner = _burn(0.3)
-        time.sleep(0.3)  # many looks: the process must not go to job 1, nor be taken for the controller's own
-        assert busy.pids == [sleeper.pid]
-        clock.processed = 2
-        script = tracking.job_started(2, "script", {}, None)
-        _wait_for(lambda: burner.pid in script.pids)
-        burner.wait()
-        _wait_for(lambda: _final_cpu(script, burner.pid) is not None)
-        final = _final_cpu(script, burner.pid)
-        assert final is not None and final >= 0.27, final
-        tracking.job_ended(2)
-        notes = script.snapshot().notes
-        assert any("by elimination" in n for n in notes), notes
-        assert busy.pids == [sleeper.pid]
-    finally:
-        sleeper.kill()
-        sleeper.wait()
-        tracking.close()
-
-
-def test_a_process_that_exits_before_its_job_is_known_keeps_its_cpu_time() -> None:
+@pytest.fixture
+def busy_job() -> Iterator[tuple[Clock, JobProcesses, TaskProcesses, subprocess.Popen[bytes]]]:
+    """Job 1, a shell job, known (record 1 delivered) and running its own process."""
     clock = Clock()
     tracking = JobProcesses(poll_s=0.02, record_clock=clock)
     sleeper = subprocess.Popen(["sleep", "30"])
@@ -90,22 +63,50 @@ def test_a_process_that_exits_before_its_job_is_known_keeps_its_cpu_time() -> No
         clock.logged = clock.processed = 1
         busy = tracking.job_started(1, "busy", {}, "sleep 30")
         _wait_for(lambda: sleeper.pid in busy.pids)
-        clock.logged = 3  # job 2's start record (2) and more are still on their way
-        burner = _burn(0.3)
-        time.sleep(0.1)
-        burner.wait()
-        time.sleep(0.2)  # it is reaped: its CPU time now waits for its job
-        clock.processed = 2
-        script = tracking.job_started(2, "script", {}, None)
-        clock.processed = 3
-        # Seen alive and then exited, or (on a slow machine) born and reaped between two looks: either way its
-        # whole CPU time goes to job 2 and none to job 1.
-        _wait_for(lambda: _exited_cpu(script) >= 0.27)
-        assert busy.pids == [sleeper.pid] and _exited_cpu(busy) == 0.0
+        yield clock, tracking, busy, sleeper
     finally:
         sleeper.kill()
         sleeper.wait()
         tracking.close()
+
+
+def test_a_process_waits_for_the_record_of_its_job(
+        busy_job: tuple[Clock, JobProcesses, TaskProcesses, subprocess.Popen[bytes]]) -> None:
+    clock, tracking, busy, sleeper = busy_job
+    # Job 2's record is logged (2) but not yet delivered when its process (a script's interpreter: its
+    # command line names no job) starts and runs.
+    clock.logged = 2
+    burner = _burn(0.3)
+    time.sleep(0.3)  # many looks: the process must not go to job 1, nor be taken for the controller's own
+    assert busy.pids == [sleeper.pid]
+    clock.processed = 2
+    script = tracking.job_started(2, "script", {}, None)
+    _wait_for(lambda: burner.pid in script.pids)
+    burner.wait()
+    _wait_for(lambda: _final_cpu(script, burner.pid) is not None)
+    final = _final_cpu(script, burner.pid)
+    assert final is not None and final >= 0.27, final
+    tracking.job_ended(2)
+    notes = script.snapshot().notes
+    assert any("by elimination" in n for n in notes), notes
+    assert busy.pids == [sleeper.pid]
+
+
+def test_a_process_that_exits_before_its_job_is_known_keeps_its_cpu_time(
+        busy_job: tuple[Clock, JobProcesses, TaskProcesses, subprocess.Popen[bytes]]) -> None:
+    clock, tracking, busy, sleeper = busy_job
+    clock.logged = 3  # job 2's start record (2) and more are still on their way
+    burner = _burn(0.3)
+    time.sleep(0.1)
+    burner.wait()
+    time.sleep(0.2)  # it is reaped: its CPU time now waits for its job
+    clock.processed = 2
+    script = tracking.job_started(2, "script", {}, None)
+    clock.processed = 3
+    # Seen alive and then exited, or (on a slow machine) born and reaped between two looks: either way its
+    # whole CPU time goes to job 2 and none to job 1.
+    _wait_for(lambda: _exited_cpu(script) >= 0.27)
+    assert busy.pids == [sleeper.pid] and _exited_cpu(busy) == 0.0
 
 
 def test_a_process_snakemake_registered_waits_for_its_own_job() -> None:
