@@ -63,6 +63,8 @@ def child(mode: str, count: int) -> None:
         return i
 
     body_end: list[float] = []
+    body_cpu: list[float] = []
+    body_children: list[float] = []
 
     @flow(task_runner=ThreadPoolTaskRunner(max_workers=4))
     def noops(n: int) -> int:
@@ -72,6 +74,8 @@ def child(mode: str, count: int) -> None:
         else:
             total = sum(noop(i) for i in range(n))
         body_end.append(time.perf_counter())
+        body_cpu.append(time.process_time())
+        body_children.append(_children_cpu())
         return total
 
     noops(WARMUP_TASKS)
@@ -85,6 +89,7 @@ def child(mode: str, count: int) -> None:
         get_recorder().flush(120)
         warmup_flush_s = time.perf_counter() - start
     hook_times.clear()
+    cpu_start, children_start = time.process_time(), _children_cpu()
     start = time.perf_counter()
     total = noops(count)
     call = time.perf_counter() - start
@@ -102,8 +107,43 @@ def child(mode: str, count: int) -> None:
         recorder.flush(120)
         flush_s = time.perf_counter() - start
         written = recorder.written
-    print(json.dumps({"wall": wall, "call": call, "hook_ms": sorted(v * 1000 for v in hook_times.values()),
+    print(json.dumps({"wall": wall, "call": call, "cpu": body_cpu[-1] - cpu_start,
+                      "children_cpu": body_children[-1] - children_start,
+                      "hook_ms": sorted(v * 1000 for v in hook_times.values()),
                       "flush_s": flush_s, "warmup_flush_s": warmup_flush_s, "written": written}))
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's live children (the Recorder's writer process, once started)."""
+    import psutil
+
+    total = 0.0
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its live descendants (the Prefect server)."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
 
 
 def _time_hooks(totals: dict[str, float]) -> None:
@@ -204,11 +244,14 @@ def main() -> int:
                 for variant in order[rep % len(order):] + order[: rep % len(order)]:  # rotate: same load for all
                     store = home / f"store-{mode}-{variant}-{rep}" / "metatrail.db"
                     run_env = {**env, **VARIANTS[variant], "METATRAIL_STORE": f"sqlite:///{store}"}
+                    server_cpu = _tree_cpu(server.pid)
                     proc = subprocess.run([sys.executable, __file__, "--child", mode, str(args.tasks)],
                                           capture_output=True, text=True, env=run_env, timeout=900)
+                    server_cpu = _tree_cpu(server.pid) - server_cpu
                     if proc.returncode != 0:
                         sys.exit(f"{variant} {mode} run failed:\n{proc.stderr[-4000:]}")
                     result = json.loads(proc.stdout.strip().splitlines()[-1])
+                    result["server_cpu"] = server_cpu
                     runs.setdefault((mode, variant), []).append(result)
                     print(f"rep {rep + 1}/{args.reps} {mode:10s} {variant:9s} {result['wall']:.3f} s", flush=True)
     finally:
@@ -265,6 +308,20 @@ def main() -> int:
         "plugin = default settings (energy metering on); no-energy = METATRAIL_ENERGY=0.",
         f"first-use cost, kept out of the timed flow: the writer's first flush after the {WARMUP_TASKS}-task warm-up "
         f"took {statistics.median(warmups):.2f} s (median; imports of the event and store libraries).",
+        "",
+        "CPU per task run (ms; medians over runs): flow = the flow process during the timed flow (task threads,",
+        "  engine, metatrail's hooks and writer thread); writer = the Recorder's writer process over the same span;",
+        "  server = the Prefect API server over the whole run of that interpreter (warm-up included), per task run",
+    ]
+    for mode in MODES:
+        for variant in VARIANTS:
+            results = runs[(mode, variant)]
+            per, server_per = 1000 / args.tasks, 1000 / (args.tasks + WARMUP_TASKS)
+            lines.append(
+                f"  {mode:10s} {variant:9s} flow {statistics.median(r['cpu'] for r in results) * per:6.3f}  "
+                f"writer {statistics.median(r['children_cpu'] for r in results) * per:6.3f}  "
+                f"server {statistics.median(r['server_cpu'] for r in results) * server_per:6.3f}")
+    lines += [
         "",
         "raw flow wall-clock times (s), in run order:",
     ]
