@@ -49,7 +49,7 @@ def test_run_measures_the_commands_process_tree(tmp_path: Path) -> None:
 def test_energy_report_table_json_and_plots(tmp_path: Path) -> None:
     script = ("import metatrail, time\n"
               "with metatrail.pipeline_run('tradeoff'):\n"
-              "    for lr, acc, secs in ((0.1, 0.8, 0.2), (0.01, 0.9, 0.5)):\n"
+              "    for lr, acc, secs in ((0.1, 0.8, 0.1), (0.01, 0.9, 0.8)):\n"
               "        with metatrail.execution(stage='train', params={'lr': lr}) as ex:\n"
               "            t = time.process_time()\n"
               "            while time.process_time() - t < secs: pass\n"
@@ -65,7 +65,8 @@ def test_energy_report_table_json_and_plots(tmp_path: Path) -> None:
     accuracy = sorted(r["metrics"].get("accuracy", 0) for r in by_execution)
     assert accuracy == [0, 0.8, 0.9]
     heavier = max((r for r in by_execution if r["metrics"]), key=lambda r: r["estimated_j"])
-    assert heavier["metrics"]["accuracy"] == 0.9  # the longer burn cost more energy
+    # The longer burn cost more energy (by far: a sampler starved on a loaded node may miss the start of a window).
+    assert heavier["metrics"]["accuracy"] == 0.9
     assert "tradeoff.train" in mt("energy", cwd=tmp_path)
     mt("energy", "--plot", "e.png", "--by", "execution", cwd=tmp_path)
     assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -28,7 +28,7 @@ from typing import Any
 
 from metatrail.errors import EventError
 from metatrail.openlineage.events import event_id
-from metatrail.store.base import EventStore, IngestResult
+from metatrail.store.base import CanonicalEvent, EventStore, IngestResult
 
 log = logging.getLogger("metatrail.server")
 
@@ -173,7 +173,7 @@ class IngestWriter:
         for job in jobs:
             mine = 0
             for event in job.events:
-                eid = event_id(event)
+                eid = event.id if isinstance(event, CanonicalEvent) else event_id(event)
                 if eid in new:
                     new.discard(eid)  # an event sent twice in one batch counts once, for its first sender
                     mine += 1

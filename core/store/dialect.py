@@ -119,9 +119,12 @@ def _bulk_sql(dialect_name: str, table: Table, mode: str, key: tuple[str, ...]) 
            f"VALUES ({', '.join(mark for _ in columns)})")
     if mode == "ignore":
         sql += " ON CONFLICT DO NOTHING"
-    elif mode == "update":
+    elif mode in ("update", "refresh"):
         sets = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
         sql += f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}"
+        if mode == "refresh":  # a row that would not change is left alone: no page of it (or its indexes) rewritten
+            differs = "IS NOT" if dialect_name == "sqlite" else "IS DISTINCT FROM"
+            sql += " WHERE " + " OR ".join(f"{table.name}.{c} {differs} excluded.{c}" for c in columns if c not in key)
     return sql, columns
 
 
@@ -162,18 +165,45 @@ def any_of(dialect_name: str, column: str, values: Sequence[Any]) -> tuple[str, 
     return f"{column} = ANY(%s)", [list(values)]
 
 
+# Rows per statement of a multi-row insert into SQLite (also kept under the connection's bound on parameters).
+SQLITE_ROWS_PER_INSERT = 500
+
+
+@functools.lru_cache(maxsize=256)
+def _values_sql(dialect_name: str, table: Table, mode: str, key: tuple[str, ...], rows: int) -> str:
+    sql, columns = _bulk_sql(dialect_name, table, mode, key)
+    one = f"({', '.join('?' for _ in columns)})"
+    head, _, tail = sql.partition(f"VALUES {one}")
+    return f"{head}VALUES {', '.join([one] * rows)}{tail}"
+
+
 def bulk_insert(cur: Any, dialect_name: str, table: Table, rows: Sequence[dict[str, Any]], *, mode: str = "plain",
                 key: Sequence[str] = ()) -> None:
-    """Insert many rows (``mode``: plain, ignore = ``ON CONFLICT DO NOTHING``, update = upsert on ``key``). Plain
+    """Insert many rows (``mode``: plain, ignore = ``ON CONFLICT DO NOTHING``, update = upsert on ``key``, refresh =
+    upsert that leaves rows whose values are unchanged as they are). Plain
     rows, which the caller knows are new (it holds the log lock and looked, or deleted them first), go to
-    PostgreSQL by ``COPY``, a third of the time of psycopg's pipelined ``executemany``; everything else through the
-    driver's ``executemany`` with a statement text built once per table. Both databases accept this ``ON CONFLICT``
-    syntax."""
+    PostgreSQL by ``COPY``, a third of the time of psycopg's pipelined ``executemany``; everything else to
+    PostgreSQL through the driver's ``executemany`` with a statement text built once per table. Both databases accept
+    this ``ON CONFLICT`` syntax.
+
+    SQLite gets multi-row ``INSERT … VALUES (…), (…), …`` statements of up to :data:`SQLITE_ROWS_PER_INSERT` rows.
+    The driver lets go of the GIL while SQLite runs a statement and takes it back after, so ``executemany`` (a step
+    per row) needs the GIL back after every row: in a server whose event loop holds the GIL for tens of milliseconds
+    at a time (parsing the next request), each of those takes that long. One statement per few hundred rows leaves
+    SQLite working while the loop runs."""
     if not rows:
         return
     sql, columns = _bulk_sql(dialect_name, table, mode, tuple(key))
     values = operator.itemgetter(*columns)  # rows carry every column; a missing one is a bug, so KeyError
-    if mode == "plain" and dialect_name != "sqlite":
+    if dialect_name == "sqlite":
+        limit = cur.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        per = max(1, min(SQLITE_ROWS_PER_INSERT, limit // len(columns)))
+        for i in range(0, len(rows), per):
+            chunk = rows[i : i + per]
+            cur.execute(_values_sql(dialect_name, table, mode, tuple(key), len(chunk)),
+                        [v for row in chunk for v in values(row)])
+        return
+    if mode == "plain":
         with cur.copy(f"COPY {table.name} ({', '.join(columns)}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(values(row))

@@ -55,19 +55,19 @@ def _parse_unusual_time(value: str) -> float:
 
 @dataclass(frozen=True)
 class EventRecord:
-    """One stored event: its identity, parsed time and body."""
+    """One stored event: its identity, parsed time and body; its type and rank are worked out once, here (sorting
+    and projecting ask for them several times per event)."""
 
     id: str
     time: float
     body: Mapping[str, Any]
+    event_type: str = field(init=False, repr=False, compare=False)
+    rank: int = field(init=False, repr=False, compare=False)
 
-    @property
-    def event_type(self) -> str:
-        return str(self.body.get("eventType") or "OTHER").upper()
-
-    @property
-    def rank(self) -> int:
-        return _RANK.get(self.event_type, 0)
+    def __post_init__(self) -> None:
+        event_type = str(self.body.get("eventType") or "OTHER").upper()
+        object.__setattr__(self, "event_type", event_type)
+        object.__setattr__(self, "rank", _RANK.get(event_type, 0))
 
 
 def artifact_key(namespace: str, name: str, version: str | None, facet: Mapping[str, Any] | None) -> str:

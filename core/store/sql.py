@@ -5,7 +5,6 @@ See :mod:`metatrail.store.base` for the contract and :mod:`metatrail.store.diale
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,7 +17,7 @@ from sqlalchemy.exc import DatabaseError
 from metatrail.errors import CorruptStoreError, EventError, StoreError
 from metatrail.openlineage.events import canonical_bytes
 from metatrail.store import dialect
-from metatrail.store.base import EventStore, IngestResult, StoredEvent
+from metatrail.store.base import CanonicalEvent, EventStore, IngestResult, StoredEvent, digest
 from metatrail.store.projection import EventRecord, parse_event_time, project_run
 from metatrail.store.schema import CURRENT_VERSION, MIGRATIONS, edges, events, runs, schema_version
 
@@ -31,14 +30,18 @@ def _chunks(items: Sequence[str], size: int = CHUNK) -> Iterator[Sequence[str]]:
 
 
 def prepare_event(event: Mapping[str, Any]) -> tuple[str, str, EventRecord, dict[str, Any]]:
-    """Check that an event can be stored and projected; return (id, canonical text, record, row values)."""
-    if not isinstance(event, Mapping):
+    """Check that an event can be stored and projected; return (id, canonical text, record, row values). A
+    :class:`~metatrail.store.base.CanonicalEvent` brings its canonical bytes along; any other mapping is serialised."""
+    if isinstance(event, CanonicalEvent):
+        raw, eid = event.canonical, event.id
+    elif not isinstance(event, Mapping):
         raise EventError(f"an event must be a JSON object, got {type(event).__name__}")
-    try:
-        raw = canonical_bytes(event)
-    except (TypeError, ValueError) as exc:
-        raise EventError(f"event is not JSON-serialisable: {exc}") from None
-    eid = hashlib.sha256(raw).hexdigest()
+    else:
+        try:
+            raw = canonical_bytes(event)
+        except (TypeError, ValueError) as exc:
+            raise EventError(f"event is not JSON-serialisable: {exc}") from None
+        eid = digest(raw)
     text_ = raw.decode("utf-8")
     etime = parse_event_time(event.get("eventTime"))
     run = event.get("run")
@@ -113,8 +116,19 @@ class SqlStore(EventStore):
             with dialect.raw_transaction(self._engine) as cur:
                 dialect.lock_log(cur, name)
                 ids = list(prepared)
-                existing: set[str] = set()
-                for part in _chunks(ids):
+                # One look serves two needs: an event's run is part of its content, so an event already stored is
+                # among the events listed for its run; and those listed are what the projections are rebuilt from.
+                run_ids = sorted({row["run_id"] for _, _, row in prepared.values() if row["run_id"]})
+                dialect.lock_runs(cur, name, run_ids)
+                listed: dict[str, list[str]] = defaultdict(list)
+                for part in _chunks(run_ids):
+                    clause, params = dialect.any_of(name, "run_id", part)
+                    cur.execute(f"SELECT run_id, id FROM events WHERE {clause}", params)
+                    for run_id, eid in cur.fetchall():
+                        listed[run_id].append(eid)
+                existing = {eid for stored in listed.values() for eid in stored if eid in prepared}
+                runless = [i for i in ids if not prepared[i][2]["run_id"]]
+                for part in _chunks(runless):
                     clause, params = dialect.any_of(name, "id", part)
                     cur.execute(f"SELECT id FROM events WHERE {clause}", params)
                     existing.update(r[0] for r in cur.fetchall())
@@ -125,7 +139,19 @@ class SqlStore(EventStore):
                 rows = [{**prepared[i][2], "site": site, "ingested_at": now, "body": prepared[i][0]} for i in new_ids]
                 dialect.bulk_insert(cur, name, events, rows)  # new: the log lock is held and we looked
                 touched = sorted({prepared[i][2]["run_id"] for i in new_ids if prepared[i][2]["run_id"]})
-                self._reproject(cur, name, touched, known={i: prepared[i][1] for i in new_ids})
+                by_run: dict[str, list[EventRecord]] = defaultdict(list)
+                unread: list[str] = []
+                for i in new_ids:
+                    if prepared[i][2]["run_id"]:
+                        by_run[prepared[i][2]["run_id"]].append(prepared[i][1])
+                for run_id in touched:
+                    for eid in listed.get(run_id, ()):
+                        if eid in prepared:
+                            by_run[run_id].append(prepared[eid][1])  # sent again: its body is at hand
+                        else:
+                            unread.append(eid)
+                self._read_records(cur, name, unread, by_run)
+                self._store_projections(cur, name, touched, by_run)
             return IngestResult(received=len(events_in), inserted=len(new_ids), inserted_ids=tuple(new_ids))
 
         try:
@@ -136,29 +162,34 @@ class SqlStore(EventStore):
             raise
 
     @staticmethod
-    def _reproject(cur: Any, name: str, run_ids: Sequence[str],
-                   known: Mapping[str, EventRecord] | None = None) -> None:
-        """Recompute the projections of ``run_ids`` from all their events (``known``: records already parsed).
-        ``cur`` is the transaction's DBAPI cursor, ``name`` the dialect's name."""
-        if not run_ids:
-            return
-        dialect.lock_runs(cur, name, run_ids)
-        known = known or {}
-        by_run: dict[str, list[EventRecord]] = defaultdict(list)
-        missing: list[str] = []
-        for part in _chunks(run_ids):
-            clause, params = dialect.any_of(name, "run_id", part)
-            cur.execute(f"SELECT run_id, id FROM events WHERE {clause}", params)
-            for run_id, eid in cur.fetchall():
-                if eid in known:
-                    by_run[run_id].append(known[eid])
-                else:
-                    missing.append(eid)
-        for part in _chunks(missing):
+    def _read_records(cur: Any, name: str, ids: Sequence[str], by_run: dict[str, list[EventRecord]]) -> None:
+        """Read the stored events ``ids`` into ``by_run`` (``cur``: the transaction's DBAPI cursor)."""
+        for part in _chunks(ids):
             clause, params = dialect.any_of(name, "id", part)
             cur.execute(f"SELECT run_id, id, event_time, body FROM events WHERE {clause}", params)
             for run_id, eid, etime, body in cur.fetchall():
                 by_run[run_id].append(EventRecord(id=eid, time=etime, body=orjson.loads(body)))
+
+    @staticmethod
+    def _reproject(cur: Any, name: str, run_ids: Sequence[str]) -> None:
+        """Recompute the projections of ``run_ids`` from all their stored events. ``cur`` is the transaction's DBAPI
+        cursor, ``name`` the dialect's name."""
+        if not run_ids:
+            return
+        dialect.lock_runs(cur, name, run_ids)
+        by_run: dict[str, list[EventRecord]] = defaultdict(list)
+        for part in _chunks(run_ids):
+            clause, params = dialect.any_of(name, "run_id", part)
+            cur.execute(f"SELECT run_id, id, event_time, body FROM events WHERE {clause}", params)
+            for run_id, eid, etime, body in cur.fetchall():
+                by_run[run_id].append(EventRecord(id=eid, time=etime, body=orjson.loads(body)))
+        SqlStore._store_projections(cur, name, run_ids, by_run)
+
+    @staticmethod
+    def _store_projections(cur: Any, name: str, run_ids: Sequence[str],
+                           by_run: Mapping[str, Sequence[EventRecord]]) -> None:
+        """Write the projected rows of ``run_ids``, projected from ``by_run`` (every event of each). Edges are only
+        added or updated: callers either add events to runs or have emptied ``io_edges`` first."""
         run_rows, edge_rows = [], []
         for run_id in run_ids:
             proj = project_run(run_id, by_run[run_id])
@@ -167,10 +198,10 @@ class SqlStore(EventStore):
             run_rows.append({**proj.run, "facets": orjson.dumps(own, option=orjson.OPT_SORT_KEYS).decode()})
             edge_rows.extend(proj.edges)
         dialect.bulk_insert(cur, name, runs, run_rows, mode="update", key=["run_id"])
-        for part in _chunks(list(run_ids)):
-            clause, params = dialect.any_of(name, "run_id", part)
-            cur.execute(f"DELETE FROM io_edges WHERE {clause}", params)
-        dialect.bulk_insert(cur, name, edges, edge_rows)
+        # A run's edges are the union of its events' inputs and outputs, so more events never remove one: upsert them
+        # (an unchanged edge is not rewritten) rather than delete and insert them all again.
+        dialect.bulk_insert(cur, name, edges, edge_rows, mode="refresh",
+                            key=["run_id", "direction", "namespace", "name"])
 
     def rebuild_projections(self) -> None:
         name = self._engine.dialect.name

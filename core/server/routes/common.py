@@ -9,10 +9,12 @@ from typing import Any
 from starlette.requests import Request
 
 from metatrail.errors import EventError
+from metatrail.openlineage.events import canonical_bytes
+from metatrail.openlineage.validation import InvalidEvent, validate_event
 from metatrail.server.errors import ApiError
 from metatrail.server.services import Services
 from metatrail.server.writer import Overloaded
-from metatrail.store.base import IngestResult
+from metatrail.store.base import CanonicalEvent, IngestResult
 
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 EVENT_ID_PATTERN = r"^[0-9a-f]{64}$"
@@ -48,6 +50,39 @@ def json_body(schema: Mapping[str, Any], description: str = "") -> dict[str, Any
     """``openapi_extra`` declaring a JSON request body (for routes that parse their body themselves)."""
     return {"requestBody": {"required": True, "description": description,
                             "content": {"application/json": {"schema": dict(schema)}}}}
+
+
+def checked_event(event: Any, *, max_depth: int) -> tuple[str, CanonicalEvent]:
+    """Validate one decoded event and serialise it once (canonically), for the checks and then for the store; return
+    its kind and the event with its canonical bytes. Raises :class:`InvalidEvent`."""
+    canonical = None
+    if isinstance(event, dict):
+        try:
+            canonical = canonical_bytes(event)
+        except (TypeError, ValueError) as exc:
+            raise InvalidEvent(f"not JSON data: {exc}") from None
+    kind = validate_event(event, max_depth=max_depth, text=canonical)
+    assert canonical is not None  # validate_event refuses anything but a JSON object
+    return kind, CanonicalEvent(event, canonical)
+
+
+def checked_events(events: Sequence[Any], *, max_depth: int, max_errors: int | None = None) -> list[CanonicalEvent]:
+    """:func:`checked_event` for each event of a batch, all or nothing: when any is invalid, raise an
+    :class:`ApiError` (the status of the first problem) listing each problem (the first ``max_errors`` sought, at
+    most 100 shown)."""
+    checked: list[CanonicalEvent] = []
+    errors: list[dict[str, Any]] = []
+    for i, event in enumerate(events):
+        try:
+            checked.append(checked_event(event, max_depth=max_depth)[1])
+        except InvalidEvent as exc:
+            errors.append({"index": i, "status": exc.status, "path": exc.path, "message": exc.reason})
+            if max_errors is not None and len(errors) >= max_errors:
+                break
+    if errors:
+        raise ApiError(errors[0]["status"], "invalid_events", f"{len(errors)} invalid event(s); nothing stored",
+                       details=errors[:100])
+    return checked
 
 
 async def submit(svc: Services, events: Sequence[Mapping[str, Any]], site: str | None) -> IngestResult:

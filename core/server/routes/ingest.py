@@ -4,18 +4,15 @@ Idempotent: an event already stored is acknowledged again and stored once."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from metatrail.openlineage.events import event_id
-from metatrail.openlineage.validation import InvalidEvent, validate_event
+from metatrail.openlineage.validation import InvalidEvent
 from metatrail.server.auth import WRITE, policy, writing_site
 from metatrail.server.errors import ApiError
 from metatrail.server.limits import read_json
 from metatrail.server.routes import make_router
-from metatrail.server.routes.common import EVENT_SCHEMA, json_body, services, submit
+from metatrail.server.routes.common import EVENT_SCHEMA, checked_event, checked_events, json_body, services, submit
 
 router = make_router()
 
@@ -30,11 +27,11 @@ async def post_lineage(request: Request) -> JSONResponse:
     body = await read_json(request, max_bytes=svc.config.max_event_bytes, max_depth=svc.config.max_depth,
                            check=False)
     try:
-        kind = validate_event(body, max_depth=svc.config.max_depth)
+        kind, event = checked_event(body, max_depth=svc.config.max_depth)
     except InvalidEvent as exc:
         raise ApiError(exc.status, "invalid_event", str(exc)) from None
-    result = await submit(svc, [body], writing_site(request))
-    return JSONResponse({"id": event_id(body), "kind": kind, "stored": result.inserted == 1}, status_code=201)
+    result = await submit(svc, [event], writing_site(request))
+    return JSONResponse({"id": event.id, "kind": kind, "stored": result.inserted == 1}, status_code=201)
 
 
 @router.post("/api/v1/lineage/batch", status_code=201, tags=["ingest"],
@@ -51,18 +48,8 @@ async def post_lineage_batch(request: Request) -> JSONResponse:
         raise ApiError(400, "invalid_batch", "a batch is a JSON array of events")
     if len(body) > svc.config.max_batch_events:
         raise ApiError(413, "batch_too_large", f"at most {svc.config.max_batch_events} events per batch")
-    errors: list[dict[str, Any]] = []
-    for i, event in enumerate(body):
-        try:
-            validate_event(event, max_depth=svc.config.max_depth)
-        except InvalidEvent as exc:
-            errors.append({"index": i, "status": exc.status, "path": exc.path, "message": exc.reason})
-            if len(errors) >= 100:
-                break
-    if errors:
-        raise ApiError(errors[0]["status"], "invalid_events", f"{len(errors)} invalid event(s); nothing stored",
-                       details=errors)
-    if not body:
+    events = checked_events(body, max_depth=svc.config.max_depth, max_errors=100)
+    if not events:
         return JSONResponse({"received": 0, "inserted": 0}, status_code=201)
-    result = await submit(svc, body, writing_site(request))
+    result = await submit(svc, events, writing_site(request))
     return JSONResponse({"received": result.received, "inserted": result.inserted}, status_code=201)

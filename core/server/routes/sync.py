@@ -17,12 +17,19 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from metatrail.openlineage.validation import InvalidEvent, validate_event
 from metatrail.server.auth import READ, SITE_RE, WRITE, current, policy, writing_site
 from metatrail.server.errors import ApiError
 from metatrail.server.limits import read_json
 from metatrail.server.routes import make_router
-from metatrail.server.routes.common import EVENT_ID_PATTERN, EVENT_SCHEMA, UUID_PATTERN, json_body, services, submit
+from metatrail.server.routes.common import (
+    EVENT_ID_PATTERN,
+    EVENT_SCHEMA,
+    UUID_PATTERN,
+    checked_events,
+    json_body,
+    services,
+    submit,
+)
 from metatrail.sync import Filter
 
 router = make_router()
@@ -106,18 +113,10 @@ async def sync_push(request: Request) -> JSONResponse:
     if not isinstance(origins, list) or len(origins) != len(events) or not all(
             o is None or (isinstance(o, str) and SITE_RE.match(o)) for o in origins):
         raise ApiError(422, "invalid_origins", "origins must list one site name (or null) per event")
-    errors: list[dict[str, Any]] = []
-    for i, event in enumerate(events):
-        try:
-            validate_event(event, max_depth=svc.config.max_depth)
-        except InvalidEvent as exc:
-            errors.append({"index": i, "status": exc.status, "path": exc.path, "message": exc.reason})
-    if errors:
-        raise ApiError(errors[0]["status"], "invalid_events", f"{len(errors)} invalid event(s); nothing stored",
-                       details=errors[:100])
+    checked = checked_events(events, max_depth=svc.config.max_depth)
     default = writing_site(request)
     groups: dict[str, list[Any]] = {}
-    for event, origin in zip(events, origins, strict=True):
+    for event, origin in zip(checked, origins, strict=True):
         groups.setdefault(origin or default, []).append(event)
     inserted = 0
     for site, group in groups.items():
