@@ -5,8 +5,13 @@
 Every figure comes from this one run, so ratios compare like with like on a shared machine:
 
 * wall clock from the first submit to the last result (the DFK and its workers already up; 50 warm-up tasks run
-  first, so one-time costs are not in it: imports, and the Recorder's writer processes, which start once a process
-  has recorded 32 events), baseline and tracked runs interleaved, median ratio reported;
+  first and, in tracked runs, their records are waited for, so one-time costs are not in it: each process's first
+  write imports the store (SQLAlchemy), and the DFK's writer process starts once it has recorded 32 events; the
+  time that wait took is reported), baseline and tracked runs interleaved, median ratio reported;
+* CPU seconds used by every process of the run (the DFK, HTEX's interchange, manager and workers, any writer process)
+  over the same window, extended in tracked runs until the tasks' records are stored (work deferred past the last
+  result is counted; the bench's own polling is not): on a shared machine this is the steadier figure, and with the
+  2 cores saturated by no-op tasks extra CPU is what becomes extra wall clock;
 * time spent in our code on the DFK side per task (``check_memo``'s recording, the ``submit`` wrapper, the final
   hook), measured inside the tracked runs;
 * time the worker-side wrapper adds around one task (start + end recording), measured in-process with the real
@@ -54,6 +59,8 @@ class HookTimer:
     def __init__(self) -> None:
         self.per_task: dict[int, float] = defaultdict(float)  # this run's tasks (task ids restart per DFK)
         self.samples: list[float] = []  # per-task totals of every tracked run so far
+        self.warm_waits: list[float] = []  # seconds until the warm-up tasks' records were stored, per tracked run
+        self.stored_after: list[float] = []  # seconds from the last result until every record was stored
         self._current = threading.local()
 
     def end_run(self) -> None:
@@ -117,9 +124,39 @@ def make_executor(kind: str, workdir: str) -> Any:
                                   provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1))
 
 
-def one_run(kind: str, tracked: bool, tasks: int, workdir: str, timer: HookTimer | None) -> float:
+def run_cpu_seconds(run_dir: str) -> dict[int, float]:
+    """CPU seconds so far of this process, its descendants and the HTEX worker pool of ``run_dir`` (the local
+    provider starts it through a shell that exits, so it is not our descendant) with its descendants, by pid."""
+    import psutil
+
+    me = psutil.Process()
+    procs = [me, *me.children(recursive=True)]
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or ())
+            if run_dir in cmdline and "process_worker_pool" in cmdline:
+                procs += [proc, *proc.children(recursive=True)]
+        except psutil.Error:
+            continue
+    seconds: dict[int, float] = {}
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            seconds[proc.pid] = times.user + times.system
+        except psutil.Error:
+            continue
+    return seconds
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+
+def one_run(kind: str, tracked: bool, tasks: int, workdir: str, timer: HookTimer | None) -> tuple[float, float]:
+    """``(wall seconds, CPU seconds of all the run's processes)`` for ``tasks`` no-op apps."""
     executor = make_executor(kind, workdir)
-    config = Config(executors=[executor], run_dir=os.path.join(workdir, "runinfo"), strategy="none")
+    run_dir = os.path.join(workdir, "runinfo", f"{kind}-{'tracked' if tracked else 'baseline'}-{time.time_ns()}")
+    config = Config(executors=[executor], run_dir=run_dir, strategy="none")
     if tracked:
         import metatrail.plugins.parsl
 
@@ -129,21 +166,46 @@ def one_run(kind: str, tracked: bool, tasks: int, workdir: str, timer: HookTimer
         timer.wrap_tracked(executor)
     with parsl.load(config):
         for future in [noop() for _ in range(WARMUP_TASKS)]:
-            future.result()  # workers up, imports done, the Recorder's writer processes started
+            future.result()  # workers up
+        if tracked and timer is not None:
+            timer.warm_waits.append(wait_for_records(config, WARMUP_TASKS))
+        cpu0 = run_cpu_seconds(run_dir)
         t0 = time.perf_counter()
         futures = [noop() for _ in range(tasks)]
         for f in futures:
             f.result()
         elapsed = time.perf_counter() - t0
+        polling = 0.0
+        if tracked and timer is not None:
+            polling = time.thread_time()
+            timer.stored_after.append(wait_for_records(config, WARMUP_TASKS + tasks))
+            polling = time.thread_time() - polling
+        cpu = cpu_used(cpu0, run_cpu_seconds(run_dir)) - polling
     if timer is not None and tracked:
         timer.end_run()
-    return elapsed
+    return elapsed, cpu
+
+
+def wait_for_records(config: Any, count: int, timeout: float = 120.0) -> float:
+    """Seconds until ``count`` executions of the tracked run have ended in the store: the processes that record
+    them have then imported what they write with (and the DFK's writer process, if any, is up)."""
+    from metatrail.store import open_store
+
+    t0 = time.perf_counter()
+    run = config.memoizer._run  # bench-only: the TrackingMemoizer's pipeline run
+    with open_store(os.environ["METATRAIL_STORE"]) as store:
+        while time.perf_counter() - t0 < timeout:
+            children = (store.get_run(run.id) or {}).get("children", [])
+            if sum(1 for c in children if c.get("state") in ("completed", "failed")) >= count:
+                break
+            time.sleep(0.05)
+    return time.perf_counter() - t0
 
 
 def worker_side_cost(calls: int, workdir: str) -> tuple[list[float], list[float]]:
     """Per-call time of a no-op through TrackedCall (with context, real recorder and store) and without."""
     from metatrail.config import load_settings
-    from metatrail.plugins.parsl.worker import CTX_KEY, tracked
+    from metatrail.plugins.parsl.worker import CTX_KEY, encode_context, tracked
 
     def plain() -> None:
         return None
@@ -157,10 +219,10 @@ def worker_side_cost(calls: int, workdir: str) -> tuple[list[float], list[float]
                 "version": parsl.__version__, "store": settings.store, "hash_cache": settings.hash_cache,
                 "stage": "plain", "try": 0, "extra": {"parsl_task_id": 0}}
     wrapper = tracked(plain)
-    wrapper(**{CTX_KEY: dict(base_ctx, id="0192f3a0-0000-7000-8000-00000000ffff")})  # recorder, imports warm
+    wrapper(**{CTX_KEY: encode_context(dict(base_ctx, id="0192f3a0-0000-7000-8000-00000000ffff"))})  # warm
     with_ctx, without = [], []
     for i in range(calls):
-        ctx = dict(base_ctx, id=f"0192f3a0-0000-7000-8000-{i:012x}")
+        ctx = encode_context(dict(base_ctx, id=f"0192f3a0-0000-7000-8000-{i:012x}"))  # as HTEX delivers it
         t0 = time.perf_counter()
         wrapper(**{CTX_KEY: ctx})
         with_ctx.append(time.perf_counter() - t0)
@@ -216,6 +278,9 @@ def main() -> int:
     ap.add_argument("--executors", default="threads,htex")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "parsl.txt"))
     args = ap.parse_args()
+    from machine import use_bytecode
+
+    bytecode = use_bytecode()
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     lines: list[str] = []
 
@@ -229,25 +294,40 @@ def main() -> int:
         say(f"# bench_parsl: {args.tasks} no-op apps, {args.reps} interleaved reps per variant")
         say(f"# parsl {parsl.__version__}, Python {platform.python_version()}, {platform.machine()}, "
             f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}")
+        say(f"# {bytecode}")
         timer = HookTimer()
         timer.install()
         for kind in args.executors.split(","):
             walls: dict[str, list[float]] = {"baseline": [], "tracked": [], "tracked, energy off": []}
+            cpus: dict[str, list[float]] = {name: [] for name in walls}
             for _ in range(args.reps):
-                walls["baseline"].append(one_run(kind, False, args.tasks, work, None))
-                walls["tracked"].append(one_run(kind, True, args.tasks, work, timer))
-                os.environ["METATRAIL_ENERGY"] = "0"
-                try:
-                    walls["tracked, energy off"].append(one_run(kind, True, args.tasks, work, timer))
-                finally:
-                    del os.environ["METATRAIL_ENERGY"]
-            base = walls["baseline"]
-            say(f"{kind}: baseline wall s {' '.join(f'{x:.3f}' for x in base)}")
+                for variant in walls:
+                    if variant.endswith("energy off"):
+                        os.environ["METATRAIL_ENERGY"] = "0"
+                    try:
+                        wall, cpu = one_run(kind, variant != "baseline", args.tasks, work,
+                                            None if variant == "baseline" else timer)
+                    finally:
+                        os.environ.pop("METATRAIL_ENERGY", None)
+                    walls[variant].append(wall)
+                    cpus[variant].append(cpu)
+            base, base_cpu = walls["baseline"], cpus["baseline"]
+            say(f"{kind}: baseline wall s {' '.join(f'{x:.3f}' for x in base)}; CPU s "
+                f"{' '.join(f'{x:.2f}' for x in base_cpu)}")
             for variant in ("tracked", "tracked, energy off"):
                 ratios = [t / b for t, b in zip(walls[variant], base, strict=True)]
                 say(f"{kind}: {variant} wall s {' '.join(f'{x:.3f}' for x in walls[variant])} -> ratio median "
                     f"{statistics.median(ratios):.2f} (per rep {' '.join(f'{r:.2f}' for r in ratios)}; "
                     f"target <= 1.03)")
+                cpu_ratios = [t / b for t, b in zip(cpus[variant], base_cpu, strict=True)]
+                extra = statistics.median(cpus[variant]) - statistics.median(base_cpu)
+                say(f"{kind}: {variant} CPU s {' '.join(f'{x:.2f}' for x in cpus[variant])} -> CPU ratio median "
+                    f"{statistics.median(cpu_ratios):.2f} (per rep {' '.join(f'{r:.2f}' for r in cpu_ratios)}); "
+                    f"extra CPU {extra / args.tasks * 1e6:.0f} us per task, all processes")
+        say(f"tracked runs: warm-up records stored {_pct(timer.warm_waits, .5):.2f} s (median; max "
+            f"{max(timer.warm_waits, default=float('nan')):.2f} s) after the warm-up results, not in the wall times; "
+            f"all records stored {_pct(timer.stored_after, .5):.2f} s (median; max "
+            f"{max(timer.stored_after, default=float('nan')):.2f} s) after the last result")
         dfk = timer.samples
         say(f"dfk-side our code per task (n={len(dfk)}): p50 {_pct(dfk, .5) * 1e6:.0f} us, "
             f"p99 {_pct(dfk, .99) * 1e6:.0f} us")

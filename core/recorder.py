@@ -111,8 +111,12 @@ class Recorder:
     """Records pipeline runs and executions as OpenLineage events into the local store (see module docstring)."""
 
     def __init__(self, settings: Settings | None = None, *, store: Any = None,
-                 energy_monitor: Any = None, shipper: Any = None) -> None:
+                 energy_monitor: Any = None, shipper: Any = None, linger_s: float | None = None) -> None:
+        """``linger_s``: how long the writer waits for more events before it stores a batch (default
+        :data:`WRITE_LINGER_S`); a host whose events come in a steady stream from one busy process (a Parsl worker)
+        passes more, so that one transaction carries many events. ``flush`` and ``close`` never wait for it."""
         self._settings = settings
+        self.linger_s = WRITE_LINGER_S if linger_s is None else linger_s
         self._store = store
         self._store_given = store is not None  # an injected store object cannot be handed to a writer process
         self._energy_monitor = energy_monitor
@@ -188,6 +192,9 @@ class Recorder:
                 return
             self._queue.append(item)
             self._submitted += 1
+            # The writer needs waking only from its idle wait (the queue was empty) or from its linger once a batch
+            # is full; waking it for every event costs a GIL hand-over per event on the caller's thread.
+            wake = len(self._queue) == 1 or len(self._queue) >= WRITE_BATCH
             if self._thread is None or not self._thread.is_alive():
                 # Imported here, on the caller's thread, once: if the interpreter starts shutting down while the
                 # writer is still importing its (lazy) dependencies, concurrent.futures.thread could no longer be
@@ -196,7 +203,8 @@ class Recorder:
 
                 self._thread = threading.Thread(target=self._writer, name="metatrail-writer", daemon=True)
                 self._thread.start()
-            self._cv.notify()
+            if wake:
+                self._cv.notify()
 
     # -- public API ---------------------------------------------------------------------------------------------
     def pipeline_run_started(self, pipeline: str, *, namespace: str | None = None, integration: str = "PYTHON",
@@ -400,7 +408,7 @@ class Recorder:
                     return
                 # Linger briefly so that a burst of events shares one transaction (a commit costs far more than an
                 # event); a flush or close does not wait for the linger.
-                deadline = time.monotonic() + WRITE_LINGER_S
+                deadline = time.monotonic() + self.linger_s
                 while len(self._queue) < WRITE_BATCH and not self._closed and not self._flushing:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:

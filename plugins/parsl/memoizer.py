@@ -34,7 +34,14 @@ from metatrail.config import Settings, is_disabled, load_settings
 from metatrail.logsafe import log_once
 from metatrail.model import Execution, PipelineRun, Status, uuid7_from
 from metatrail.plugins.parsl import compat
-from metatrail.plugins.parsl.worker import CTX_KEY, describe_call, output_uris, register_local_recorder, tracked
+from metatrail.plugins.parsl.worker import (
+    CTX_KEY,
+    describe_call,
+    encode_context,
+    output_uris,
+    register_local_recorder,
+    tracked,
+)
 
 INTEGRATION = "PARSL"
 STALL_SECONDS = 10.0  # cleanup stops waiting for worker records after this long without a new one
@@ -207,11 +214,13 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
             attempt.mode = "join"  # recorded when it completes: the joined tasks are known only then
         elif executor is not None and getattr(executor, "_metatrail_tracked", False):
             attempt.mode = "dispatching"
-            if not self._remote_tries and not isinstance(executor, compat.ThreadPoolExecutor):
+            in_process = isinstance(executor, compat.ThreadPoolExecutor)
+            if not in_process:
                 self._remote_tries = True
             ctx = {**self._ctx_common, "id": attempt.execution_id, "stage": task["func_name"], "try": try_id,
                    "extra": attempt.extra}
-            _pending.item = (attempt, ctx)
+            # a ThreadPool hands the dict over as it is; other executors serialise it (see worker.encode_context)
+            _pending.item = (attempt, ctx if in_process else encode_context(ctx))
         else:
             attempt.handle = self._start_here(task, attempt, run)
         with self._lock:
