@@ -115,28 +115,19 @@ def child(mode: str, count: int) -> None:
 
 def _children_cpu() -> float:
     """CPU seconds of this process's live children (the Recorder's writer process, once started)."""
+    return _tree_cpu(os.getpid(), with_root=False)
+
+
+def _tree_cpu(pid: int, *, with_root: bool = True) -> float:
+    """CPU seconds of a process's live descendants, and of the process itself with ``with_root``."""
     import psutil
 
-    total = 0.0
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            t = proc.cpu_times()
-        except psutil.Error:
-            continue
-        total += t.user + t.system
-    return total
-
-
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds of a process and its live descendants (the Prefect server)."""
-    import psutil
-
-    total = 0.0
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        procs = [*([root] if with_root else []), *root.children(recursive=True)]
     except psutil.Error:
         return 0.0
+    total = 0.0
     for proc in procs:
         try:
             t = proc.cpu_times()
