@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
+import sys
 import threading
-import time
 
 DEFAULT_RANGE_UJ = 262_143_328_850  # a real max_energy_range_uj (scaphandre #351)
 
@@ -83,26 +84,52 @@ def build_standard_tree(base: pathlib.Path) -> PowercapTree:
     return tree
 
 
+# The source runs in a process of its own, as RAPL hardware counts on whatever the measured process does: a thread
+# here would wait for the GIL while a test burns CPU, and a counter that lags its clock by 0.1 s reads as 10 % less
+# energy in a 1 s window.
+_SOURCE_PROGRAM = """
+import os, sys, time
+period, spec = float(sys.argv[1]), sys.argv[2:]
+zones = [(spec[i], float(spec[i + 1]), int(spec[i + 2])) for i in range(0, len(spec), 3)]
+def advance(path, joules, top):
+    fd = os.open(path, os.O_RDWR)
+    try:
+        now = int(os.pread(fd, 64, 0))
+        os.pwrite(fd, b"%020d\\n" % ((now + round(joules * 1e6)) % top), 0)
+    finally:
+        os.close(fd)
+sys.stdout.write("ready\\n")
+sys.stdout.flush()
+last = time.monotonic()
+while True:
+    time.sleep(period)
+    now = time.monotonic()
+    for path, watts, top in zones:
+        advance(path, watts * (now - last), top)
+    last = now
+"""
+
+
 class PowerSource:
-    """Drives powercap counters at constant power from a thread, like a CPU drawing ``watts`` per zone."""
+    """Drives powercap counters at constant power, like a CPU drawing ``watts`` per zone, from a separate process
+    that advances them every ``period_s`` until the block ends."""
 
     def __init__(self, tree: PowercapTree, watts: dict[str, float], period_s: float = 0.01) -> None:
         self.tree, self.watts, self.period_s = tree, watts, period_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(self.period_s):
-            now = time.monotonic()
-            for zone, w in self.watts.items():
-                self.tree.advance(zone, w * (now - last))
-            last = now
+        self._proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> PowerSource:
-        self._thread.start()
+        args = [sys.executable, "-c", _SOURCE_PROGRAM, str(self.period_s)]
+        for zone, watts in self.watts.items():
+            path = self.tree.zones[zone]
+            args += [str(path / "energy_uj"), str(watts), (path / "max_energy_range_uj").read_text().strip()]
+        self._proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None and self._proc.stdout.readline() == "ready\n"
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            assert self._proc.stdout is not None
+            self._proc.stdout.close()
