@@ -1,8 +1,9 @@
 """CPU time of the node and of task process trees: the inputs of CPU-side attribution.
 
-* Node busy time ``B``: ``psutil.cpu_times()`` user + nice + system + irq + softirq (``guest`` is already
-  inside ``user`` on Linux). ``steal`` is left out: it is time the hypervisor gave to other guests, not work
-  of this node's processes, so counting it would charge tasks for a neighbour's load.
+* Node busy time ``B``: from ``/proc/stat`` (``psutil.cpu_times()`` elsewhere), user + nice + system + irq +
+  softirq (``guest`` is already inside ``user`` on Linux). ``steal`` is left out: it is time the hypervisor
+  gave to other guests, not work of this node's processes, so counting it would charge tasks for a neighbour's
+  load.
 * Task time ``c``: the root process's user + system, plus (with children) the reaped children's
   ``children_user``/``children_system`` and the live descendants' own times. Live descendants are found
   through ``/proc/<pid>/task/<tid>/children`` (a few microseconds per process, no scan of the whole process
@@ -17,19 +18,50 @@ from collections.abc import Collection
 
 import psutil
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
 
 def node_busy_seconds() -> float:
-    """Busy CPU seconds of the whole node since boot (all CPUs together)."""
+    """Busy CPU seconds of the whole node since boot (all CPUs together).
+
+    Read from the first line of ``/proc/stat`` directly (the sampler reads it every sample, and psutil's
+    general parser costs several times more); psutil where that file is not Linux's."""
+    try:
+        with open("/proc/stat", "rb") as fh:
+            fields = fh.readline().split()
+        if fields[0] == b"cpu" and len(fields) >= 8:
+            # user nice system idle iowait irq softirq [steal guest guest_nice], in clock ticks
+            user, nice, system, irq, softirq = (int(fields[i]) for i in (1, 2, 3, 6, 7))
+            return (user + nice + system + irq + softirq) / _CLOCK_TICKS
+    except (OSError, ValueError, IndexError):
+        pass
     t = psutil.cpu_times()
     return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0))
 
 
 def _own_seconds(proc: psutil.Process, with_reaped: bool) -> float:
-    t = proc.cpu_times()
-    own = t.user + t.system
+    if proc.pid == os.getpid():  # this process: one system call, no /proc file to parse
+        o = os.times()
+        user, system, c_user, c_system = o.user, o.system, o.children_user, o.children_system
+    else:
+        t = proc.cpu_times()
+        user, system, c_user, c_system = t.user, t.system, t.children_user, t.children_system
+    own = user + system
     if with_reaped:
-        own += t.children_user + t.children_system
+        own += c_user + c_system
     return float(own)
+
+
+def _has_no_children() -> bool:
+    """Whether this process certainly has no child process, live or exited (one system call, nothing reaped:
+    ``WNOWAIT`` leaves an exited child for its owner to wait for)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    except (OSError, AttributeError):  # not Linux, or waitid refused: look in /proc instead
+        return False
+    return False
 
 
 def _child_pids(pid: int) -> list[int] | None:
@@ -76,6 +108,8 @@ class ProcessTree:
         """Live descendant pids (registered roots in ``skip`` and their subtrees left out)."""
         if self.root is None:
             return []
+        if self.pid == os.getpid() and _has_no_children():
+            return []  # the common case of a task in the host's own process; the /proc walk reads a file per thread
         out: list[int] = []
         stack = [self.pid]
         while stack:

@@ -35,10 +35,11 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .ledger import IntervalSplit, Sample, TaskToken, TrackedTask, stop_time
@@ -385,11 +386,13 @@ class EnergyMonitor:
         self._closed_until[task.pid] = max(self._closed_until.get(task.pid, stop), stop)
 
     def _unsampled_end(
-        self, task: TrackedTask, known: tuple[str, ...], closing: list[TrackedTask], reason: str | None = None
+        self, task: TrackedTask, known: tuple[str, ...], closing: list[TrackedTask], reason: str | None = None,
+        overlaps: set[int] | None = None,
     ) -> WindowEnd:
         """The end of a window no sample covered. Its CPU time is still known exactly when the task's root is
         this process (read at start and stop), unless another task registered that process meanwhile: then
-        the process's CPU time cannot be told apart between them (``closing``: the others closed with it)."""
+        the process's CPU time cannot be told apart between them (``closing``: the others closed with it;
+        ``overlaps``: :func:`_overlapping` of the registered and closing tasks, when the caller has it)."""
         from .window import WindowEnd
 
         stop = stop_time(task)
@@ -403,14 +406,9 @@ class EnergyMonitor:
             return WindowEnd(at=stop, known=known, reason=reason)
         if task.start_root_cpu is None or task.stop_root_cpu is None:
             return WindowEnd(at=stop, known=known, reason=reason)
-        others = itertools.chain(self._tasks.values(), closing)
-        shared = self._closed_until.get(task.pid, task.start_mono) > task.start_mono or any(
-            o is not task
-            and o.pid == task.pid
-            and o.start_mono < stop
-            and (o.stop is None or o.stop > task.start_mono)
-            for o in others
-        )
+        if overlaps is None:
+            overlaps = _overlapping(itertools.chain(self._tasks.values(), closing))
+        shared = self._closed_until.get(task.pid, task.start_mono) > task.start_mono or task.token.id in overlaps
         if shared:
             note = (
                 f"no energy sample covered the task and other tasks registered its process {task.pid} meanwhile: "
@@ -628,8 +626,10 @@ class EnergyMonitor:
             t.acct.max_concurrent = max(t.acct.max_concurrent, registered)
             t.end = ends.get(t.token.id) or WindowEnd(at=stop_time(t), known=known)
         closing = stopping + unsampled
-        for t in unsampled:
-            t.end = self._unsampled_end(t, known, closing)
+        if unsampled:
+            overlaps = _overlapping(itertools.chain(self._tasks.values(), closing))
+            for t in unsampled:
+                t.end = self._unsampled_end(t, known, closing, overlaps=overlaps)
         for t in closing:
             self._closed_until[t.pid] = max(self._closed_until.get(t.pid, stop_time(t)), stop_time(t))
         for tid, t in self._tasks.items():
@@ -660,6 +660,28 @@ class EnergyMonitor:
                 remaining = [t for t in self._pending if t is not task]
                 self._pending.clear()
                 self._pending.extend(remaining)
+
+
+def _overlapping(tasks: Iterable[TrackedTask]) -> set[int]:
+    """Ids of the tasks whose ``[start, stop)`` overlaps another's with the same root process (a task still
+    running stops at infinity). Sorted by start, a task overlaps an earlier one when the latest stop before it
+    is past its start, and a later one when the next start is before its stop: O(n log n), where comparing
+    every pair made a burst of a few thousand short tasks cost the sampler seconds."""
+    by_root: dict[int, list[TrackedTask]] = {}
+    for t in tasks:
+        by_root.setdefault(t.pid, []).append(t)
+    out: set[int] = set()
+    for group in by_root.values():
+        if len(group) < 2:
+            continue
+        group.sort(key=lambda t: t.start_mono)
+        latest_stop = -math.inf
+        for i, t in enumerate(group):
+            stop = math.inf if t.stop is None else t.stop
+            if latest_stop > t.start_mono or (i + 1 < len(group) and group[i + 1].start_mono < stop):
+                out.add(t.token.id)
+            latest_stop = max(latest_stop, stop)
+    return out
 
 
 if TYPE_CHECKING:

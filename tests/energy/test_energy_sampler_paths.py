@@ -1,0 +1,111 @@
+"""The sampler's short cuts give the answers of the long ways: task overlap found by sorting instead of comparing
+every pair, the host's own CPU time from ``os.times()``, children of the host found (or ruled out) with one
+``waitid`` call, node busy time read from ``/proc/stat`` directly."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metatrail.energy.cputime import ProcessTree, node_busy_seconds
+from metatrail.energy.ledger import TaskToken, TrackedTask
+from metatrail.energy.monitor import EnergyMonitor, _overlapping
+
+
+def _task(i: int, pid: int, start: float, length: float | None) -> TrackedTask:
+    t = TrackedTask(TaskToken(i, f"e{i}"), pid, True, 0.0, start, 1)
+    t.stop = None if length is None else start + length
+    return t
+
+
+def _pairwise(tasks: list[TrackedTask]) -> set[int]:
+    """The definition: another task with the same root whose [start, stop) meets this one's."""
+    out = set()
+    for t in tasks:
+        stop = t.stop if t.stop is not None else t.start_mono
+        if any(o is not t and o.pid == t.pid and o.start_mono < stop and (o.stop is None or o.stop > t.start_mono)
+               for o in tasks):
+            out.add(t.token.id)
+    return out
+
+
+intervals = st.lists(
+    st.tuples(st.integers(1, 3), st.integers(0, 40), st.one_of(st.none(), st.integers(1, 15))), max_size=25
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(intervals)
+def test_overlap_by_sorting_matches_every_pair(spec: list[tuple[int, int, int | None]]) -> None:
+    tasks = [_task(i, pid, float(start), None if n is None else float(n)) for i, (pid, start, n) in enumerate(spec)]
+    # running tasks (stop None) take part as others only: a closing task always has a stop
+    assert _overlapping(tasks) & {t.token.id for t in tasks if t.stop is not None} == {
+        i for i in _pairwise(tasks) if tasks[i].stop is not None
+    }
+
+
+def test_a_burst_of_sequential_tasks_keeps_each_tasks_own_cpu_time() -> None:
+    """Thousands of short tasks in the host's process stopped before one sample: none overlaps another, so each
+    keeps the CPU time read at its start and stop (the burst used to cost the sampler seconds)."""
+    mon = EnergyMonitor(meters=[], interval_s=60.0)
+    try:
+        mon.task_finished(mon.task_started("warm-up", pid=os.getpid()))
+        with mon._lock:  # hold the sampler off so that the whole burst reaches one sample
+            stopped = [mon.task_stopped(mon.task_started(f"t{i}", pid=os.getpid())) for i in range(2000)]
+            overlapping = mon.task_started("overlaps-the-last", pid=os.getpid())
+            last = mon.task_started("last", pid=os.getpid())
+            stopped.append(mon.task_stopped(last))
+            mon._sample()
+        payloads = [mon.task_report(s) for s in stopped]
+        mon.task_finished(overlapping)
+    finally:
+        mon.close()
+    assert all(p is not None and p["end_task_cpu"] == "read-at-stop" for p in payloads[:-1])
+    assert payloads[-1] is not None and payloads[-1]["end_task_cpu"] != "read-at-stop"
+    assert any("cannot be told apart" in e for e in payloads[-1]["errors"])
+
+
+def _burn_child(seconds: float) -> subprocess.Popen[bytes]:
+    code = f"import time\nt = time.process_time()\nwhile time.process_time() - t < {seconds}: pass\ntime.sleep(30)"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_own_process_tree_counts_a_live_child_and_reaps_nothing() -> None:
+    tree = ProcessTree(os.getpid(), include_children=True)
+    alone = tree.seconds()
+    assert alone is not None and tree.descendants() == []
+    child = _burn_child(0.3)
+    try:
+        proc = psutil.Process(child.pid)
+        while sum(proc.cpu_times()[:2]) < 0.3:
+            time.sleep(0.02)
+        assert tree.descendants() == [child.pid]
+        with_child = tree.seconds()
+        assert with_child is not None and with_child - alone >= 0.25
+    finally:
+        child.kill()
+    while child.poll() is None:  # exited but not yet waited for: the tree must not have reaped it
+        tree.seconds()
+        time.sleep(0.01)
+    assert child.returncode == -9
+
+
+def test_own_cpu_time_from_os_times_matches_proc() -> None:
+    own = ProcessTree(os.getpid(), include_children=False)
+    for _ in itertools.repeat(None, 3):
+        via_proc = sum(psutil.Process().cpu_times()[:2])
+        fast = own.seconds()
+        assert fast is not None and abs(fast - via_proc) < 0.05
+
+
+def test_node_busy_seconds_matches_psutil() -> None:
+    t = psutil.cpu_times()
+    expected = t.user + t.nice + t.system + t.irq + t.softirq
+    assert abs(node_busy_seconds() - expected) < 0.5 * (os.cpu_count() or 1)
