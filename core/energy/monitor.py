@@ -667,11 +667,14 @@ def _overlapping(tasks: Iterable[TrackedTask]) -> set[int]:
     running stops at infinity). Sorted by start, a task overlaps an earlier one when the latest stop before it
     is past its start, and a later one when the next start is before its stop: O(n log n), where comparing
     every pair made a burst of a few thousand short tasks cost the sampler seconds."""
-    by_root: dict[int, list[TrackedTask]] = {}
+    by_root: dict[int, dict[int, TrackedTask]] = {}
     for t in tasks:
-        by_root.setdefault(t.pid, []).append(t)
+        # A task may come twice (a stop seen after its attach, before the sample's stop pass, puts it among both
+        # the stopping and the unsampled tasks): counted once, it never overlaps itself.
+        by_root.setdefault(t.pid, {})[t.token.id] = t
     out: set[int] = set()
-    for group in by_root.values():
+    for unique in by_root.values():
+        group = list(unique.values())
         if len(group) < 2:
             continue
         group.sort(key=lambda t: t.start_mono)

@@ -11,10 +11,12 @@ import sys
 import time
 
 import psutil
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metatrail.energy.cputime import ProcessTree, node_busy_seconds
+from metatrail.energy.estimate import CpuEstimateMeter
 from metatrail.energy.ledger import TaskToken, TrackedTask
 from metatrail.energy.monitor import EnergyMonitor, _overlapping
 
@@ -42,11 +44,13 @@ intervals = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(intervals)
-def test_overlap_by_sorting_matches_every_pair(spec: list[tuple[int, int, int | None]]) -> None:
+@given(intervals, st.lists(st.integers(0, 24), max_size=5))
+def test_overlap_by_sorting_matches_every_pair(spec: list[tuple[int, int, int | None]], twice: list[int]) -> None:
     tasks = [_task(i, pid, float(start), None if n is None else float(n)) for i, (pid, start, n) in enumerate(spec)]
+    # The sampler may pass a task twice (stopping and unsampled at once): it must not overlap itself.
+    repeated = tasks + [tasks[i] for i in twice if i < len(tasks)]
     # running tasks (stop None) take part as others only: a closing task always has a stop
-    assert _overlapping(tasks) & {t.token.id for t in tasks if t.stop is not None} == {
+    assert _overlapping(repeated) & {t.token.id for t in tasks if t.stop is not None} == {
         i for i in _pairwise(tasks) if tasks[i].stop is not None
     }
 
@@ -109,3 +113,33 @@ def test_node_busy_seconds_matches_psutil() -> None:
     t = psutil.cpu_times()
     expected = t.user + t.nice + t.system + t.irq + t.softirq
     assert abs(node_busy_seconds() - expected) < 0.5 * (os.cpu_count() or 1)
+
+
+def test_a_task_stopping_while_the_sampler_attaches_it_keeps_its_cpu_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's thread stops a task between the sampler's attach and its stop pass (no lock between them): the
+    task is then both stopping and unsampled, and must not count as overlapping itself."""
+    mon = EnergyMonitor(meters=[CpuEstimateMeter()], interval_s=60.0)
+    try:
+        mon.task_finished(mon.task_started("warm-up", pid=os.getpid()))
+        attach = TrackedTask.attach
+
+        def attach_then_stop(task: TrackedTask) -> None:
+            attach(task)
+            if task.token.execution_id == "racing":
+                stopped.append(mon.task_stopped(token))
+
+        stopped: list[object] = []
+        monkeypatch.setattr(TrackedTask, "attach", attach_then_stop)
+        with mon._lock:
+            token = mon.task_started("racing", pid=os.getpid())
+            t = time.process_time()
+            while time.process_time() - t < 0.05:
+                pass
+            mon._sample()
+        monkeypatch.setattr(TrackedTask, "attach", attach)
+        payload = mon.task_report(stopped[0])
+    finally:
+        mon.close()
+    assert payload is not None
+    assert payload["end_task_cpu"] == "read-at-stop" and payload["task_cpu_s"] >= 0.04
+    assert not any("cannot be told apart" in e for e in payload["errors"])
