@@ -91,10 +91,14 @@ def find_engine(kind: str, max_depth: int = 12) -> Any:
     for _ in range(max_depth):
         if frame is None:
             return None
-        candidate = frame.f_locals.get("self")
-        if candidate is not None and hasattr(candidate, kind) and hasattr(candidate, run_attr) \
-                and hasattr(candidate, "parameters"):
-            return candidate
+        code = frame.f_code
+        # Only a method's frame can hold the engine as ``self``: reading ``f_locals`` builds a dict of all the
+        # frame's locals, so frames of plain functions (ours among them) are passed over without it.
+        if code.co_argcount and code.co_varnames[0] == "self":
+            candidate = frame.f_locals.get("self")
+            if candidate is not None and hasattr(candidate, kind) and hasattr(candidate, run_attr) \
+                    and hasattr(candidate, "parameters"):
+                return candidate
         frame = frame.f_back  # type: ignore[assignment]
     return None
 
