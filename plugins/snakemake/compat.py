@@ -159,14 +159,26 @@ def exit_code(message: str | None) -> int | None:
 def _record_path(root: str, key: str) -> str:
     # The layout of FilePersistence._record_path: urlsafe base64 of the key, split into NAME_MAX-1 chunks, every
     # chunk but the last prefixed with "@" (a directory level).
-    try:
-        max_len = os.pathconf(root, "PC_NAME_MAX") or 255
-    except (OSError, ValueError):
-        max_len = 255
+    max_len = _name_max(root)
     encoded = urlsafe_b64encode(key.encode()).decode()
     chunks = [encoded[i : i + max_len - 1] for i in range(0, len(encoded), max_len - 1)]
     chunks = ["@" + c for c in chunks[:-1]] + chunks[-1:]
     return os.path.join(root, *chunks)
+
+
+_NAME_MAX: dict[str, int] = {}
+
+
+def _name_max(root: str) -> int:
+    """The longest file name under ``root`` (asked once per directory: it is read at every job's end)."""
+    known = _NAME_MAX.get(root)
+    if known is not None:
+        return known
+    try:
+        value = _NAME_MAX[root] = os.pathconf(root, "PC_NAME_MAX") or 255
+    except (OSError, ValueError):
+        return 255  # not remembered: the directory may not exist yet
+    return value
 
 
 def read_metadata(output: str, workdir: str) -> dict[str, Any] | None:

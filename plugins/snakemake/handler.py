@@ -8,7 +8,8 @@ Boundary rules (the host is never disturbed):
   created at the first record, and a configuration error disables the plugin with one message;
 * ``emit`` never raises: an error is logged once per kind on the ``metatrail`` logger (not Snakemake's, whose records
   would come back here) and the record is dropped;
-* ``emit`` only enqueues: hashing and store writes run on the Recorder's writer thread;
+* ``emit`` only enqueues: hashing and store writes run on the Recorder's writer thread (in batches, see
+  :data:`WRITE_LINGER_S`);
 * dry runs record nothing, and ``METATRAIL_DISABLED=1`` makes every record return at once, without I/O;
 * ``close`` (Snakemake calls it twice) ends the pipeline run once and waits at most ``flush_timeout`` seconds for
   pending records to be stored;
@@ -29,6 +30,13 @@ from metatrail.logsafe import log_once
 from metatrail.plugins.snakemake import compat
 from metatrail.plugins.snakemake.guard import RecordClock, TempFileGuard
 from metatrail.plugins.snakemake.tracker import DEFAULT_NAMESPACE, WorkflowTracker
+
+# How long the Recorder's writer waits for more events before it stores a batch. Snakemake ends a few dozen jobs a
+# second at most, so with the Recorder's default (5 ms) nearly every batch held one event, and each batch costs a
+# hand-off to the writer process, a pickle each way, an acknowledgement and a store transaction: most of the
+# recording's CPU time. Nothing waits for the linger: ``close`` flushes, and the temp-file guard flushes when it
+# must wait (a run killed with SIGKILL loses at most this much more of its last events).
+WRITE_LINGER_S = 0.5
 
 
 class LogHandler(LogHandlerBase):
@@ -171,7 +179,7 @@ class LogHandler(LogHandlerBase):
             log_once("snakemake-config", "metatrail: recording is off for this Snakemake run: %s", exc)
             self._inert = True
             return None
-        self._recorder = Recorder(settings=settings)
+        self._recorder = Recorder(settings=settings, linger_s=WRITE_LINGER_S)
         return self._recorder
 
 

@@ -385,11 +385,12 @@ class WorkflowTracker:
             state.named[path] = self._submits
 
     def wait_hashed(self, message: str, deadline: float) -> bool:
-        """Wait (polling, until the ``time.monotonic`` ``deadline``) until the Recorder has stored the last event
-        that names the temp file of a "Removing temporary output" ``message``; False if the deadline passed.
+        """Wait (until the ``time.monotonic`` ``deadline``) until the Recorder has stored the last event that names
+        the temp file of a "Removing temporary output" ``message``; False if the deadline passed.
 
         The Recorder works first in, first out and only this tracker feeds it, so that event is stored once no
-        more than (submissions since it) items are pending."""
+        more than (submissions since it) items are pending. Otherwise the Recorder is flushed: its writer then
+        stores what it holds at once instead of lingering for a fuller batch."""
         with self._lock:
             state, recorder = self._state, self._recorder
             if state is None or recorder is None:
@@ -397,15 +398,10 @@ class WorkflowTracker:
             paths = _absolute(_temp_paths(message), state.workdir)
             mark = max((state.named.get(p, 0) for p in paths), default=0)
             allowed = self._submits - mark
-        if mark == 0:
+        if mark == 0 or recorder.pending <= allowed:
             return True
-        delay = 0.001
-        while recorder.pending > allowed:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(delay)
-            delay = min(delay * 2, 0.02)
-        return True
+        remaining = deadline - time.monotonic()
+        return remaining > 0 and bool(recorder.flush(remaining))
 
     # -- plain messages -----------------------------------------------------------------------------------------
     def _message(self, record: Any) -> None:

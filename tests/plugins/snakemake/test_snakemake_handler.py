@@ -22,8 +22,10 @@ from snakemake_interface_logger_plugins.common import LogEvent
 from metatrail import logsafe
 from metatrail.config import load_settings
 from metatrail.plugins.snakemake import compat
-from metatrail.plugins.snakemake.handler import LogHandler
+from metatrail.plugins.snakemake.guard import TEMP_REMOVED
+from metatrail.plugins.snakemake.handler import WRITE_LINGER_S, LogHandler
 from metatrail.plugins.snakemake.settings import LogHandlerSettings
+from metatrail.plugins.snakemake.tracker import WorkflowTracker
 from metatrail.recorder import Recorder
 from metatrail.store import open_store
 
@@ -88,6 +90,39 @@ def test_records_a_run_and_closes_once(tmp_path: Path) -> None:
     for event in events:
         assert_valid(event)
         assert event["job"]["namespace"] == "tests"
+
+
+def test_the_recorder_batches_the_events_of_a_run(tmp_path: Path) -> None:
+    """Snakemake ends a few dozen jobs a second: the handler's Recorder lingers for a fuller batch rather than
+    storing (and, past the first events, handing to its writer process) each event on its own."""
+    handler = LogHandler(_common(), None)
+    for record in _workflow_records(tmp_path):
+        handler.emit(record)
+    recorder = handler._recorder
+    assert recorder is not None and recorder.linger_s == WRITE_LINGER_S > 0.1
+    handler.close()
+    assert recorder.pending == 0 and len(read_events()) == 4
+
+
+def test_a_temp_file_deletion_does_not_wait_for_the_writers_linger(tmp_path: Path) -> None:
+    """The temp-file guard waits until the event naming the file is stored; a writer lingering for a fuller batch
+    (here far longer than the guard may wait) is flushed, not waited for."""
+    recorder = Recorder(load_settings(), linger_s=60.0)
+    tracker = WorkflowTracker(lambda: recorder)
+    try:
+        records = _workflow_records(tmp_path)
+        records[2].output = ["tmp.txt"]
+        (tmp_path / "tmp.txt").write_text("temporary\n")
+        for record in records:
+            tracker.handle(record)
+        assert recorder.pending > 0  # lingering
+        assert tracker.wait_hashed(f"{TEMP_REMOVED}tmp.txt.", time.monotonic() + 20)
+        complete = [e for e in read_events() if e["eventType"] == "COMPLETE"]
+        assert [o["name"] for o in complete[0]["outputs"]] == [str(tmp_path / "tmp.txt")]
+        assert complete[0]["outputs"][0]["facets"]["metatrail_artifact"]["hash"] is not None  # hashed before deletion
+    finally:
+        tracker.finish()
+        recorder.close(10)
 
 
 def test_malformed_records_never_raise(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

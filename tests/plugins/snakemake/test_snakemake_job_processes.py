@@ -5,8 +5,10 @@ to (or dropped for want of) the jobs known so far."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from metatrail.energy.processes import TaskProcesses
-from metatrail.plugins.snakemake.processes import JobProcesses
+from metatrail.plugins.snakemake.processes import ChildrenReader, JobProcesses
 
 BURN = "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\n"
 
@@ -190,3 +192,44 @@ def test_every_unclaimed_process_of_a_script_job_is_its_own() -> None:
         assert not snap.shared, snap.notes
     finally:
         tracking.close()
+
+
+def test_children_are_read_again_as_they_come_and_go() -> None:
+    """The reader keeps each thread's ``children`` file open between looks: what it lists must still follow the
+    children started and reaped since, including those of a thread started after the first look, and leave out
+    what metatrail's own threads start."""
+    reader = ChildrenReader(os.getpid())
+    started: dict[str, subprocess.Popen[bytes]] = {}
+    done = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def start_in_thread(key: str, name: str) -> None:
+        def body() -> None:
+            started[key] = subprocess.Popen(["sleep", "30"])
+            done.wait(30)
+
+        thread = threading.Thread(target=body, name=name, daemon=True)
+        threads.append(thread)
+        thread.start()
+        _wait_for(lambda: key in started)
+
+    try:
+        start_in_thread("pool", "ThreadPoolExecutor-0_0")
+        start_in_thread("ours", "metatrail-writer")
+        listed = reader.children()
+        assert started["pool"].pid in listed and started["ours"].pid not in listed
+        started["main"] = subprocess.Popen(["sleep", "30"])
+        assert started["main"].pid in reader.children()  # the main thread's file, read again
+        started["main"].kill()
+        started["main"].wait()
+        assert started["main"].pid not in reader.children()
+        start_in_thread("late", "Thread-9")
+        assert started["late"].pid in reader.children()
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+        for proc in started.values():
+            proc.kill()
+            proc.wait()
+        reader.close()
