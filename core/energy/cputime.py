@@ -39,12 +39,44 @@ def node_busy_seconds() -> float:
     return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0))
 
 
-def _own_seconds(proc: psutil.Process, with_reaped: bool) -> float:
-    if proc.pid == os.getpid():  # this process: one system call, no /proc file to parse
+_PROC_STAT = os.path.exists("/proc/self/stat")
+
+
+class _Gone(Exception):
+    """The process no longer exists (or cannot be read)."""
+
+
+def _own_seconds(pid: int, with_reaped: bool) -> float:
+    """User + system CPU seconds of process ``pid`` (plus its reaped children's with ``with_reaped``).
+
+    This process: ``os.times()``, one system call. Another: its ``/proc/<pid>/stat`` read with one raw system
+    call (psutil builds a process object and parses more, several times the cost, and the sampler and the hosts'
+    process tracking read every task process at every look). psutil where ``/proc`` is not Linux's. Raises
+    :class:`_Gone` when the process has gone or cannot be read."""
+    if pid == os.getpid():
         o = os.times()
         user, system, c_user, c_system = o.user, o.system, o.children_user, o.children_system
+    elif _PROC_STAT:
+        try:
+            fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+            try:
+                data = os.read(fd, 4096)
+            finally:
+                os.close(fd)
+            # Fields after the command name (which may hold spaces and parentheses): state is field 3, utime,
+            # stime, cutime and cstime are fields 14 to 17 (proc(5)), in clock ticks.
+            fields = data[data.rindex(b")") + 2:].split()
+            ticks = [int(f) for f in fields[11:15]]
+        except (OSError, ValueError) as exc:
+            raise _Gone(str(exc)) from exc
+        if len(ticks) < 4:
+            raise _Gone(f"short /proc/{pid}/stat")
+        user, system, c_user, c_system = (t / _CLOCK_TICKS for t in ticks)
     else:
-        t = proc.cpu_times()
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error as exc:
+            raise _Gone(str(exc)) from exc
         user, system, c_user, c_system = t.user, t.system, t.children_user, t.children_system
     own = user + system
     if with_reaped:
@@ -91,12 +123,14 @@ class ProcessTree:
     def __init__(self, pid: int, include_children: bool = True) -> None:
         self.pid = pid
         self.include_children = include_children
-        self.root: psutil.Process | None
+        self.root: int | None
+        """The root's pid while it can be read; None when it had gone before the first read."""
         try:
-            self.root = psutil.Process(pid)
-        except (psutil.Error, ValueError):
+            _own_seconds(pid, False)
+            self.root = pid
+        except _Gone:
             self.root = None
-        self._procs: dict[int, psutil.Process] = {}
+        self._procs: dict[int, bool] = {}  # live descendants as of the last read
         self.last_seconds: float | None = None
         self.last_root_seconds: float | None = None
         """The root's own (plus, with children, reaped children's) part of ``last_seconds``."""
@@ -123,9 +157,8 @@ class ProcessTree:
         return out
 
     def _descendants_psutil(self, skip: Collection[int]) -> list[int]:
-        assert self.root is not None
         try:
-            kids = self.root.children(recursive=True)
+            kids = psutil.Process(self.pid).children(recursive=True)
         except psutil.Error:
             return []
         return [k.pid for k in kids if k.pid not in skip]
@@ -136,27 +169,21 @@ class ProcessTree:
             self.lost = True
             return self.last_seconds
         try:
-            total = _own_seconds(self.root, self.include_children)
-        except psutil.Error:
+            total = _own_seconds(self.pid, self.include_children)
+        except _Gone:
             self.lost = True
             return self.last_seconds
         root_part = total
         if self.include_children:
-            live = set(self.descendants(skip))
-            for pid in list(self._procs):
-                if pid not in live:
-                    del self._procs[pid]
+            live = self.descendants(skip)
+            procs: dict[int, bool] = {}
             for pid in live:
-                proc = self._procs.get(pid)
-                if proc is None:
-                    try:
-                        proc = self._procs[pid] = psutil.Process(pid)
-                    except psutil.Error:
-                        continue
                 try:
-                    total += _own_seconds(proc, True)
-                except psutil.Error:
+                    total += _own_seconds(pid, True)
+                except _Gone:
                     continue
+                procs[pid] = True
+            self._procs = procs
         self.last_seconds = total
         self.last_root_seconds = root_part
         return total

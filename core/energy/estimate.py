@@ -63,6 +63,13 @@ class CpuEstimateMeter(EnergyMeter):
         self.watts_per_cpu = DEFAULT_TDP_PER_CPU_W
         self.source = "default"
         self._base: float | None = None
+        self.last_busy: float | None = None
+        """Node busy seconds as of the last :meth:`read` (the monitor reuses it rather than read them again)."""
+
+    @property
+    def busy_source(self) -> Callable[[], float]:
+        """The function this meter reads node busy seconds with."""
+        return self._busy
 
     def _open(self) -> str | None:
         self.watts_per_cpu, self.source = resolve_tdp_per_cpu(self._argument)
@@ -79,8 +86,9 @@ class CpuEstimateMeter(EnergyMeter):
 
     def read(self) -> dict[str, Reading]:
         """Estimated cumulative joules for ``cpu``; never raises."""
+        self.last_busy = None
         try:
-            busy = self._busy()
+            busy = self.last_busy = self._busy()
         except Exception as exc:
             return {"cpu": Reading("cpu", None, "estimated", reason=f"node CPU time unreadable: {exc}")}
         if self._base is None:

@@ -208,6 +208,7 @@ class EnergyMonitor:
         self.policy: CpuPolicy = "busy-share"
         self._nvml: NvmlMeter | None = None
         self._estimate: CpuEstimateMeter | None = None
+        self._shared_busy = False  # the estimate meter reads node busy time from the monitor's own source
         self._missing: dict[str, str] = {}
         self._meter_info: dict[str, Any] = {"name": METER_NAME, "version": _meter_version(), "backends": []}
 
@@ -567,6 +568,7 @@ class EnergyMonitor:
                 for domain in ("cpu", "dram"):
                     self._missing.setdefault(domain, m.unavailable_reason or f"{m.name} unavailable")
         self.meters = [m for m in meters if m.available]
+        self._shared_busy = self._estimate is not None and self._estimate.busy_source is self._busy_seconds
         for m in meters:
             if not m.available:
                 m.close()
@@ -603,10 +605,15 @@ class EnergyMonitor:
         stopping = sorted((t for t in self._tasks.values() if t.stop is not None), key=stop_time)
         now = self._clock()
         readings = self._read_all()
-        try:
-            busy: float | None = self._busy_seconds() if self._busy_seconds is not None else None
-        except Exception:
-            busy = None
+        estimate = self._estimate
+        busy: float | None
+        if estimate is not None and estimate.last_busy is not None and self._shared_busy:
+            busy = estimate.last_busy  # the same /proc/stat line, read a moment ago by the estimate meter
+        else:
+            try:
+                busy = self._busy_seconds() if self._busy_seconds is not None else None
+            except Exception:
+                busy = None
         roots = {t.proc.pid for t in self._tasks.values()}
         cpu_now = {tid: t.proc.seconds(skip=roots - {t.proc.pid}) for tid, t in self._tasks.items()}
         registered = len(self._tasks)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -76,9 +77,9 @@ def test_a_burst_of_sequential_tasks_keeps_each_tasks_own_cpu_time() -> None:
     assert any("cannot be told apart" in e for e in payloads[-1]["errors"])
 
 
-def _burn_child(seconds: float) -> subprocess.Popen[bytes]:
+def _burn_child(seconds: float, interpreter: str = sys.executable) -> subprocess.Popen[bytes]:
     code = f"import time\nt = time.process_time()\nwhile time.process_time() - t < {seconds}: pass\ntime.sleep(30)"
-    return subprocess.Popen([sys.executable, "-c", code])
+    return subprocess.Popen([interpreter, "-c", code])
 
 
 def test_own_process_tree_counts_a_live_child_and_reaps_nothing() -> None:
@@ -132,8 +133,8 @@ def test_a_task_stopping_while_the_sampler_attaches_it_keeps_its_cpu_time(monkey
         monkeypatch.setattr(TrackedTask, "attach", attach_then_stop)
         with mon._lock:
             token = mon.task_started("racing", pid=os.getpid())
-            t = time.process_time()
-            while time.process_time() - t < 0.05:
+            t = time.thread_time()
+            while time.thread_time() - t < 0.1:
                 pass
             mon._sample()
         monkeypatch.setattr(TrackedTask, "attach", attach)
@@ -141,5 +142,26 @@ def test_a_task_stopping_while_the_sampler_attaches_it_keeps_its_cpu_time(monkey
     finally:
         mon.close()
     assert payload is not None
-    assert payload["end_task_cpu"] == "read-at-stop" and payload["task_cpu_s"] >= 0.04
+    # 0.1 s burnt, read in clock ticks
+    assert payload["end_task_cpu"] == "read-at-stop" and payload["task_cpu_s"] >= 0.05
     assert not any("cannot be told apart" in e for e in payload["errors"])
+
+
+def test_cpu_time_of_another_process_read_from_proc_whatever_its_name(tmp_path: pathlib.Path) -> None:
+    """``/proc/<pid>/stat`` puts the command name, which may hold spaces and parentheses, before the counters."""
+    odd = tmp_path / "a) (b c"
+    odd.symlink_to(sys.executable)
+    child = _burn_child(0.2, interpreter=str(odd))
+    try:
+        proc = psutil.Process(child.pid)
+        while sum(proc.cpu_times()[:2]) < 0.2:
+            time.sleep(0.02)
+        assert proc.name() == "a) (b c"
+        t = proc.cpu_times()
+        tree = ProcessTree(child.pid, include_children=True)
+        read = tree.seconds()
+        assert read is not None and abs(read - (t.user + t.system + t.children_user + t.children_system)) < 0.05
+    finally:
+        child.kill()
+        child.wait()
+    assert tree.seconds() == read and tree.lost  # gone: the last value stays, and the loss is told
