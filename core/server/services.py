@@ -34,11 +34,15 @@ class Services:
     @classmethod
     def open(cls, config: ServerConfig) -> Services:
         """Open the store (running its migrations) and everything built on it."""
-        from metatrail.store import open_store
+        from metatrail.store.dialect import WAL_AUTOCHECKPOINT
+        from metatrail.store.sql import SqlStore
 
         if not config.store.startswith(("sqlite:", "postgresql", "postgres:")):
             raise ConfigError(f"a server keeps its own SQL store (sqlite:/// or postgresql://), not {config.store!r}")
-        store = open_store(config.store)
+        sqlite = config.store.startswith("sqlite:")
+        # SQLite: the writer checkpoints the WAL in the background; a commit's own checkpoint is only a safety net
+        # for a WAL that the background checkpoints cannot restart (a reader holding an old snapshot).
+        store = SqlStore(config.store, wal_autocheckpoint=WAL_AUTOCHECKPOINT * 4 if sqlite else WAL_AUTOCHECKPOINT)
         forwarder = None
         if config.forward:
             from metatrail.server.fanout import Forwarder
@@ -46,7 +50,8 @@ class Services:
             forwarder = Forwarder(config.forward, max_queue=config.forward_queue)
         writer = IngestWriter(store, max_pending=config.max_pending_events, max_batch=config.writer_batch,
                               on_inserted=forwarder.enqueue if forwarder is not None else None,
-                              inline_max=config.inline_events if store.url.startswith("sqlite:") else 0)
+                              inline_max=config.inline_events if sqlite else 0,
+                              checkpoint=store.checkpoint if sqlite else None)
         return cls(config=config, store=store, log=SyncLog(store.url),
                    tokens=TokenStore(store.url, ttl=config.auth_cache_ttl, migrate=False),
                    peers=PeerStore(store.url, migrate=False),

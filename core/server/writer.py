@@ -12,6 +12,11 @@ thread hand-over, which on a busy machine took longer than SQLite's commit. Only
 takes a fraction of a millisecond; a PostgreSQL round trip must not block the event loop. While a write is in
 progress, inline or not, new jobs queue for the writer thread, so concurrent requests are still group-committed.
 
+SQLite's WAL checkpoints are taken off the request path too (``checkpoint``): a commit that finds the WAL past its
+autocheckpoint size copies it into the database file before it returns, some 130 ms every 640 single events with the
+default size, and an inline write does that on the event loop. The writer instead pokes a :class:`Checkpointer`
+thread, which runs a passive checkpoint (it blocks neither readers nor writers) at most every ``interval`` seconds.
+
 Bounded: past ``max_pending`` waiting events, ``submit`` raises :class:`Overloaded` (the route answers 503 with
 ``Retry-After``) rather than growing without limit.
 """
@@ -44,14 +49,69 @@ class _Job:
     future: Future[IngestResult] = field(default_factory=Future)
 
 
+class Checkpointer:
+    """Runs ``checkpoint`` on its own thread, at most once per ``interval`` seconds, after :meth:`poke` (see module
+    docstring). A failure is logged once and retried at the next poke: the commits it follows are already safe."""
+
+    def __init__(self, checkpoint: Callable[[], object], *, interval: float = 1.0) -> None:
+        self.checkpoint = checkpoint
+        self.interval = interval
+        self.runs = 0
+        self._due = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._failed = False
+
+    def poke(self) -> None:
+        """Note that something was committed (cheap: no I/O, never blocks)."""
+        self._due.set()
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                if (self._thread is None or not self._thread.is_alive()) and not self._stop.is_set():
+                    self._thread = threading.Thread(target=self._run, name="metatrail-server-checkpoint",
+                                                    daemon=True)
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._due.wait()
+            if self._stop.is_set():
+                return
+            self._due.clear()
+            try:
+                self.checkpoint()
+                self.runs += 1
+            except Exception as exc:
+                if not self._failed:
+                    log.warning("metatrail server: WAL checkpoint failed (commits are unaffected): %s", exc)
+                    self._failed = True
+            self._stop.wait(self.interval)
+
+    def open(self) -> None:
+        """Accept pokes again after :meth:`close`."""
+        self._stop.clear()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the thread (a checkpoint in progress finishes first)."""
+        self._stop.set()
+        self._due.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        self._due.clear()
+
+
 class IngestWriter:
     """The group-committing writer (see module docstring). ``on_inserted(events, site)`` is called after each
-    commit with the events that were new (for fan-out); it must not block."""
+    commit with the events that were new (for fan-out); it must not block. ``checkpoint``, when given, is run by a
+    :class:`Checkpointer` after commits."""
 
     def __init__(self, store: EventStore, *, max_pending: int = 200_000, max_batch: int = 5_000,
                  on_inserted: Callable[[list[Mapping[str, Any]], str | None], None] | None = None,
-                 inline_max: int = 0) -> None:
+                 inline_max: int = 0, checkpoint: Callable[[], object] | None = None) -> None:
         self.store = store
+        self.checkpointer = Checkpointer(checkpoint) if checkpoint is not None else None
         self.max_pending = max_pending
         self.max_batch = max_batch
         self.on_inserted = on_inserted
@@ -105,6 +165,8 @@ class IngestWriter:
         """Accept work again after :meth:`close` (an app whose lifespan is run more than once, as test clients do)."""
         with self._cv:
             self._closed = False
+        if self.checkpointer is not None:
+            self.checkpointer.open()
 
     def close(self, timeout: float = 30.0) -> None:
         """Write what is queued (up to ``timeout``), then stop."""
@@ -114,6 +176,8 @@ class IngestWriter:
             thread = self._thread
         if thread is not None:
             thread.join(timeout)
+        if self.checkpointer is not None:
+            self.checkpointer.close(timeout)
 
     def _take(self) -> list[_Job] | None:
         with self._cv:
@@ -165,6 +229,8 @@ class IngestWriter:
             return
         self.transactions += 1
         self.committed += result.inserted
+        if self.checkpointer is not None and result.inserted:
+            self.checkpointer.poke()
         new = set(result.inserted_ids)
         inserted_events: list[Mapping[str, Any]] = []
         if len(jobs) == 1 and self.on_inserted is None:

@@ -30,8 +30,15 @@ T = TypeVar("T")
 BUSY_TIMEOUT_MS = 60_000
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``sqlite:///path`` or ``postgresql://…`` with the settings above."""
+# Checkpoint the WAL every ~40 MB rather than every 4 MB: a burst of large events then pays for fewer checkpoints
+# (each an fsync of the database file).
+WAL_AUTOCHECKPOINT = 10_000
+
+
+def make_engine(url: str, *, wal_autocheckpoint: int = WAL_AUTOCHECKPOINT) -> Engine:
+    """An engine for ``sqlite:///path`` or ``postgresql://…`` with the settings above. ``wal_autocheckpoint``
+    (SQLite, in pages): the WAL size at which a commit also checkpoints; a process that checkpoints in the
+    background (:func:`checkpoint`) raises it to a safety net."""
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///") :])
         if str(path) not in ("", ":memory:"):
@@ -59,9 +66,7 @@ def make_engine(url: str) -> Engine:
             cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
-            # Checkpoint the WAL every ~40 MB rather than every 4 MB: a burst of large events then pays for
-            # fewer checkpoints (each an fsync of the database file).
-            cur.execute("PRAGMA wal_autocheckpoint=10000")
+            cur.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
@@ -234,6 +239,24 @@ def lock_schema(conn: Connection) -> None:
     """Serialise schema migrations across processes."""
     if conn.dialect.name != "sqlite":
         conn.execute(text("SELECT pg_advisory_xact_lock(7302915)"))
+
+
+def checkpoint(engine: Engine) -> tuple[int, int] | None:
+    """Copy what the SQLite WAL holds into the database file without blocking readers or writers (a ``PASSIVE``
+    checkpoint, on a pooled connection); return (pages in the WAL, pages copied), None for other databases. Commits
+    are as durable before as after: this only lets the WAL start over, so that it stays small."""
+    if engine.dialect.name != "sqlite":
+        return None
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        try:
+            _busy, log, done = cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            cur.close()
+    finally:
+        raw.close()
+    return int(log), int(done)
 
 
 def is_driver_error(exc: BaseException) -> bool:

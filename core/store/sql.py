@@ -65,9 +65,9 @@ def prepare_event(event: Mapping[str, Any]) -> tuple[str, str, EventRecord, dict
 class SqlStore(EventStore):
     """An :class:`EventStore` over SQLAlchemy (``sqlite:///…`` or ``postgresql://…``)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, wal_autocheckpoint: int = dialect.WAL_AUTOCHECKPOINT) -> None:
         self.url = url
-        self._engine = dialect.make_engine(url)
+        self._engine = dialect.make_engine(url, wal_autocheckpoint=wal_autocheckpoint)
         try:
             self._migrate()
         except DatabaseError as exc:
@@ -202,6 +202,10 @@ class SqlStore(EventStore):
         # (an unchanged edge is not rewritten) rather than delete and insert them all again.
         dialect.bulk_insert(cur, name, edges, edge_rows, mode="refresh",
                             key=["run_id", "direction", "namespace", "name"])
+
+    def checkpoint(self) -> tuple[int, int] | None:
+        """A passive WAL checkpoint (SQLite; None elsewhere): see :func:`metatrail.store.dialect.checkpoint`."""
+        return dialect.checkpoint(self._engine)
 
     def rebuild_projections(self) -> None:
         name = self._engine.dialect.name
