@@ -111,10 +111,19 @@ class Snakemake:
                               timeout=timeout, check=False)
 
     def popen(self, workdir: Path, *args: str, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
-        """Start Snakemake with the plugin in its own process group (so a test can send it Ctrl-C)."""
-        cmd = [sys.executable, "-m", "snakemake", *args, "--logger", "metatrail"]
+        """Start Snakemake with the plugin in its own process group (so a test can send it Ctrl-C).
+
+        Ctrl-C is given its default action first, then Snakemake is exec'd in the same process: a test suite started
+        in the background by a shell without job control inherits SIGINT ignored, and so would Snakemake and its
+        jobs, which would then never see the test's Ctrl-C."""
+        cmd = [sys.executable, "-c", _WITH_DEFAULT_SIGINT, sys.executable, "-m", "snakemake", *args,
+               "--logger", "metatrail"]
         return subprocess.Popen(cmd, cwd=workdir, env=self.env(env), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+_WITH_DEFAULT_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                        "os.execv(sys.argv[1], sys.argv[1:])")
 
 
 def by_job(events: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
