@@ -47,7 +47,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from metatrail.energy.cputime import ProcessTree
+from metatrail.energy.cputime import ProcessTree, child_pids
 from metatrail.energy.processes import TaskProcesses
 from metatrail.logsafe import log_once
 
@@ -155,20 +155,8 @@ def _close(fd: int) -> None:
 
 def _children_of(pid: int) -> list[int]:
     """Children of another process ``pid``: the ``children`` file of each of its threads, psutil where missing."""
-    out: list[int] = []
-    base = f"/proc/{pid}/task"
-    try:
-        tids = os.listdir(base)
-    except OSError:
-        return []
-    for tid in tids:
-        data = _read_proc(f"{base}/{tid}/children")
-        if data is None:
-            if os.path.exists(base) and os.path.exists(f"{base}/{tid}"):
-                return _children_psutil(pid)
-            continue
-        out.extend(map(int, data.split()))
-    return out
+    kids = child_pids(pid)
+    return _children_psutil(pid) if kids is None else kids
 
 
 def _read_proc(path: str) -> bytes | None:
