@@ -251,12 +251,12 @@ def checkpoint(engine: Engine) -> tuple[int, int] | None:
     try:
         cur = raw.cursor()
         try:
-            _busy, log, done = cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            _busy, wal_pages, copied = cur.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         finally:
             cur.close()
     finally:
         raw.close()
-    return int(log), int(done)
+    return int(wal_pages), int(copied)
 
 
 def is_driver_error(exc: BaseException) -> bool:
