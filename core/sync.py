@@ -436,11 +436,12 @@ def transfer(source: Endpoint, destination: Endpoint, *, log: SyncLog | None, pe
     result = TransferResult()
     cursor = log.get_cursor(peer, direction, filt.scope) if log is not None else 0
     result.position = cursor
-    # Pipelined: while the destination stores earlier pages' events (on worker threads: two pages in flight, so a
-    # server parses one batch while its writer commits the other), this thread reads the next page, asks what the
-    # destination lacks and fetches the bodies. Pages settle in order, and the cursor moves past a page only once
-    # its events and those of every page before it are stored, so an interruption resumes where it should.
-    depth = 2 if pipelined else 1
+    # Pipelined: while the destination stores earlier pages' events (on worker threads: three pages in flight, so a
+    # server parses one batch while its writer commits another and the third is on its way), this thread reads the
+    # next page, asks what the destination lacks and fetches the bodies. Pages settle in order, and the cursor moves
+    # past a page only once its events and those of every page before it are stored, so an interruption resumes
+    # where it should.
+    depth = 3 if pipelined else 1
     in_flight: deque[tuple[_Send, int, int]] = deque()
     reading = cursor  # where the next page starts: past the pages in flight
 

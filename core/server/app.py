@@ -7,17 +7,34 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from metatrail import __version__
 from metatrail.server import errors
 from metatrail.server.auth import route_policy
 from metatrail.server.config import ServerConfig
+from metatrail.server.hotpath import HotRoutes, hot_handlers
 from metatrail.server.limits import BodyLimit
 from metatrail.server.routes import admin, federation, ingest, meta, queries, sync
 from metatrail.server.services import Services
 
 # Routes outside the routers (FastAPI's own), each with its explicit policy: the API description is public.
 FRAMEWORK_ROUTES = {"/openapi.json": "public"}
+# Routes served without FastAPI's routing (metatrail.server.hotpath): the ingest paths producers call per event.
+HOT_ROUTES = (("POST", "/api/v1/lineage"), ("POST", "/api/v1/lineage/batch"), ("POST", "/api/v1/sync/push"))
+
+
+class _App(FastAPI):
+    """FastAPI with :data:`HOT_ROUTES` served in front of its middleware stack (:mod:`metatrail.server.hotpath`),
+    their bodies capped at ``hot_body_limit`` bytes. The stack is built at the first request, when every route is
+    in place."""
+
+    hot_body_limit = 0
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return HotRoutes(super().build_middleware_stack(),
+                         handlers=hot_handlers(_flatten(list(self.routes)), HOT_ROUTES),
+                         error_handlers=self.exception_handlers, max_body_bytes=self.hot_body_limit)
 
 
 def create_app(config: ServerConfig, *, services: Services | None = None) -> FastAPI:
@@ -33,9 +50,9 @@ def create_app(config: ServerConfig, *, services: Services | None = None) -> Fas
         finally:
             svc.close()
 
-    app = FastAPI(title="metatrail", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  redirect_slashes=False,
-                  description="OpenLineage ingest, sync, queries and federation for metatrail stores.")
+    app = _App(title="metatrail", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+               redirect_slashes=False,
+               description="OpenLineage ingest, sync, queries and federation for metatrail stores.")
     app.state.services = svc
     errors.install(app)
     for module in (meta, ingest, sync, queries, federation, admin):
@@ -53,6 +70,7 @@ def create_app(config: ServerConfig, *, services: Services | None = None) -> Fas
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(BodyLimit, max_bytes=config.max_batch_bytes)
+    app.hot_body_limit = config.max_batch_bytes
     return app
 
 

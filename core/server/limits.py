@@ -25,8 +25,9 @@ Send = Callable[[Message], Awaitable[None]]
 JSON_TYPES = ("application/json", "application/x-ndjson", "text/plain")
 
 
-class _TooLarge(Exception):
-    pass
+class BodyTooLarge(Exception):
+    """Raised by :class:`BodyLimit`'s ``receive`` when a streamed body passes the cap; :class:`BodyLimit` answers it
+    with 413, so whatever reads the body must let it through."""
 
 
 class BodyLimit:
@@ -59,7 +60,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge
+                    raise BodyTooLarge
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -70,7 +71,7 @@ class BodyLimit:
 
         try:
             await self.app(scope, counting_receive, tracking_send)
-        except _TooLarge:
+        except BodyTooLarge:
             if not started:
                 await _reply(send, scope, 413)
 

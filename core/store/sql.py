@@ -116,17 +116,18 @@ class SqlStore(EventStore):
             with dialect.raw_transaction(self._engine) as cur:
                 dialect.lock_log(cur, name)
                 ids = list(prepared)
-                # One look serves two needs: an event's run is part of its content, so an event already stored is
-                # among the events listed for its run; and those listed are what the projections are rebuilt from.
+                # One look serves three needs: an event's run is part of its content, so an event already stored is
+                # among the events listed for its run; those listed are what the projections are rebuilt from; and
+                # their bodies come along (a second statement cost a one-event ingest more than reading them here).
                 run_ids = sorted({row["run_id"] for _, _, row in prepared.values() if row["run_id"]})
                 dialect.lock_runs(cur, name, run_ids)
-                listed: dict[str, list[str]] = defaultdict(list)
+                listed: dict[str, list[tuple[str, float, str]]] = defaultdict(list)
                 for part in _chunks(run_ids):
                     clause, params = dialect.any_of(name, "run_id", part)
-                    cur.execute(f"SELECT run_id, id FROM events WHERE {clause}", params)
-                    for run_id, eid in cur.fetchall():
-                        listed[run_id].append(eid)
-                existing = {eid for stored in listed.values() for eid in stored if eid in prepared}
+                    cur.execute(f"SELECT run_id, id, event_time, body FROM events WHERE {clause}", params)
+                    for run_id, eid, etime, body in cur.fetchall():
+                        listed[run_id].append((eid, etime, body))
+                existing = {eid for stored in listed.values() for eid, _, _ in stored if eid in prepared}
                 runless = [i for i in ids if not prepared[i][2]["run_id"]]
                 for part in _chunks(runless):
                     clause, params = dialect.any_of(name, "id", part)
@@ -140,17 +141,15 @@ class SqlStore(EventStore):
                 dialect.bulk_insert(cur, name, events, rows)  # new: the log lock is held and we looked
                 touched = sorted({prepared[i][2]["run_id"] for i in new_ids if prepared[i][2]["run_id"]})
                 by_run: dict[str, list[EventRecord]] = defaultdict(list)
-                unread: list[str] = []
                 for i in new_ids:
                     if prepared[i][2]["run_id"]:
                         by_run[prepared[i][2]["run_id"]].append(prepared[i][1])
                 for run_id in touched:
-                    for eid in listed.get(run_id, ()):
+                    for eid, etime, body in listed.get(run_id, ()):
                         if eid in prepared:
                             by_run[run_id].append(prepared[eid][1])  # sent again: its body is at hand
                         else:
-                            unread.append(eid)
-                self._read_records(cur, name, unread, by_run)
+                            by_run[run_id].append(EventRecord(id=eid, time=etime, body=orjson.loads(body)))
                 self._store_projections(cur, name, touched, by_run)
             return IngestResult(received=len(events_in), inserted=len(new_ids), inserted_ids=tuple(new_ids))
 
@@ -160,15 +159,6 @@ class SqlStore(EventStore):
             if dialect.is_operational(exc):
                 raise StoreError(f"cannot write store {self.url}: {getattr(exc, 'orig', None) or exc}") from None
             raise
-
-    @staticmethod
-    def _read_records(cur: Any, name: str, ids: Sequence[str], by_run: dict[str, list[EventRecord]]) -> None:
-        """Read the stored events ``ids`` into ``by_run`` (``cur``: the transaction's DBAPI cursor)."""
-        for part in _chunks(ids):
-            clause, params = dialect.any_of(name, "id", part)
-            cur.execute(f"SELECT run_id, id, event_time, body FROM events WHERE {clause}", params)
-            for run_id, eid, etime, body in cur.fetchall():
-                by_run[run_id].append(EventRecord(id=eid, time=etime, body=orjson.loads(body)))
 
     @staticmethod
     def _reproject(cur: Any, name: str, run_ids: Sequence[str]) -> None:

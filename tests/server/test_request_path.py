@@ -150,3 +150,89 @@ def test_a_failing_checkpoint_never_fails_a_write(tmp_path: Path) -> None:
     finally:
         writer.close()
         store.close()
+
+
+# -- the hot routes (metatrail.server.hotpath) ---------------------------------------------------------------------
+def test_hot_routes_skip_fastapis_router_and_other_routes_do_not(config: ServerConfig, tokens: object,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    app = create_app(config)
+    routed: list[tuple[str, str]] = []
+    inner = app.router.middleware_stack
+
+    async def counting(scope: dict, receive: object, send: object) -> None:
+        routed.append((scope["method"], scope["path"]))
+        await inner(scope, receive, send)  # type: ignore[operator]
+
+    monkeypatch.setattr(app.router, "middleware_stack", counting)
+    client = AsgiClient(app)
+    try:
+        write = auth(tokens.write)  # type: ignore[attr-defined]
+        assert client.post("/api/v1/lineage", json=bulk_events(1)[0], headers=write).status_code == 201
+        assert client.post("/api/v1/lineage/batch", json=bulk_events(1, tag="b"), headers=write).status_code == 201
+        assert client.post("/api/v1/sync/push", json={"events": bulk_events(1, tag="p")},
+                           headers=write).status_code == 201
+        assert routed == []
+        # The same path with another method, and every other route, still go through FastAPI.
+        assert client.get("/api/v1/lineage?key=md5:00000000", headers=auth(tokens.read)).status_code == 200  # type: ignore[attr-defined]
+        assert client.get("/api/v1/stats", headers=auth(tokens.read)).status_code == 200  # type: ignore[attr-defined]
+        assert routed == [("GET", "/api/v1/lineage"), ("GET", "/api/v1/stats")]
+    finally:
+        client.close()
+
+
+def test_hot_route_errors_use_the_apps_handlers(config: ServerConfig, tokens: object,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from starlette.testclient import TestClient
+
+    from metatrail.errors import StoreError
+    from metatrail.server.routes import ingest
+
+    def failing(kind: type[Exception]) -> object:
+        def check(*_args: object, **_kwargs: object) -> object:
+            raise kind("injected")
+        return check
+
+    write = auth(tokens.write)  # type: ignore[attr-defined]
+    event = bulk_events(1)[0]
+    with TestClient(create_app(config), raise_server_exceptions=False) as client:
+        # An error with a handler of its own: answered by that handler (the store's errors: 503, retry later).
+        monkeypatch.setattr(ingest, "checked_event", failing(StoreError))
+        r = client.post("/api/v1/lineage", json=event, headers=write)
+        assert r.status_code == 503 and r.json()["error"] == "store_unavailable" and r.headers["retry-after"] == "1"
+        # Anything else: the catch-all answer every route gives (500, no internals in the body).
+        monkeypatch.setattr(ingest, "checked_event", failing(RuntimeError))
+        r = client.post("/api/v1/lineage", json=event, headers=write)
+        assert r.status_code == 500
+        assert r.json() == {"error": "internal", "message": "internal error; see the server log"}
+        monkeypatch.undo()
+        # The body-size cap still stands in front of the hot routes.
+        too_big = b"[" + b" " * (config.max_batch_bytes + 1) + b"]"
+        r = client.post("/api/v1/lineage/batch", content=too_big, headers={**write, "content-type": "application/json"})
+        assert r.status_code == 413
+        assert client.post("/api/v1/lineage", json=event, headers=write).status_code == 201
+    assert open_store(config.store).stats()["events"] == 1
+
+
+def test_hot_routes_must_exist(config: ServerConfig) -> None:
+    from metatrail.server.hotpath import hot_handlers
+
+    app = create_app(config)
+    with pytest.raises(RuntimeError, match="/api/v1/nowhere"):
+        hot_handlers(_flatten(list(app.routes)), [("POST", "/api/v1/nowhere")])
+
+
+def test_sqlite_pool_hands_back_the_connection_that_committed_last(tmp_path: Path) -> None:
+    # Last in, first out: the connection that just committed still holds its page cache; any other would re-read it.
+    engine = dialect.make_engine(f"sqlite:///{tmp_path / 'pool.db'}")
+    try:
+        first, second = engine.raw_connection(), engine.raw_connection()  # the pool now holds two connections
+        first_dbapi, second_dbapi = first.driver_connection, second.driver_connection
+        second.close()
+        first.close()
+        for _ in range(3):
+            again = engine.raw_connection()
+            assert again.driver_connection is first_dbapi
+            again.close()
+        assert first_dbapi is not second_dbapi
+    finally:
+        engine.dispose()

@@ -4,8 +4,9 @@ Idempotent: an event already stored is acknowledged again and stored once."""
 
 from __future__ import annotations
 
+import orjson
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 from metatrail.openlineage.validation import InvalidEvent
 from metatrail.server.auth import WRITE, policy, writing_site
@@ -21,7 +22,7 @@ router = make_router()
              openapi_extra=json_body(EVENT_SCHEMA, "one OpenLineage event (run, dataset or job event)"),
              responses={201: {"description": "stored (or already stored)"}, 400: {}, 413: {}, 422: {}})
 @policy(WRITE)
-async def post_lineage(request: Request) -> JSONResponse:
+async def post_lineage(request: Request) -> Response:
     """Store one OpenLineage event. 201 when stored or already stored; 400/422 as Marquez would refuse it."""
     svc = services(request)
     body = await read_json(request, max_bytes=svc.config.max_event_bytes, max_depth=svc.config.max_depth,
@@ -31,7 +32,9 @@ async def post_lineage(request: Request) -> JSONResponse:
     except InvalidEvent as exc:
         raise ApiError(exc.status, "invalid_event", str(exc)) from None
     result = await submit(svc, [event], writing_site(request))
-    return JSONResponse({"id": event.id, "kind": kind, "stored": result.inserted == 1}, status_code=201)
+    # orjson writes the same compact JSON as JSONResponse's json.dumps, in a fraction of the time.
+    return Response(orjson.dumps({"id": event.id, "kind": kind, "stored": result.inserted == 1}), status_code=201,
+                    media_type="application/json")
 
 
 @router.post("/api/v1/lineage/batch", status_code=201, tags=["ingest"],
