@@ -72,12 +72,11 @@ class HotRoutes:
         except BodyTooLarge:
             raise  # the body cap around this answers it (413)
         except Exception as exc:
-            error_handler = self._error_handler(exc)
-            unexpected = error_handler is None
-            if unexpected:
-                error_handler = self.catch_all
-                if error_handler is None:
-                    raise
+            own = self._error_handler(exc)
+            unexpected = own is None
+            error_handler = own or self.catch_all
+            if error_handler is None:
+                raise
             answer = error_handler(request, exc)
             response = await answer if inspect.isawaitable(answer) else answer
             await response(scope, receive, send)
