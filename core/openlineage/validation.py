@@ -136,18 +136,21 @@ def _time(parent: Mapping[str, Any], key: str, path: str) -> None:
 
 
 def _facets(owner: Mapping[str, Any], key: str, path: str, modelled: Mapping[str, tuple[str, ...]]) -> None:
-    facets = _object(owner, key, path, required=False)
-    if not facets:
+    facets = owner.get(key)
+    if facets is None:
         return
+    if not isinstance(facets, dict):
+        raise InvalidEvent(f"must be an object, not {type(facets).__name__}", path=f"{path}.{key}")
     for name, facet in facets.items():
-        where = f"{path}.{key}.{name}"
         if facet is None:
             continue  # a null facet deletes it (spec); Marquez skips it
         if not isinstance(facet, dict):
-            raise InvalidEvent(f"a facet must be an object, not {type(facet).__name__}", path=where)
-        if name not in modelled:
-            continue  # custom facets: any shape
-        for field in ("_producer", "_schemaURL", *modelled[name]):
+            raise InvalidEvent(f"a facet must be an object, not {type(facet).__name__}", path=f"{path}.{key}.{name}")
+        required = modelled.get(name)
+        if required is None:
+            continue  # custom facets: any shape (and most facets are: their paths are only spelt out on error)
+        where = f"{path}.{key}.{name}"
+        for field in ("_producer", "_schemaURL", *required):
             if facet.get(field) is None:
                 raise InvalidEvent("must not be null", path=f"{where}.{field}")
         if name == "parent":
