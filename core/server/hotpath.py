@@ -2,13 +2,14 @@
 
 FastAPI reaches a route through its error, telemetry and body-limit middleware, its exception and exit-stack layers,
 and then matches the path against each included router in turn and again inside the one that matched (three
-matches for ``POST /api/v1/lineage``). For a one-event POST that was a fifth of the server's own work on the
-request. :class:`HotRoutes` wraps the application's whole middleware stack and calls the named routes' handlers
-directly, looked up by method and exact path, behind the same body-size cap
-(:class:`~metatrail.server.limits.BodyLimit`). A handler here is the route's own guarded handler
-(:class:`~metatrail.server.auth.PolicyRoute`): the same policy check, the same code; only the routing is skipped.
-The routes stay registered with FastAPI, which still describes them in the API and answers every other method and
-path.
+matches for ``POST /api/v1/lineage``). For a one-event POST, measured in-process (the HTTP server's own parsing
+left out), skipping them took the application's time from about 390 to 300 µs. :class:`HotRoutes` wraps the
+application's whole middleware stack and calls the named routes' handlers directly, looked up by method and exact
+path, behind the same body-size cap (:class:`~metatrail.server.limits.BodyLimit`). A handler here is the route's
+own guarded handler (:class:`~metatrail.server.auth.PolicyRoute`): the same policy check, the same code; only the
+routing is skipped. The routes stay registered with FastAPI, which still describes them in the API and answers
+every other method and path. FastAPI's own OpenTelemetry instrumentation, when a user has configured it, still
+wraps these requests (it sits in front of the stack); its exception middleware does not see their errors.
 
 Errors are answered as FastAPI's middleware would: by the application's exception handlers, looked up along the
 exception's class hierarchy; an exception with none of its own gets the catch-all handler's answer (500, logged) and
