@@ -164,12 +164,12 @@ class SyncLog:
 
     def last_seq(self) -> int:
         """The newest log position."""
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             return int(conn.execute(select(func.max(events.c.seq))).scalar() or 0)
 
     def page(self, after: int, filt: Filter = Filter(), limit: int = PAGE) -> Page:
         """The next ``limit`` events after ``after`` that match ``filt``."""
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             # Read the horizon first: every position up to it is committed (commit-ordered log), so when the page
             # is short the cursor may safely jump to it, past events the filter skipped.
             horizon = int(conn.execute(select(func.max(events.c.seq))).scalar() or 0)
@@ -183,20 +183,20 @@ class SyncLog:
     def count_after(self, after: int, filt: Filter = Filter()) -> int:
         """How many events after ``after`` match ``filt`` (for progress bars)."""
         stmt = self._where(select(func.count()).select_from(events).where(events.c.seq > after), filt)
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             return int(conn.execute(stmt).scalar() or 0)
 
     def events_after(self, after: int, filt: Filter = Filter(), limit: int = PAGE) -> list[tuple[int, Shipped]]:
         """``(seq, event)`` pairs after ``after`` matching ``filt``, bodies included."""
         stmt = self._where(select(events.c.seq, events.c.id, events.c.site, events.c.body)
                            .where(events.c.seq > after), filt).order_by(events.c.seq).limit(limit)
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             return [(int(s), Shipped(id=i, site=site, text=body)) for s, i, site, body in conn.execute(stmt)]
 
     def missing(self, ids: Sequence[str]) -> list[str]:
         """The ids of ``ids`` not in the log, in the order given."""
         have: set[str] = set()
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             for part in _chunks(list(dict.fromkeys(ids)), FETCH_CHUNK):
                 have.update(conn.execute(select(events.c.id).where(events.c.id.in_(part))).scalars())
         return [i for i in dict.fromkeys(ids) if i not in have]
@@ -204,7 +204,7 @@ class SyncLog:
     def fetch(self, ids: Sequence[str], filt: Filter = Filter()) -> list[Shipped]:
         """The events with these ids (those ``filt`` allows), in log order."""
         found: list[tuple[int, Shipped]] = []
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             for part in _chunks(list(dict.fromkeys(ids)), FETCH_CHUNK):
                 stmt = self._where(select(events.c.seq, events.c.id, events.c.site, events.c.body)
                                    .where(events.c.id.in_(part)), filt)
@@ -215,7 +215,7 @@ class SyncLog:
         """A digest of the set of event ids (sha256 of the sorted ids): equal digests, equal sets."""
         h = hashlib.sha256()
         count = 0
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             for (eid,) in conn.execute(self._where(select(events.c.id), filt).order_by(events.c.id)):
                 h.update(eid.encode())
                 h.update(b"\n")
@@ -228,7 +228,7 @@ class SyncLog:
         stmt = select(sync_cursors.c.position).where(and_(sync_cursors.c.peer == peer,
                                                           sync_cursors.c.direction == direction,
                                                           sync_cursors.c.scope == scope))
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             return int(conn.execute(stmt).scalar() or 0)
 
     def set_cursor(self, peer: str, direction: str, scope: str, position: int, *, force: bool = False) -> None:
@@ -251,7 +251,7 @@ class SyncLog:
 
     def cursors(self) -> list[dict[str, Any]]:
         """Every cursor, for status displays."""
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             return [dict(r._mapping) for r in conn.execute(select(sync_cursors).order_by(
                 sync_cursors.c.peer, sync_cursors.c.direction, sync_cursors.c.scope))]
 

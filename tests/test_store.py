@@ -229,3 +229,44 @@ def test_random_batches_match_single_batch(store_url: str) -> None:
             store.ingest([e])
         assert store.stats()["events"] == 10
         assert {r["state"] for r in store.list_runs()} == {"completed"}
+
+
+def test_sqlite_readers_take_no_write_lock_and_writers_still_do(tmp_path: Path) -> None:
+    from sqlalchemy import text
+
+    from metatrail.store import dialect
+
+    url = f"sqlite:///{tmp_path / 'locks.db'}"
+    open_store(url).close()
+    engine = dialect.make_engine(url)
+
+    def another_writer_gets_the_lock() -> bool:
+        other = sqlite3.connect(tmp_path / "locks.db", timeout=0.2, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            return True
+        except sqlite3.OperationalError as exc:
+            assert "locked" in str(exc)
+            return False
+        finally:
+            other.close()
+
+    try:
+        with dialect.reading(engine) as conn:  # inside an open read transaction
+            assert conn.execute(text("SELECT count(*) FROM events")).scalar() == 0
+            assert another_writer_gets_the_lock()
+        with engine.begin() as conn:  # a write transaction takes the lock up front
+            conn.execute(text("SELECT count(*) FROM events")).scalar()
+            assert not another_writer_gets_the_lock()
+        # The store's own reads use reading(): a query runs while another process holds the write lock.
+        with open_store(url) as store:
+            blocker = sqlite3.connect(tmp_path / "locks.db", isolation_level=None)
+            blocker.execute("BEGIN IMMEDIATE")
+            try:
+                assert store.list_runs() == [] and store.stats()["events"] == 0
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+    finally:
+        engine.dispose()

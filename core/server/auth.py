@@ -146,7 +146,7 @@ class TokenStore:
         stmt = select(tokens).order_by(tokens.c.created_at)
         if not include_revoked:
             stmt = stmt.where(tokens.c.revoked_at.is_(None))
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             return [self._public(r) for r in conn.execute(stmt)]
 
     def revoke(self, token_id: str) -> bool:
@@ -188,7 +188,7 @@ class TokenStore:
             if hit is not None and hit[0] > now:
                 return hit[1]
         token_id, secret = match.groups()
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             row = conn.execute(select(tokens).where(tokens.c.id == token_id)).first()
         principal = None
         if row is not None and row.revoked_at is None and hmac.compare_digest(row.secret_sha256, _digest(secret)):

@@ -80,13 +80,13 @@ class PeerStore:
 
     def get(self, name: str, *, with_token: bool = False) -> dict[str, Any] | None:
         """One peer, or None."""
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             row = conn.execute(select(peers).where(peers.c.name == name)).first()
         return self._public(row, with_token=with_token) if row is not None else None
 
     def list(self, *, with_token: bool = False) -> list[dict[str, Any]]:
         """Every peer, by name."""
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             return [self._public(r, with_token=with_token) for r in conn.execute(select(peers).order_by(peers.c.name))]
 
     def remove(self, name: str) -> bool:

@@ -2,7 +2,8 @@
 
 * SQLite: WAL journal, ``synchronous=NORMAL`` (durable across process crashes; an OS crash may lose the last
   commits, never corrupt), a long ``busy_timeout`` and ``BEGIN IMMEDIATE`` so concurrent writers queue instead of
-  failing on lock upgrade; "database is locked" is retried, never surfaced.
+  failing on lock upgrade; "database is locked" is retried, never surfaced. Reads go through :func:`reading`, whose
+  transactions begin deferred: in WAL mode a reader then neither waits for a writer nor makes one wait.
 * PostgreSQL: per-run advisory locks serialise projection updates of the same run across writers.
 """
 
@@ -75,7 +76,9 @@ def make_engine(url: str, *, wal_autocheckpoint: int = WAL_AUTOCHECKPOINT) -> En
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # A transaction that may write takes the write lock up front (see module docstring); one of reading()'s
+            # only reads its snapshot.
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
     if url.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
@@ -86,6 +89,17 @@ def make_engine(url: str, *, wal_autocheckpoint: int = WAL_AUTOCHECKPOINT) -> En
         dsn = "postgresql+psycopg://" + url.split("://", 1)[1]
         return create_engine(dsn, pool_pre_ping=True, pool_size=4, max_overflow=8)
     raise ConfigError(f"not an SQL store URL: {url!r}")
+
+
+READ_ONLY = "metatrail_read_only"  # the execution option reading() sets
+
+
+def reading(engine: Engine) -> Connection:
+    """A connection for reads only (``with dialect.reading(engine) as conn: ...``). On SQLite its transactions begin
+    deferred rather than with the write lock every other transaction takes first: under ``BEGIN IMMEDIATE`` a query
+    waited for the writer's transaction in progress and held back the next one while it ran. Writing through it is
+    a bug (SQLite would refuse a lock upgrade that finds a newer commit)."""
+    return engine.connect().execution_options(**{READ_ONLY: True})
 
 
 def _check_sqlite_file(path: Path) -> None:

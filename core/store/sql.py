@@ -229,7 +229,7 @@ class SqlStore(EventStore):
         page = 2000 if limit is None else min(limit, 2000)
         last, remaining = after_seq, limit
         while True:
-            with self._engine.connect() as conn:
+            with dialect.reading(self._engine) as conn:
                 q = stmt.where(events.c.seq > last).limit(page if remaining is None else min(page, remaining))
                 rows = conn.execute(q).all()
             for seq, eid, body, site in rows:
@@ -270,11 +270,11 @@ class SqlStore(EventStore):
         if conds:
             stmt = stmt.where(and_(*conds))
         stmt = stmt.order_by(runs.c.started_at.desc(), runs.c.run_id).limit(limit)
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             return [self._run_dict(r) for r in conn.execute(stmt)]
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             row = conn.execute(select(runs).where(runs.c.run_id == run_id)).first()
             if row is None:
                 return None
@@ -297,7 +297,7 @@ class SqlStore(EventStore):
                        func.max(runs.c.started_at).label("last_started_at"))
                 .group_by(runs.c.pipeline, runs.c.namespace).order_by(runs.c.pipeline))
         stages = select(runs.c.pipeline, runs.c.stage).where(runs.c.stage.is_not(None)).distinct()
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             rows = [dict(r._mapping) for r in conn.execute(stmt)]
             by_pipeline: dict[str, list[str]] = defaultdict(list)
             for p, s in conn.execute(stages):
@@ -318,7 +318,7 @@ class SqlStore(EventStore):
             stmt = stmt.where(edges.c.namespace == namespace)
         if name is not None:
             stmt = stmt.where(edges.c.name == name)
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             return [dict(r._mapping) for r in conn.execute(stmt.order_by(runs.c.started_at.desc()).limit(1000))]
 
     def lineage(self, artifact_keys: Sequence[str], *, direction: str = "upstream", depth: int = 10) -> dict[str, Any]:
@@ -326,7 +326,7 @@ class SqlStore(EventStore):
             raise ValueError("direction must be upstream, downstream or both")
         nodes: dict[str, dict[str, Any]] = {}
         graph_edges: set[tuple[str, str, str]] = set()
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             for d in (("upstream", "downstream") if direction == "both" else (direction,)):
                 self._walk(conn, list(artifact_keys), d, depth, nodes, graph_edges)
         return {
@@ -381,7 +381,7 @@ class SqlStore(EventStore):
             node["names"].sort()
 
     def stats(self) -> dict[str, Any]:
-        with self._engine.connect() as conn:
+        with dialect.reading(self._engine) as conn:
             return {
                 "url": self.url,
                 "events": conn.execute(select(func.count()).select_from(events)).scalar(),
