@@ -101,6 +101,12 @@ class WriterProcess:
                      exc)
             proc.kill()
             return None
+        try:  # its work is metatrail's, not the tasks': keep it out of their energy
+            from metatrail.energy.cputime import exclude_own_process
+
+            exclude_own_process(proc.pid)
+        except Exception as exc:  # energy support missing or broken: the writer runs all the same
+            log_once("writerproc-energy", "metatrail: could not leave the writer process out of task energy (%s)", exc)
         return cls(proc, on_done, on_lost)
 
     @property
@@ -170,6 +176,11 @@ class WriterProcess:
         self._lose()
         with contextlib.suppress(subprocess.TimeoutExpired, OSError):
             self._proc.wait(timeout=5)
+        if self._proc.returncode is not None:  # reaped: its pid may now be reused by anyone's process
+            with contextlib.suppress(Exception):
+                from metatrail.energy.cputime import forget_own_process
+
+                forget_own_process(self._proc.pid)
 
     def _lose(self) -> None:
         with self._lock:

@@ -9,6 +9,10 @@
   through ``/proc/<pid>/task/<tid>/children`` (a few microseconds per process, no scan of the whole process
   table) and, where the kernel lacks that file, through psutil's ``children(recursive=True)``. Descendants
   that are themselves registered task roots are skipped, so a nested task is not counted twice while it runs.
+* metatrail's own helper processes (the Recorder's writer process, a child of the host) are never part of a task's
+  tree: :func:`exclude_own_process` names them. Otherwise a task running in the host's process would be charged
+  for storing its own records. (Threads of ours inside the host's process cannot be told apart this way: their
+  CPU time stays in the host process's.)
 """
 
 from __future__ import annotations
@@ -40,6 +44,22 @@ def node_busy_seconds() -> float:
 
 
 _PROC_STAT = os.path.exists("/proc/self/stat")
+_OWN_PROCESSES: set[int] = set()
+
+
+def exclude_own_process(pid: int) -> None:
+    """Leave process ``pid`` (and its descendants) out of every task's tree: one of metatrail's own."""
+    _OWN_PROCESSES.add(pid)
+
+
+def forget_own_process(pid: int) -> None:
+    """``pid`` has been reaped (the number may be reused): stop leaving it out."""
+    _OWN_PROCESSES.discard(pid)
+
+
+def own_processes() -> frozenset[int]:
+    """The pids :func:`exclude_own_process` named (for tests and diagnostics)."""
+    return frozenset(_OWN_PROCESSES)
 
 
 class _Gone(Exception):
@@ -160,7 +180,7 @@ class ProcessTree:
             if kids is None:
                 return self._descendants_psutil(skip)
             for k in kids:
-                if k not in skip:
+                if k not in skip and k not in _OWN_PROCESSES:
                     out.append(k)
                     stack.append(k)
         return out
@@ -170,7 +190,15 @@ class ProcessTree:
             kids = psutil.Process(self.pid).children(recursive=True)
         except psutil.Error:
             return []
-        return [k.pid for k in kids if k.pid not in skip]
+        left_out = set(skip) | _OWN_PROCESSES
+        if left_out:  # a left-out process's descendants go with it
+            for k in list(kids):
+                if k.pid in left_out:
+                    try:
+                        left_out.update(c.pid for c in k.children(recursive=True))
+                    except psutil.Error:
+                        pass
+        return [k.pid for k in kids if k.pid not in left_out]
 
     def seconds(self, skip: Collection[int] = ()) -> float | None:
         """Cumulative CPU seconds of the tree now; the last value if the root is gone; None if never read."""

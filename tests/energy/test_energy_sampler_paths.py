@@ -165,3 +165,53 @@ def test_cpu_time_of_another_process_read_from_proc_whatever_its_name(tmp_path: 
         child.kill()
         child.wait()
     assert tree.seconds() == read and tree.lost  # gone: the last value stays, and the loss is told
+
+
+def test_metatrails_own_processes_are_left_out_of_task_trees(monkeypatch: pytest.MonkeyPatch) -> None:
+    from metatrail.energy import cputime
+
+    tree = ProcessTree(os.getpid(), include_children=True)
+    ours, theirs = _burn_child(0.3), _burn_child(0.3)
+    cputime.exclude_own_process(ours.pid)
+    try:
+        for child in (ours, theirs):
+            proc = psutil.Process(child.pid)
+            while sum(proc.cpu_times()[:2]) < 0.3:
+                time.sleep(0.02)
+        assert tree.descendants() == [theirs.pid]
+        times = os.times()
+        own = times.user + times.system + times.children_user + times.children_system  # reaped children included
+        counted = tree.seconds()
+        assert counted is not None
+        their_cpu = sum(psutil.Process(theirs.pid).cpu_times()[:2])
+        assert abs(counted - own - their_cpu) < 0.05  # ours (0.3 s and more) is not in it
+        # Where the kernel has no children files, psutil's walk leaves it out too.
+        monkeypatch.setattr(cputime, "child_pids", lambda pid: None)
+        assert tree.descendants() == [theirs.pid]
+    finally:
+        cputime.forget_own_process(ours.pid)
+        for child in (ours, theirs):
+            child.kill()
+            child.wait()
+    assert ours.pid not in cputime.own_processes()
+
+
+def test_the_recorders_writer_process_is_one_of_ours_until_reaped(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: pathlib.Path) -> None:
+    from metatrail.energy import cputime
+    from metatrail.recorder import Recorder
+
+    monkeypatch.setenv("METATRAIL_WRITER", "process")
+    monkeypatch.setenv("METATRAIL_STORE", f"sqlite:///{tmp_path / 'w.db'}")
+    recorder = Recorder()
+    run = recorder.pipeline_run_started("own", run_id="0190a000-0000-7000-8000-0000000000aa")
+    recorder.pipeline_run_finished(run)
+    assert recorder.flush(60)
+    writer = recorder._process
+    assert writer is not None and writer.pid in cputime.own_processes()
+    assert writer.pid not in ProcessTree(os.getpid(), include_children=True).descendants()
+    recorder.close()
+    deadline = time.monotonic() + 30
+    while writer.pid in cputime.own_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert writer.pid not in cputime.own_processes()
