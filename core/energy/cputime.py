@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Collection
 
@@ -194,10 +195,8 @@ class ProcessTree:
         if left_out:  # a left-out process's descendants go with it
             for k in list(kids):
                 if k.pid in left_out:
-                    try:
+                    with contextlib.suppress(psutil.Error):
                         left_out.update(c.pid for c in k.children(recursive=True))
-                    except psutil.Error:
-                        pass
         return [k.pid for k in kids if k.pid not in left_out]
 
     def seconds(self, skip: Collection[int] = ()) -> float | None:
