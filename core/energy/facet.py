@@ -76,8 +76,9 @@ class TaskAccount:
     max_concurrent: int = 1
     shared_process: bool = False
     cpu_s: float | None = None
-    """CPU seconds of the task's tree over its sampled window (after any equal split), or, for a task no sample
-    covered, its root's between start and stop; None if never read."""
+    """CPU seconds of the task's tree over its sampled window (after any equal split), plus, for a task in the
+    monitor's own process, its root's before the first sample; for a task no sample covered, its root's between
+    start and stop; None if never read."""
     domains: dict[str, DomainAccount] = field(default_factory=dict)
     estimates: dict[str, DomainAccount] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)

@@ -386,6 +386,33 @@ class EnergyMonitor:
             task.end = self._unsampled_end(task, known, [], reason)
         self._closed_until[task.pid] = max(self._closed_until.get(task.pid, stop), stop)
 
+    def _count_head(self, task: TrackedTask, now: float, overlaps: set[int]) -> None:
+        """Count the CPU time a task in this process used between its start and its first sample (``now``), read
+        at its start: the sampled intervals begin at that sample, and a task whose first sample came late in its
+        run would otherwise keep only the part after it. Exact for the CPU time and so for the CPU estimate;
+        measured domains have no reading at the start and stay partial (their coverage says so). Left out,
+        as for a task no sample covered, when another task registered the same process meanwhile
+        (``overlaps``: :func:`_overlapping` of the registered and closing tasks)."""
+        from .facet import DomainAccount
+
+        root_now = task.proc.last_root_seconds
+        if root_now is None or task.start_root_cpu is None:
+            return
+        if self._closed_until.get(task.pid, task.start_mono) > task.start_mono or task.token.id in overlaps:
+            return
+        head = max(0.0, root_now - task.start_root_cpu)
+        acct = task.acct
+        acct.cpu_s = (acct.cpu_s or 0.0) + head
+        if self._estimate is not None:
+            est = acct.estimates.get("cpu")
+            if est is None:
+                est = acct.estimates["cpu"] = DomainAccount(method="estimated")
+            value = self._estimate.watts_per_cpu * head
+            est.value_j += value
+            est.value_other_j += value
+            est.count_interval(-task.token.id)  # the head counts as an interval of its own
+            est.covered_s += max(0.0, now - task.start_mono)
+
     def _unsampled_end(
         self, task: TrackedTask, known: tuple[str, ...], closing: list[TrackedTask], reason: str | None = None,
         overlaps: set[int] | None = None,
@@ -639,6 +666,7 @@ class EnergyMonitor:
                 t.end = self._unsampled_end(t, known, closing, overlaps=overlaps)
         for t in closing:
             self._closed_until[t.pid] = max(self._closed_until.get(t.pid, stop_time(t)), stop_time(t))
+        heads: set[int] | None = None
         for tid, t in self._tasks.items():
             if not t.baselined:
                 t.baselined = True
@@ -647,6 +675,10 @@ class EnergyMonitor:
                     # Host-fed processes were born inside the task: what they used before this first sample is
                     # the task's too, and goes into its first sampled interval.
                     cpu_now[tid] = 0.0
+                elif t.start_root_cpu is not None:
+                    if heads is None:
+                        heads = _overlapping(itertools.chain(self._tasks.values(), closing))
+                    self._count_head(t, now, heads)
             t.last_cpu = cpu_now[tid] if cpu_now[tid] is not None else t.last_cpu
             t.last_root = t.proc.last_root_seconds
             t.acct.last_sample = now

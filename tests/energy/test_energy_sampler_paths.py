@@ -215,3 +215,51 @@ def test_the_recorders_writer_process_is_one_of_ours_until_reaped(monkeypatch: p
     while writer.pid in cputime.own_processes() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert writer.pid not in cputime.own_processes()
+
+
+def _burn(seconds: float) -> None:
+    t = time.process_time()
+    while time.process_time() - t < seconds:
+        pass
+
+
+def test_cpu_time_before_a_tasks_first_sample_is_counted() -> None:
+    """A task in the host's process whose first sample comes late in its run keeps the CPU time it used before
+    that sample (read at its start), in its CPU seconds and its CPU estimate; measured domains stay partial."""
+    mon = EnergyMonitor(meters=[CpuEstimateMeter()], interval_s=60.0)
+    try:
+        mon.task_finished(mon.task_started("warm-up", pid=os.getpid()))
+        with mon._lock:  # the sampler thread waits: the samples below are the only ones
+            token = mon.task_started("late-first-sample", pid=os.getpid())
+            _burn(0.4)  # before the first sample
+            mon._sample()
+            _burn(0.1)  # after it
+            stopped = mon.task_stopped(token)
+            mon._sample()
+        payload = mon.task_report(stopped)
+    finally:
+        mon.close()
+    assert payload is not None
+    assert payload["task_cpu_s"] >= 0.45  # the 0.4 s before the first sample and the 0.1 s after
+    watts = CpuEstimateMeter().watts_per_cpu
+    assert payload["estimated"]["cpu"]["value_j"] == pytest.approx(watts * payload["task_cpu_s"], rel=0.05)
+    assert payload["coverage"] < 0.5  # the meters' sampled window is still only the part after the first sample
+
+
+def test_cpu_time_before_the_first_sample_is_not_given_to_one_of_two_tasks_sharing_the_process() -> None:
+    mon = EnergyMonitor(meters=[CpuEstimateMeter()], interval_s=60.0)
+    try:
+        mon.task_finished(mon.task_started("warm-up", pid=os.getpid()))
+        with mon._lock:
+            first = mon.task_started("first", pid=os.getpid())
+            second = mon.task_started("second", pid=os.getpid())
+            _burn(0.4)
+            mon._sample()
+            _burn(0.1)
+            stops = [mon.task_stopped(first), mon.task_stopped(second)]
+            mon._sample()
+        payloads = [mon.task_report(s) for s in stops]
+    finally:
+        mon.close()
+    # Neither can claim the 0.4 s before the first sample: the process's CPU time cannot be told apart there.
+    assert all(p is not None and p["task_cpu_s"] < 0.2 for p in payloads)
