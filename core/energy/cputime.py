@@ -12,7 +12,8 @@
 * metatrail's own helper processes (the Recorder's writer process, a child of the host) are never part of a task's
   tree: :func:`exclude_own_process` names them. Otherwise a task running in the host's process would be charged
   for storing its own records. (Threads of ours inside the host's process cannot be told apart this way: their
-  CPU time stays in the host process's.)
+  CPU time stays in the host process's. Nor can a helper once reaped: its CPU time then joins the host's
+  reaped-children time; the Recorder reaps its writer when it closes, after the host's tasks.)
 """
 
 from __future__ import annotations
