@@ -386,6 +386,12 @@ class EnergyMonitor:
             task.end = self._unsampled_end(task, known, [], reason)
         self._closed_until[task.pid] = max(self._closed_until.get(task.pid, stop), stop)
 
+    def _shared_root(self, task: TrackedTask, overlaps: set[int]) -> bool:
+        """Whether another task registered ``task``'s root process while it ran (one closed since its start, or one
+        in ``overlaps``, :func:`_overlapping` of the tasks still registered or closing): the process's CPU time
+        cannot then be told apart between them."""
+        return self._closed_until.get(task.pid, task.start_mono) > task.start_mono or task.token.id in overlaps
+
     def _count_head(self, task: TrackedTask, now: float, overlaps: set[int]) -> None:
         """Count the CPU time a task in this process used between its start and its first sample (``now``), read
         at its start: the sampled intervals begin at that sample, and a task whose first sample came late in its
@@ -398,7 +404,7 @@ class EnergyMonitor:
         root_now = task.proc.last_root_seconds
         if root_now is None or task.start_root_cpu is None:
             return
-        if self._closed_until.get(task.pid, task.start_mono) > task.start_mono or task.token.id in overlaps:
+        if self._shared_root(task, overlaps):
             return
         head = max(0.0, root_now - task.start_root_cpu)
         acct = task.acct
@@ -436,8 +442,7 @@ class EnergyMonitor:
             return WindowEnd(at=stop, known=known, reason=reason)
         if overlaps is None:
             overlaps = _overlapping(itertools.chain(self._tasks.values(), closing))
-        shared = self._closed_until.get(task.pid, task.start_mono) > task.start_mono or task.token.id in overlaps
-        if shared:
+        if self._shared_root(task, overlaps):
             note = (
                 f"no energy sample covered the task and other tasks registered its process {task.pid} meanwhile: "
                 "its CPU time cannot be told apart"
