@@ -80,10 +80,12 @@ def split_cpu(
     if busy <= 0.0 or energy == 0.0:
         return Split({k: 0.0 for k in cpu}, 0.0, energy, "cpu-time")
     denominator = busy if policy == "busy-share" else max(float(total_s), busy)
-    per_task = {k: energy * c / denominator for k, c in cpu.items()}
+    # The share first: c <= denominator, so it is at most 1 and a task never gets more than the interval's energy
+    # (energy * c / denominator rounded 1.5 J x 5e-324 s up to 1e-323 before dividing, and gave 2 J).
+    per_task = {k: energy * (c / denominator) for k, c in cpu.items()}
     if policy == "busy-share":  # the rest (rounding included) goes to non-task processes; nothing is idle
         return Split(per_task, max(0.0, energy - sum(per_task.values())), 0.0, "cpu-time")
-    other = energy * (busy - tasks_s) / denominator
+    other = energy * ((busy - tasks_s) / denominator)
     idle = max(0.0, energy - sum(per_task.values()) - other)
     return Split(per_task, other, idle, "cpu-time")
 

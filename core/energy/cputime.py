@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Collection
 
 import psutil
@@ -71,13 +72,12 @@ class _Gone(Exception):
 def _own_seconds(pid: int, with_reaped: bool) -> float:
     """User + system CPU seconds of process ``pid`` (plus its reaped children's with ``with_reaped``).
 
-    This process: ``os.times()``, one system call. Another: its ``/proc/<pid>/stat`` read with one raw system
+    This process: :func:`own_process_seconds`. Another: its ``/proc/<pid>/stat`` read with one raw system
     call (psutil builds a process object and parses more, several times the cost, and the sampler and the hosts'
     process tracking read every task process at every look). psutil where ``/proc`` is not Linux's. Raises
     :class:`_Gone` when the process has gone or cannot be read."""
     if pid == os.getpid():
-        o = os.times()
-        user, system, c_user, c_system = o.user, o.system, o.children_user, o.children_system
+        return own_process_seconds(with_reaped)
     elif _PROC_STAT:
         try:
             fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
@@ -104,6 +104,20 @@ def _own_seconds(pid: int, with_reaped: bool) -> float:
     if with_reaped:
         own += c_user + c_system
     return float(own)
+
+
+def own_process_seconds(with_reaped: bool) -> float:
+    """This process's CPU seconds (plus its reaped children's with ``with_reaped``), without releasing the GIL.
+
+    Its own part from ``time.process_time()`` (the kernel's nanosecond count): ``os.times()`` rounds down to clock
+    ticks (10 ms), and a task of a few milliseconds in the host's process, whose CPU time is read at its start
+    and stop, came out as 0 or 10 ms. Reaped children only exist in ``os.times()``, in ticks; they change when a
+    child is reaped, by that child's whole CPU time."""
+    own = time.process_time()
+    if with_reaped:
+        t = os.times()
+        own += t.children_user + t.children_system
+    return own
 
 
 def _has_no_children() -> bool:

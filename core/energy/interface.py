@@ -24,8 +24,9 @@ Rules an implementation keeps:
 * ``task_started`` and ``task_stopped`` run on the host task's critical path and stay cheap: no hardware
   probing, no file or ``/proc`` reads, no waiting for the meters to finish starting, and no lock the sampling
   thread may hold for longer than a few microseconds. ``task_stopped`` does at most one clock read and, only
-  when the task's root is the calling process, one CPU-time read of it (``os.times()``, which does not release
-  the GIL). It returns an opaque object, or ``None`` for an unknown or already stopped token.
+  when the task's root is the calling process, one CPU-time read of it (``time.process_time()``, plus
+  ``os.times()`` for its reaped children; neither releases the GIL). It returns an opaque object, or ``None`` for
+  an unknown or already stopped token.
 * ``task_report`` may be called any time later, on any thread, once per stopped object, and returns the
   payload for the window ``[start, stop]``, not ``[start, report]``: how late it is called does not change
   the figures. It may wait for the sample that closes the window, but at most a bounded time (the monitor's

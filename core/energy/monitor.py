@@ -9,12 +9,20 @@ uncertainty.
 
 Cost rules (the host task's thread does almost nothing): construction does nothing;
 :meth:`EnergyMonitor.task_started` appends to a queue and wakes the sampler; :meth:`EnergyMonitor.task_stopped`
-reads the clock (and, when the task's root is this process, ``os.times()``), marks the task and wakes the
+reads the clock (and, when the task's root is this process, its CPU time), marks the task and wakes the
 sampler. Neither touches hardware, files or the monitor lock, nor waits for the meters to finish starting. The
 first start starts the sampler thread, which probes the meters once (RAPL tree, NVML init) and then takes the
 task's baseline sample. Starts and stops wake the sampler, which samples at most every ``min_sample_gap_s``
 (20 ms) so that a burst of short tasks does not turn into a burst of samples; it sleeps without a timeout (and
 background GPU power sampling is suspended) while no task is registered.
+
+The gap adapts to bursts of tasks shorter than it (:data:`MAX_BURST_GAP_S`): when a sample closes two or more
+tasks that no sample covered, the gap doubles (up to 0.2 s, and never past the meters' own bound); when it closes
+none, the gap halves back towards ``min_sample_gap_s``, and it starts there again once the monitor is idle. A
+sample costs the sampler about half a millisecond of CPU (and takes the GIL from the host's threads), and in a
+burst of 3 ms tasks nearly every task started and stopped between two samples anyway: its CPU time comes from
+its start and stop (exact for a task in this process or a host-fed one), and a sample per 20 ms bought a measured
+interval for one task in ten, a sliver of its short run. Tasks longer than the gap keep being sampled as before.
 
 Closing a window (:mod:`metatrail.energy.window`): the first sample after a stop splits its interval at the stop
 time, with counters interpolated linearly to it; the task gets ``[last sample, stop]`` (shared with the tasks
@@ -57,6 +65,7 @@ if TYPE_CHECKING:  # the modules below load in the sampler thread, off the host 
 log = logging.getLogger("metatrail.energy")
 DEFAULT_INTERVAL_S = 1.0
 MIN_SAMPLE_GAP_S = 0.02
+MAX_BURST_GAP_S = 0.2
 REPORT_TIMEOUT_FLOOR_S = 1.0
 METER_NAME = "metatrail.energy"
 
@@ -107,14 +116,17 @@ def default_meters() -> list[EnergyMeter]:
 
 
 def _own_cpu_seconds(include_children: bool) -> float | None:
-    """This process's CPU seconds (plus its reaped children's): ``os.times()``, one system call that keeps the
-    GIL and reads what psutil reads from ``/proc/self/stat``, in the same clock ticks."""
+    """This process's CPU seconds (plus its reaped children's), read as the sampler reads them: the same two
+    calls as :func:`metatrail.energy.cputime.own_process_seconds`, repeated here because that module imports psutil,
+    which the host task's thread must not wait for (no lock, no file, the GIL kept)."""
     try:
-        t = os.times()
+        own = time.process_time()
+        if include_children:
+            t = os.times()
+            own += t.children_user + t.children_system
     except OSError:
         return None
-    own = t.user + t.system
-    return own + t.children_user + t.children_system if include_children else own
+    return own
 
 
 # Plain slotted classes, not dataclasses: they are created while the host task waits for its first energy call,
@@ -200,6 +212,7 @@ class EnergyMonitor:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._prev: Sample | None = None
+        self._gap = self.min_sample_gap_s  # the pacing gap now (see the module docstring)
         self._closed_until: dict[int, float] = {}  # pid -> latest stop of a closed task rooted there
         self._seq = 0
         self.meters: list[EnergyMeter] = []
@@ -260,7 +273,7 @@ class EnergyMonitor:
     def task_stopped(self, token: object) -> object:
         """Mark the task stopped now and return the handle for :meth:`task_report`; cheap; never raises.
 
-        One clock read, plus one ``os.times()`` when the task's root is this process; no lock the sampler
+        One clock read, plus this process's CPU time when the task's root is this process; no lock the sampler
         holds, no waiting. ``None`` for an unknown or already stopped token.
         """
         if isinstance(token, AccountedToken):
@@ -530,6 +543,7 @@ class EnergyMonitor:
                 idle = not self._tasks and not self._pending
                 if idle:
                     self._prev = None  # the next interval starts from a fresh baseline
+                    self._gap = self.min_sample_gap_s
                     self._closed_until.clear()  # a later task cannot overlap the ones closed so far
             if idle:
                 if not suspended:
@@ -566,9 +580,20 @@ class EnergyMonitor:
         # Starts and stops wake the sampler at once; in a burst of short tasks that would mean a sample per task.
         prev = self._prev
         if prev is not None:
-            wait = self.min_sample_gap_s - (self._clock() - prev.t)
+            gap = max(self._gap, self.min_sample_gap_s)
+            wait = gap - (self._clock() - prev.t)
             if wait > 0:
-                time.sleep(min(wait, self.min_sample_gap_s))
+                time.sleep(min(wait, gap))
+
+    def _adapt_gap(self, unsampled: int) -> None:
+        """Widen the pacing gap in a burst of tasks shorter than it, narrow it otherwise (module docstring).
+        ``unsampled``: the tasks the last sample closed that no sample had covered."""
+        floor = self.min_sample_gap_s
+        if unsampled >= 2:
+            ceiling = max(floor, min(MAX_BURST_GAP_S, self._max_wait()))
+            self._gap = min(ceiling, max(self._gap * 2, floor))
+        elif unsampled == 0:
+            self._gap = max(floor, self._gap / 2)
 
     def _open_meters(self) -> None:
         from .cputime import node_busy_seconds
@@ -689,6 +714,7 @@ class EnergyMonitor:
             t.acct.last_sample = now
             t.acct.max_concurrent = max(t.acct.max_concurrent, registered)
         self._prev = current
+        self._adapt_gap(len(unsampled))
         return bool(stopping or unsampled)
 
     def _cpu_count(self) -> int:

@@ -9,7 +9,7 @@ stop closes the window instead:
   (:func:`interpolate_reading`, :func:`linear`). The error is bounded by how much the node's power changed
   inside ``[t_prev, t_next]``; the payload reports the span as ``end_interpolation_s``.
 * the task's own CPU time is **read at the stop** when that is cheap (the task's root is the monitor's own
-  process: one ``os.times()`` call, no lock, no file) and used when the tree has no live descendants around
+  process: one CPU-time read, no lock, no file) and used when the tree has no live descendants around
   the stop (:func:`cpu_at_stop`). Otherwise (a task rooted in another process, or live children) it is
   interpolated like the counters; the payload says which (``end_task_cpu``).
 * a counter that gave no usable delta over ``[t_prev, t_next]`` stays unusable on both sides of the stop

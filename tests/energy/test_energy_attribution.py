@@ -6,7 +6,7 @@ import pathlib
 import tempfile
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from powercap_fake import PowercapTree
 
@@ -21,6 +21,8 @@ policy = st.sampled_from(POLICIES)
 
 
 @given(energy, task_cpu, seconds, seconds, policy)
+@example(1.5, {0: 5e-324}, 0.0, 0.0, "busy-share")  # energy x CPU rounded up in the subnormal range: 2 J of 1.5
+@example(1.5, {0: 5e-324}, 0.0, 0.0, "active-only")
 def test_cpu_split_conserves_energy_and_is_never_negative(
     e: float, cpu: dict[int, float], busy: float, total: float, pol: str
 ) -> None:

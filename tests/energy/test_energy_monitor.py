@@ -316,3 +316,71 @@ def test_import_is_light_and_get_monitor_is_process_wide() -> None:
         assert isinstance(energy.get_monitor(), EnergyMonitor)
     finally:
         energy.reset_monitor()
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_a_burst_of_short_tasks_widens_the_sampling_gap_and_keeps_every_tasks_cpu_time(
+    monitors: Callable[..., EnergyMonitor], validate_facet: Validate
+) -> None:
+    """Tasks far shorter than the 20 ms gap, one after another in the host's process: the sampler takes a fraction
+    of the samples a fixed gap allows, each task still gets its CPU time, and the gap is back at its floor once
+    the burst is over."""
+    mon = monitors([CpuEstimateMeter()], interval_s=1.0)
+    mon.task_finished(mon.task_started("warm-up", pid=os.getpid()))
+    seq_before = mon._seq
+    began = time.monotonic()
+    stopped = []
+    for i in range(300):
+        token = mon.task_started(f"short-{i}", pid=os.getpid())
+        _spin(0.002)
+        stopped.append(mon.task_stopped(token))
+    burst_s = time.monotonic() - began
+    payloads = [mon.task_report(s) for s in stopped]
+    samples = mon._seq - seq_before
+    fixed_gap_samples = burst_s / mon.min_sample_gap_s
+    assert samples < fixed_gap_samples / 3, (samples, fixed_gap_samples)
+    for p in payloads:
+        assert p is not None
+        validate_facet(p)
+        assert p["task_cpu_s"] is not None and p["task_cpu_s"] > 0
+    deadline = time.monotonic() + 5
+    while mon._gap != mon.min_sample_gap_s and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert mon._gap == mon.min_sample_gap_s
+
+
+def test_sampling_gap_doubles_to_its_ceiling_and_halves_to_its_floor(
+    monitors: Callable[..., EnergyMonitor],
+) -> None:
+    from metatrail.energy.monitor import MAX_BURST_GAP_S
+
+    mon = monitors([CpuEstimateMeter()], interval_s=1.0)
+    mon.task_finished(mon.task_started("opens-the-meters", pid=os.getpid()))
+    with mon._lock:
+        floor = mon.min_sample_gap_s
+        seen = []
+        for _ in range(8):
+            mon._adapt_gap(2)
+            seen.append(mon._gap)
+        assert seen[:3] == [2 * floor, 4 * floor, 8 * floor] and seen[-1] == MAX_BURST_GAP_S
+        mon._adapt_gap(1)  # one short task: no sign of a burst either way
+        assert mon._gap == MAX_BURST_GAP_S
+        while mon._gap > floor:
+            before = mon._gap
+            mon._adapt_gap(0)
+            assert mon._gap == max(floor, before / 2)
+    fast = monitors([CpuEstimateMeter()], interval_s=0.05)  # the ceiling never passes what the interval allows
+    fast.task_finished(fast.task_started("opens-the-meters", pid=os.getpid()))
+    with fast._lock:
+        for _ in range(8):
+            fast._adapt_gap(5)
+        assert fast._gap == fast._max_wait() < MAX_BURST_GAP_S
+    off = monitors([CpuEstimateMeter()], min_sample_gap_s=0.0)  # no pacing asked for: none learned either
+    with off._lock:
+        off._adapt_gap(5)
+        assert off._gap == 0.0

@@ -78,8 +78,23 @@ def test_a_burst_of_sequential_tasks_keeps_each_tasks_own_cpu_time() -> None:
 
 
 def _burn_child(seconds: float, interpreter: str = sys.executable) -> subprocess.Popen[bytes]:
-    code = f"import time\nt = time.process_time()\nwhile time.process_time() - t < {seconds}: pass\ntime.sleep(30)"
-    return subprocess.Popen([interpreter, "-c", code])
+    """A child that burns ``seconds`` of CPU after its start-up, says so on its stdout, then sleeps (to be killed);
+    :func:`_burnt` waits for its word."""
+    code = (f"import time\nt = time.process_time()\nwhile time.process_time() - t < {seconds}: pass\n"
+            "print('burnt', flush=True)\ntime.sleep(30)")
+    return subprocess.Popen([interpreter, "-c", code], stdout=subprocess.PIPE)
+
+
+def _burnt(child: subprocess.Popen[bytes]) -> None:
+    """Wait until ``child`` has burnt its CPU time.
+
+    Its word, not its CPU time in /proc: that counts user and system time in whole clock ticks, each rounded down,
+    up to 20 ms short. A child whose start-up took under 10 ms of CPU (the burn counts from after it) never showed
+    its ``seconds`` there, so the wait outlived the child's sleep; the child then exited 0 by itself and
+    ``Popen.kill()``'s own poll reaped it: returncode 0, which looked as if someone else had reaped it."""
+    assert child.stdout is not None
+    with child.stdout:
+        assert child.stdout.readline() == b"burnt\n"
 
 
 def test_own_process_tree_counts_a_live_child_and_reaps_nothing() -> None:
@@ -88,26 +103,35 @@ def test_own_process_tree_counts_a_live_child_and_reaps_nothing() -> None:
     assert alone is not None and tree.descendants() == []
     child = _burn_child(0.3)
     try:
-        proc = psutil.Process(child.pid)
-        while sum(proc.cpu_times()[:2]) < 0.3:
-            time.sleep(0.02)
+        _burnt(child)
         assert tree.descendants() == [child.pid]
         with_child = tree.seconds()
         assert with_child is not None and with_child - alone >= 0.25
     finally:
         child.kill()
-    while child.poll() is None:  # exited but not yet waited for: the tree must not have reaped it
+    # Wait for the exit without reaping (WNOWAIT), so that the reads below certainly meet an exited child nobody
+    # has waited for yet (Popen's own polling would reap it at once, and the reads would only sometimes see it).
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+    for _ in range(3):
         tree.seconds()
-        time.sleep(0.01)
-    assert child.returncode == -9
+    still_waitable = os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    assert still_waitable is not None and still_waitable.si_pid == child.pid  # the tree reaped nothing
+    assert child.wait(timeout=10) == -9  # and its exit status is still its owner's
 
 
-def test_own_cpu_time_from_os_times_matches_proc() -> None:
+def test_own_cpu_time_matches_proc_and_is_finer_than_a_clock_tick() -> None:
     own = ProcessTree(os.getpid(), include_children=False)
     for _ in itertools.repeat(None, 3):
         via_proc = sum(psutil.Process().cpu_times()[:2])
         fast = own.seconds()
         assert fast is not None and abs(fast - via_proc) < 0.05
+    # /proc and os.times() count whole 10 ms ticks; a task of a millisecond in the host's process must not read 0.
+    before = own.seconds()
+    end = time.process_time() + 0.001
+    while time.process_time() < end:
+        pass
+    after = own.seconds()
+    assert before is not None and after is not None and 0.0005 < after - before < 0.009
 
 
 def test_node_busy_seconds_matches_psutil() -> None:
@@ -153,9 +177,8 @@ def test_cpu_time_of_another_process_read_from_proc_whatever_its_name(tmp_path: 
     odd.symlink_to(sys.executable)
     child = _burn_child(0.2, interpreter=str(odd))
     try:
+        _burnt(child)
         proc = psutil.Process(child.pid)
-        while sum(proc.cpu_times()[:2]) < 0.2:
-            time.sleep(0.02)
         assert proc.name() == "a) (b c"
         t = proc.cpu_times()
         tree = ProcessTree(child.pid, include_children=True)
@@ -175,9 +198,7 @@ def test_metatrails_own_processes_are_left_out_of_task_trees(monkeypatch: pytest
     cputime.exclude_own_process(ours.pid)
     try:
         for child in (ours, theirs):
-            proc = psutil.Process(child.pid)
-            while sum(proc.cpu_times()[:2]) < 0.3:
-                time.sleep(0.02)
+            _burnt(child)
         assert tree.descendants() == [theirs.pid]
         times = os.times()
         own = times.user + times.system + times.children_user + times.children_system  # reaped children included
