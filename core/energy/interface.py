@@ -36,12 +36,13 @@ Rules an implementation keeps:
   object is unknown.
 * A value that could not be measured is ``None`` with a reason in the payload, never 0.
 
-How a late report stays honest (the :class:`~metatrail.energy.monitor.EnergyMonitor` method): at the stop the
-task is only marked (stop time, and its root's CPU time when that is the calling process). The sampler's next
-sample, taken promptly because the stop wakes it, closes the window: it splits the interval it ends at the
-stop time, interpolating the node counters and node busy time linearly to the stop (and the task's CPU time
-too when it was not read at the stop), attributes ``[last sample, stop]`` to the task together with the tasks
-that were running then, and ``[stop, sample]`` to the others only, so concurrent tasks' shares are right from
+How a late report stays honest (the :class:`~metatrail.energy.monitor.EnergyMonitor` method): at the stop the task
+is only marked (stop time, and its root's CPU time when that is the calling process). The sampler's next sample,
+taken promptly because the stop wakes it (for a task a sample covered that ran ``min_sample_gap_s`` or longer, at
+most that long after the previous sample, also in a burst of short tasks), closes the window: it splits the interval
+it ends at the stop time, interpolating the node counters and node busy time linearly to the stop (and the task's
+CPU time too when it was not read at the stop), attributes ``[last sample, stop]`` to the task together with the
+tasks that were running then, and ``[stop, sample]`` to the others only, so concurrent tasks' shares are right from
 the stop on. The task then leaves the monitor; nothing is added to its account afterwards. The payload flags
 this with ``end_interpolated``, the interval length ``end_interpolation_s`` (which bounds the interpolation
 error) and ``end_task_cpu`` (``read-at-stop`` or ``interpolated``). If no sample closes the window within

@@ -16,13 +16,17 @@ task's baseline sample. Starts and stops wake the sampler, which samples at most
 (20 ms) so that a burst of short tasks does not turn into a burst of samples; it sleeps without a timeout (and
 background GPU power sampling is suspended) while no task is registered.
 
-The gap adapts to bursts of tasks shorter than it (:data:`MAX_BURST_GAP_S`): when a sample closes two or more
-tasks that no sample covered, the gap doubles (up to 0.2 s, and never past the meters' own bound); when it closes
-none, the gap halves back towards ``min_sample_gap_s``, and it starts there again once the monitor is idle. A
-sample costs the sampler about half a millisecond of CPU (and takes the GIL from the host's threads), and in a
-burst of 3 ms tasks nearly every task started and stopped between two samples anyway: its CPU time comes from
-its start and stop (exact for a task in this process or a host-fed one), and a sample per 20 ms bought a measured
-interval for one task in ten, a sliver of its short run. Tasks longer than the gap keep being sampled as before.
+The gap adapts to bursts of tasks shorter than ``min_sample_gap_s`` (:data:`MAX_BURST_GAP_S`): when a sample closes
+two or more tasks that no sample covered, all shorter than that, the gap doubles (up to 0.2 s, and never past the
+sampling interval or the meters' own bound); when it closes none, the gap halves back towards ``min_sample_gap_s``;
+when it closes one that ran longer, and once the monitor is idle, the gap is back at the floor. A widened gap holds
+back only the samples no other task needs: a task still running ``min_sample_gap_s`` after its start gets its first
+sample then, and a stopped task that a sample covered and that ran that long gets its closing sample at the narrow
+pace, as without a burst. A sample costs the sampler about half a millisecond of CPU (and takes the GIL from the
+host's threads), and in a burst of 3 ms tasks nearly every task started and stopped between two samples anyway; a
+sample per 20 ms bought a measured interval for one task in ten, a sliver of its short run. What such a task keeps
+is its CPU time read at its start and stop, when its root is this process and no other task registered that process
+meanwhile (a host-fed task keeps the host's figure).
 
 Closing a window (:mod:`metatrail.energy.window`): the first sample after a stop splits its interval at the stop
 time, with counters interpolated linearly to it; the task gets ``[last sample, stop]`` (shared with the tasks
@@ -578,21 +582,47 @@ class EnergyMonitor:
 
     def _pace(self) -> None:
         # Starts and stops wake the sampler at once; in a burst of short tasks that would mean a sample per task.
-        prev = self._prev
-        if prev is not None:
-            gap = max(self._gap, self.min_sample_gap_s)
-            wait = gap - (self._clock() - prev.t)
-            if wait > 0:
-                time.sleep(min(wait, gap))
-
-    def _adapt_gap(self, unsampled: int) -> None:
-        """Widen the pacing gap in a burst of tasks shorter than it, narrow it otherwise (module docstring).
-        ``unsampled``: the tasks the last sample closed that no sample had covered."""
+        # A widened gap only holds back samples nobody needs yet: a stopped task that a sample covered gets its
+        # closing sample, and a task running for ``min_sample_gap_s`` its first one, at the narrow pace.
         floor = self.min_sample_gap_s
-        if unsampled >= 2:
+        while not self._closed:
+            prev = self._prev
+            if prev is None:
+                return
+            now = self._clock()
+            due = prev.t + max(self._gap, floor)
+            if due > prev.t + floor:
+                due = min(due, max(prev.t + floor, self._first_need(now, floor)))
+            wait = due - now
+            if wait <= 0:
+                return
+            # Re-checked at least every ``floor`` (not at each start and stop: in a burst that would wake this
+            # thread twice per task), so a need that arises meanwhile waits at most that long.
+            time.sleep(min(wait, max(floor, 0.005)))
+
+    def _first_need(self, now: float, floor: float) -> float:
+        """When the next sample is needed by a task other than a burst's: now for a stopped task that a sample
+        covered and that ran at least ``floor`` (a burst's task a sample happened to catch does not count: each
+        such stop would call the next sample at once, and that sample catch the next task), ``start + floor`` for
+        a task still waiting for its first; infinity if none."""
+        with self._lock:
+            if any(t.stop is not None and t.baselined and t.stop - t.start_mono >= floor
+                   for t in self._tasks.values()):
+                return now
+            starts = [t.start_mono for t in list(self._pending) if t.stop is None and t.end is None]
+        return min(starts) + floor if starts else math.inf
+
+    def _adapt_gap(self, unsampled: Sequence[TrackedTask]) -> None:
+        """Widen the pacing gap in a burst of tasks shorter than ``min_sample_gap_s``, narrow it otherwise (module
+        docstring). ``unsampled``: the tasks the last sample closed that no sample had covered; one of them that
+        ran longer than the floor means the gap was too wide for it, and the gap drops back to the floor."""
+        floor = self.min_sample_gap_s
+        if any(stop_time(t) - t.start_mono >= floor for t in unsampled):
+            self._gap = floor
+        elif len(unsampled) >= 2:
             ceiling = max(floor, min(MAX_BURST_GAP_S, self._max_wait()))
             self._gap = min(ceiling, max(self._gap * 2, floor))
-        elif unsampled == 0:
+        elif not unsampled:
             self._gap = max(floor, self._gap / 2)
 
     def _open_meters(self) -> None:
@@ -714,7 +744,7 @@ class EnergyMonitor:
             t.acct.last_sample = now
             t.acct.max_concurrent = max(t.acct.max_concurrent, registered)
         self._prev = current
-        self._adapt_gap(len(unsampled))
+        self._adapt_gap(unsampled)
         return bool(stopping or unsampled)
 
     def _cpu_count(self) -> int:

@@ -354,6 +354,14 @@ def test_a_burst_of_short_tasks_widens_the_sampling_gap_and_keeps_every_tasks_cp
     assert mon._gap == mon.min_sample_gap_s
 
 
+def _closed_task(i: int, ran_s: float) -> Any:
+    from metatrail.energy.ledger import TaskToken, TrackedTask
+
+    task = TrackedTask(TaskToken(i, f"t{i}"), os.getpid(), True, 0.0, 100.0, 1)
+    task.stop = 100.0 + ran_s
+    return task
+
+
 def test_sampling_gap_doubles_to_its_ceiling_and_halves_to_its_floor(
     monitors: Callable[..., EnergyMonitor],
 ) -> None:
@@ -361,26 +369,71 @@ def test_sampling_gap_doubles_to_its_ceiling_and_halves_to_its_floor(
 
     mon = monitors([CpuEstimateMeter()], interval_s=1.0)
     mon.task_finished(mon.task_started("opens-the-meters", pid=os.getpid()))
+    floor = mon.min_sample_gap_s
+    burst = [_closed_task(i, floor / 4) for i in range(2)]
     with mon._lock:
-        floor = mon.min_sample_gap_s
         seen = []
         for _ in range(8):
-            mon._adapt_gap(2)
+            mon._adapt_gap(burst)
             seen.append(mon._gap)
         assert seen[:3] == [2 * floor, 4 * floor, 8 * floor] and seen[-1] == MAX_BURST_GAP_S
-        mon._adapt_gap(1)  # one short task: no sign of a burst either way
+        mon._adapt_gap(burst[:1])  # one short task: no sign of a burst either way
         assert mon._gap == MAX_BURST_GAP_S
         while mon._gap > floor:
             before = mon._gap
-            mon._adapt_gap(0)
+            mon._adapt_gap([])
             assert mon._gap == max(floor, before / 2)
+        for _ in range(8):
+            mon._adapt_gap(burst)
+        # A task as long as the floor that no sample covered: the gap was too wide for it, back to the floor at once.
+        mon._adapt_gap([*burst, _closed_task(9, 1.5 * floor)])
+        assert mon._gap == floor
     fast = monitors([CpuEstimateMeter()], interval_s=0.05)  # the ceiling never passes what the interval allows
     fast.task_finished(fast.task_started("opens-the-meters", pid=os.getpid()))
     with fast._lock:
         for _ in range(8):
-            fast._adapt_gap(5)
+            fast._adapt_gap(burst)
         assert fast._gap == fast._max_wait() < MAX_BURST_GAP_S
     off = monitors([CpuEstimateMeter()], min_sample_gap_s=0.0)  # no pacing asked for: none learned either
     with off._lock:
-        off._adapt_gap(5)
+        off._adapt_gap(burst)
         assert off._gap == 0.0
+
+
+def test_a_task_running_beside_a_burst_is_sampled_at_the_narrow_pace(
+    monitors: Callable[..., EnergyMonitor], validate_facet: Validate
+) -> None:
+    """A burst of 2 ms tasks on one thread widens the gap; a 0.4 s task started meanwhile on another still gets its
+    first sample about ``min_sample_gap_s`` after its start and its closing sample soon after its stop."""
+    mon = monitors([CpuEstimateMeter()], interval_s=1.0)
+    mon.task_finished(mon.task_started("warm-up", pid=os.getpid()))
+    done = threading.Event()
+
+    def burst() -> None:
+        stopped = []
+        while not done.is_set():
+            token = mon.task_started("short", pid=os.getpid())
+            _spin(0.002)
+            stopped.append(mon.task_stopped(token))
+        for s in stopped:
+            mon.task_report(s)
+
+    thread = threading.Thread(target=burst)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while mon._gap < 4 * mon.min_sample_gap_s and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert mon._gap >= 4 * mon.min_sample_gap_s  # the burst has widened the gap
+        long_task = mon.task_started("long", pid=os.getpid())
+        time.sleep(0.4)
+        payload = mon.task_report(mon.task_stopped(long_task))
+    finally:
+        done.set()
+        thread.join()
+    assert payload is not None
+    validate_facet(payload)
+    # Its first sample came within a few floors of its start, not a widened gap later; its last within as much
+    # after its stop (a fixed 0.2 s pace would leave up to half of the 0.4 s uncovered and 0.2 s interpolated).
+    assert payload["coverage"] >= 0.7, payload
+    assert payload["end_interpolation_s"] is not None and payload["end_interpolation_s"] <= 0.1, payload

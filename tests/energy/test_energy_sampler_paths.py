@@ -1,5 +1,5 @@
 """The sampler's short cuts give the answers of the long ways: task overlap found by sorting instead of comparing
-every pair, the host's own CPU time from ``os.times()``, children of the host found (or ruled out) with one
+every pair, the host's own CPU time from ``time.process_time()``, children of the host found (or ruled out) with one
 ``waitid`` call, node busy time read from ``/proc/stat`` directly."""
 
 from __future__ import annotations
