@@ -9,6 +9,9 @@
   through ``/proc/<pid>/task/<tid>/children`` (a few microseconds per process, no scan of the whole process
   table) and, where the kernel lacks that file, through psutil's ``children(recursive=True)``. Descendants
   that are themselves registered task roots are skipped, so a nested task is not counted twice while it runs.
+  The files read at every sample (``/proc/stat``, the host's threads' ``children``, other processes' ``stat``) are
+  kept open and re-read (:mod:`metatrail.energy.procfs`): each system call gives the GIL up, and the host's
+  busy thread pays for every hand-back.
 * metatrail's own helper processes (the Recorder's writer process, a child of the host) are never part of a task's
   tree: :func:`exclude_own_process` names them. Otherwise a task running in the host's process would be charged
   for storing its own records. (Threads of ours inside the host's process cannot be told apart this way: their
@@ -20,10 +23,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Collection
 
 import psutil
+
+from .procfs import ChildrenReader, ProcGone, StatFiles, child_pids, read_node_stat
+
+__all__ = ["ProcessTree", "child_pids", "exclude_own_process", "forget_own_process", "node_busy_seconds",
+           "own_process_seconds", "own_processes"]
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -31,22 +40,24 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 def node_busy_seconds() -> float:
     """Busy CPU seconds of the whole node since boot (all CPUs together).
 
-    Read from the first line of ``/proc/stat`` directly (the sampler reads it every sample, and psutil's
-    general parser costs several times more); psutil where that file is not Linux's."""
-    try:
-        with open("/proc/stat", "rb") as fh:
-            fields = fh.readline().split()
-        if fields[0] == b"cpu" and len(fields) >= 8:
-            # user nice system idle iowait irq softirq [steal guest guest_nice], in clock ticks
-            user, nice, system, irq, softirq = (int(fields[i]) for i in (1, 2, 3, 6, 7))
-            return (user + nice + system + irq + softirq) / _CLOCK_TICKS
-    except (OSError, ValueError, IndexError):
-        pass
+    Read from the first line of ``/proc/stat``, kept open (the sampler reads it every sample, and psutil's general
+    parser costs several times more); psutil where that file is not Linux's."""
+    line = read_node_stat()
+    if line is not None:
+        fields = line.split()
+        if len(fields) >= 8 and fields[0] == b"cpu":
+            try:
+                # user nice system idle iowait irq softirq [steal guest guest_nice], in clock ticks
+                user, nice, system, irq, softirq = (int(fields[i]) for i in (1, 2, 3, 6, 7))
+                return (user + nice + system + irq + softirq) / _CLOCK_TICKS
+            except ValueError:
+                pass
     t = psutil.cpu_times()
     return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0))
 
 
 _PROC_STAT = os.path.exists("/proc/self/stat")
+_STAT_FILES = StatFiles()
 _OWN_PROCESSES: set[int] = set()
 
 
@@ -72,24 +83,20 @@ class _Gone(Exception):
 def _own_seconds(pid: int, with_reaped: bool) -> float:
     """User + system CPU seconds of process ``pid`` (plus its reaped children's with ``with_reaped``).
 
-    This process: :func:`own_process_seconds`. Another: its ``/proc/<pid>/stat`` read with one raw system
-    call (psutil builds a process object and parses more, several times the cost, and the sampler and the hosts'
-    process tracking read every task process at every look). psutil where ``/proc`` is not Linux's. Raises
+    This process: :func:`own_process_seconds`. Another: its ``/proc/<pid>/stat``, kept open and read with one
+    system call (psutil builds a process object and parses more, several times the cost, and the sampler and the
+    hosts' process tracking read every task process at every look). psutil where ``/proc`` is not Linux's. Raises
     :class:`_Gone` when the process has gone or cannot be read."""
     if pid == os.getpid():
         return own_process_seconds(with_reaped)
     elif _PROC_STAT:
         try:
-            fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
-            try:
-                data = os.read(fd, 4096)
-            finally:
-                os.close(fd)
+            data = _STAT_FILES.read(pid)
             # Fields after the command name (which may hold spaces and parentheses): state is field 3, utime,
             # stime, cutime and cstime are fields 14 to 17 (proc(5)), in clock ticks.
             fields = data[data.rindex(b")") + 2:].split()
             ticks = [int(f) for f in fields[11:15]]
-        except (OSError, ValueError) as exc:
+        except (ProcGone, ValueError) as exc:
             raise _Gone(str(exc)) from exc
         if len(ticks) < 4:
             raise _Gone(f"short /proc/{pid}/stat")
@@ -132,34 +139,22 @@ def _has_no_children() -> bool:
     return False
 
 
-def child_pids(pid: int) -> list[int] | None:
-    """Direct children of ``pid`` from ``/proc/<pid>/task/<tid>/children`` (each file read with one raw system
-    call: a buffered ``open`` costs several times more); ``None`` when the kernel does not provide those files."""
-    base = f"/proc/{pid}/task"
-    try:
-        tids = os.listdir(base)
-    except OSError:
-        return []
-    out: list[int] = []
-    for tid in tids:
-        try:
-            fd = os.open(f"{base}/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            if not os.path.exists(f"{base}/{tid}"):
-                continue  # the thread ended between listdir and open
-            return None
-        except OSError:
-            continue
-        try:
-            chunks = []
-            while chunk := os.read(fd, 1 << 16):
-                chunks.append(chunk)
-            out.extend(map(int, b"".join(chunks).split()))
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-    return out
+def _own_children(me: int) -> list[int] | None:
+    """Direct children of this process, ``me`` (:class:`~metatrail.energy.procfs.ChildrenReader`, one per process)."""
+    global _own_reader
+    reader = _own_reader
+    if reader is None or reader.pid != me:
+        with _own_reader_lock:
+            reader = _own_reader
+            if reader is None or reader.pid != me:
+                if reader is not None:
+                    reader.close()  # forked: the parent's threads' files, copied into this process
+                reader = _own_reader = ChildrenReader(me)
+    return reader.children()
+
+
+_own_reader: ChildrenReader | None = None
+_own_reader_lock = threading.Lock()
 
 
 class ProcessTree:
@@ -187,12 +182,14 @@ class ProcessTree:
         """Live descendant pids (registered roots in ``skip`` and their subtrees left out)."""
         if self.root is None:
             return []
-        if self.pid == os.getpid() and _has_no_children():
+        me = os.getpid()
+        if self.pid == me and _has_no_children():
             return []  # the common case of a task in the host's own process; the /proc walk reads a file per thread
         out: list[int] = []
         stack = [self.pid]
         while stack:
-            kids = child_pids(stack.pop())
+            parent = stack.pop()
+            kids = _own_children(me) if parent == me else child_pids(parent)
             if kids is None:
                 return self._descendants_psutil(skip)
             for k in kids:
@@ -234,6 +231,8 @@ class ProcessTree:
                 except _Gone:
                     continue
                 procs[pid] = True
+            for pid in self._procs.keys() - procs.keys():
+                _STAT_FILES.forget(pid)  # gone, or no longer under the root: its kept file is not needed
             self._procs = procs
         self.last_seconds = total
         self.last_root_seconds = root_part

@@ -32,12 +32,11 @@ the same way. At a job's end
 Limits: a child that is not a job's (metatrail's own threads are left out) is assigned like one if a job lacks
 a process of its own at that moment; processes a job leaves running in the background are
 followed only while the child lives; a process started by a ``threading.Timer`` thread is not seen alive (see
-:class:`ChildrenReader`). Thread-safe; nothing here raises into Snakemake.
+:class:`~metatrail.energy.procfs.ChildrenReader`). Thread-safe; nothing here raises into Snakemake.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -47,12 +46,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from metatrail.energy.cputime import ProcessTree, child_pids
+from metatrail.energy.cputime import ProcessTree
 from metatrail.energy.processes import TaskProcesses
+from metatrail.energy.procfs import ChildrenReader, read_all
 from metatrail.logsafe import log_once
 
 POLL_S = 0.1
-_READ_SIZE = 1 << 16
 FALLBACK_AFTER = 3  # looks before a child no job claims is assigned by elimination (its job's record may lag)
 log = logging.getLogger("metatrail")
 
@@ -91,72 +90,10 @@ class _Child:
         return self.spawned or self.popen_job is not None
 
 
-class ChildrenReader:
-    """Lists the direct children of a process from ``/proc/<pid>/task/<tid>/children`` (psutil where that file is
-    missing), cheaply enough to run at every look and at every job's end.
-
-    For the controller itself it reads only the threads that may start a job's process: all but metatrail's own
-    (what they start, the Recorder's ``git``, is no job's) and ``threading.Timer`` threads, which only wait and then
-    call one function (Snakemake starts one per rescheduling, so dozens can be alive). They are taken from
-    ``threading`` rather than by listing ``/proc/self/task``, which cost a millisecond and more per look with that
-    many threads; a process started by a thread left out still counts, as CPU time reaped while jobs ran. Each such
-    thread's ``children`` file is opened once and re-read with ``pread`` (a ``seq_file`` regenerates its content
-    at offset 0): opening a ``/proc`` file costs several times more than reading it, and a look read five of them.
-    """
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self._fds: dict[threading.Thread, int] = {}  # the controller's threads, kept open between looks
-        self._skipped: set[threading.Thread] = set()
-
-    def children(self) -> list[int]:
-        """Direct children of the process now (in no particular order)."""
-        if self.pid != os.getpid():
-            return _children_of(self.pid)
-        threads = threading.enumerate()
-        alive = set(threads)
-        for gone in [t for t in self._fds if t not in alive]:
-            _close(self._fds.pop(gone))
-        self._skipped &= alive
-        out: list[int] = []
-        for thread in threads:
-            fd = self._fds.get(thread)
-            if fd is None:
-                if thread in self._skipped or not thread.native_id:  # not yet started: looked at next time
-                    continue
-                if thread.name.startswith("metatrail") or isinstance(thread, threading.Timer):
-                    self._skipped.add(thread)
-                    continue
-                try:
-                    fd = os.open(f"/proc/{self.pid}/task/{thread.native_id}/children", os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    if os.path.exists(f"/proc/{self.pid}/task/{thread.native_id}"):
-                        return _children_psutil(self.pid)  # a kernel without the children files
-                    continue  # the thread ended meanwhile
-                except OSError:
-                    continue
-                self._fds[thread] = fd
-            data = _read_all(fd)
-            if data:
-                out.extend(map(int, data.split()))
-        return out
-
-    def close(self) -> None:
-        """Close the files kept open."""
-        for fd in self._fds.values():
-            _close(fd)
-        self._fds.clear()
-
-
-def _close(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        os.close(fd)
-
-
-def _children_of(pid: int) -> list[int]:
-    """Children of another process ``pid``: the ``children`` file of each of its threads, psutil where missing."""
-    kids = child_pids(pid)
-    return _children_psutil(pid) if kids is None else kids
+def _children(reader: ChildrenReader) -> list[int]:
+    """Direct children of the reader's process; psutil's list where the kernel has no ``children`` files."""
+    kids = reader.children()
+    return _children_psutil(reader.pid) if kids is None else kids
 
 
 def _read_proc(path: str) -> bytes | None:
@@ -169,25 +106,11 @@ def _read_proc(path: str) -> bytes | None:
     except OSError:
         return b""
     try:
-        return _read_all(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_all(fd: int) -> bytes:
-    """Everything from offset 0 of ``fd`` (``pread``, so an open ``/proc`` file can be read again); empty on error."""
-    chunks: list[bytes] = []
-    offset = 0
-    try:
-        while True:
-            chunk = os.pread(fd, _READ_SIZE, offset)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            offset += len(chunk)
+        return read_all(fd)
     except OSError:
         return b""
-    return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _children_psutil(pid: int) -> list[int]:
@@ -253,7 +176,9 @@ class JobProcesses:
         self.pid = controller_pid if controller_pid is not None else os.getpid()
         self._record_clock = record_clock
         self._own_cmdline = _cmdline(self.pid)
-        self._reader = ChildrenReader(self.pid)
+        # Timer threads only wait, then call one function (Snakemake starts one per rescheduling, dozens can be
+        # alive): none starts a job's process.
+        self._reader = ChildrenReader(self.pid, skip_timers=True)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._jobs: dict[Any, _Job] = {}
@@ -337,7 +262,7 @@ class JobProcesses:
         position = self._record_clock() if self._record_clock is not None else None
         logged = position[0] if position is not None else None
         handled = position[1] + (1 if handling_record else 0) if position is not None else None
-        children = set(self._reader.children())
+        children = set(_children(self._reader))
         reaped = _reaped_cpu()
         gained, self._reaped = max(0.0, reaped - self._reaped), reaped
         popens = _registered_popens()

@@ -208,6 +208,7 @@ def test_metatrails_own_processes_are_left_out_of_task_trees(monkeypatch: pytest
         assert abs(counted - own - their_cpu) < 0.05  # ours (0.3 s and more) is not in it
         # Where the kernel has no children files, psutil's walk leaves it out too.
         monkeypatch.setattr(cputime, "child_pids", lambda pid: None)
+        monkeypatch.setattr(cputime, "_own_children", lambda me: None)
         assert tree.descendants() == [theirs.pid]
     finally:
         cputime.forget_own_process(ours.pid)
