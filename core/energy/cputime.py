@@ -11,7 +11,9 @@
   that are themselves registered task roots are skipped, so a nested task is not counted twice while it runs.
   The files read at every sample (``/proc/stat``, the host's threads' ``children``, other processes' ``stat``) are
   kept open and re-read (:mod:`metatrail.energy.procfs`): each system call gives the GIL up, and the host's
-  busy thread pays for every hand-back.
+  busy thread pays for every hand-back. The host's children are those of the threads ``threading`` knows, less
+  metatrail's own: a process started by a thread of C code is not seen alive, and counts once its parent reaps it
+  (in the parent's reaped-children time).
 * metatrail's own helper processes (the Recorder's writer process, a child of the host) are never part of a task's
   tree: :func:`exclude_own_process` names them. Otherwise a task running in the host's process would be charged
   for storing its own records. (Threads of ours inside the host's process cannot be told apart this way: their
@@ -146,9 +148,7 @@ def _own_children(me: int) -> list[int] | None:
     if reader is None or reader.pid != me:
         with _own_reader_lock:
             reader = _own_reader
-            if reader is None or reader.pid != me:
-                if reader is not None:
-                    reader.close()  # forked: the parent's threads' files, copied into this process
+            if reader is None or reader.pid != me:  # forked: the parent's reader closed its files at the fork
                 reader = _own_reader = ChildrenReader(me)
     return reader.children()
 
@@ -186,6 +186,7 @@ class ProcessTree:
         if self.pid == me and _has_no_children():
             return []  # the common case of a task in the host's own process; the /proc walk reads a file per thread
         out: list[int] = []
+        seen: set[int] = set()
         stack = [self.pid]
         while stack:
             parent = stack.pop()
@@ -193,7 +194,8 @@ class ProcessTree:
             if kids is None:
                 return self._descendants_psutil(skip)
             for k in kids:
-                if k not in skip and k not in _OWN_PROCESSES:
+                if k not in skip and k not in _OWN_PROCESSES and k not in seen:
+                    seen.add(k)  # listed once, however many files named it
                     out.append(k)
                     stack.append(k)
         return out

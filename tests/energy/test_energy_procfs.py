@@ -5,9 +5,13 @@ and dropped after a fork, and a look at the host's own children opens nothing on
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import subprocess
+import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 
 import psutil
@@ -40,17 +44,28 @@ def _sleeper(started: list[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
     return proc
 
 
+def _count_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths procfs opens from now on (a list that fills as it does)."""
+    opened: list[str] = []
+    real_open = procfs._open
+    monkeypatch.setattr(procfs, "_open", lambda path: (opened.append(path), real_open(path))[1])
+    return opened
+
+
 def _cpu_ticks(stat: bytes) -> int:
     """utime + stime of a ``/proc/<pid>/stat`` line, in clock ticks."""
     fields = stat[stat.rindex(b")") + 2:].split()
     return int(fields[11]) + int(fields[12])
 
 
-def test_node_stat_is_read_afresh_from_the_kept_file() -> None:
+def test_node_stat_is_read_afresh_from_the_kept_file(monkeypatch: pytest.MonkeyPatch) -> None:
     with open("/proc/stat", "rb") as fh:
         assert read_node_stat() is not None
         first_line = fh.readline().rstrip(b"\n")
+    fd = procfs._node_stat[0]
+    opened = _count_opens(monkeypatch)
     kept = read_node_stat()
+    assert opened == [] and procfs._node_stat == [fd]  # the same file, read again
     assert kept is not None and kept.split()[0] == b"cpu" and len(kept.split()) == len(first_line.split())
     before = node_busy_seconds()
     end = time.process_time() + 0.3
@@ -64,7 +79,7 @@ def test_node_stat_is_read_afresh_from_the_kept_file() -> None:
 
 def test_stat_files_read_a_live_process_afresh(sleepers: list[subprocess.Popen[bytes]]) -> None:
     files = StatFiles()
-    burner = subprocess.Popen(["python3", "-c", "import time\nend = time.process_time() + 0.5\n"
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.5\n"
                                "while time.process_time() < end: pass\nprint('burnt', flush=True)\ntime.sleep(30)"],
                               stdout=subprocess.PIPE)
     sleepers.append(burner)
@@ -125,28 +140,80 @@ def test_kept_files_are_bounded_least_recently_read_first(sleepers: list[subproc
     files.close()
 
 
-def test_kept_files_are_dropped_in_a_forked_child(sleepers: list[subprocess.Popen[bytes]]) -> None:
-    files = StatFiles()
-    proc = _sleeper(sleepers)
-    files.read(proc.pid)
-    assert read_node_stat() is not None
+def _in_forked_child(check: Callable[[], bool]) -> bool:
+    """Run ``check`` in a forked child (killed by an alarm if it hangs); whether it returned True."""
     read_end, write_end = os.pipe()
-    child = os.fork()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+ warns of forking with threads running
+        child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
         try:
-            ok = len(files._fds) == 1 and files.read(proc.pid).startswith(str(proc.pid).encode())
-            ok = ok and len(files._fds) == 1 and files._owner == os.getpid()
-            ok = ok and read_node_stat() is not None and procfs._node_stat[1] == os.getpid()
-            os.write(write_end, b"ok" if ok else b"bad")
+            signal.alarm(10)
+            os.write(write_end, b"ok" if check() else b"bad")
         finally:
             os._exit(0)
     os.close(write_end)
     _, status = os.waitpid(child, 0)
     answer = os.read(read_end, 16)
     os.close(read_end)
-    assert os.waitstatus_to_exitcode(status) == 0 and answer == b"ok"
-    assert files._owner == os.getpid() and procfs._node_stat[1] == os.getpid()  # the parent's are untouched
+    return os.waitstatus_to_exitcode(status) == 0 and answer == b"ok"
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_a_forked_child_closes_the_kept_files_at_once(sleepers: list[subprocess.Popen[bytes]]) -> None:
+    files = StatFiles()
+    proc = _sleeper(sleepers)
+    files.read(proc.pid)
+    reader = ChildrenReader(os.getpid())
+    assert proc.pid in (reader.children() or [])
+    assert read_node_stat() is not None
+    kept = [*files._fds.values(), *(fd for _, fd in reader._fds.values()), *procfs._node_stat]
+    assert kept and all(_is_open(fd) for fd in kept)
+
+    def check() -> bool:
+        # Closed before the child's own code ran (it may open files that get those numbers); then read afresh.
+        closed = not any(_is_open(fd) for fd in kept) and len(files) == 0 and not reader._fds
+        return (closed and files.read(proc.pid).startswith(str(proc.pid).encode())
+                and read_node_stat() is not None and reader.children() is not None)
+
+    assert _in_forked_child(check)
+    assert all(_is_open(fd) for fd in kept)  # the parent's are untouched
     files.close()
+    reader.close()
+
+
+def test_a_forked_child_does_not_inherit_a_held_lock(sleepers: list[subprocess.Popen[bytes]]) -> None:
+    """A thread of the host can fork while another reads (under a keeper's lock): in the child nobody would ever
+    release that lock. The child's reads must not hang."""
+    files = StatFiles()
+    reader = ChildrenReader(os.getpid())
+    proc = _sleeper(sleepers)
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with procfs._node_lock, files._lock, reader._lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(10)
+    try:
+        assert _in_forked_child(lambda: read_node_stat() is not None and bool(files.read(proc.pid))
+                                and reader.children() is not None)
+    finally:
+        release.set()
+        holder.join()
+        files.close()
+        reader.close()
 
 
 def test_children_reader_keeps_each_threads_file_open(sleepers: list[subprocess.Popen[bytes]]) -> None:
@@ -177,17 +244,15 @@ def test_children_reader_keeps_each_threads_file_open(sleepers: list[subprocess.
         assert listed is not None
         assert started["pool"].pid in listed
         assert started["ours"].pid not in listed and started["timer"].pid not in listed
-        opened: list[str] = []
-        real_open = procfs._open
-        procfs._open = lambda path: (opened.append(path), real_open(path))[1]  # type: ignore[assignment]
-        try:
+        with pytest.MonkeyPatch.context() as patch:
+            opened = _count_opens(patch)
             for _ in range(5):
                 again = reader.children()
                 assert again is not None and started["pool"].pid in again
-        finally:
-            procfs._open = real_open  # type: ignore[assignment]
         assert opened == []  # every look after the first re-reads the files it opened then
-        assert started["timer"].pid in (ChildrenReader(os.getpid()).children() or [])  # timers only when asked
+        every = ChildrenReader(os.getpid())
+        assert started["timer"].pid in (every.children() or [])  # timers only when asked
+        every.close()
     finally:
         done.set()
         for thread in threads:
@@ -205,9 +270,7 @@ def test_a_look_at_the_hosts_children_opens_nothing_once_its_files_are_open(
     tree = ProcessTree(os.getpid(), include_children=True)
     assert child.pid in tree.descendants()
     assert tree.seconds() is not None
-    opened: list[str] = []
-    real_open = procfs._open
-    monkeypatch.setattr(procfs, "_open", lambda path: (opened.append(path), real_open(path))[1])
+    opened = _count_opens(monkeypatch)
     for _ in range(5):
         assert child.pid in tree.descendants()
         assert tree.seconds() is not None
@@ -218,3 +281,87 @@ def test_a_look_at_the_hosts_children_opens_nothing_once_its_files_are_open(
     child.wait()
     assert tree.seconds() is not None
     assert child.pid not in cputime._STAT_FILES._fds  # a descendant gone from the tree: its file is closed
+
+
+def test_files_longer_than_a_page_are_read_whole(sleepers: list[subprocess.Popen[bytes]]) -> None:
+    """One read of a seq_file returns at most a page: a children file of a process with hundreds of children (a
+    ``multiprocessing`` pool on a big node, GNU parallel) is read to its end."""
+    pid = _sleeper(sleepers).pid
+    _wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_SLEEPING)  # started: its mappings are made
+    smaps = f"/proc/{pid}/smaps"  # a sleeping process's: stable, and several pages long
+    with open(smaps, "rb") as fh:
+        whole = fh.read()
+    assert len(whole) > 2 * 4096
+    fd = os.open(smaps, os.O_RDONLY)
+    try:
+        assert procfs.read_all(fd) == whole
+    finally:
+        os.close(fd)
+    parent = subprocess.Popen(["bash", "-c", "for i in $(seq 700); do sleep 60 & done; echo started; wait"],
+                              stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == b"started"
+        kids = procfs.child_pids(parent.pid)
+        assert kids is not None and len(kids) == 700 and len(set(kids)) == 700
+        assert sum(len(str(k)) + 1 for k in kids) > 4096  # more than a page of text
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)
+        parent.wait()
+
+
+def test_an_os_thread_is_read_once_however_many_thread_objects_name_it(
+        sleepers: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Green threads (gevent, eventlet) are ``threading.Thread`` objects that share the main thread's OS thread: its
+    children must be listed once, not once per object (their CPU time would be counted as many times)."""
+    child = _sleeper(sleepers)
+    greens = []
+    for i in range(5):
+        green = threading.Thread(name=f"green-{i}")
+        green._native_id = threading.main_thread().native_id  # type: ignore[attr-defined]
+        greens.append(green)
+    real = threading.enumerate
+    monkeypatch.setattr(procfs.threading, "enumerate", lambda: [*real(), *greens])
+    reader = ChildrenReader(os.getpid())
+    try:
+        for _ in range(2):
+            listed = reader.children()
+            assert listed is not None and listed.count(child.pid) == 1
+        assert len({tid for tid in reader._fds}) == len(reader._fds)  # one file per OS thread
+    finally:
+        reader.close()
+    tree = ProcessTree(os.getpid(), include_children=True)
+    assert tree.descendants().count(child.pid) == 1
+
+
+def test_kept_files_are_bounded_by_the_open_file_limit(sleepers: list[subprocess.Popen[bytes]],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host with many threads, or a low open-file limit: past the budget a look opens, reads and closes, and every
+    child is still listed."""
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (64, 4096))
+    assert procfs.kept_files_budget(128) == 4 and StatFiles().kept == 4
+    reader = ChildrenReader(os.getpid(), kept=2)
+    assert reader.kept == 2
+    done = threading.Event()
+    started: list[subprocess.Popen[bytes]] = []
+    threads = []
+
+    def body() -> None:
+        started.append(subprocess.Popen(["sleep", "30"]))
+        done.wait(30)
+
+    try:
+        for i in range(4):
+            thread = threading.Thread(target=body, name=f"worker-{i}", daemon=True)
+            thread.start()
+            threads.append(thread)
+        _wait_for(lambda: len(started) == 4)
+        sleepers.extend(started)
+        for _ in range(2):
+            listed = reader.children()
+            assert listed is not None and {p.pid for p in started} <= set(listed)
+            assert len(reader._fds) == 2
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+        reader.close()
