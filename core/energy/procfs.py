@@ -59,8 +59,8 @@ def read_all(fd: int) -> bytes:
 
 
 def kept_files_budget(wanted: int) -> int:
-    """How many files one keeper may keep open: ``wanted``, but at most a sixteenth of the soft open-file limit (the
-    host's own files come first)."""
+    """How many files one keeper may keep open: ``wanted``, but at most a thirty-second of the soft open-file limit
+    (the host's own files come first; a host has at most a few keepers)."""
     try:
         import resource
 
@@ -69,7 +69,7 @@ def kept_files_budget(wanted: int) -> int:
         return wanted
     if soft == resource.RLIM_INFINITY or soft <= 0:
         return wanted
-    return max(2, min(wanted, soft // 16))
+    return max(2, min(wanted, soft // 32))
 
 
 def _open(path: str) -> int:

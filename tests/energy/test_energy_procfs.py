@@ -337,7 +337,7 @@ def test_kept_files_are_bounded_by_the_open_file_limit(sleepers: list[subprocess
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A host with many threads, or a low open-file limit: past the budget a look opens, reads and closes, and every
     child is still listed."""
-    monkeypatch.setattr(resource, "getrlimit", lambda which: (64, 4096))
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (128, 4096))
     assert procfs.kept_files_budget(128) == 4 and StatFiles().kept == 4
     reader = ChildrenReader(os.getpid(), kept=2)
     assert reader.kept == 2
