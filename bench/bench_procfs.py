@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import timeit
+from collections.abc import Callable
 from pathlib import Path
 
 from metatrail.energy.cputime import ProcessTree, node_busy_seconds
@@ -70,9 +71,9 @@ def tree_per_look() -> float:
     return total
 
 
-def best(fn: object, looks: int) -> float:
+def best(fn: Callable[[], object], looks: int) -> float:
     """Best of 5 rounds, in microseconds per look."""
-    return min(timeit.repeat(fn, number=looks, repeat=5)) / looks * 1e6  # type: ignore[arg-type]
+    return min(timeit.repeat(fn, number=looks, repeat=5)) / looks * 1e6
 
 
 def main() -> int:

@@ -33,9 +33,6 @@ import psutil
 
 from .procfs import ChildrenReader, ProcGone, StatFiles, child_pids, read_node_stat
 
-__all__ = ["ProcessTree", "child_pids", "exclude_own_process", "forget_own_process", "node_busy_seconds",
-           "own_process_seconds", "own_processes"]
-
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
