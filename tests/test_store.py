@@ -270,3 +270,43 @@ def test_sqlite_readers_take_no_write_lock_and_writers_still_do(tmp_path: Path) 
                 blocker.close()
     finally:
         engine.dispose()
+
+
+def test_sqlite_pool_returns_no_connection_inside_a_transaction(tmp_path: Path) -> None:
+    """The pool does not roll back every returned connection (our users end their transactions); one that comes back
+    inside a transaction all the same is rolled back, so the write lock is free and the next user starts clean."""
+    from sqlalchemy import text
+
+    from metatrail.store import dialect
+
+    url = f"sqlite:///{tmp_path / 'pool.db'}"
+    open_store(url).close()
+    engine = dialect.make_engine(url)
+
+    def lock_is_free() -> bool:
+        other = sqlite3.connect(tmp_path / "pool.db", timeout=0.2, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            return True
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            other.close()
+
+    try:
+        raw = engine.raw_connection()
+        raw.cursor().execute("BEGIN IMMEDIATE")
+        raw.cursor().execute("INSERT INTO sync_cursors VALUES ('p', 'push', '', 1, 0)")
+        assert not lock_is_free()
+        raw.close()  # back to the pool with the transaction open, its insert uncommitted
+        assert lock_is_free()
+        conn = engine.connect()  # a Core connection closed inside its (write) transaction
+        conn.execute(text("INSERT INTO sync_cursors VALUES ('q', 'push', '', 1, 0)"))
+        conn.close()
+        assert lock_is_free()
+        with dialect.raw_transaction(engine) as cur:  # the next user gets a clean connection
+            cur.execute("SELECT count(*) FROM sync_cursors")
+            assert cur.fetchone()[0] == 0
+    finally:
+        engine.dispose()
