@@ -333,9 +333,16 @@ class Recorder:
                 target = self._submitted
                 self._flushing += 1
                 self._cv.notify_all()
-                try:
+            # Reports of stopped tasks wait for the energy sampler's next sample, which is paced (up to 20 ms away,
+            # more in a burst of short tasks): a caller waiting for them wants it now.
+            try:
+                hurry = getattr(self._energy_monitor, "hurry", None)
+                if hurry is not None and target > self._done:
+                    self._guard("energy hurry", hurry, None)
+                with self._cv:
                     return self._wait_done(target, deadline)
-                finally:
+            finally:
+                with self._cv:
                     self._flushing -= 1
         except Exception as exc:
             log_once("flush", "metatrail: flush failed: %s", exc)

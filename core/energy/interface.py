@@ -48,6 +48,10 @@ this with ``end_interpolated``, the interval length ``end_interpolation_s`` (whi
 error) and ``end_task_cpu`` (``read-at-stop`` or ``interpolated``). If no sample closes the window within
 ``report_timeout_s``, the report covers the task up to its last sample before the stop and says so in
 ``errors``; ``coverage`` shows the part left out.
+
+A monitor may also offer ``hurry()`` (the Recorder calls it when present, when a caller waits in ``flush``): the
+reports of the tasks stopped so far are awaited now, so the next sample is taken at once rather than at the pacing
+gap. It must be cheap and never raise.
 """
 
 from __future__ import annotations

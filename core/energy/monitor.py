@@ -26,7 +26,9 @@ pace, as without a burst. A sample costs the sampler about half a millisecond of
 host's threads), and in a burst of 3 ms tasks nearly every task started and stopped between two samples anyway; a
 sample per 20 ms bought a measured interval for one task in ten, a sliver of its short run. What such a task keeps
 is its CPU time read at its start and stop, when its root is this process and no other task registered that process
-meanwhile (a host-fed task keeps the host's figure).
+meanwhile (a host-fed task keeps the host's figure). Pacing serves many tasks, not a host waiting for one: a
+:meth:`EnergyMonitor.hurry` (the Recorder's ``flush``) makes the next sample unpaced, so an Airflow task runner ending
+its one try, or a process exiting, does not wait up to a gap for its windows to close.
 
 Closing a window (:mod:`metatrail.energy.window`): the first sample after a stop splits its interval at the stop
 time, with counters interpolated linearly to it; the task gets ``[last sample, stop]`` (shared with the tasks
@@ -211,6 +213,7 @@ class EnergyMonitor:
         self._lock = threading.RLock()
         self._start_lock = threading.Lock()
         self._wake = threading.Event()
+        self._hurry = threading.Event()  # set by hurry(): the next sample is not paced
         self._ready = threading.Event()
         self._window_closed = threading.Condition()
         self._closed = False
@@ -323,6 +326,15 @@ class EnergyMonitor:
     def task_finished(self, token: object) -> dict[str, Any] | None:
         """Stop the task and return its payload (``task_report(task_stopped(token))``); never raises."""
         return self.task_report(self.task_stopped(token))
+
+    def hurry(self) -> None:
+        """Someone waits for the reports of the tasks stopped so far (a host's flush: a task runner ending its one
+        task, a process exiting): take the next sample now rather than at the pacing gap, so their windows close
+        at once. Pacing bounds the sampler's cost over many tasks; a waiting host gains nothing from it. Cheap
+        (no lock, no I/O); does nothing while no task is registered; never raises."""
+        if self._live or self._tasks or self._pending:
+            self._hurry.set()
+            self._wake.set()
 
     def close(self) -> None:
         """Stop the sampler thread and close the meters (tests, interpreter shutdown)."""
@@ -586,6 +598,9 @@ class EnergyMonitor:
         # closing sample, and a task running for ``min_sample_gap_s`` its first one, at the narrow pace.
         floor = self.min_sample_gap_s
         while not self._closed:
+            if self._hurry.is_set():  # someone waits for the reports (see hurry)
+                self._hurry.clear()
+                return
             prev = self._prev
             if prev is None:
                 return
@@ -597,8 +612,8 @@ class EnergyMonitor:
             if wait <= 0:
                 return
             # Re-checked at least every ``floor`` (not at each start and stop: in a burst that would wake this
-            # thread twice per task), so a need that arises meanwhile waits at most that long.
-            time.sleep(min(wait, max(floor, 0.005)))
+            # thread twice per task), so a need that arises meanwhile waits at most that long; a hurry at once.
+            self._hurry.wait(min(wait, max(floor, 0.005)))
 
     def _first_need(self, now: float, floor: float) -> float:
         """When the next sample is needed by a task other than a burst's: now for a stopped task that a sample

@@ -274,3 +274,62 @@ def test_recorder_reports_energy_from_its_writer_thread(
     validate_facet(energy)
     assert energy["end_interpolated"] is True
     assert energy["task_cpu_s"] == pytest.approx(until_stop, abs=TOLERANCE_S)
+
+
+def _wait_baselined(mon: EnergyMonitor, execution_id: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if any(t.token.execution_id == execution_id and t.baselined for t in list(mon._tasks.values())):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"{execution_id} never got its first sample")
+
+
+@pytest.mark.parametrize("hurried", [True, False])
+def test_a_waiting_host_gets_the_closing_sample_now_not_at_the_pacing_gap(
+    monitors: Any, validate_facet: Validate, hurried: bool
+) -> None:
+    """``hurry()`` (a flush waiting for reports) makes the next sample unpaced: the window of a task stopped just
+    after its first sample closes at a sample taken then, not a whole gap after that first one. Nobody waiting,
+    the pacing holds."""
+    gap = 1.5
+    mon = monitors([CpuEstimateMeter(tdp_per_cpu_w=TDP)], interval_s=10.0, min_sample_gap_s=gap, report_timeout_s=30)
+    token = mon.task_started("short", pid=os.getpid())
+    _wait_baselined(mon, "short")
+    burn(0.05)
+    stopped = mon.task_stopped(token)
+    if hurried:
+        mon.hurry()
+    payload = mon.task_report(stopped)
+    assert payload is not None
+    validate_facet(payload)
+    assert payload["end_interpolated"] is True
+    # The interpolated span runs from the task's first sample to the one that closed its window.
+    if hurried:
+        assert payload["end_interpolation_s"] < gap / 2, payload
+    else:
+        assert payload["end_interpolation_s"] >= gap * 0.9, payload
+    assert payload["task_cpu_s"] == pytest.approx(0.05, abs=TOLERANCE_S)
+
+
+def test_recorder_flush_hurries_the_energy_sampler(
+    tmp_path: pathlib.Path, monitors: Any, validate_facet: Validate
+) -> None:
+    """A flush (a task runner ending its one task, a process exiting) does not wait out the sampler's pacing gap
+    for the energy of the tasks it waits for."""
+    gap = 1.5
+    mon = monitors([CpuEstimateMeter(tdp_per_cpu_w=TDP)], interval_s=10.0, min_sample_gap_s=gap, report_timeout_s=30)
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    recorder = Recorder(load_settings(store=store, hash_cache=str(tmp_path / "h.db")), energy_monitor=mon)
+    try:
+        ex = recorder.execution_started("p", "short")
+        _wait_baselined(mon, ex.id)
+        burn(0.05)
+        recorder.execution_finished(ex)
+        assert recorder.flush(30)
+    finally:
+        recorder.close()
+    with open_store(store) as s:
+        energy = next(r["energy"] for r in s.list_runs(kind="execution") if r["stage"] == "short")
+    validate_facet(energy)
+    assert energy["end_interpolation_s"] < gap / 2, energy
