@@ -297,12 +297,16 @@ def test_files_longer_than_a_page_are_read_whole(sleepers: list[subprocess.Popen
         assert procfs.read_all(fd) == whole
     finally:
         os.close(fd)
-    parent = subprocess.Popen(["bash", "-c", "for i in $(seq 700); do sleep 60 & done; echo started; wait"],
+    # Enough children for more than a page of text whatever their pids: a user process's pid has at least three
+    # digits (after a wrap the kernel starts again at 300), four characters with the separator. On a machine
+    # booted minutes ago pids have four digits, and 700 children were only 3,500 characters.
+    count = 1100
+    parent = subprocess.Popen(["bash", "-c", f"for i in $(seq {count}); do sleep 60 & done; echo started; wait"],
                               stdout=subprocess.PIPE, start_new_session=True)
     try:
         assert parent.stdout is not None and parent.stdout.readline().strip() == b"started"
         kids = procfs.child_pids(parent.pid)
-        assert kids is not None and len(kids) == 700 and len(set(kids)) == 700
+        assert kids is not None and len(kids) == count and len(set(kids)) == count
         assert sum(len(str(k)) + 1 for k in kids) > 4096  # more than a page of text
     finally:
         os.killpg(parent.pid, signal.SIGKILL)
