@@ -61,9 +61,22 @@ class ErrorText:
 
     @classmethod
     def of(cls, error: BaseException) -> ErrorText:
+        """The text of ``error``; never raises (an exception whose ``__str__`` fails still has a type and a place)."""
         import traceback
 
-        return cls(f"{type(error).__name__}: {error}", "".join(traceback.format_exception(error)) or None)
+        name = type(error).__name__
+        try:
+            message = f"{name}: {error}"
+        except Exception as exc:
+            message = f"{name}: <str() of the exception failed: {type(exc).__name__}>"
+        try:
+            stack = "".join(traceback.format_exception(error)) or None
+        except Exception:
+            try:
+                stack = "".join(traceback.format_tb(error.__traceback__)) + message + "\n"
+            except Exception:
+                stack = None
+        return cls(message, stack)
 
 
 @dataclass(frozen=True)

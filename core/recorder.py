@@ -23,6 +23,12 @@ Large outputs never stretch a task's critical path: outputs are hashed on the wr
 
 from __future__ import annotations
 
+import atexit
+
+# Imported now, not when the writer thread first starts: importing it registers an exit hook with threading, which
+# raises once the interpreter has begun shutting down, and a thread that Python waits for at exit may record its
+# first event then. The writer's lazy imports (the store's) would import it too.
+import concurrent.futures.thread  # noqa: F401
 import json
 import logging
 import math
@@ -43,6 +49,7 @@ from metatrail.model import ArtifactRef, ErrorText, Execution, PipelineRun, Stat
 from metatrail.ship import Shipper
 
 T = TypeVar("T")
+S = TypeVar("S", Execution, PipelineRun)
 PathLike: TypeAlias = str | os.PathLike[str] | ArtifactRef
 MAX_PENDING = 100_000
 WRITE_BATCH = 64  # events per store transaction: small enough to hold the GIL only briefly
@@ -105,6 +112,7 @@ class _Item:
     warnings: list[str] = field(default_factory=list)
     energy_report: dict[str, Any] | None = None  # made before the item goes to a writer process
     pid: int | None = None  # the recording process, when the event is built in another
+    input_refs: list[ArtifactRef] | None = None  # exec_end: its START's inputs as hashed, when built elsewhere
 
 
 class Recorder:
@@ -145,6 +153,10 @@ class Recorder:
         # exit hook below, so the shipper's own exit step runs after the Recorder's exit flush.
         self._shipper = shipper if shipper is not None else Shipper.lazy(lambda: self.settings)
         at_exit(self._at_exit)
+        # And once more after the threads Python waits for at exit (non-daemon threads, thread pools) have ended:
+        # the first flush runs before they are joined, and what they recorded afterwards would be lost with the
+        # writer (a daemon thread) at finalisation.
+        atexit.register(self._at_exit)
 
     # -- configuration (lazy) -----------------------------------------------------------------------------------
     @property
@@ -196,11 +208,6 @@ class Recorder:
             # is full; waking it for every event costs a GIL hand-over per event on the caller's thread.
             wake = len(self._queue) == 1 or len(self._queue) >= WRITE_BATCH
             if self._thread is None or not self._thread.is_alive():
-                # Imported here, on the caller's thread, once: if the interpreter starts shutting down while the
-                # writer is still importing its (lazy) dependencies, concurrent.futures.thread could no longer be
-                # imported there, and the first events would be lost.
-                import concurrent.futures.thread  # noqa: F401
-
                 self._thread = threading.Thread(target=self._writer, name="metatrail-writer", daemon=True)
                 self._thread.start()
             if wake:
@@ -223,7 +230,7 @@ class Recorder:
             run = PipelineRun(id=fallback.id, pipeline=pipeline, namespace=namespace or self.settings.namespace,
                               integration=integration, started_at=at, params=safe_params(params, warnings),
                               host_version=integration_version, extra=dict(extra or {}))
-            self._submit(_Item("pipeline_start", run, at, warnings=warnings))
+            self._submit(_Item("pipeline_start", _snapshot(run), at, warnings=warnings))
             return run
 
         return self._guard("pipeline_run_started", go, fallback)
@@ -240,7 +247,7 @@ class Recorder:
         def go() -> None:
             if extra:
                 run.extra.update(extra)
-            self._submit(_Item("pipeline_end", run, at, status=Status(status), error=error))
+            self._submit(_Item("pipeline_end", _snapshot(run), at, status=Status(status), error=error))
 
         self._guard("pipeline_run_finished", go, None)
 
@@ -280,7 +287,7 @@ class Recorder:
                     handle.extra["_energy_token"] = token
             input_list = list(inputs)
             handle.inputs = [i.uri if isinstance(i, ArtifactRef) else os.fspath(i) for i in input_list]
-            self._submit(_Item("exec_start", handle, at, inputs=input_list, warnings=warnings))
+            self._submit(_Item("exec_start", _snapshot(handle), at, inputs=input_list, warnings=warnings))
             return handle
 
         return self._guard("execution_started", go, handle)
@@ -309,7 +316,7 @@ class Recorder:
             token = execution.extra.pop("_energy_token", None) if execution.extra else None
             if token is not None:
                 energy = self._guard("energy stop", lambda: self._energy().task_stopped(token), None)
-            self._submit(_Item("exec_end", execution, at, inputs=list(inputs), outputs=list(outputs),
+            self._submit(_Item("exec_end", _snapshot(execution), at, inputs=list(inputs), outputs=list(outputs),
                                status=Status(status), error=error, exit_code=exit_code, energy=energy))
 
         self._guard("execution_finished", go, None)
@@ -422,8 +429,12 @@ class Recorder:
                         break
                     self._cv.wait(remaining)
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), WRITE_BATCH))]
-            if self._to_process(batch):
-                continue  # done when the writer process acknowledges it
+            try:
+                if self._to_process(batch):
+                    continue  # done when the writer process acknowledges it
+            except Exception as exc:  # the batch is written here instead: nothing accepted is dropped
+                log_once(f"handoff:{type(exc).__name__}", "metatrail: could not hand events to the writer process "
+                         "(%s: %s); writing them here", type(exc).__name__, exc)
             self.write_items(batch)
             with self._cv:
                 self._done += len(batch)
@@ -470,6 +481,9 @@ class Recorder:
                 item.energy_report = self._energy_report(stopped)
             if isinstance(item.error, BaseException):
                 item.error = ErrorText.of(item.error)
+            if item.kind == "exec_end" and item.input_refs is None:
+                # Its START was built here: the writer process must use those hashes (what the task read).
+                item.input_refs = self._input_refs.pop(item.subject.id, None)
         return bool(self._process.send(batch))
 
     def _energy_report(self, stopped: object) -> dict[str, Any] | None:
@@ -572,9 +586,11 @@ class Recorder:
                 inputs = _unless_modified_since(self._hash(item.inputs), subject.started_at)
                 self._input_refs[subject.id] = inputs
             else:
-                known = self._input_refs.pop(subject.id, None)
-                if known is None:  # finished in another process than it started: re-hash (cache hits)
-                    known = self._hash(subject.inputs)
+                known = item.input_refs if item.input_refs is not None else self._input_refs.pop(subject.id, None)
+                if known is None:
+                    # Its START was built elsewhere (another process finished it, or the START's writer died):
+                    # hashed again (cache hits), and what changed since the start is withdrawn, as at the start.
+                    known = _unless_modified_since(self._hash(subject.inputs), subject.started_at)
                 inputs = known + self._hash(item.inputs)
                 outputs = self._hash(item.outputs)
             if subject.pipeline_run_id:
@@ -589,6 +605,21 @@ class Recorder:
             job_type=job_type, execution_facet=facet, integration_version=subject.host_version or __version__,
             parent=parent, inputs=inputs, outputs=outputs, error=item.error, energy=energy,
         )
+
+
+def _snapshot(subject: S) -> S:
+    """``subject`` as it is now, for an event built later on the writer. The caller's handle goes on changing
+    (``execution_finished`` adds ``extra`` and metrics to it, a host may edit it), and an event must carry what was
+    known when it was recorded: its bytes are its identity, so a START must not depend on when the writer got to
+    it. Its containers are copied one level deep; the energy token stays with the handle."""
+    snap = object.__new__(type(subject))  # copy.copy, at half the cost (this runs on the host's thread)
+    snap.__dict__.update(subject.__dict__)
+    snap.params = dict(subject.params)
+    snap.extra = {k: v for k, v in subject.extra.items() if k != "_energy_token"}
+    if isinstance(snap, Execution):
+        snap.inputs = list(snap.inputs)
+        snap.metrics = dict(snap.metrics)
+    return snap
 
 
 def _merged_warnings(known: list[str] | None, new: list[str]) -> list[str]:

@@ -268,3 +268,91 @@ def test_large_and_odd_parameters_are_bounded() -> None:
     assert isinstance(facet["params"]["rows"], str) and len(facet["params"]["rows"]) <= 2001
     assert any("'rows'" in w and "limit" in w for w in facet["warnings"])
     assert facet["extra"]["return_value"] == "ok"
+
+
+@pytest.mark.parametrize("first_event_late", [False, True])
+def test_threads_python_waits_for_at_exit_lose_nothing(first_event_late: bool) -> None:
+    """The exit flush runs when the main thread ends, before Python joins its non-daemon threads (a thread pool's
+    workers, a host's own threads); what they record afterwards, all of it when they record the first event, is
+    stored once they have ended."""
+    script = ("import threading, time, metatrail\n"
+              "r = metatrail.get_recorder()\n"
+              f"if not {first_event_late}:\n"
+              "    r.execution_finished(r.execution_started('exit', 'main'))\n"
+              "def late():\n"
+              "    threading.main_thread().join()\n"
+              "    time.sleep(1.0)  # the exit flush of the main thread's events has run\n"
+              "    for i in range(20):\n"
+              "        r.execution_finished(r.execution_started('exit', f'late{i}'))\n"
+              "threading.Thread(target=late).start()\n")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ}, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0 and "metatrail" not in done.stderr, done.stderr
+    with open_store(os.environ["METATRAIL_STORE"]) as store:
+        assert store.stats()["events"] == 40 + (0 if first_event_late else 2)
+
+
+def test_an_event_carries_what_was_known_when_it_was_recorded() -> None:
+    """A START is built later on the writer, but from the execution as it was when it started: what its end adds
+    (a return value, metrics) is in the COMPLETE only. An event's bytes are its identity, so a START rebuilt after
+    a writer process died is the same event, stored once."""
+    recorder = Recorder()
+    ex = recorder.execution_started("p", "s", params={"lr": 0.1}, extra={"queue": "q1"})
+    recorder.execution_finished(ex, extra={"return_value": 42}, metrics={"loss": 0.5})  # within the writer's linger
+    assert recorder.flush(30)
+    facets = {e["eventType"]: e["run"]["facets"]["metatrail_execution"] for e in _events(recorder)}
+    assert facets["START"]["extra"] == {"queue": "q1"} and facets["START"]["metrics"] == {}
+    assert facets["COMPLETE"]["extra"] == {"queue": "q1", "return_value": 42}
+    assert facets["COMPLETE"]["metrics"] == {"loss": 0.5}
+    assert facets["START"]["params"] == facets["COMPLETE"]["params"] == {"lr": 0.1}
+    recorder.close()
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise AttributeError("this exception has no message")
+
+
+def test_an_error_that_cannot_be_printed_is_still_recorded() -> None:
+    """An exception whose ``__str__`` raises costs neither its own FAIL event nor the other events of its batch."""
+    recorder = Recorder()
+    executions = [recorder.execution_started("p", f"s{i}") for i in range(4)]
+    try:
+        raise _Unprintable
+    except _Unprintable as exc:
+        recorder.execution_failed(executions[0], error=exc)
+    for ex in executions[1:]:
+        recorder.execution_finished(ex)
+    assert recorder.flush(30)
+    events = _events(recorder)
+    assert len(events) == 8
+    fail = next(e for e in events if e["eventType"] == "FAIL")
+    assert fail["run"]["facets"]["errorMessage"]["message"].startswith("_Unprintable: <str() of the exception failed")
+    recorder.close()
+
+
+def test_an_execution_finished_after_the_switch_to_the_writer_process_keeps_the_hash_it_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its START was built on the thread, its COMPLETE in the writer process: both carry the hash of the input as
+    the task read it, not of what the task wrote into it later."""
+    import hashlib
+
+    monkeypatch.setenv("METATRAIL_WRITER", "auto")
+    data = tmp_path / "state.json"
+    data.write_text("version 1\n")
+    os.utime(data, (1.7e9, 1.7e9))
+    recorder = Recorder()
+    ex = recorder.execution_started("p", "update", inputs=[data])
+    assert recorder.flush(30)  # its START is written on the thread, with the hash of what it read
+    for i in range(20):  # the host records more tasks: the writer process takes over
+        recorder.execution_finished(recorder.execution_started("p", f"other{i}"))
+    assert recorder.flush(30) and recorder._process is not None
+    data.write_text("version 2, written by the task\n")
+    recorder.execution_finished(ex)
+    assert recorder.flush(30)
+    hashes = {e["eventType"]: e["inputs"][0]["facets"]["metatrail_artifact"]["hash"]
+              for e in _events(recorder) if e["job"]["name"] == "p.update"}
+    assert hashes == {"START": hashlib.md5(b"version 1\n").hexdigest(),
+                      "COMPLETE": hashlib.md5(b"version 1\n").hexdigest()}
+    assert not recorder._input_refs  # the host keeps no hashes of executions that ended
+    recorder.close()
