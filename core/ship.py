@@ -12,7 +12,8 @@ then pushes what the server lacks with the same missing-events transfer as ``met
   up by the next process's shipper or by ``metatrail push``.
 * **Bounded.** Memory holds one page. When the backlog grows past ``METATRAIL_SHIP_MAX_BACKLOG`` events (default
   1,000,000) the shipper skips RUNNING/OTHER and run-less events in the excess and counts them in ``dropped``;
-  START/COMPLETE/FAIL/ABORT are never skipped, and skipped events stay in the local store for ``metatrail push``.
+  START/COMPLETE/FAIL/ABORT are never skipped. Skipped events stay in the local store; the shared cursor has moved
+  past them, so ``metatrail push --all`` (which compares the whole log) sends them.
 * **Rejected events** (a 4xx for an event the server refuses) are isolated by bisection, counted in ``rejected``
   and skipped, so one bad event cannot stall the queue. Authentication errors (401/403) stall and are logged.
 * **Kill switch.** With ``METATRAIL_DISABLED=1`` :meth:`notify` returns at once.

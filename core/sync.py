@@ -549,16 +549,19 @@ def _client(url: str | None, token: str | None, timeout: float) -> Any:
 
 
 def push(store_url: str, server_url: str | None = None, *, token: str | None = None, filt: Filter = Filter(),
-         show_progress: bool = True, timeout: float = 60.0) -> TransferResult:
-    """Send the events of the local store at ``store_url`` that the server lacks (``metatrail push``)."""
+         show_progress: bool = True, timeout: float = 60.0, compare_all: bool = False) -> TransferResult:
+    """Send the events of the local store at ``store_url`` that the server lacks (``metatrail push``): those after
+    the cursor of the last push, or with ``compare_all`` every event (the cursor is then neither read nor moved)."""
     store, log = _open_local(store_url)
     client = _client(server_url, token, timeout)
     try:
         remote = HttpEndpoint(client)
         local = LocalEndpoint(store, log)
-        total = log.count_after(log.get_cursor(remote.key, "push", filt.scope), filt) if show_progress else 0
+        start = 0 if compare_all else log.get_cursor(remote.key, "push", filt.scope)
+        total = log.count_after(start, filt) if show_progress else 0
         with Progress(f"push to {client.url}", total, enabled=show_progress) as bar:
-            return transfer(local, remote, log=log, peer=remote.key, direction="push", filt=filt, progress=bar)
+            return transfer(local, remote, log=None if compare_all else log, peer=remote.key, direction="push",
+                            filt=filt, progress=bar)
     finally:
         client.close()
         log.close()

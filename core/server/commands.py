@@ -128,7 +128,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
     from metatrail.sync import push
 
     result = push(_store_url(args), args.to, token=args.token, filt=_filter(args),
-                  show_progress=not args.no_progress)
+                  show_progress=not args.no_progress, compare_all=args.compare_all)
     print(f"pushed {result.sent} events ({result.inserted} new to the server) of {result.scanned} examined; "
           f"position {result.position}")
     return 0
@@ -267,6 +267,10 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("push", help="send the local events a server lacks")
     _store_arg(p, "the local store")
     p.add_argument("--to", help="server URL (default: METATRAIL_SERVER)")
+    p.add_argument("--all", action="store_true", dest="compare_all",
+                   help="compare the whole log, not only what came after the last push (sends what the server lacks "
+                        "from before it too: events the shipper skipped past its backlog bound, a server restored "
+                        "from an older backup); the cursor is left as it is")
     _selection(p)
     p.set_defaults(func=_cmd_push)
 

@@ -121,6 +121,9 @@ def test_cli_push_pull(config: ServerConfig, tokens: Tokens, tmp_path: Path,
     with live(config) as server:
         assert commands.main(["push", "--store", a, "--to", server.url, "--token", tokens.write]) == 0
         assert "pushed 4 events" in capsys.readouterr().out
+        # --all compares the whole log: it examines every event again and sends none the server already has.
+        assert commands.main(["push", "--all", "--store", a, "--to", server.url, "--token", tokens.write]) == 0
+        assert "pushed 0 events (0 new to the server) of 4 examined" in capsys.readouterr().out
         monkeypatch.setenv("METATRAIL_SERVER", server.url)
         monkeypatch.setenv("METATRAIL_TOKEN", tokens.read)
         assert commands.main(["pull", "--store", b, "--pipeline", "cli", "--since", "2020-01-01"]) == 0
