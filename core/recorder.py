@@ -138,6 +138,8 @@ class Recorder:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._flushing = 0
+        self._exit_seen: int | None = None  # events submitted when the first exit flush began
+        self._exit_ok = True  # no exit flush has run out of time
         self._hash_cache: Any = None
         self._input_refs: dict[str, list[ArtifactRef]] = {}
         self._code_version: dict[str, Any] | bool | None = False
@@ -156,7 +158,7 @@ class Recorder:
         # And once more after the threads Python waits for at exit (non-daemon threads, thread pools) have ended:
         # the first flush runs before they are joined, and what they recorded afterwards would be lost with the
         # writer (a daemon thread) at finalisation.
-        atexit.register(self._at_exit)
+        atexit.register(self._at_exit_late)
 
     # -- configuration (lazy) -----------------------------------------------------------------------------------
     @property
@@ -395,6 +397,7 @@ class Recorder:
         self._queue = deque()
         self._submitted = self._done = 0
         self._flushing = 0
+        self._exit_seen, self._exit_ok = None, True
         self._thread = None
         self._store = None
         self._hash_cache = None
@@ -406,11 +409,25 @@ class Recorder:
 
     def _at_exit(self) -> None:
         # After close() the flush already had its chance (and its timeout): do not wait a second time.
-        if self._submitted > self._done and not self._closed and not is_disabled():
-            timeout = self._settings.flush_timeout if self._settings else 30.0
-            if not self.flush(timeout):
-                log.warning("metatrail: %d events were not stored before exit (flush timeout %.0fs)",
-                            self.pending, timeout)
+        if self._closed or is_disabled():
+            return
+        self._exit_seen = self._submitted
+        if self._submitted > self._done:
+            self._exit_flush()
+
+    def _at_exit_late(self) -> None:
+        # Only for what was recorded after the first exit flush began (threads Python joins at exit), and not when
+        # that flush ran out of time: a second full wait would only double the exit of a process whose store is
+        # stuck.
+        if self._closed or is_disabled() or not self._exit_ok or self._submitted <= (self._exit_seen or 0):
+            return
+        self._exit_flush()
+
+    def _exit_flush(self) -> None:
+        timeout = self._settings.flush_timeout if self._settings else 30.0
+        self._exit_ok = self.flush(timeout)
+        if not self._exit_ok:
+            log.warning("metatrail: %d events were not stored before exit (flush timeout %.0fs)", self.pending, timeout)
 
     # -- the writer thread --------------------------------------------------------------------------------------
     def _writer(self) -> None:

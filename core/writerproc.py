@@ -17,7 +17,8 @@ Contract:
 * If the child dies, the batches it had not acknowledged go back to the caller (``on_lost``, in order), which
   writes them on its thread: nothing is lost, and an event written twice is stored once (the store is idempotent).
 * When the host exits (or calls :meth:`close`), the child reads to the end of the pipe, stores what is left, and
-  exits: events submitted just before a crash of the host are still stored.
+  exits: events submitted just before a crash of the host are still stored (with no host left to acknowledge to,
+  the child stops acknowledging, not storing). :meth:`close` never waits for a stalled child.
 * The child only stores. Energy reports are made by the host (its meter) before a batch is sent; shipping to a
   server stays with the host, which is told of every stored batch.
 
@@ -34,6 +35,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -77,6 +79,8 @@ class WriterProcess:
         self._unacked: dict[int, list[Any]] = {}
         self._seq = 0
         self._dead = False
+        self._sending = False  # a frame is being written: the pipe's buffer lock is held, maybe for long
+        self._closing = False  # close() was called: no more sends
         self._reader = threading.Thread(target=self._read_acks, name="metatrail-writer-acks", daemon=True)
         self._reader.start()
 
@@ -128,25 +132,46 @@ class WriterProcess:
                      "writer process (%s: %s); written in-process", type(exc).__name__, exc)
             return False
         with self._lock:
-            if self._dead:
+            if self._dead or self._closing:
                 return False
             self._seq += 1
             self._unacked[self._seq] = items
+            self._sending = True
         try:
             assert self._proc.stdin is not None
             _write_frame(self._proc.stdin, payload)
-            return True
+            sent = True
         except (OSError, ValueError):
+            sent = False
+        finally:
+            with self._lock:
+                self._sending = False
+                closing = self._closing
+            if closing:  # close() came while this frame was on its way: it left the closing to us
+                self._close_stdin()
+        if not sent:
             self._lose()
-            return True  # handed to on_lost, which writes it (with anything else unacknowledged)
+        return True  # stored by the child, or handed to on_lost, which writes it (with anything else unacknowledged)
 
     def close(self) -> None:
-        """No more batches: the child stores what it has and exits. Does not wait for it."""
-        try:
+        """No more batches: the child stores what it has and exits. Does not wait for it.
+
+        A send in progress (the child stalled, say on a store that another process holds locked, and the pipe full)
+        holds the pipe's buffer lock until the child reads on; closing the pipe here would wait for that lock, for as
+        long as the store stays locked. So the closing is left to that send, which closes the pipe once its frame is
+        through: the child gets every whole batch and stores it, and a host that exits first leaves them in the pipe
+        for the child all the same.
+        """
+        with self._lock:
+            self._closing = True
+            if self._sending:
+                return
+        self._close_stdin()
+
+    def _close_stdin(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
             if self._proc.stdin is not None:
                 self._proc.stdin.close()
-        except OSError:
-            pass
 
     def abandon(self) -> None:
         """In a forked child of the host: let go of the parent's pipes without touching the writer process."""
@@ -197,8 +222,9 @@ class WriterProcess:
 
 def main() -> int:
     """The child: read batches until the host closes the pipe, store each, acknowledge each."""
-    acks = os.fdopen(os.dup(1), "wb")
+    acks: IO[bytes] | None = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything a library prints goes to stderr, never into the acknowledgements
+    _let_go_of_the_hosts_stderr_when_it_ends(os.getppid())
     source = sys.stdin.buffer
     frame = _read_frame(source)
     if frame is None:
@@ -216,9 +242,36 @@ def main() -> int:
                 os.chdir(cwd)
         written, failed = recorder.written, recorder.failed_writes
         recorder.write_items(items)
-        _write_frame(acks, pickle.dumps((seq, recorder.written - written, recorder.failed_writes - failed)))
+        if acks is not None:
+            try:
+                _write_frame(acks, pickle.dumps((seq, recorder.written - written, recorder.failed_writes - failed)))
+            except OSError:
+                # The host is gone (killed, or exited without waiting): nobody listens for acknowledgements, but
+                # the batches still in the pipe were accepted, and this process is the only one left to store them.
+                with contextlib.suppress(OSError):
+                    acks.close()
+                acks = None
     recorder.close()
     return 0
+
+
+def _let_go_of_the_hosts_stderr_when_it_ends(host: int, poll_s: float = 0.2) -> None:
+    """While the host lives, this process writes its warnings to the host's stderr, where its user sees them. Once
+    the host has ended, that stderr must be let go: a program that ran the host with its output captured (a
+    pipeline runner, ``subprocess.run(..., capture_output=True)``) reads until every writer of the pipe is gone,
+    and this process may still be storing the host's last batches for a long time (a store another process holds
+    locked). A daemon thread notices the host's end (this process is re-parented) and points stderr elsewhere."""
+
+    def watch() -> None:
+        while os.getppid() == host:
+            time.sleep(poll_s)
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.dup2(devnull, 1)
+            os.close(devnull)
+
+    threading.Thread(target=watch, name="metatrail-writer-host-watch", daemon=True).start()
 
 
 class _ShippedByTheHost:

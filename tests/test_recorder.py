@@ -356,3 +356,29 @@ def test_an_execution_finished_after_the_switch_to_the_writer_process_keeps_the_
                       "COMPLETE": hashlib.md5(b"version 1\n").hexdigest()}
     assert not recorder._input_refs  # the host keeps no hashes of executions that ended
     recorder.close()
+
+
+def test_a_stuck_store_costs_one_exit_wait(tmp_path: Path) -> None:
+    """The exit flush that runs after Python's joined threads is skipped when the first one ran out of time: a
+    store held locked by another process must not make the exit wait twice (one warning, one timeout)."""
+    import sqlite3
+
+    store = os.environ["METATRAIL_STORE"]
+    open_store(store).close()
+    lock = sqlite3.connect(store[len("sqlite:///"):], isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    script = ("import threading, time, metatrail\n"
+              "r = metatrail.get_recorder()\n"
+              "r.execution_finished(r.execution_started('exit', 'main'))\n"
+              "def late():\n"
+              "    threading.main_thread().join()\n"
+              "    r.execution_finished(r.execution_started('exit', 'late'))\n"
+              "threading.Thread(target=late).start()\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "METATRAIL_FLUSH_TIMEOUT": "1"},
+                              capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert done.returncode == 0
+    assert done.stderr.count("events were not stored before exit (flush timeout 1s)") == 1, done.stderr

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,25 @@ from metatrail.store.sql import SqlStore
 def _bodies(url: str) -> list[dict[str, Any]]:
     with open_store(url) as store:
         return [e.body for e in store.iter_events()]
+
+
+def _lock_store(url: str) -> sqlite3.Connection:
+    """Hold the store's write lock, as another process writing to it (or a stuck lock on NFS) would."""
+    open_store(url).close()  # create it first
+    conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False)
+    conn.execute("BEGIN IMMEDIATE")
+    return conn
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # not ours to reap: a zombie left to an init that does not reap has ended all the same
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _record(recorder: Recorder, n: int, *, fail_every: int = 0, inputs: list[Any] | None = None) -> None:
@@ -143,6 +164,88 @@ def test_events_are_stored_when_the_host_exits_without_flushing(tmp_path: Path) 
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
     with open_store(env["METATRAIL_STORE"]) as store:
         assert store.stats()["events"] == 800
+
+
+_KILLED_HOST = """
+import os, signal, time
+from metatrail.recorder import Recorder
+r = Recorder()
+for i in range(100):
+    r.execution_finished(r.execution_started("crash", "s", params={"i": i}))
+deadline = time.monotonic() + 30
+handed = 0
+while handed < 200 and time.monotonic() < deadline:
+    time.sleep(0.02)
+    if r._process is not None and not r._queue:
+        with r._process._lock:
+            handed = sum(len(items) for items in r._process._unacked.values())
+time.sleep(0.2)  # the last frame is through: the pipe has room for all of them
+print(r._process.pid, handed, r._done, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_batches_in_the_pipe_are_stored_when_the_host_is_killed(tmp_path: Path) -> None:
+    """The host is killed with every batch in the writer process's pipe and none acknowledged (the store was busy):
+    the writer process cannot acknowledge to anyone, and still stores them all."""
+    url = os.environ["METATRAIL_STORE"]
+    env = {**os.environ, "METATRAIL_WRITER": "process", "METATRAIL_ENERGY": "0"}
+    locker = _lock_store(url)
+    try:
+        with open(tmp_path / "host.err", "w") as err:
+            host = subprocess.Popen([sys.executable, "-c", _KILLED_HOST], env=env, stdout=subprocess.PIPE,
+                                    stderr=err, text=True)
+            assert host.stdout is not None
+            line = host.stdout.readline()
+            assert host.wait(30) == -signal.SIGKILL
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    pid, handed, done = map(int, line.split())
+    assert (handed, done) == (200, 0)
+    deadline = time.monotonic() + 30
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(pid)
+    with open_store(url) as store:
+        assert store.stats()["events"] == 200, (tmp_path / "host.err").read_text()[-2000:]
+
+
+def test_close_keeps_its_timeout_while_the_writer_process_is_stalled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process holds the store's write lock: the writer process stalls, the pipe fills, and the writer
+    thread waits in a send. close(timeout) returns in about its timeout all the same, and once the store is free
+    every event is stored (by the writer process, or on the thread for what was never handed over)."""
+    monkeypatch.setenv("METATRAIL_WRITER", "process")
+    monkeypatch.setenv("METATRAIL_ENERGY", "0")
+    url = os.environ["METATRAIL_STORE"]
+    locker = _lock_store(url)
+    recorder = Recorder()
+    try:
+        for i in range(1000):  # about 1 MB of batches: many times what the pipe holds
+            recorder.execution_finished(recorder.execution_started("stuck", "s", params={"i": i, "blob": "x" * 300}))
+        queued, deadline = -1, time.monotonic() + 15
+        while queued != len(recorder._queue) and time.monotonic() < deadline:
+            queued = len(recorder._queue)
+            time.sleep(0.3)
+        process = recorder._process
+        assert process is not None and queued > 0  # the writer thread waits for room in the pipe
+        closer = threading.Thread(target=recorder.close, kwargs={"timeout": 1}, daemon=True)
+        started = time.monotonic()
+        closer.start()
+        closer.join(5)
+        assert not closer.is_alive(), "close(timeout=1) waited for the stalled writer process"
+        assert time.monotonic() - started < 4
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert process._proc.wait(30) == 0  # it got to the end of the pipe: closed once the send was through
+    deadline = time.monotonic() + 30
+    while recorder.pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert recorder.pending == 0
+    recorder.close(5)
+    with open_store(url) as store:
+        assert store.stats()["events"] == 2000
 
 
 def test_relative_paths_resolve_where_the_host_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
