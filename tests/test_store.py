@@ -231,6 +231,20 @@ def test_random_batches_match_single_batch(store_url: str) -> None:
         assert {r["state"] for r in store.list_runs()} == {"completed"}
 
 
+def _write_lock_is_free(path: Path) -> bool:
+    """Whether another connection can take the SQLite database's write lock now."""
+    other = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError as exc:
+        assert "locked" in str(exc)
+        return False
+    finally:
+        other.close()
+
+
 def test_sqlite_readers_take_no_write_lock_and_writers_still_do(tmp_path: Path) -> None:
     from sqlalchemy import text
 
@@ -241,16 +255,7 @@ def test_sqlite_readers_take_no_write_lock_and_writers_still_do(tmp_path: Path) 
     engine = dialect.make_engine(url)
 
     def another_writer_gets_the_lock() -> bool:
-        other = sqlite3.connect(tmp_path / "locks.db", timeout=0.2, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            other.execute("ROLLBACK")
-            return True
-        except sqlite3.OperationalError as exc:
-            assert "locked" in str(exc)
-            return False
-        finally:
-            other.close()
+        return _write_lock_is_free(tmp_path / "locks.db")
 
     try:
         with dialect.reading(engine) as conn:  # inside an open read transaction
@@ -284,15 +289,7 @@ def test_sqlite_pool_returns_no_connection_inside_a_transaction(tmp_path: Path) 
     engine = dialect.make_engine(url)
 
     def lock_is_free() -> bool:
-        other = sqlite3.connect(tmp_path / "pool.db", timeout=0.2, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            other.execute("ROLLBACK")
-            return True
-        except sqlite3.OperationalError:
-            return False
-        finally:
-            other.close()
+        return _write_lock_is_free(tmp_path / "pool.db")
 
     try:
         raw = engine.raw_connection()
