@@ -408,8 +408,10 @@ class Recorder:
         self._process_refused = False
 
     def _at_exit(self) -> None:
-        # After close() the flush already had its chance (and its timeout): do not wait a second time.
-        if self._closed or is_disabled():
+        # After close() the flush already had its chance (and its timeout): do not wait a second time. Nor after
+        # an exit flush that ran out of time: where both hooks are plain ``atexit`` (registered during shutdown),
+        # the late one runs first.
+        if self._closed or is_disabled() or not self._exit_ok:
             return
         self._exit_seen = self._submitted
         if self._submitted > self._done:
