@@ -278,20 +278,24 @@ class Endpoint(Protocol):
         ...
 
 
-def decode_shipped(shipped: Sequence[Shipped], default_site: str | None) -> dict[str | None, list[dict[str, Any]]]:
-    """Decode and validate events that came from elsewhere, grouped by the site to record them under.
+def decode_shipped(shipped: Sequence[Shipped], default_site: str | None
+                   ) -> tuple[list[dict[str, Any]], list[str | None]]:
+    """Decode and validate events that came from elsewhere; return them and, one per event, the site to record it
+    under (its origin, else ``default_site``).
 
     Validation is the server's (a peer is not trusted more than any client); an invalid event raises
     :class:`~metatrail.openlineage.validation.InvalidEvent`.
     """
     from metatrail.openlineage.validation import validate_event
 
-    groups: dict[str | None, list[dict[str, Any]]] = {}
+    events: list[dict[str, Any]] = []
+    sites: list[str | None] = []
     for item in shipped:
         body = json.loads(item.text)
         validate_event(body)
-        groups.setdefault(item.site or default_site, []).append(body)
-    return groups
+        events.append(body)
+        sites.append(item.site or default_site)
+    return events, sites
 
 
 class LocalEndpoint:
@@ -315,13 +319,9 @@ class LocalEndpoint:
         return self.log.missing(ids)
 
     def receive(self, shipped: Sequence[Shipped]) -> int:
-        if self.validate:
-            groups = decode_shipped(shipped, self.site)
-        else:
-            groups = {}
-            for item in shipped:
-                groups.setdefault(item.site or self.site, []).append(json.loads(item.text))
-        return sum(self.store.ingest(batch, site=site).inserted for site, batch in groups.items())
+        events, sites = decode_shipped(shipped, self.site) if self.validate else \
+            ([json.loads(item.text) for item in shipped], [item.site or self.site for item in shipped])
+        return self.store.ingest(events, sites=sites).inserted  # one transaction: a page is stored whole or not
 
     def close(self) -> None:
         self.log.close()
@@ -350,7 +350,7 @@ class HttpEndpoint:
                                                                        **self._params(filt)})
         self.site = reply.get("site", self.site)
         items = [(int(s), str(i)) for s, i in reply["items"]]
-        if any(not _EVENT_ID.match(i) for _, i in items):
+        if any(not _EVENT_ID.fullmatch(i) for _, i in items):
             # A peer is not trusted more than a client: ids travel back into our queries, so check their form.
             raise StoreError(f"{self.client.url} sent malformed event ids; refusing its page")
         return Page(items=items, last=int(reply["last"]), more=bool(reply["more"]))

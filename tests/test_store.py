@@ -7,6 +7,8 @@ import json
 import multiprocessing
 import random
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +171,29 @@ def test_foreign_sqlite_database_is_refused_untouched(tmp_path: Path) -> None:
     assert path.read_bytes() == before
 
 
+def test_opening_a_store_again_keeps_the_processes_locks(tmp_path: Path) -> None:
+    """A server opens the same SQLite file once per part (store, tokens, peers, sync log) while the first holds
+    connections. Each opening looks at the file; if it did so outside SQLite, closing that descriptor dropped the
+    process's POSIX locks, and another process that then closed its connection deleted the WAL: commits of this
+    process after that were invisible to every other process and lost when it died."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    wal = tmp_path / "s.db-wal"
+    first = open_store(url)
+    try:
+        first.ingest(execution_events("load", "a", t0=1.8e9, inputs=[], outputs=[]))
+        open_store(url).close()  # what a second part of the same process does
+        subprocess.run([sys.executable, "-c", f"import sqlite3; c = sqlite3.connect({str(tmp_path / 's.db')!r}); "
+                        "c.execute('SELECT count(*) FROM events').fetchall(); c.close()"], check=True, timeout=60)
+        assert wal.exists(), "another process deleted the WAL this process still uses"
+        first.ingest(execution_events("load", "b", t0=1.8e9 + 10, inputs=[], outputs=[]))
+        seen = subprocess.run([sys.executable, "-c", f"import sqlite3; print(sqlite3.connect("
+                               f"{str(tmp_path / 's.db')!r}).execute('SELECT count(*) FROM events').fetchone()[0])"],
+                              check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+        assert seen == "4"
+    finally:
+        first.close()
+
+
 def _writer(url: str, worker: int, n: int, queue: Any) -> None:
     try:
         with open_store(url) as store:
@@ -307,3 +332,26 @@ def test_sqlite_pool_returns_no_connection_inside_a_transaction(tmp_path: Path) 
             assert cur.fetchone()[0] == 0
     finally:
         engine.dispose()
+
+
+def test_sites_per_event_are_stored_in_one_transaction(tmp_path: Path) -> None:
+    """``sites`` names where each event came from; the call is all or nothing, and an event sent again keeps the
+    site it first came from (the run's site follows the stored events, not a later claim)."""
+    with open_store(f"sqlite:///{tmp_path / 's.db'}") as store:
+        first = execution_events("train", "fit", t0=1.8e9, inputs=[], outputs=[])
+        second = execution_events("train", "eval", t0=1.8e9 + 10, inputs=[], outputs=[])
+        bad = {**second[0], "eventTime": "not a time"}
+        with pytest.raises(EventError):
+            store.ingest([*first, bad], sites=["a", "a", "b"])
+        assert store.stats()["events"] == 0
+        assert store.ingest([*first, *second], sites=["a", "a", None, "b"]).inserted == 4
+        assert store.ingest(first, site="elsewhere").inserted == 0
+        sites = {(e.body["run"]["runId"], e.body["eventType"]): e.site for e in store.iter_events()}
+        assert sites == {(first[0]["run"]["runId"], "START"): "a", (first[1]["run"]["runId"], "COMPLETE"): "a",
+                         (second[0]["run"]["runId"], "START"): None, (second[1]["run"]["runId"], "COMPLETE"): "b"}
+        assert store.get_run(first[0]["run"]["runId"])["site"] == "a"
+        assert store.get_run(second[0]["run"]["runId"])["site"] == "b"
+        store.rebuild_projections()
+        assert store.get_run(first[0]["run"]["runId"])["site"] == "a"
+        with pytest.raises(ValueError):
+            store.ingest(first, sites=["a"])

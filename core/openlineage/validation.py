@@ -158,7 +158,7 @@ def _facets(owner: Mapping[str, Any], key: str, path: str, modelled: Mapping[str
             job = _object(facet, "job", where, required=True)
             assert run is not None and job is not None
             run_id = _text(run, "runId", f"{where}.run")
-            if run_id is not None and not UUID.match(run_id):
+            if run_id is not None and not UUID.fullmatch(run_id):
                 raise InvalidEvent(f"{run_id!r} is not a UUID", path=f"{where}.run.runId")
             _text(job, "namespace", f"{where}.job")
             _text(job, "name", f"{where}.job")
@@ -189,7 +189,7 @@ def _dataset(ds: Any, path: str, *, extra_facets: tuple[str, ...] = ()) -> None:
     namespace = _text(ds, "namespace", path)
     name = _text(ds, "name", path)
     assert namespace is not None and name is not None
-    if not DATASET_NAMESPACE.match(namespace):
+    if not DATASET_NAMESPACE.fullmatch(namespace):
         raise InvalidEvent(f"namespace {namespace[:80]!r} does not match {DATASET_NAMESPACE.pattern}", status=400,
                            path=f"{path}.namespace")
     if not name.strip():
@@ -240,6 +240,9 @@ def validate_event(event: Any, *, max_depth: int = MAX_DEPTH, text: bytes | None
     _text(event, "schemaURL", "$", required=False)
     kind = event_kind(event)
     if kind == DATASET_EVENT:
+        for key in ("run", "job"):  # what a store would take for a run (or its job) is not checked on this kind
+            if event.get(key) is not None:
+                raise InvalidEvent(f"a DatasetEvent has no {key}", path=f"$.{key}")
         dataset = _object(event, "dataset", "$", required=True)
         _dataset(dataset, "$.dataset")
         return kind
@@ -251,7 +254,7 @@ def validate_event(event: Any, *, max_depth: int = MAX_DEPTH, text: bytes | None
         run = _object(event, "run", "$", required=True)
         assert run is not None
         run_id = _text(run, "runId", "$.run")
-        if run_id is not None and not UUID.match(run_id):
+        if run_id is not None and not UUID.fullmatch(run_id):
             raise InvalidEvent(f"{run_id[:80]!r} is not a UUID", path="$.run.runId")
         _facets(run, "facets", "$.run", _RUN_FACETS)
     elif event.get("run") is not None:

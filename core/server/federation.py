@@ -58,7 +58,7 @@ class PeerStore:
     def add(self, name: str, url: str, *, token: str | None, pull: bool = True, push: bool = False,
             share: Sequence[str] | None = None, interval_s: float | None = None) -> dict[str, Any]:
         """Add or replace a peer."""
-        if not PEER_NAME.match(name):
+        if not PEER_NAME.fullmatch(name):
             raise ConfigError(f"peer name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"peer URL {url!r} must start with http:// or https://")
@@ -118,11 +118,8 @@ class WriterEndpoint(LocalEndpoint):
         self._services = services
 
     def receive(self, shipped: Sequence[Shipped]) -> int:
-        inserted = 0
-        for site, batch in decode_shipped(shipped, self.site).items():
-            future = self._services.writer.submit(batch, site)
-            inserted += future.result(timeout=300).inserted
-        return inserted
+        events, sites = decode_shipped(shipped, self.site)
+        return self._services.writer.submit(events, self.site, sites).result(timeout=300).inserted
 
 
 def sync_peer(services: Services, name: str, direction: str = "both") -> dict[str, Any]:

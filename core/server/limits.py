@@ -8,6 +8,7 @@ with :func:`read_json` and their own, smaller cap.
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -116,11 +117,22 @@ def gunzip(data: bytes, max_bytes: int) -> bytes:
         raise ApiError(413, "body_too_large", f"decompressed body exceeds the limit of {max_bytes} bytes")
     if not inflater.eof:
         raise ApiError(400, "bad_gzip", "gzip body is truncated")
+    if inflater.unused_data:
+        # Several gzip members, or bytes after the stream: refused rather than silently cut off.
+        raise ApiError(400, "bad_gzip", "gzip body has data after its end (send one gzip member)")
     return out
 
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    # 1e400 is valid JSON but no double: it would be stored as null (orjson writes infinities so), not as sent.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
 
 
 def parse_json(data: bytes, *, max_depth: int, check: bool = True) -> Any:
@@ -134,7 +146,7 @@ def parse_json(data: bytes, *, max_depth: int, check: bool = True) -> Any:
     except orjson.JSONDecodeError:
         pass  # let the standard library decide (and say why): it is the reference, orjson is stricter on big ints
     try:
-        value = json.loads(data, parse_constant=_no_constants)
+        value = json.loads(data, parse_constant=_no_constants, parse_float=_finite_float)
     except RecursionError:
         raise ApiError(422, "too_deep", f"JSON nested deeper than {max_depth} levels") from None
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors

@@ -1,7 +1,7 @@
 """One writer thread for the server's store: concurrent ingests are group-committed.
 
 Requests hand their validated events to :meth:`IngestWriter.submit` and wait for the returned future; the writer
-takes everything waiting (up to ``max_batch`` events), stores it in one transaction per origin site, and resolves
+takes everything waiting (up to ``max_batch`` events), stores it in one transaction, and resolves
 each request's future with its own counts. A request is acknowledged only after its events are committed. One
 writer means SQLite never sees two writers of ours at once, and a transaction's cost is shared by every request in
 it. If a combined batch fails on one request's events, each request is retried alone so only the faulty one fails.
@@ -31,7 +31,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from metatrail.errors import EventError
+from metatrail.errors import EventError, StoreError
 from metatrail.openlineage.events import event_id
 from metatrail.store.base import CanonicalEvent, EventStore, IngestResult
 
@@ -46,7 +46,11 @@ class Overloaded(Exception):
 class _Job:
     events: Sequence[Mapping[str, Any]]
     site: str | None
+    sites: Sequence[str | None] | None = None  # one per event, instead of ``site``
     future: Future[IngestResult] = field(default_factory=Future)
+
+    def event_sites(self) -> Sequence[str | None]:
+        return self.sites if self.sites is not None else [self.site] * len(self.events)
 
 
 class Checkpointer:
@@ -131,9 +135,13 @@ class IngestWriter:
         with self._cv:
             return self._pending
 
-    def submit(self, events: Sequence[Mapping[str, Any]], site: str | None) -> Future[IngestResult]:
-        """Queue validated events for writing under ``site``; the future resolves after commit."""
-        job = _Job(events=events, site=site)
+    def submit(self, events: Sequence[Mapping[str, Any]], site: str | None,
+               sites: Sequence[str | None] | None = None) -> Future[IngestResult]:
+        """Queue validated events for writing under ``site`` (or ``sites``, one per event: all are written in one
+        transaction); the future resolves after commit."""
+        if sites is not None and len(sites) != len(events):
+            raise ValueError(f"{len(sites)} sites for {len(events)} events")
+        job = _Job(events=events, site=site, sites=sites)
         with self._cv:
             if self._closed:
                 raise Overloaded("the server is shutting down")
@@ -142,7 +150,7 @@ class IngestWriter:
                 self._busy = True
         if inline:
             try:
-                self._write(site, [job])
+                self._write([job])
             finally:
                 with self._cv:
                     self._busy = False
@@ -199,29 +207,34 @@ class IngestWriter:
             jobs = self._take()
             if jobs is None:
                 return
-            by_site: dict[str | None, list[_Job]] = {}
-            for job in jobs:
-                by_site.setdefault(job.site, []).append(job)
             try:
-                for site, group in by_site.items():
-                    self._write(site, group)
+                self._write(jobs)
             finally:
                 with self._cv:
                     self._pending -= sum(len(j.events) for j in jobs)
                     self._busy = False
                     self._cv.notify_all()
 
-    def _write(self, site: str | None, jobs: list[_Job]) -> None:
+    def _write(self, jobs: list[_Job]) -> None:
         try:
-            result = self.store.ingest([e for j in jobs for e in j.events], site=site)
+            if all(j.sites is None and j.site == jobs[0].site for j in jobs):
+                result = self.store.ingest([e for j in jobs for e in j.events], site=jobs[0].site)
+            else:
+                result = self.store.ingest([e for j in jobs for e in j.events],
+                                           sites=[s for j in jobs for s in j.event_sites()])
         except EventError as exc:
             if len(jobs) == 1:
                 jobs[0].future.set_exception(exc)
             else:
                 for job in jobs:  # isolate the request whose events the store refused
-                    self._write(site, [job])
+                    self._write([job])
             return
         except Exception as exc:
+            if len(jobs) > 1 and not isinstance(exc, StoreError):
+                # Not the store's fault: one request's events are the likely cause; the others must not fail with it.
+                for job in jobs:
+                    self._write([job])
+                return
             log.warning("metatrail server: write of %d events failed: %s", sum(len(j.events) for j in jobs), exc)
             for job in jobs:
                 if not job.future.done():
@@ -232,21 +245,22 @@ class IngestWriter:
         if self.checkpointer is not None and result.inserted:
             self.checkpointer.poke()
         new = set(result.inserted_ids)
-        inserted_events: list[Mapping[str, Any]] = []
+        inserted_by_site: dict[str | None, list[Mapping[str, Any]]] = {}
         if len(jobs) == 1 and self.on_inserted is None:
             jobs[0].future.set_result(result)  # the common case of a push or batch: no need to attribute ids
             return
         for job in jobs:
             mine = 0
-            for event in job.events:
+            for event, site in zip(job.events, job.event_sites(), strict=True):
                 eid = event.id if isinstance(event, CanonicalEvent) else event_id(event)
                 if eid in new:
                     new.discard(eid)  # an event sent twice in one batch counts once, for its first sender
                     mine += 1
-                    inserted_events.append(event)
+                    inserted_by_site.setdefault(site, []).append(event)
             job.future.set_result(IngestResult(received=len(job.events), inserted=mine))
-        if inserted_events and self.on_inserted is not None:
-            try:
-                self.on_inserted(inserted_events, site)
-            except Exception as exc:  # fan-out must never fail an ingest that is already committed
-                log.warning("metatrail server: fan-out hook failed: %s", exc)
+        if self.on_inserted is not None:
+            for site, inserted in inserted_by_site.items():
+                try:
+                    self.on_inserted(inserted, site)
+                except Exception as exc:  # fan-out must never fail an ingest that is already committed
+                    log.warning("metatrail server: fan-out hook failed: %s", exc)

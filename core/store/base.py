@@ -96,8 +96,12 @@ class EventStore(abc.ABC):
     url: str
 
     @abc.abstractmethod
-    def ingest(self, events: Sequence[Mapping[str, Any]], *, site: str | None = None) -> IngestResult:
+    def ingest(self, events: Sequence[Mapping[str, Any]], *, site: str | None = None,
+               sites: Sequence[str | None] | None = None) -> IngestResult:
         """Validate minimally, then store the events not yet stored and update projections (atomic per call).
+
+        ``site`` is the site the events were received from (None: recorded here); ``sites``, when given, names one
+        per event instead. An event already stored keeps the site it first came from.
 
         Raises ``EventError`` naming the offending event when one cannot be projected (no runId, no job, bad
         eventTime); nothing of the batch is stored then.

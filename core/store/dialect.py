@@ -114,17 +114,17 @@ def reading(engine: Engine) -> Connection:
 
 
 def _check_sqlite_file(path: Path) -> None:
-    """Refuse, without touching it, a file that is not an SQLite database."""
+    """Refuse, without touching it, a file that is not an SQLite database.
+
+    The file is looked at only through SQLite, never opened by this process in any other way: POSIX locks belong to
+    the process, and closing *any* descriptor of the file drops every lock the process holds on it. A server opens
+    an engine per part (store, tokens, peers, sync log) while earlier ones hold connections; a plain ``open()`` and
+    ``close()`` here dropped their locks, and the next process to close its connection took itself for the last
+    user and deleted the WAL under them (acknowledged events were lost). SQLite keeps such descriptors open until
+    its last connection to the file ends.
+    """
     if not path.exists() or path.stat().st_size == 0:
         return
-    try:
-        with path.open("rb") as fh:
-            header = fh.read(16)
-    except OSError as exc:
-        raise StoreError(f"cannot read store file {path}: {exc}") from exc
-    if header != b"SQLite format 3\x00":
-        raise CorruptStoreError(f"store file {path} is not an SQLite database (corrupt or another file); "
-                                "nothing was changed. Move it away or point METATRAIL_STORE elsewhere.")
     # Look before the first write: switching to WAL would already change a foreign database's header.
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
@@ -133,6 +133,11 @@ def _check_sqlite_file(path: Path) -> None:
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
+        if "file is not a database" in str(exc):
+            raise CorruptStoreError(f"store file {path} is not an SQLite database (corrupt or another file); "
+                                    "nothing was changed. Move it away or point METATRAIL_STORE elsewhere.") from None
+        if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
+            raise StoreError(f"cannot read store file {path}: {exc}") from None
         raise CorruptStoreError(f"store file {path} is damaged ({exc}); nothing was changed") from None
     if names and "metatrail_schema" not in names:
         raise CorruptStoreError(f"{path} holds tables ({', '.join(sorted(names)[:5])}) but is not a metatrail "
@@ -301,6 +306,18 @@ def is_operational(exc: BaseException) -> bool:
     except ImportError:
         return False
     return isinstance(exc, psycopg.OperationalError)
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """A value the database cannot hold (a string too long for its column, a number out of range): a fault of the
+    event, not of the store."""
+    if isinstance(exc, (sqlite3.DataError, OverflowError)):
+        return True
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(exc, psycopg.DataError)
 
 
 def _transient(exc: BaseException) -> bool:

@@ -1,10 +1,10 @@
 """Projections: what a run *is*, derived deterministically from the events recorded for it.
 
 Pure functions, no I/O. Given every event of one run (in any order, duplicates removed by event id), they return the
-run row and its input/output edges. The result depends only on the set of events, never on arrival order: run state
-is the event with the greatest ``(rank, eventTime, event id)`` where terminal events (COMPLETE/FAIL/ABORT) outrank
-START/RUNNING, which outrank OTHER; facets are merged in ``(eventTime, rank, id)`` order, later keys replacing
-earlier ones as the OpenLineage spec says.
+run row and its input/output edges. The result depends only on the set of events (and the site each was received
+from), never on arrival order: run state is the event with the greatest ``(rank, eventTime, event id)`` where
+terminal events (COMPLETE/FAIL/ABORT) outrank START/RUNNING, which outrank OTHER; facets are merged in
+``(eventTime, rank, id)`` order, later keys replacing earlier ones as the OpenLineage spec says.
 """
 
 from __future__ import annotations
@@ -55,12 +55,13 @@ def _parse_unusual_time(value: str) -> float:
 
 @dataclass(frozen=True)
 class EventRecord:
-    """One stored event: its identity, parsed time and body; its type and rank are worked out once, here (sorting
-    and projecting ask for them several times per event)."""
+    """One stored event: its identity, parsed time, body and the site it was received from (None: recorded here);
+    its type and rank are worked out once, here (sorting and projecting ask for them several times per event)."""
 
     id: str
     time: float
     body: Mapping[str, Any]
+    site: str | None = field(default=None, compare=False)
     event_type: str = field(init=False, repr=False, compare=False)
     rank: int = field(init=False, repr=False, compare=False)
 
@@ -91,6 +92,28 @@ def _order(e: EventRecord) -> tuple[float, int, str]:
     return (e.time, e.rank, e.id)
 
 
+# Events from any producer reach the projection, and facets other than the spec's are free-form: a value read from one
+# is used only when it has the type its column needs, otherwise it counts as absent. A projection that raised would
+# refuse every later event of the run, and one whose value the database cannot hold would fail the transaction.
+def _obj(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: Any, limit: int | None = None) -> str | None:
+    if not isinstance(value, str) or (limit is not None and len(value) > limit):
+        return None
+    return value
+
+
+def _int64(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
+        return None
+    return value
+
+
+_KINDS = frozenset({"execution", "pipeline_run", "run"})
+
+
 def project_run(run_id: str, events: Iterable[EventRecord]) -> RunProjection:
     """Project one run from all its events (see module docstring for the rules)."""
     ordered = sorted({e.id: e for e in events}.values(), key=_order)
@@ -101,25 +124,27 @@ def project_run(run_id: str, events: Iterable[EventRecord]) -> RunProjection:
     facets: dict[str, Any] = {}
     job_facets: dict[str, Any] = {}
     for e in ordered:
-        run_facets = (e.body.get("run") or {}).get("facets") or {}
+        run_facets = _obj(_obj(e.body.get("run")).get("facets"))
         previous = facets.get("metatrail_execution")
         facets.update(run_facets)
         current = run_facets.get("metatrail_execution")
         if isinstance(previous, dict) and isinstance(current, dict):
             # A run finished by another process may not know the parameters given at its start: keep them.
-            facets["metatrail_execution"] = {**current, "params": {**(previous.get("params") or {}),
-                                                                   **(current.get("params") or {})}}
-        job_facets.update((e.body.get("job") or {}).get("facets") or {})
-    job = last.body.get("job") or {}
+            facets["metatrail_execution"] = {**current, "params": {**_obj(previous.get("params")),
+                                                                   **_obj(current.get("params"))}}
+        job_facets.update(_obj(_obj(e.body.get("job")).get("facets")))
+    job = _obj(last.body.get("job"))
     namespace, job_name = str(job.get("namespace", "")), str(job.get("name", ""))
-    ours = facets.get("metatrail_execution") or {}
-    parent = (facets.get("parent") or {}) if isinstance(facets.get("parent"), dict) else {}
-    parent_run_id = (parent.get("run") or {}).get("runId")
-    parent_job = (parent.get("job") or {}).get("name")
-    job_type = str((job_facets.get("jobType") or {}).get("jobType") or "").upper()
-    integration = (job_facets.get("jobType") or {}).get("integration")
-    if ours.get("pipeline"):
-        pipeline, stage, kind = ours["pipeline"], ours.get("stage"), ours.get("kind", "execution")
+    ours = _obj(facets.get("metatrail_execution"))
+    parent = _obj(facets.get("parent"))
+    parent_run_id = _text(_obj(parent.get("run")).get("runId"), 64)
+    parent_job = _text(_obj(parent.get("job")).get("name"))
+    job_type_facet = _obj(job_facets.get("jobType"))
+    job_type = str(job_type_facet.get("jobType") or "").upper()
+    integration = _text(job_type_facet.get("integration"))
+    if _text(ours.get("pipeline")):
+        pipeline, stage = ours["pipeline"], _text(ours.get("stage"))
+        kind = ours["kind"] if _text(ours.get("kind")) in _KINDS else "execution"
     elif parent_job:
         pipeline = parent_job
         prefix = f"{parent_job}."
@@ -130,7 +155,7 @@ def project_run(run_id: str, events: Iterable[EventRecord]) -> RunProjection:
         kind = "pipeline_run" if job_type in PIPELINE_JOB_TYPES else "run"
     starts = [e.time for e in ordered if e.event_type == "START"]
     terminal = state_event if state_event.rank == 2 else None
-    error = (facets.get("errorMessage") or {}).get("message")
+    error = _text(_obj(facets.get("errorMessage")).get("message"))
     run = {
         "run_id": run_id,
         "namespace": namespace,
@@ -142,8 +167,10 @@ def project_run(run_id: str, events: Iterable[EventRecord]) -> RunProjection:
         "state": _STATE.get(state_event.event_type, "unknown"),
         "started_at": min(starts) if starts else ordered[0].time,
         "ended_at": terminal.time if terminal else None,
-        "integration": integration or ours.get("integration"),
-        "site": ours.get("site"),
+        "integration": integration or _text(ours.get("integration")),
+        # Where the events came from, as the receiving server authenticated it; a facet's word only for events
+        # recorded here (a writer could name any site in a facet).
+        "site": next((e.site for e in ordered if e.site), None) or _text(ours.get("site")),
         "error": error,
         "event_count": len(ordered),
         "facets": facets,
@@ -151,13 +178,17 @@ def project_run(run_id: str, events: Iterable[EventRecord]) -> RunProjection:
     edges: dict[tuple[str, str, str], dict[str, Any]] = {}
     for e in ordered:
         for direction, key in (("INPUT", "inputs"), ("OUTPUT", "outputs")):
-            for ds in e.body.get(key) or ():
+            datasets = e.body.get(key)
+            for ds in datasets if isinstance(datasets, list) else ():
                 if not isinstance(ds, dict):
                     continue
                 ns, name = str(ds.get("namespace", "")), str(ds.get("name", ""))
-                ds_facets = ds.get("facets") or {}
-                version = (ds_facets.get("version") or {}).get("datasetVersion")
-                art = ds_facets.get("metatrail_artifact")
+                ds_facets = _obj(ds.get("facets"))
+                version = _text(_obj(ds_facets.get("version")).get("datasetVersion"))
+                facet = _obj(ds_facets.get("metatrail_artifact"))
+                art = {"hash": _text(facet.get("hash")), "algorithm": _text(facet.get("algorithm"), 16),
+                       "size": _int64(facet.get("size")), "hashError": _text(facet.get("hashError"))
+                       } if facet else {}
                 edge = edges.setdefault((direction, ns, name), {
                     "run_id": run_id, "direction": direction, "namespace": ns, "name": name,
                     "version": None, "artifact_key": artifact_key(ns, name, None, None),
@@ -167,7 +198,7 @@ def project_run(run_id: str, events: Iterable[EventRecord]) -> RunProjection:
                     edge["version"] = version or edge["version"]
                     edge["artifact_key"] = artifact_key(ns, name, edge["version"], art)
                     if art:
-                        edge.update(hash=art.get("hash"), algorithm=art.get("algorithm"), size=art.get("size"),
-                                    hash_error=art.get("hashError"))
+                        edge.update(hash=art["hash"], algorithm=art["algorithm"], size=art["size"],
+                                    hash_error=art["hashError"])
     ordered_edges = sorted(edges.values(), key=lambda d: (d["direction"], d["namespace"], d["name"]))
     return RunProjection(run=run, edges=ordered_edges)

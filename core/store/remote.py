@@ -240,9 +240,17 @@ class RemoteStore(EventStore):
         """The underlying HTTP client (sync and the shipper share its connection handling)."""
         return self._client
 
-    def ingest(self, events: Sequence[Mapping[str, Any]], *, site: str | None = None) -> IngestResult:
+    def ingest(self, events: Sequence[Mapping[str, Any]], *, site: str | None = None,
+               sites: Sequence[str | None] | None = None) -> IngestResult:
         if not events:
             return IngestResult(received=0, inserted=0)
+        if sites is not None and len(set(sites)) > 1:
+            # One request, so one transaction on the server: a push names each event's origin.
+            reply = self._client.request("POST", "/api/v1/sync/push",
+                                         json_body={"events": list(events), "origins": list(sites)})
+            return IngestResult(received=int(reply["received"]), inserted=int(reply["inserted"]))
+        if sites:
+            site = sites[0]
         headers = {"X-Metatrail-Site": site} if site else None
         reply = self._client.request("POST", "/api/v1/lineage/batch", json_body=list(events), headers=headers)
         return IngestResult(received=int(reply["received"]), inserted=int(reply["inserted"]),

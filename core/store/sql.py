@@ -22,6 +22,8 @@ from metatrail.store.projection import EventRecord, parse_event_time, project_ru
 from metatrail.store.schema import CURRENT_VERSION, MIGRATIONS, edges, events, runs, schema_version
 
 CHUNK = 500  # bound on IN (...) lists
+MAX_ID = 64  # the width of run id columns (runs.run_id, events.run_id)
+MAX_EVENT_TYPE = 16  # the width of events.event_type
 
 
 def _chunks(items: Sequence[str], size: int = CHUNK) -> Iterator[Sequence[str]]:
@@ -29,9 +31,10 @@ def _chunks(items: Sequence[str], size: int = CHUNK) -> Iterator[Sequence[str]]:
         yield items[i : i + size]
 
 
-def prepare_event(event: Mapping[str, Any]) -> tuple[str, str, EventRecord, dict[str, Any]]:
-    """Check that an event can be stored and projected; return (id, canonical text, record, row values). A
-    :class:`~metatrail.store.base.CanonicalEvent` brings its canonical bytes along; any other mapping is serialised."""
+def prepare_event(event: Mapping[str, Any], site: str | None = None) -> tuple[str, str, EventRecord, dict[str, Any]]:
+    """Check that an event can be stored and projected; return (id, canonical text, record, row values) for storing
+    it as received from ``site``. A :class:`~metatrail.store.base.CanonicalEvent` brings its canonical bytes along;
+    any other mapping is serialised."""
     if isinstance(event, CanonicalEvent):
         raw, eid = event.canonical, event.id
     elif not isinstance(event, Mapping):
@@ -47,14 +50,18 @@ def prepare_event(event: Mapping[str, Any]) -> tuple[str, str, EventRecord, dict
     run = event.get("run")
     run_id = run.get("runId") if isinstance(run, Mapping) else None
     job = event.get("job")
-    if run is not None and not (isinstance(run_id, str) and run_id):
-        raise EventError("run.runId is required on a run event")
+    if run is not None and not (isinstance(run_id, str) and 0 < len(run_id) <= MAX_ID):
+        raise EventError(f"run.runId is required on a run event, a string of at most {MAX_ID} characters")
+    event_type = event.get("eventType")
+    if event_type is not None and not (isinstance(event_type, str) and len(event_type) <= MAX_EVENT_TYPE):
+        raise EventError(f"eventType must be a string of at most {MAX_EVENT_TYPE} characters")
     # The projection reads the caller's own mapping: parsing the canonical text back would cost as much again.
-    record = EventRecord(id=eid, time=etime, body=event)
+    record = EventRecord(id=eid, time=etime, body=event, site=site)
     row = {
         "id": eid,
+        "site": site,
         "run_id": run_id,
-        "event_type": str(event.get("eventType")) if event.get("eventType") else None,
+        "event_type": event_type or None,
         "event_time": etime,
         "job_namespace": job.get("namespace") if isinstance(job, Mapping) else None,
         "job_name": job.get("name") if isinstance(job, Mapping) else None,
@@ -102,10 +109,13 @@ class SqlStore(EventStore):
         dialect.retrying(run)
 
     # -- writing ------------------------------------------------------------------------------------------------
-    def ingest(self, events_in: Sequence[Mapping[str, Any]], *, site: str | None = None) -> IngestResult:
+    def ingest(self, events_in: Sequence[Mapping[str, Any]], *, site: str | None = None,
+               sites: Sequence[str | None] | None = None) -> IngestResult:
+        if sites is not None and len(sites) != len(events_in):
+            raise ValueError(f"{len(sites)} sites for {len(events_in)} events")
         prepared: dict[str, tuple[str, EventRecord, dict[str, Any]]] = {}
-        for ev in events_in:
-            eid, text_, record, row = prepare_event(ev)
+        for i, ev in enumerate(events_in):
+            eid, text_, record, row = prepare_event(ev, site if sites is None else sites[i])
             prepared.setdefault(eid, (text_, record, row))
         if not prepared:
             return IngestResult(received=len(events_in), inserted=0)
@@ -121,13 +131,13 @@ class SqlStore(EventStore):
                 # their bodies come along (a second statement cost a one-event ingest more than reading them here).
                 run_ids = sorted({row["run_id"] for _, _, row in prepared.values() if row["run_id"]})
                 dialect.lock_runs(cur, name, run_ids)
-                listed: dict[str, list[tuple[str, float, str]]] = defaultdict(list)
+                listed: dict[str, list[tuple[str, float, str, str | None]]] = defaultdict(list)
                 for part in _chunks(run_ids):
                     clause, params = dialect.any_of(name, "run_id", part)
-                    cur.execute(f"SELECT run_id, id, event_time, body FROM events WHERE {clause}", params)
-                    for run_id, eid, etime, body in cur.fetchall():
-                        listed[run_id].append((eid, etime, body))
-                existing = {eid for stored in listed.values() for eid, _, _ in stored if eid in prepared}
+                    cur.execute(f"SELECT run_id, id, event_time, body, site FROM events WHERE {clause}", params)
+                    for run_id, eid, etime, body, stored_site in cur.fetchall():
+                        listed[run_id].append((eid, etime, body, stored_site))
+                existing = {stored[0] for events_of in listed.values() for stored in events_of if stored[0] in prepared}
                 runless = [i for i in ids if not prepared[i][2]["run_id"]]
                 for part in _chunks(runless):
                     clause, params = dialect.any_of(name, "id", part)
@@ -137,7 +147,7 @@ class SqlStore(EventStore):
                 if not new_ids:
                     return IngestResult(received=len(events_in), inserted=0)
                 now = time.time()
-                rows = [{**prepared[i][2], "site": site, "ingested_at": now, "body": prepared[i][0]} for i in new_ids]
+                rows = [{**prepared[i][2], "ingested_at": now, "body": prepared[i][0]} for i in new_ids]
                 dialect.bulk_insert(cur, name, events, rows)  # new: the log lock is held and we looked
                 touched = sorted({prepared[i][2]["run_id"] for i in new_ids if prepared[i][2]["run_id"]})
                 by_run: dict[str, list[EventRecord]] = defaultdict(list)
@@ -145,11 +155,11 @@ class SqlStore(EventStore):
                     if prepared[i][2]["run_id"]:
                         by_run[prepared[i][2]["run_id"]].append(prepared[i][1])
                 for run_id in touched:
-                    for eid, etime, body in listed.get(run_id, ()):
-                        if eid in prepared:
-                            by_run[run_id].append(prepared[eid][1])  # sent again: its body is at hand
-                        else:
-                            by_run[run_id].append(EventRecord(id=eid, time=etime, body=orjson.loads(body)))
+                    for eid, etime, body, stored_site in listed.get(run_id, ()):
+                        # Sent again: its body is at hand, but it stays the event it was, from where it first came.
+                        again = prepared.get(eid)
+                        by_run[run_id].append(EventRecord(id=eid, time=etime, site=stored_site,
+                                                          body=again[1].body if again else orjson.loads(body)))
                 self._store_projections(cur, name, touched, by_run)
             return IngestResult(received=len(events_in), inserted=len(new_ids), inserted_ids=tuple(new_ids))
 
@@ -158,6 +168,8 @@ class SqlStore(EventStore):
         except Exception as exc:
             if dialect.is_operational(exc):
                 raise StoreError(f"cannot write store {self.url}: {getattr(exc, 'orig', None) or exc}") from None
+            if dialect.is_data_error(exc):
+                raise EventError(f"the store cannot hold a value of these events: {str(exc)[:200]}") from None
             raise
 
     @staticmethod
@@ -170,9 +182,9 @@ class SqlStore(EventStore):
         by_run: dict[str, list[EventRecord]] = defaultdict(list)
         for part in _chunks(run_ids):
             clause, params = dialect.any_of(name, "run_id", part)
-            cur.execute(f"SELECT run_id, id, event_time, body FROM events WHERE {clause}", params)
-            for run_id, eid, etime, body in cur.fetchall():
-                by_run[run_id].append(EventRecord(id=eid, time=etime, body=orjson.loads(body)))
+            cur.execute(f"SELECT run_id, id, event_time, body, site FROM events WHERE {clause}", params)
+            for run_id, eid, etime, body, site in cur.fetchall():
+                by_run[run_id].append(EventRecord(id=eid, time=etime, body=orjson.loads(body), site=site))
         SqlStore._store_projections(cur, name, run_ids, by_run)
 
     @staticmethod
@@ -185,7 +197,7 @@ class SqlStore(EventStore):
             proj = project_run(run_id, by_run[run_id])
             # Only our own facet is kept on the row (lists need the parameters); get_run re-projects the rest.
             own = {k: v for k, v in proj.run["facets"].items() if k in ("metatrail_execution", "metatrail_energy")}
-            run_rows.append({**proj.run, "facets": orjson.dumps(own, option=orjson.OPT_SORT_KEYS).decode()})
+            run_rows.append({**proj.run, "facets": canonical_bytes(own).decode()})  # big integers too
             edge_rows.extend(proj.edges)
         dialect.bulk_insert(cur, name, runs, run_rows, mode="update", key=["run_id"])
         # A run's edges are the union of its events' inputs and outputs, so more events never remove one: upsert them

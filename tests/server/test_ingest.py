@@ -136,7 +136,20 @@ MALFORMED: list[tuple[str, bytes, dict[str, str], int]] = [
     ("gzip bomb", gzip.compress(b"[" + b" " * (64 * 1024 * 1024) + b"]"), {"Content-Encoding": "gzip"}, 413),
     ("bad gzip", b"\x1f\x8b\x08\x00garbage", {"Content-Encoding": "gzip"}, 400),
     ("huge body", b'{"producer":"' + b"x" * (6 * 1024 * 1024) + b'"}', {}, 413),
+    ("number past a double", b'{"eventTime":"2024-01-01T00:00:00Z","producer":"p","run":{"runId":'
+     b'"123e4567-e89b-12d3-a456-426614174000"},"job":{"namespace":"n","name":"j","facets":{"c":{"_producer":"p",'
+     b'"_schemaURL":"s","rows":1e400}}}}', {}, 400),
+    ("runId with a newline", json.dumps({"eventTime": "2024-01-01T00:00:00Z", "producer": "p",
+                                         "run": {"runId": "123e4567-e89b-12d3-a456-426614174000\n"},
+                                         "job": {"namespace": "n", "name": "j"}}).encode(), {}, 422),
+    ("DatasetEvent with a run", json.dumps({
+        "eventTime": "2024-01-01T00:00:00Z", "producer": "p", "dataset": {"namespace": "n", "name": "d"},
+        "schemaURL": "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/DatasetEvent",
+        "run": {"runId": "../../not-a-uuid"}, "job": {"namespace": "n", "name": "j"}}).encode(), {}, 422),
+    ("data after the gzip stream", gzip.compress(b"{}") + gzip.compress(b"{}") + b"tail",
+     {"Content-Encoding": "gzip"}, 400),
 ]
+GZIPPED = ("gzip bomb", "bad gzip", "data after the gzip stream")
 
 
 def test_malformed_is_4xx_and_stores_nothing(client: AsgiClient, tokens: Tokens, store_url: str) -> None:
@@ -145,7 +158,7 @@ def test_malformed_is_4xx_and_stores_nothing(client: AsgiClient, tokens: Tokens,
         r = client.post("/api/v1/lineage", content=body, headers=head)
         assert r.status_code == status, (name, r.status_code, r.text[:200])
         assert r.json()["error"], name
-        if name in ("gzip bomb", "bad gzip", "huge body", "wrong content type"):
+        if name in (*GZIPPED, "huge body", "wrong content type"):
             batch = body
         elif name == "array, not object":
             batch = b"{}"
@@ -155,6 +168,83 @@ def test_malformed_is_4xx_and_stores_nothing(client: AsgiClient, tokens: Tokens,
         assert 400 <= r.status_code < 500, (name, "batch", r.status_code, r.text[:200])
         for route in ("/api/v1/sync/push",):
             r = client.post(route, content=b'{"events":[' + body + b"]}" if name not in (
-                "gzip bomb", "bad gzip", "huge body", "wrong content type") else body, headers=head)
+                *GZIPPED, "huge body", "wrong content type") else body, headers=head)
             assert 400 <= r.status_code < 500, (name, route, r.status_code, r.text[:200])
     assert _stored(store_url) == []
+
+
+def _facet(**fields: object) -> dict[str, object]:
+    return {"_producer": "p", "_schemaURL": "https://example.com/facet", **fields}
+
+
+def test_facet_values_of_any_shape_are_stored_and_projected(client: AsgiClient, tokens: Tokens,
+                                                            store_url: str) -> None:
+    """Facets other than the spec's are free-form, also when they bear our names: a value of the wrong type is
+    stored as sent and counts as absent in the projection. It must neither be refused as a store failure (503,
+    retried for ever) nor poison the run for its later events."""
+    template = bulk_events(1)[0]
+    odd_run_facets = [
+        {"metatrail_execution": _facet(pipeline="p", kind={"a": 1})},
+        {"metatrail_execution": _facet(pipeline="p", stage=[1], site=7, integration={"x": 1})},
+        {"metatrail_execution": _facet(pipeline=["p"], params=[1])},
+        {"errorMessage": _facet(message={"m": 1}, programmingLanguage="python")},
+        {"metatrail_execution": _facet(pipeline="p", params="not an object", energy=None)},
+    ]
+    for i, facets in enumerate(odd_run_facets):
+        event = json.loads(json.dumps(template))
+        event["run"]["runId"] = f"123e4567-e89b-12d3-a456-4266141741{i:02d}"
+        event["run"]["facets"] = facets
+        r = client.post("/api/v1/lineage", json=event, headers=auth(tokens.write))
+        assert r.status_code == 201, (facets, r.text)
+    event = json.loads(json.dumps(template))
+    event["run"]["runId"] = "123e4567-e89b-12d3-a456-426614174099"
+    event["outputs"] = [{"namespace": "file", "name": "/o", "facets": {
+        "version": _facet(datasetVersion={"v": 1}),
+        "metatrail_artifact": _facet(hash=["h"], algorithm="x" * 40, size=2**70, hashError={"e": 1})}}]
+    assert client.post("/api/v1/lineage", json=event, headers=auth(tokens.write)).status_code == 201
+    run = client.get(f"/api/v1/runs/{event['run']['runId']}", headers=auth(tokens.read)).json()
+    assert [(o["name"], o["hash"], o["size"]) for o in run["outputs"]] == [("/o", None, None)]
+    # One early event with parameters that are not an object, then the run's own events: all stored, all counted.
+    rid = "223e4567-e89b-12d3-a456-426614174100"
+    poison = {**json.loads(json.dumps(template)), "eventType": "OTHER", "eventTime": "2024-01-01T09:00:00Z"}
+    poison["run"] = {"runId": rid, "facets": {"metatrail_execution": _facet(params=[1])}}
+    assert client.post("/api/v1/lineage", json=poison, headers=auth(tokens.write)).status_code == 201
+    for event_type, at in (("START", "10:00"), ("COMPLETE", "11:00")):
+        legit = json.loads(json.dumps(template))
+        legit.update(eventType=event_type, eventTime=f"2024-01-01T{at}:00Z")
+        legit["run"]["runId"] = rid
+        r = client.post("/api/v1/lineage", json=legit, headers=auth(tokens.write))
+        assert r.status_code == 201, r.text
+    run = client.get(f"/api/v1/runs/{rid}", headers=auth(tokens.read)).json()
+    assert run["state"] == "completed" and run["event_count"] == 3
+    assert len(_stored(store_url)) == len(odd_run_facets) + 4
+
+
+def test_a_runs_site_is_where_its_events_came_from(client: AsgiClient, tokens: Tokens) -> None:
+    """A facet may name any site; the run shows the site the server authenticated its events from."""
+    start, end = bulk_events(1)
+    for event in (start, end):
+        event["run"]["facets"]["metatrail_execution"]["site"] = "hub"
+    r = client.post("/api/v1/lineage/batch", json=[start, end], headers=auth(tokens.other_site))
+    assert r.status_code == 201
+    run = client.get(f"/api/v1/runs/{start['run']['runId']}", headers=auth(tokens.read)).json()
+    assert run["site"] == "site2"
+
+
+def test_push_origins(client: AsgiClient, tokens: Tokens, store_url: str) -> None:
+    """Origins relay other sites' events (a client pushes what it pulled from elsewhere), but a token of another
+    site cannot pass events off as this server's own site's; and a push is one transaction."""
+    own = bulk_events(1, tag="own")
+    r = client.post("/api/v1/sync/push", json={"events": own, "origins": ["hub", None]},
+                    headers=auth(tokens.other_site))
+    assert r.status_code == 403 and r.json()["error"] == "site_forbidden"
+    assert _stored(store_url) == []
+    relayed = bulk_events(1, tag="relayed")
+    r = client.post("/api/v1/sync/push", json={"events": relayed, "origins": ["site3", None]},
+                    headers=auth(tokens.other_site))
+    assert r.status_code == 201 and r.json()["inserted"] == 2
+    rid = relayed[0]["run"]["runId"]
+    got = client.get("/api/v1/events", params={"run_id": rid}, headers=auth(tokens.read)).json()["events"]
+    assert sorted(e["site"] for e in got) == ["site2", "site3"]
+    r = client.post("/api/v1/sync/push", json={"events": own, "origins": ["hub", None]}, headers=auth(tokens.admin))
+    assert r.status_code == 201 and r.json()["inserted"] == 2, r.text

@@ -78,6 +78,10 @@ def test_remote_store_and_cli_over_loopback(config: ServerConfig, tokens: Tokens
         result = writer.ingest(events)
         assert (result.received, result.inserted) == (len(events), len(events))
         assert writer.ingest(events).inserted == 0
+        relayed = execution_events("q", "relayed", t0=1.95e9, inputs=[], outputs=[])
+        assert writer.ingest(relayed, sites=["site7", None]).inserted == 2
+        assert [e.site for e in remote.iter_events(after_seq=len(events))] == ["site7", "site1"]
+        events += relayed
         local = open_store(config.store)
         try:
             assert remote.list_runs(limit=1000) == local.list_runs(limit=1000)

@@ -38,12 +38,15 @@ class _Gated:
         self.release = threading.Event()
         self.calls = 0
 
-    def ingest(self, events: Sequence[Mapping[str, Any]], *, site: str | None = None) -> IngestResult:
+    def ingest(self, events: Sequence[Mapping[str, Any]], *, site: str | None = None,
+               sites: Sequence[str | None] | None = None) -> IngestResult:
         self.calls += 1
         if self.calls == 1:
             self.entered.set()
             assert self.release.wait(30)
-        return self.inner.ingest(events, site=site)
+        if any(e.get("producer") == "breaks the store" for e in events):
+            raise TypeError("a value the driver cannot bind")  # not the store's fault, not an EventError either
+        return self.inner.ingest(events, site=site, sites=sites)
 
 
 def test_inline_write_is_committed_when_acknowledged(tmp_path: Path) -> None:
@@ -111,6 +114,40 @@ def test_a_refused_event_fails_only_its_own_request(tmp_path: Path) -> None:
         gated.release.set()
         writer.close()
         store.close()
+
+
+def test_jobs_of_several_sites_share_one_transaction_and_a_faulty_one_fails_alone(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store = open_store(url)
+    gated = _Gated(store)
+    writer = IngestWriter(gated, inline_max=1)  # type: ignore[arg-type]
+    good = bulk_events(4)
+    faulty = {**good[0], "producer": "breaks the store"}
+    try:
+        blocker = threading.Thread(target=lambda: writer.submit([good[0]], "hub"))
+        blocker.start()
+        assert gated.entered.wait(30)
+        mixed = writer.submit(good[1:4], "hub", ["a", None, "b"])
+        refused = writer.submit([faulty], "hub")
+        plain = writer.submit(good[4:], "c")
+        calls_before = gated.calls
+        gated.release.set()
+        blocker.join(30)
+        assert mixed.result(30).inserted == 3 and plain.result(30).inserted == 4
+        with pytest.raises(TypeError):
+            refused.result(30)
+        # the three jobs were tried together once, then each alone
+        assert gated.calls == calls_before + 1 + 3
+        assert _held(url) == ids_of(good)
+        with pytest.raises(ValueError):
+            writer.submit(good[:2], "hub", ["a"])
+    finally:
+        gated.release.set()
+        writer.close()
+        store.close()
+    with open_store(url) as reopened:
+        sites = {e.id: e.site for e in reopened.iter_events()}
+    assert [sites[next(iter(ids_of([e])))] for e in good[1:4]] == ["a", None, "b"]
 
 
 class _FailingOn:

@@ -85,11 +85,13 @@ def checked_events(events: Sequence[Any], *, max_depth: int, max_errors: int | N
     return checked
 
 
-async def submit(svc: Services, events: Sequence[Mapping[str, Any]], site: str | None) -> IngestResult:
-    """Hand validated events to the writer and wait until they are committed; 503 when overloaded or the store
-    fails (the client retries: ingest is idempotent)."""
+async def submit(svc: Services, events: Sequence[Mapping[str, Any]], site: str | None,
+                 sites: Sequence[str | None] | None = None) -> IngestResult:
+    """Hand validated events to the writer (received from ``site``, or ``sites``: one per event) and wait until they
+    are committed, all in one transaction; 503 when overloaded or the store fails (the client retries: ingest is
+    idempotent)."""
     try:
-        future = svc.writer.submit(events, site)
+        future = svc.writer.submit(events, site, sites)
     except Overloaded as exc:
         raise ApiError(503, "overloaded", f"{exc}; retry later", headers={"Retry-After": "1"}) from None
     try:
@@ -97,6 +99,7 @@ async def submit(svc: Services, events: Sequence[Mapping[str, Any]], site: str |
         return future.result() if future.done() else await asyncio.wrap_future(future)
     except EventError as exc:
         raise ApiError(422, "invalid_event", str(exc)) from None
-    except Exception as exc:  # the events were valid: a store failure is temporary from the client's view
-        raise ApiError(503, "store_unavailable", f"the store could not write the events ({type(exc).__name__}); "
-                       "retry later", headers={"Retry-After": "1"}) from None
+    except Exception:  # the events were valid: a store failure is temporary from the client's view
+        # What failed is in the server's log (the writer logs it); internals are not the client's business.
+        raise ApiError(503, "store_unavailable", "the store could not write the events; retry later",
+                       headers={"Retry-After": "1"}) from None

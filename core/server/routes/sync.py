@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from metatrail.server.auth import READ, SITE_RE, WRITE, current, policy, writing_site
+from metatrail.server.auth import ADMIN, READ, SITE_RE, WRITE, current, policy, writing_site
 from metatrail.server.errors import ApiError
 from metatrail.server.limits import read_json
 from metatrail.server.routes import make_router
@@ -51,7 +51,7 @@ async def _ids(request: Request, limit: int) -> list[str]:
     ids = body.get("ids") if isinstance(body, dict) else None
     if not isinstance(ids, list) or len(ids) > limit:
         raise ApiError(422, "invalid_ids", f"send {{\"ids\": [...]}} with at most {limit} event ids")
-    if not all(isinstance(i, str) and _EVENT_ID.match(i) for i in ids):
+    if not all(isinstance(i, str) and _EVENT_ID.fullmatch(i) for i in ids):
         raise ApiError(422, "invalid_ids", "event ids are 64 lower-case hex characters")
     return ids
 
@@ -94,6 +94,17 @@ async def sync_missing(request: Request) -> dict[str, Any]:
     return {"missing": await run_in_threadpool(svc.log.missing, ids)}
 
 
+def _refuse_own_site_claims(request: Request, origins: list[Any], writer_site: str, own_site: str) -> None:
+    """Origins are the pushing side's word: a client that pulled site A's events pushes them on to its own site's
+    server naming A, so a write token may relay other sites' events. It may not pass events off as this server's
+    own site's unless it writes for that site (or is an admin's): 403, nothing stored."""
+    if writer_site == own_site or ADMIN in current(request).scopes:
+        return
+    if own_site in origins:
+        raise ApiError(403, "site_forbidden", f"this token writes for site {writer_site!r}; it cannot push events as "
+                       f"recorded at this server's own site {own_site!r}")
+
+
 @router.post("/api/v1/sync/push", status_code=201, tags=["sync"], openapi_extra=json_body(PUSH_SCHEMA))
 @policy(WRITE)
 async def sync_push(request: Request) -> JSONResponse:
@@ -111,16 +122,13 @@ async def sync_push(request: Request) -> JSONResponse:
     if origins is None:
         origins = [None] * len(events)
     if not isinstance(origins, list) or len(origins) != len(events) or not all(
-            o is None or (isinstance(o, str) and SITE_RE.match(o)) for o in origins):
+            o is None or (isinstance(o, str) and SITE_RE.fullmatch(o)) for o in origins):
         raise ApiError(422, "invalid_origins", "origins must list one site name (or null) per event")
     checked = checked_events(events, max_depth=svc.config.max_depth)
     default = writing_site(request)
-    groups: dict[str, list[Any]] = {}
-    for event, origin in zip(checked, origins, strict=True):
-        groups.setdefault(origin or default, []).append(event)
-    inserted = 0
-    for site, group in groups.items():
-        inserted += (await submit(svc, group, site)).inserted
+    _refuse_own_site_claims(request, origins, default, svc.config.site)
+    sites = [origin or default for origin in origins]
+    inserted = (await submit(svc, checked, default, sites)).inserted  # one transaction: all or nothing
     return JSONResponse({"received": len(events), "inserted": inserted}, status_code=201)
 
 
