@@ -140,7 +140,11 @@ def sync_peer(services: Services, name: str, direction: str = "both") -> dict[st
     try:
         if direction in ("pull", "both") and peer["pull"]:
             info = client.request("GET", "/api/v1/version")
-            local = WriterEndpoint(services, site=str(info.get("site") or name))
+            peer_site = str(info.get("site") or name)
+            if peer_site == services.config.site:
+                # Its events would be recorded as this site's own: a misconfigured peer, or one posing as this site.
+                raise ConfigError(f"peer {name} reports this server's own site name {peer_site!r}; not pulling from it")
+            local = WriterEndpoint(services, site=peer_site)
             out["pull"] = transfer(remote, local, log=services.log, peer=f"peer:{name}", direction="pull").as_dict()
         if direction in ("push", "both") and peer["push"]:
             share = frozenset(peer["share"]) if peer["share"] is not None else None

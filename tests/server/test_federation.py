@@ -140,7 +140,7 @@ def test_two_sites(store_url: str, tmp_path: Path, capsys: pytest.CaptureFixture
         del site2_read
 
 
-def test_peer_routes_and_errors(client: AsgiClient, tokens: Tokens) -> None:
+def test_peer_routes_and_errors(client: AsgiClient, tokens: Tokens, tmp_path: Path) -> None:
     h = auth(tokens.admin)
     assert client.get("/api/v1/peers", headers=h).json() == {"peers": []}
     bad = [{"name": "../x", "url": "http://a"}, {"name": "p", "url": "ftp://a"},
@@ -154,6 +154,13 @@ def test_peer_routes_and_errors(client: AsgiClient, tokens: Tokens) -> None:
     assert r.status_code == 502 and "unreachable" in r.json()["message"]
     assert client.get("/api/v1/peers", headers=h).json()["peers"][0]["last_error"]
     assert client.post("/api/v1/peers/nope/sync", headers=h).status_code == 404
+    # A peer that names itself as this server's site: its events would pass for this site's own.
+    with live(ServerConfig(store=f"sqlite:///{tmp_path / 'twin.db'}", site="hub")) as twin:
+        r = client.post("/api/v1/peers", json={"name": "twin", "url": twin.url, "pull": True}, headers=h)
+        assert r.status_code == 201
+        r = client.post("/api/v1/peers/twin/sync", params={"direction": "pull"}, headers=h)
+        assert r.status_code == 409 and "own site name" in r.json()["message"]
+        assert client.delete("/api/v1/peers/twin", headers=h).status_code == 200
     assert client.delete("/api/v1/peers/p1", headers=h).json() == {"removed": "p1"}
     assert client.delete("/api/v1/peers/p1", headers=h).status_code == 404
     # token administration over HTTP

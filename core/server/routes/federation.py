@@ -80,4 +80,6 @@ async def sync_with_peer(request: Request, name: str = Path(pattern=NAME_PATTERN
         raise ApiError(404, "not_found", f"no peer {name}") from None
     except RemoteError as exc:
         raise ApiError(502, "peer_failed", f"sync with {name} failed: {exc}") from None
+    except ConfigError as exc:
+        raise ApiError(409, "peer_refused", str(exc)) from None
     return result
