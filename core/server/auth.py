@@ -108,6 +108,8 @@ class TokenStore:
         self.ttl = ttl
         self._cache: dict[str, tuple[float, Principal | None]] = {}
         self._lock = threading.Lock()
+        # Bumped by every revoke: a lookup that read a token's row before a revoke must not cache what it read after.
+        self._generation = 0
 
     def close(self) -> None:
         """Release connections."""
@@ -160,6 +162,7 @@ class TokenStore:
 
         done = dialect.retrying(run) > 0
         with self._lock:
+            self._generation += 1
             self._cache.clear()
         return done
 
@@ -188,6 +191,8 @@ class TokenStore:
             if hit is not None and hit[0] > now:
                 return hit[1]
         token_id, secret = match.groups()
+        with self._lock:
+            generation = self._generation
         with dialect.reading(self._engine) as conn:
             row = conn.execute(select(tokens).where(tokens.c.id == token_id)).first()
         principal = None
@@ -199,7 +204,8 @@ class TokenStore:
             with self._lock:
                 if len(self._cache) > 10_000:
                     self._cache.clear()
-                self._cache[key] = (now + self.ttl, principal)
+                if generation == self._generation:
+                    self._cache[key] = (now + self.ttl, principal)
         return principal
 
 

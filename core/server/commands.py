@@ -67,7 +67,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
     try:
         if not is_loopback(args.host) and not tokens.has_admin():
             raise ConfigError(
-                f"refusing to listen on {args.host} (not a loopback address) with no admin token configured; "
+                f"refusing to listen on {args.host or 'every interface'} (not a loopback address) with no admin "
+                "token configured; "
                 f"create one first: metatrail token create --scope admin --store {store}")
     finally:
         tokens.close()
@@ -184,7 +185,12 @@ def _cmd_token_revoke(args: argparse.Namespace) -> int:
         done = store.revoke(args.id)
     if not done:
         raise ConfigError(f"no active token with id {args.id}")
-    print(f"token {args.id} revoked")
+    from metatrail.server.config import AUTH_CACHE_TTL as ttl
+
+    # A running server remembers a token it checked for a few seconds (its lookup cache); this process cannot clear
+    # that cache, the server's own revoke route does.
+    print(f"token {args.id} revoked; a running server that checked it in the last {ttl:g} s may accept it for up to "
+          f"{ttl:g} s more (revoke it through the server, DELETE /api/v1/admin/tokens/{args.id}, to end it at once)")
     return 0
 
 

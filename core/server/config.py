@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MiB = 1024 * 1024
+AUTH_CACHE_TTL = 5.0  # seconds a server remembers a token it checked (a revoke through another process waits it out)
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class ServerConfig:
     max_batch_events: int = 10_000
     max_ids: int = 10_000
     max_depth: int = 64
-    auth_cache_ttl: float = 5.0
+    auth_cache_ttl: float = AUTH_CACHE_TTL
     max_pending_events: int = 200_000
     writer_batch: int = 5_000
     inline_events: int = 1  # SQLite: a job this small is written on the event loop when the writer is idle

@@ -89,8 +89,9 @@ def client_settings(url: str | None = None, token: str | None = None) -> tuple[s
 
 
 def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (where compressing bodies costs more than it saves)."""
-    if host in ("localhost", ""):
+    """True for ``localhost`` and loopback addresses (where compressing bodies costs more than it saves, and where a
+    server may start without an admin token). Only an address that says so: an empty host binds every interface."""
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback

@@ -3,11 +3,14 @@ start-up refusal on public addresses, TLS, request size limits, path traversal."
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Tokens
@@ -121,7 +124,10 @@ def test_token_lifecycle_cli_and_hashing(config: ServerConfig, capsys: pytest.Ca
     c = AsgiClient(app)
     try:
         assert c.get("/api/v1/runs", headers=auth(text)).status_code == 200
+        capsys.readouterr()
         assert commands.main(["token", "revoke", listed[0]["id"], *store]) == 0
+        # The CLI cannot clear a running server's lookup cache: it says so, and how to revoke at once.
+        assert f"DELETE /api/v1/admin/tokens/{listed[0]['id']}" in capsys.readouterr().out
         assert c.get("/api/v1/runs", headers=auth(text)).status_code == 401  # auth cache TTL 0: at once
     finally:
         c.close()
@@ -129,6 +135,31 @@ def test_token_lifecycle_cli_and_hashing(config: ServerConfig, capsys: pytest.Ca
     assert "no active token" in capsys.readouterr().err
     assert commands.main(["token", "create", "--scope", "root", *store]) == 1
     assert "scopes must be" in capsys.readouterr().err
+
+
+def test_a_revoke_during_a_lookup_is_not_undone_by_its_cache_entry(store_url: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lookup that read the token's row just before a revoke through the server must not cache the principal it
+    read just after (the revoke's cache clear would be undone for a whole TTL)."""
+    from metatrail.server import auth as auth_module
+
+    tokens = TokenStore(store_url, ttl=60)
+    record, text = tokens.create(name="t", scopes=["read"], site="s")
+    reading = auth_module.dialect.reading
+
+    @contextlib.contextmanager
+    def read_then_revoke(engine: Any) -> Iterator[Any]:
+        with reading(engine) as conn:
+            yield conn
+        assert tokens.revoke(record["id"])  # lands between the lookup's read and its cache write
+
+    monkeypatch.setattr(auth_module.dialect, "reading", read_then_revoke)
+    try:
+        assert tokens.verify(text) is not None  # the request in flight was checked before the revoke
+        monkeypatch.setattr(auth_module.dialect, "reading", reading)
+        assert tokens.verify(text) is None
+    finally:
+        tokens.close()
 
 
 def test_revocation_within_cache_ttl(store_url: str) -> None:
@@ -146,9 +177,10 @@ def test_revocation_within_cache_ttl(store_url: str) -> None:
 
 def test_refuses_public_address_without_admin_token(config: ServerConfig,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    code = commands.main(["server", "--store", config.store, "--host", "0.0.0.0", "--port", "1"])
-    assert code == 1
-    assert "no admin token" in capsys.readouterr().err
+    for host in ("0.0.0.0", "", "::", "192.0.2.1"):  # an empty host binds every interface too
+        code = commands.main(["server", "--store", config.store, "--host", host, "--port", "1"])
+        assert code == 1, host
+        assert "no admin token" in capsys.readouterr().err
     assert commands.main(["server", "--store", config.store, "--tls-cert", "x.pem"]) == 1
     assert "--tls-key" in capsys.readouterr().err
 
