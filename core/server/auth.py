@@ -118,7 +118,7 @@ class TokenStore:
     def create(self, *, name: str, scopes: Sequence[str], site: str,
                pipelines: Sequence[str] | None = None) -> tuple[dict[str, Any], str]:
         """Create a token; return its record and the token text (shown once, never stored)."""
-        if not SITE_RE.match(site):
+        if not SITE_RE.fullmatch(site):
             raise ConfigError(f"site {site!r}: use letters, digits, '.', '_' or '-' (at most 64)")
         scope_list = parse_scopes(scopes)
         token_id = secrets.token_hex(6)
@@ -181,7 +181,7 @@ class TokenStore:
 
     def verify(self, text: str) -> Principal | None:
         """The principal of a token text, or None when it is malformed, unknown, wrong or revoked."""
-        match = TOKEN_RE.match(text)
+        match = TOKEN_RE.fullmatch(text)
         if not match:
             return None
         now = time.monotonic()
@@ -234,7 +234,7 @@ async def authenticate(request: Request, level: str) -> Principal:
     if not principal.can(level):
         raise ApiError(403, "forbidden", f"this route needs a token with the '{level}' scope")
     claimed = request.headers.get("x-metatrail-site")
-    if claimed is not None and not SITE_RE.match(claimed):
+    if claimed is not None and not SITE_RE.fullmatch(claimed):
         raise ApiError(400, "bad_site", "X-Metatrail-Site: letters, digits, '.', '_' or '-' (at most 64)")
     if claimed is not None and claimed != principal.site and ADMIN not in principal.scopes:
         raise ApiError(403, "wrong_site", f"a token of site '{principal.site}' cannot write as site '{claimed}'")

@@ -269,3 +269,17 @@ def test_path_traversal_is_refused(client: AsgiClient, tokens: Tokens, tmp_path:
     r = client.post("/api/v1/lineage", json=bulk_events(1)[0], headers={**auth(tokens.admin),
                                                                          "X-Metatrail-Site": "a\tb"})
     assert r.status_code == 400
+
+
+def test_names_with_a_trailing_newline_are_refused(store_url: str) -> None:
+    """Patterns end at the end of the text, not before a final newline (``$`` allows one)."""
+    from metatrail.errors import ConfigError
+
+    tokens = TokenStore(store_url, ttl=0)
+    try:
+        with pytest.raises(ConfigError, match="site"):
+            tokens.create(name="t", scopes=["read"], site="lab\n")
+        _, text = tokens.create(name="t", scopes=["read"], site="lab")
+        assert tokens.verify(text) is not None and tokens.verify(text + "\n") is None
+    finally:
+        tokens.close()
