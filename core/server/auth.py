@@ -4,13 +4,16 @@
   needs no slow hash) and the token's scopes, site and readable pipelines; the secret itself is shown once, at
   creation. Comparison is constant-time.
 * Scopes: ``read`` (queries, pull), ``write`` (ingest, push), ``admin`` (tokens, peers; implies read and write).
-  ``pipelines`` restricts what a token may read (selective sharing with a peer); None = every pipeline.
+  ``pipelines`` restricts what a token may read (selective sharing with a peer); None = every pipeline. Such a
+  token also writes only into those pipelines (:func:`refuse_foreign_pipelines`): a run's pipeline follows its
+  latest event, so a write elsewhere could relabel a run it may not read into one it may.
 * A token writes as its own site: a request claiming another site (``X-Metatrail-Site``) is refused with 403
   unless the token is an admin token.
 * Every route declares its policy with :func:`policy` (``public``, ``read``, ``write``, ``admin``). Routes are built
   by :class:`PolicyRoute`: a route without a declared policy answers 403 to everyone, and a protected route checks
   the token before its handler runs. No token: 401; a token without the scope: 403.
-* Verified tokens are cached for ``ttl`` seconds, so a revocation takes effect within that time (0 = at once).
+* Verified tokens are cached for ``ttl`` seconds. A revocation through this server's API clears the cache at once;
+  one by another process (``metatrail token revoke``) takes effect within ``ttl`` (0 = at once).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,6 +39,7 @@ from starlette.responses import Response
 from metatrail.errors import ConfigError
 from metatrail.server.errors import ApiError, error_response
 from metatrail.store import dialect
+from metatrail.store.projection import event_pipeline
 from metatrail.store.schema import tokens
 
 PUBLIC, READ, WRITE, ADMIN = "public", "read", "write", "admin"
@@ -245,6 +249,46 @@ def current(request: Request) -> Principal:
     """The principal the policy check stored on the request (routes with a non-public policy only)."""
     principal: Principal = request.state.principal
     return principal
+
+
+async def refuse_foreign_pipelines(request: Request, events: Sequence[Mapping[str, Any]]) -> None:
+    """403 (nothing stored) when a token that may read only some pipelines writes an event into another pipeline,
+    or into a run stored under another pipeline. A run's pipeline follows its latest event, so such a write could
+    otherwise move a run it cannot read into one it can, and then read it. Unrestricted tokens pass at no cost:
+    no lookup, no query (the single-event POST is the hot path)."""
+    principal = current(request)
+    if principal.pipelines is None:
+        return
+    _refuse_foreign_events(principal, events)
+    run_ids = [rid for rid in (_run_id(e) for e in events) if rid is not None]
+    if not run_ids:
+        return
+    store = request.app.state.services.store
+    stored: dict[str, str] = await run_in_threadpool(store.run_pipelines, run_ids)
+    for run_id, pipeline in stored.items():
+        if not principal.may_read(pipeline):
+            raise ApiError(403, "pipeline_forbidden", f"run {run_id} belongs to a pipeline this token may not read; "
+                           "a token limited to some pipelines writes only into runs of those pipelines")
+
+
+def _refuse_foreign_events(principal: Principal, events: Sequence[Mapping[str, Any]]) -> None:
+    """403 for the first event whose own pipeline (derived as the projection derives a run's) the token may not
+    read; an event without a run belongs to no pipeline, which only unrestricted tokens may read."""
+    allowed = ", ".join(sorted(principal.pipelines or ()))
+    for event in events:
+        pipeline = event_pipeline(event)
+        if not principal.may_read(pipeline):
+            target = f"pipeline {pipeline!r}" if pipeline is not None else "no pipeline (an event without a run)"
+            raise ApiError(403, "pipeline_forbidden",
+                           f"this token may write only into the pipelines it may read ({allowed}); "
+                           f"this event belongs to {target}")
+
+
+def _run_id(event: Mapping[str, Any]) -> str | None:
+    """The run id an event is stored under (None without one; the store refuses a run id that is not text)."""
+    run = event.get("run")
+    run_id = run.get("runId") if isinstance(run, Mapping) else None
+    return run_id if isinstance(run_id, str) else None
 
 
 def writing_site(request: Request) -> str:

@@ -114,6 +114,18 @@ def _int64(value: Any) -> int | None:
 _KINDS = frozenset({"execution", "pipeline_run", "run"})
 
 
+def event_pipeline(event: Mapping[str, Any]) -> str | None:
+    """The pipeline one event puts its run in, by the rules of :func:`project_run` (our facet's pipeline, else the
+    parent job, else the job); None for an event without a run."""
+    run = event.get("run")
+    if not isinstance(run, dict):
+        return None
+    facets = _obj(run.get("facets"))
+    ours = _text(_obj(facets.get("metatrail_execution")).get("pipeline"))
+    return ours or _text(_obj(_obj(facets.get("parent")).get("job")).get("name")) or \
+        str(_obj(event.get("job")).get("name", ""))
+
+
 def project_run(run_id: str, events: Iterable[EventRecord]) -> RunProjection:
     """Project one run from all its events (see module docstring for the rules)."""
     ordered = sorted({e.id: e for e in events}.values(), key=_order)

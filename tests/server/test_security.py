@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import Tokens
-from srvkit import AsgiClient, auth, bulk_events, live
+from srvkit import AsgiClient, auth, bulk_events, live, make_token
 
 from metatrail.server import commands
 from metatrail.server.app import FRAMEWORK_ROUTES, create_app, route_table
@@ -283,3 +283,100 @@ def test_names_with_a_trailing_newline_are_refused(store_url: str) -> None:
         assert tokens.verify(text) is not None and tokens.verify(text + "\n") is None
     finally:
         tokens.close()
+
+
+def _step_of(parent: dict[str, Any], events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``events`` made steps of ``parent``'s run (the spec's parent facet)."""
+    for event in events:
+        event["run"]["facets"]["parent"] = {
+            "_producer": "p", "_schemaURL": "https://openlineage.io/spec/facets/1-0-1/ParentRunFacet.json",
+            "run": {"runId": parent["run"]["runId"]}, "job": {"namespace": "bulk", "name": parent["job"]["name"]}}
+    return events
+
+
+def _refused(client: AsgiClient, token: str, event: dict[str, Any]) -> None:
+    """Every write route refuses ``event`` from ``token`` with 403 pipeline_forbidden."""
+    for route, body in (("/api/v1/lineage", event), ("/api/v1/lineage/batch", [event]),
+                        ("/api/v1/sync/push", {"events": [event]})):
+        r = client.post(route, json=body, headers=auth(token))
+        assert r.status_code == 403 and r.json()["error"] == "pipeline_forbidden", (route, r.text)
+
+
+def test_a_pipeline_restricted_token_cannot_relabel_a_run_it_may_not_read(client: AsgiClient, tokens: Tokens,
+                                                                          config: ServerConfig) -> None:
+    """A run's pipeline follows its latest event: a token that may read only ``public`` must not move a run of
+    ``secret`` into ``public`` with a later event (and then read it, parameters and all)."""
+    limited = make_token(config.store, "read,write", pipelines=["public"])
+    secret = bulk_events(1, pipeline="secret", tag="api_key")
+    assert client.post("/api/v1/lineage/batch", json=secret, headers=auth(tokens.write)).status_code == 201
+    rid = secret[0]["run"]["runId"]
+    relabel = json.loads(json.dumps(secret[1]))
+    relabel["eventTime"] = "2030-01-01T00:00:00Z"
+    relabel["run"]["facets"]["metatrail_execution"]["pipeline"] = "public"
+    _refused(client, limited, relabel)
+    assert "belongs to a pipeline this token may not read" in client.post(
+        "/api/v1/lineage", json=relabel, headers=auth(limited)).json()["message"]
+    assert client.get(f"/api/v1/runs/{rid}", headers=auth(limited)).status_code == 404
+    assert client.get("/api/v1/events", params={"run_id": rid}, headers=auth(limited)).json()["events"] == []
+    assert client.get(f"/api/v1/runs/{rid}", headers=auth(tokens.read)).json()["event_count"] == 2  # nothing stored
+
+
+def test_a_pipeline_restricted_token_writes_only_into_its_pipelines(client: AsgiClient, tokens: Tokens,
+                                                                     config: ServerConfig) -> None:
+    """An event's own pipeline is derived as the projection derives a run's: our facet's pipeline, else the parent
+    job's name, else the job's name. The token may write it only where it may read it."""
+    limited = make_token(config.store, "read,write", pipelines=["public"])
+    new_secret = bulk_events(1, pipeline="secret", t0=1.9e9)[0]
+    _refused(client, limited, new_secret)
+    bare = json.loads(json.dumps(new_secret))
+    del bare["run"]["facets"]["metatrail_execution"]
+    _refused(client, limited, bare)  # no facet: the job's name ("secret.step") is its pipeline
+    parent = bulk_events(1, pipeline="public", t0=1.95e9)[0]
+    parent["job"]["name"] = "public"
+    stepped = _step_of(parent, [json.loads(json.dumps(bare))])[0]
+    assert client.post("/api/v1/lineage", json=stepped, headers=auth(limited)).status_code == 201  # parent's job
+    job_event = {"eventTime": "2030-01-01T00:00:00Z", "producer": "p", "job": {"namespace": "ns", "name": "public"},
+                 "schemaURL": "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/JobEvent"}
+    r = client.post("/api/v1/lineage", json=job_event, headers=auth(limited))
+    assert r.status_code == 403 and "no pipeline" in r.json()["message"]  # no run: no pipeline it may read
+    assert client.post("/api/v1/lineage", json=job_event, headers=auth(tokens.write)).status_code == 201
+    mine = bulk_events(2, pipeline="public", t0=1.7e9)
+    assert client.post("/api/v1/lineage/batch", json=mine[:2], headers=auth(limited)).status_code == 201
+    assert client.post("/api/v1/lineage", json=mine[2], headers=auth(limited)).status_code == 201
+    assert client.post("/api/v1/sync/push", json={"events": mine[3:]}, headers=auth(limited)).status_code == 201
+    # a later event into its own run, already stored under its pipeline: fine
+    later = json.loads(json.dumps(mine[1]))
+    later["eventTime"], later["eventType"] = "2030-01-01T00:00:00Z", "OTHER"
+    assert client.post("/api/v1/lineage", json=later, headers=auth(limited)).status_code == 201
+    assert client.get(f"/api/v1/runs/{mine[0]['run']['runId']}", headers=auth(limited)).json()["event_count"] == 3
+
+
+def test_unrestricted_writes_look_nothing_up(client: AsgiClient, tokens: Tokens,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pipeline check costs an unrestricted token nothing: no store lookup on any write route."""
+    store = client.app.state.services.store
+
+    def no_lookup(run_ids: Any) -> dict[str, str]:
+        raise AssertionError("an unrestricted write looked up run pipelines")
+
+    monkeypatch.setattr(store, "run_pipelines", no_lookup)
+    events = bulk_events(3, pipeline="secret")
+    assert client.post("/api/v1/lineage", json=events[0], headers=auth(tokens.write)).status_code == 201
+    assert client.post("/api/v1/lineage/batch", json=events[1:4], headers=auth(tokens.write)).status_code == 201
+    r = client.post("/api/v1/sync/push", json={"events": events[4:]}, headers=auth(tokens.admin))
+    assert r.status_code == 201
+
+
+def test_a_restricted_token_sees_no_steps_of_other_pipelines(client: AsgiClient, tokens: Tokens,
+                                                              config: ServerConfig) -> None:
+    """A run it may read lists only the steps (child runs) it may read: not another pipeline's ids and stages."""
+    limited = make_token(config.store, "read", pipelines=["public"])
+    parent = bulk_events(1, pipeline="public", t0=1.6e9)
+    steps = _step_of(parent[0], bulk_events(1, pipeline="secret", t0=1.6e9 + 10)
+                     + bulk_events(1, pipeline="public", t0=1.6e9 + 20))
+    assert client.post("/api/v1/lineage/batch", json=parent + steps, headers=auth(tokens.write)).status_code == 201
+    pid, secret_step, public_step = (e["run"]["runId"] for e in (parent[0], steps[0], steps[2]))
+    children = client.get(f"/api/v1/runs/{pid}", headers=auth(tokens.read)).json()["children"]
+    assert [c["run_id"] for c in children] == [secret_step, public_step]
+    children = client.get(f"/api/v1/runs/{pid}", headers=auth(limited)).json()["children"]
+    assert [c["run_id"] for c in children] == [public_step]

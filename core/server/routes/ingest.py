@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from metatrail.openlineage.validation import InvalidEvent
-from metatrail.server.auth import WRITE, policy, writing_site
+from metatrail.server.auth import WRITE, policy, refuse_foreign_pipelines, writing_site
 from metatrail.server.errors import ApiError
 from metatrail.server.limits import read_json
 from metatrail.server.routes import make_router
@@ -31,6 +31,7 @@ async def post_lineage(request: Request) -> Response:
         kind, event = checked_event(body, max_depth=svc.config.max_depth)
     except InvalidEvent as exc:
         raise ApiError(exc.status, "invalid_event", str(exc)) from None
+    await refuse_foreign_pipelines(request, [event])
     result = await submit(svc, [event], writing_site(request))
     # orjson writes the same compact JSON as JSONResponse's json.dumps, in a fraction of the time.
     return Response(orjson.dumps({"id": event.id, "kind": kind, "stored": result.inserted == 1}), status_code=201,
@@ -54,5 +55,6 @@ async def post_lineage_batch(request: Request) -> JSONResponse:
     events = checked_events(body, max_depth=svc.config.max_depth, max_errors=100)
     if not events:
         return JSONResponse({"received": 0, "inserted": 0}, status_code=201)
+    await refuse_foreign_pipelines(request, events)
     result = await submit(svc, events, writing_site(request))
     return JSONResponse({"received": result.received, "inserted": result.inserted}, status_code=201)

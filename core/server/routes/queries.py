@@ -63,8 +63,13 @@ async def list_runs(request: Request, pipeline: str | None = Query(None, max_len
 async def get_run(request: Request, run_id: str = Path(pattern=UUID_PATTERN)) -> dict[str, Any]:
     """One run with its inputs, outputs, parameters, facets and child runs."""
     run = await run_in_threadpool(services(request).store.get_run, run_id)
-    if run is None or not current(request).may_read(run.get("pipeline")):
+    principal = current(request)
+    if run is None or not principal.may_read(run.get("pipeline")):
         raise ApiError(404, "not_found", f"no run {run_id}")
+    if principal.pipelines is not None:
+        # A run's steps may belong to pipelines this token cannot read: their ids, stages and states are not its
+        # business either. A child listed without its pipeline counts as unreadable (fail closed).
+        run["children"] = [c for c in run.get("children", []) if principal.may_read(c.get("pipeline"))]
     return run
 
 

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from metatrail.server.auth import ADMIN, READ, SITE_RE, WRITE, current, policy, writing_site
+from metatrail.server.auth import ADMIN, READ, SITE_RE, WRITE, current, policy, refuse_foreign_pipelines, writing_site
 from metatrail.server.errors import ApiError
 from metatrail.server.limits import read_json
 from metatrail.server.routes import make_router
@@ -125,6 +125,7 @@ async def sync_push(request: Request) -> JSONResponse:
             o is None or (isinstance(o, str) and SITE_RE.fullmatch(o)) for o in origins):
         raise ApiError(422, "invalid_origins", "origins must list one site name (or null) per event")
     checked = checked_events(events, max_depth=svc.config.max_depth)
+    await refuse_foreign_pipelines(request, checked)
     default = writing_site(request)
     _refuse_own_site_claims(request, origins, default, svc.config.site)
     sites = [origin or default for origin in origins]
