@@ -137,6 +137,29 @@ def test_token_lifecycle_cli_and_hashing(config: ServerConfig, capsys: pytest.Ca
     assert "scopes must be" in capsys.readouterr().err
 
 
+def test_revoking_with_the_cli_says_how_long_a_running_server_may_accept_the_token(
+        store_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI (another process) cannot clear a running server's token cache: it names the server's real cache
+    time and the API route that revokes at once; that route does, even for a token the server just checked."""
+    from metatrail.server.config import AUTH_CACHE_TTL
+
+    config = ServerConfig(store=store_url, site="hub")  # the token cache `metatrail server` runs with
+    assert config.auth_cache_ttl == AUTH_CACHE_TTL > 0
+    by_cli, by_api, admin = (make_token(store_url, scopes) for scopes in ("read", "read", "admin"))
+    c = AsgiClient(create_app(config))
+    try:
+        assert all(c.get("/api/v1/runs", headers=auth(t)).status_code == 200 for t in (by_cli, by_api))
+        capsys.readouterr()
+        assert commands.main(["token", "revoke", by_cli.split("_")[1], "--store", store_url]) == 0
+        out = capsys.readouterr().out
+        assert f"may accept it for up to {AUTH_CACHE_TTL:g} s more" in out and "DELETE /api/v1/admin/tokens/" in out
+        api_id = by_api.split("_")[1]
+        assert c.delete(f"/api/v1/admin/tokens/{api_id}", headers=auth(admin)).json() == {"revoked": api_id}
+        assert c.get("/api/v1/runs", headers=auth(by_api)).status_code == 401  # cached a moment ago: refused now
+    finally:
+        c.close()
+
+
 def test_a_revoke_during_a_lookup_is_not_undone_by_its_cache_entry(store_url: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A lookup that read the token's row just before a revoke through the server must not cache the principal it
@@ -175,14 +198,35 @@ def test_revocation_within_cache_ttl(store_url: str) -> None:
     other.close()
 
 
-def test_refuses_public_address_without_admin_token(config: ServerConfig,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    for host in ("0.0.0.0", "", "::", "192.0.2.1"):  # an empty host binds every interface too
+def test_refuses_public_address_without_admin_token(config: ServerConfig, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    def serve(*args: Any, **kwargs: Any) -> None:  # a regression fails here instead of serving forever
+        raise AssertionError(f"the server started on {kwargs.get('host')!r} with no admin token")
+
+    monkeypatch.setattr(uvicorn, "run", serve)
+    for host in ("0.0.0.0", "", "::", "192.0.2.1", "127.0.0.1.example", "localhost.example"):
+        # an empty host binds every interface too; a name that merely starts like a loopback one is not one
         code = commands.main(["server", "--store", config.store, "--host", host, "--port", "1"])
         assert code == 1, host
         assert "no admin token" in capsys.readouterr().err
+    assert commands.main(["server", "--store", config.store, "--host", ""]) == 1
+    assert "refusing to listen on every interface" in capsys.readouterr().err
     assert commands.main(["server", "--store", config.store, "--tls-cert", "x.pem"]) == 1
     assert "--tls-key" in capsys.readouterr().err
+
+
+def test_only_explicit_loopback_addresses_are_loopback() -> None:
+    """What lets a server start without an admin token (and a client skip compression): an address that says it
+    is loopback. An empty host, a wildcard or a look-alike name is not one."""
+    from metatrail.store.remote import is_loopback
+
+    assert all(is_loopback(h) for h in ("localhost", "127.0.0.1", "127.8.9.10", "::1", "[::1]"))
+    assert not any(is_loopback(h) for h in ("", " ", "0.0.0.0", "::", "[::]", "192.0.2.1", "localhost.example",
+                                            "127.0.0.1.example", "example.org"))
+    assert ServerClient("http://localhost:1")._compress is False
+    assert ServerClient("http://192.0.2.1:1")._compress is True
 
 
 def _self_signed(directory: Path) -> tuple[str, str]:
