@@ -56,12 +56,21 @@ class Filter:
     run_id: str | None = None
     since: float | None = None
     pipelines: frozenset[str] | None = None
+    since_text: str | None = field(default=None, compare=False)  # ``--since`` as given (an age moves: ``2h``)
 
     @property
     def scope(self) -> str:
-        """The cursor key of this selection ("" when it selects everything)."""
-        parts = [f"{k}={v}" for k, v in (("pipeline", self.pipeline), ("run", self.run_id), ("since", self.since))
+        """The cursor key of this selection ("" when it selects everything).
+
+        Everything that selects is in it: a cursor moves past events its selection left out, so a wider selection
+        (a peer's share list grown by a pipeline) must start a cursor of its own, or it would never see them. An age
+        (``--since 2h``) is keyed as given, so the next run with the same words resumes rather than starting anew.
+        """
+        since = self.since_text if self.since_text is not None else self.since
+        parts = [f"{k}={v}" for k, v in (("pipeline", self.pipeline), ("run", self.run_id), ("since", since))
                  if v is not None]
+        if self.pipelines is not None:
+            parts.append("pipelines=" + ",".join(sorted(self.pipelines)))
         return "&".join(parts)
 
 
@@ -125,6 +134,14 @@ def peer_key(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}{parts.path.rstrip('/')}"
+
+
+def reader_key(key: str, token: str | None) -> str:
+    """The cursor key of pulls from ``key`` with ``token``: what a server lists depends on what the token may read,
+    so a pull cursor belongs to the token (its public id) too. A cursor moved by a token limited to some pipelines
+    would otherwise make a later pull with a wider token skip everything the first could not see."""
+    match = re.fullmatch(r"mt_([0-9a-f]{12})_\S+", token or "")
+    return f"{key}#reader={match.group(1)}" if match else key
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
@@ -578,13 +595,14 @@ def pull(store_url: str, server_url: str | None = None, *, token: str | None = N
         remote = HttpEndpoint(client)
         local = LocalEndpoint(store, log)
         total = 0
+        key = reader_key(remote.key, client.token)
         if show_progress:
-            cursor = log.get_cursor(remote.key, "pull", filt.scope)
+            cursor = log.get_cursor(key, "pull", filt.scope)
             info = client.request("GET", "/api/v1/sync/ids", params={"after": cursor, "limit": 0,
                                                                    **HttpEndpoint._params(filt)})
             total = int(info.get("remaining", 0))
         with Progress(f"pull from {client.url}", total, enabled=show_progress) as bar:
-            return transfer(remote, local, log=log, peer=remote.key, direction="pull", filt=filt, progress=bar)
+            return transfer(remote, local, log=log, peer=key, direction="pull", filt=filt, progress=bar)
     finally:
         client.close()
         log.close()

@@ -42,7 +42,8 @@ def _print_json(value: Any) -> None:
 def _filter(args: argparse.Namespace) -> Any:
     from metatrail.sync import Filter, parse_since
 
-    return Filter(pipeline=args.pipeline, run_id=args.run, since=parse_since(args.since))
+    return Filter(pipeline=args.pipeline, run_id=args.run, since=parse_since(args.since),
+                  since_text=args.since.strip() if args.since else None)
 
 
 # -- server ------------------------------------------------------------------------------------------------------

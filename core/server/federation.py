@@ -22,7 +22,7 @@ from sqlalchemy import delete, select, update
 from metatrail.errors import ConfigError
 from metatrail.store import dialect
 from metatrail.store.schema import peers
-from metatrail.sync import Filter, HttpEndpoint, LocalEndpoint, Shipped, decode_shipped, transfer
+from metatrail.sync import Filter, HttpEndpoint, LocalEndpoint, Shipped, decode_shipped, reader_key, transfer
 
 if TYPE_CHECKING:
     from metatrail.server.services import Services
@@ -119,6 +119,10 @@ class WriterEndpoint(LocalEndpoint):
 
     def receive(self, shipped: Sequence[Shipped]) -> int:
         events, sites = decode_shipped(shipped, self.site)
+        # A peer's word that an event was recorded at this very site is not taken (a push making that claim is
+        # refused): this site lacks it, so it came from the peer.
+        own = self._services.config.site
+        sites = [self.site if s == own else s for s in sites]
         return self._services.writer.submit(events, self.site, sites).result(timeout=300).inserted
 
 
@@ -136,6 +140,8 @@ def sync_peer(services: Services, name: str, direction: str = "both") -> dict[st
                           connect_timeout=min(5.0, services.config.peer_timeout),
                           ca_bundle=services.config.extra.get("ca_bundle"))
     remote = HttpEndpoint(client)
+    # Cursors belong to the server the name points at now: a name pointed at another server starts afresh.
+    key = f"peer:{name}@{remote.key}"
     out: dict[str, Any] = {"peer": name}
     try:
         if direction in ("pull", "both") and peer["pull"]:
@@ -145,11 +151,12 @@ def sync_peer(services: Services, name: str, direction: str = "both") -> dict[st
                 # Its events would be recorded as this site's own: a misconfigured peer, or one posing as this site.
                 raise ConfigError(f"peer {name} reports this server's own site name {peer_site!r}; not pulling from it")
             local = WriterEndpoint(services, site=peer_site)
-            out["pull"] = transfer(remote, local, log=services.log, peer=f"peer:{name}", direction="pull").as_dict()
+            out["pull"] = transfer(remote, local, log=services.log, peer=reader_key(key, peer.get("token")),
+                                   direction="pull").as_dict()
         if direction in ("push", "both") and peer["push"]:
             share = frozenset(peer["share"]) if peer["share"] is not None else None
             source = LocalEndpoint(services.store, services.log, site=services.config.site)
-            out["push"] = transfer(source, remote, log=services.log, peer=f"peer:{name}", direction="push",
+            out["push"] = transfer(source, remote, log=services.log, peer=key, direction="push",
                                    filt=Filter(pipelines=share)).as_dict()
     except Exception as exc:
         services.peers.record(name, error=f"{type(exc).__name__}: {exc}"[:500])

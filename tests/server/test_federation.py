@@ -175,3 +175,51 @@ def test_peer_routes_and_errors(client: AsgiClient, tokens: Tokens, tmp_path: Pa
     assert client.post("/api/v1/admin/rebuild", headers=h).json() == {"rebuilt": True}
     assert client.get("/api/v1/admin/status", headers=h).json()["writer"]["pending"] == 0
     assert json.loads(json.dumps(client.get("/api/v1/version").json()))["site"] == "hub"
+
+
+def test_peer_cursors_follow_the_share_list_the_peer_url_and_the_reading_token(tmp_path: Path) -> None:
+    """A cursor moves past what its selection left out, so it must belong to that selection: a share list widened
+    by a pipeline sends that pipeline's history; a peer name pointed at another server pulls all of it; a pull
+    with a wider token gets what a narrower one could not see. And a peer's word that an event was recorded at
+    this very site is not taken on pull."""
+    hub_store, b_store, c_store = (f"sqlite:///{tmp_path / n}.db" for n in ("hub", "b", "c"))
+    hub_admin, hub_write = make_token(hub_store, "admin", site="hub"), make_token(hub_store, "write", site="hub")
+    b_token = make_token(b_store, "read,write", site="hub")
+    c_token, c_write = make_token(c_store, "read,write", site="hub"), make_token(c_store, "admin", site="c")
+    p1, p2 = bulk_events(5, pipeline="P1", tag="p1"), bulk_events(5, pipeline="P2", tag="p2")
+    with live(ServerConfig(store=hub_store, site="hub", auth_cache_ttl=0)) as hub, \
+            live(ServerConfig(store=b_store, site="b", auth_cache_ttl=0)) as b, \
+            live(ServerConfig(store=c_store, site="c", auth_cache_ttl=0)) as c:
+        hub_client = RemoteStore(hub.url, token=hub_write)
+        hub_client.ingest(p1 + p2)
+        admin = RemoteStore(hub.url, token=hub_admin).client
+
+        def add_peer(url: str, token: str, **how: object) -> None:
+            admin.request("POST", "/api/v1/peers", json_body={"name": "b", "url": url, "token": token, **how})
+
+        add_peer(b.url, b_token, pull=False, push=True, share=["P1"])
+        admin.request("POST", "/api/v1/peers/b/sync", params={"direction": "push"})
+        assert RemoteStore(b.url, token=b_token).stats()["events"] == 10
+        add_peer(b.url, b_token, pull=False, push=True, share=["P1", "P2"])
+        admin.request("POST", "/api/v1/peers/b/sync", params={"direction": "push"})
+        assert RemoteStore(b.url, token=b_token).stats()["events"] == 20  # P2's history too
+
+        # B holds 20 events; C holds 30, among them 4 whose origin it names as the hub itself.
+        own_claims = bulk_events(2, pipeline="P3", tag="claimed")
+        RemoteStore(c.url, token=c_write).ingest(p1 + p2 + bulk_events(3, pipeline="P3"))
+        RemoteStore(c.url, token=c_write).ingest(own_claims, sites=["hub"] * 4)
+        add_peer(b.url, b_token, pull=True, push=False)
+        admin.request("POST", "/api/v1/peers/b/sync", params={"direction": "pull"})
+        add_peer(c.url, c_token, pull=True, push=False)  # the same name, now another server
+        admin.request("POST", "/api/v1/peers/b/sync", params={"direction": "pull"})
+        assert RemoteStore(hub.url, token=hub_admin).stats()["events"] == 30
+        claimed = [e for e in RemoteStore(hub.url, token=hub_admin).iter_events(pipeline="P3")
+                   if e.body["run"]["runId"] in {x["run"]["runId"] for x in own_claims}]
+        assert len(claimed) == 4 and {e.site for e in claimed} == {"c"}
+
+    # metatrail pull: a cursor per reading token
+    with live(ServerConfig(store=c_store, site="c", auth_cache_ttl=0)) as c:
+        narrow = make_token(c_store, "read", site="x", pipelines=["P1"])
+        local = f"sqlite:///{tmp_path / 'local.db'}"
+        assert pull(local, c.url, token=narrow, show_progress=False).inserted == 10
+        assert pull(local, c.url, token=c_token, show_progress=False).inserted == 20

@@ -156,6 +156,14 @@ def test_parse_since() -> None:
     assert age is not None and before - 7200 - 1 <= age <= time.time() - 7200
 
 
+def test_cursor_scopes_name_everything_that_selects() -> None:
+    # an age is keyed as given, so `--since 2h` resumes the next time instead of adding a cursor per run
+    assert Filter(since=1.0, since_text="2h").scope == Filter(since=2.0, since_text="2h").scope == "since=2h"
+    # a selection of pipelines (a peer's share list) has a cursor of its own, whatever the order it was given in
+    assert Filter(pipelines=frozenset({"b", "a"})).scope == "pipelines=a,b" != Filter(pipelines=frozenset({"a"})).scope
+    assert Filter().scope == ""
+
+
 @pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
 def test_postgres_log_positions_follow_commit_order(store_url: str, tmp_path: Path) -> None:
     """Concurrent writers on PostgreSQL while a reader pages the log with a cursor: nothing may be skipped. (Without
