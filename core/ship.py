@@ -14,8 +14,10 @@ then pushes what the server lacks with the same missing-events transfer as ``met
   1,000,000) the shipper skips RUNNING/OTHER and run-less events in the excess and counts them in ``dropped``;
   START/COMPLETE/FAIL/ABORT are never skipped. Skipped events stay in the local store; the shared cursor has moved
   past them, so ``metatrail push --all`` (which compares the whole log) sends them.
-* **Rejected events** (a 4xx for an event the server refuses) are isolated by bisection, counted in ``rejected``
-  and skipped, so one bad event cannot stall the queue. Authentication errors (401/403) stall and are logged.
+* **Rejected events** (a 4xx for an event the server refuses, or a 403 for an event outside what the token may
+  write) are isolated by bisection, counted in ``rejected``, named one by one in the log and skipped, so one bad
+  event cannot stall the queue; they stay in the local store (``metatrail push --all`` offers them again).
+  Authentication errors (401, and 403 for the token itself) stall and are logged.
 * **Kill switch.** With ``METATRAIL_DISABLED=1`` :meth:`notify` returns at once.
 
 Configuration: ``METATRAIL_SERVER`` and ``METATRAIL_TOKEN`` (or ``server``/``token`` in the config file; arguments >
@@ -288,21 +290,30 @@ class _Isolating:
         from metatrail.store.remote import RemoteRejected
 
         self.shipper.sent += len(shipped)
+        refused = getattr(self.inner, "refused", [])
+        seen = len(refused)  # the transfer is not pipelined: no other receive adds to it meanwhile
         try:
             inserted = int(self.inner.receive(shipped))
         except RemoteRejected as exc:
             if exc.status not in (400, 413, 415, 422):
                 raise
             if len(shipped) == 1:
-                self.shipper.rejected += 1
-                log_once(f"ship-rejected:{exc.status}", "metatrail: the server refused an event (%s); skipped, it "
-                         "stays in the local store", exc)
+                self._refused(shipped[0].id, str(exc))
                 return 0
             half = len(shipped) // 2
             self.shipper.sent -= len(shipped)
             return self.receive(shipped[:half]) + self.receive(shipped[half:])
+        for event_id, reason in refused[seen:]:  # isolated by the endpoint itself
+            self._refused(event_id, reason)
         self.shipper.acked += inserted
         return inserted
+
+    def _refused(self, event_id: str, reason: str) -> None:
+        # Each one is said, with its id: an event the server will not take may be a run's START or COMPLETE, and
+        # it stays only in the local store (``metatrail push --all`` offers it again once the server would take it).
+        self.shipper.rejected += 1
+        log.warning("metatrail: the server refused event %s and the shipper skipped it; it stays in the local store "
+                    "(%s)", event_id, reason)
 
 
 class LazyShipper:

@@ -101,7 +101,8 @@ class TransferResult:
     inserted: int = 0
     position: int = 0
     pages: int = 0
-    skipped: int = 0
+    skipped: int = 0  # events the destination refused (see ``refused``); they stay where they were
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (event id, the destination's reason)
 
     def as_dict(self) -> dict[str, int]:
         return {"scanned": self.scanned, "sent": self.sent, "inserted": self.inserted, "position": self.position,
@@ -134,6 +135,16 @@ def peer_key(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}{parts.path.rstrip('/')}"
+
+
+def refuses_events(exc: Any) -> bool:
+    """Whether a server's refusal is of the events sent (invalid, or outside what the token may write) rather than
+    of the request or the credentials: a batch refused so is halved until the refused events stand alone."""
+    status = getattr(exc, "status", None)
+    if status in (400, 422):
+        return True
+    error = exc.body.get("error") if isinstance(getattr(exc, "body", None), dict) else None
+    return status == 403 and error in ("pipeline_forbidden", "site_forbidden")
 
 
 def reader_key(key: str, token: str | None) -> str:
@@ -353,6 +364,9 @@ class HttpEndpoint:
         self.client: ServerClient = client
         self.key = peer_key(client.url)
         self.site: str | None = None
+        # (event id, the server's reason) of each event the server refused as such (see refuses_events): isolated
+        # by halving the batch, left out, and reported, so one bad event does not stall a push for good.
+        self.refused: list[tuple[str, str]] = []
         # receive's own connections (clones, closed with client): receives run beside page/missing, and beside each
         # other, in a pipelined transfer
         self._senders: list[ServerClient] = []
@@ -405,9 +419,16 @@ class HttpEndpoint:
         try:
             reply = sender.request("POST", "/api/v1/sync/push", raw_body=body)
         except RemoteRejected as exc:
-            if exc.status != 413 or len(part) == 1:
+            if exc.status == 413 and len(part) > 1:
+                half = len(part) // 2  # large events: the server caps a body's size, so send fewer at a time
+                return self._send(sender, part[:half]) + self._send(sender, part[half:])
+            if not refuses_events(exc):
                 raise
-            half = len(part) // 2  # large events: the server caps a body's size, so send fewer at a time
+            if len(part) == 1:
+                with self._senders_lock:
+                    self.refused.append((part[0].id, str(exc)))
+                return 0
+            half = len(part) // 2  # all or nothing per request: halve until the refused events stand alone
             return self._send(sender, part[:half]) + self._send(sender, part[half:])
         return int(reply["inserted"])
 
@@ -577,8 +598,10 @@ def push(store_url: str, server_url: str | None = None, *, token: str | None = N
         start = 0 if compare_all else log.get_cursor(remote.key, "push", filt.scope)
         total = log.count_after(start, filt) if show_progress else 0
         with Progress(f"push to {client.url}", total, enabled=show_progress) as bar:
-            return transfer(local, remote, log=None if compare_all else log, peer=remote.key, direction="push",
-                            filt=filt, progress=bar)
+            result = transfer(local, remote, log=None if compare_all else log, peer=remote.key, direction="push",
+                              filt=filt, progress=bar)
+        result.refused, result.skipped = list(remote.refused), len(remote.refused)
+        return result
     finally:
         client.close()
         log.close()

@@ -33,7 +33,9 @@ from metatrail.store.projection import parse_event_time
 MAX_DEPTH = 64
 EVENT_TYPES = frozenset({"START", "RUNNING", "COMPLETE", "ABORT", "FAIL", "OTHER"})
 RUN_EVENT, DATASET_EVENT, JOB_EVENT = "RunEvent", "DatasetEvent", "JobEvent"
-DATASET_NAMESPACE = re.compile(r"^[a-zA-Z:;=/0-9_\-\.@+]{1,1024}$")
+# Marquez's pattern, plus the brackets of an IPv6 address in a URL authority (``http://[::1]:9000``, what the
+# Recorder names a dataset read from such a URL): refusing them refused the project's own events.
+DATASET_NAMESPACE = re.compile(r"^[a-zA-Z:;=/0-9_\-\.@+\[\]]{1,1024}$")
 UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 # The facets Marquez models, and the fields of each it requires to be non-null (besides _producer/_schemaURL).
 _RUN_FACETS: dict[str, tuple[str, ...]] = {"parent": (), "nominalTime": ("nominalStartTime",)}

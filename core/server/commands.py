@@ -131,8 +131,15 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
     result = push(_store_url(args), args.to, token=args.token, filt=_filter(args),
                   show_progress=not args.no_progress, compare_all=args.compare_all)
-    print(f"pushed {result.sent} events ({result.inserted} new to the server) of {result.scanned} examined; "
-          f"position {result.position}")
+    print(f"pushed {result.sent - result.skipped} events ({result.inserted} new to the server) of {result.scanned} "
+          f"examined; position {result.position}")
+    if result.refused:
+        # They stay in the local store; the cursor has moved past them (`push --all` offers them again).
+        print(f"metatrail: the server refused {len(result.refused)} event(s); they stay in the local store:",
+              file=sys.stderr)
+        for event_id, reason in result.refused[:20]:
+            print(f"  {event_id}: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -156,8 +156,13 @@ def sync_peer(services: Services, name: str, direction: str = "both") -> dict[st
         if direction in ("push", "both") and peer["push"]:
             share = frozenset(peer["share"]) if peer["share"] is not None else None
             source = LocalEndpoint(services.store, services.log, site=services.config.site)
-            out["push"] = transfer(source, remote, log=services.log, peer=key, direction="push",
-                                   filt=Filter(pipelines=share)).as_dict()
+            pushed = transfer(source, remote, log=services.log, peer=key, direction="push",
+                              filt=Filter(pipelines=share))
+            pushed.skipped = len(remote.refused)
+            out["push"] = pushed.as_dict()
+            if remote.refused:
+                log.warning("metatrail server: peer %s refused %d event(s), e.g. %s: %s", name, len(remote.refused),
+                            *remote.refused[0])
     except Exception as exc:
         services.peers.record(name, error=f"{type(exc).__name__}: {exc}"[:500])
         raise

@@ -248,3 +248,14 @@ def test_push_origins(client: AsgiClient, tokens: Tokens, store_url: str) -> Non
     assert sorted(e["site"] for e in got) == ["site2", "site3"]
     r = client.post("/api/v1/sync/push", json={"events": own, "origins": ["hub", None]}, headers=auth(tokens.admin))
     assert r.status_code == 201 and r.json()["inserted"] == 2, r.text
+
+
+def test_dataset_namespaces_of_ipv6_urls_are_accepted(client: AsgiClient, tokens: Tokens) -> None:
+    """The Recorder names a dataset read from ``http://[::1]:9000/x.csv`` in namespace ``http://[::1]:9000``."""
+    from metatrail.hashing import dataset_name
+
+    namespace, name = dataset_name("http://[::1]:9000/x.csv")
+    event = bulk_events(1)[0]
+    event["inputs"] = [{"namespace": namespace, "name": name}]
+    r = client.post("/api/v1/lineage", json=event, headers=auth(tokens.write))
+    assert namespace == "http://[::1]:9000" and r.status_code == 201, r.text

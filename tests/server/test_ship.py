@@ -110,6 +110,30 @@ def test_bad_events_are_isolated_and_counted(tmp_path: Path) -> None:
         shipper.close(1)
 
 
+def test_events_outside_a_restricted_tokens_pipelines_do_not_stall_the_shipper(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A 403 for events the token may not write (not for the token itself) is isolated like an invalid event: the
+    rest is delivered, and each skipped event is named in the log."""
+    from srvkit import bulk_events, ids_of, make_token
+
+    config = ServerConfig(store=f"sqlite:///{tmp_path / 'server.db'}", auth_cache_ttl=0)
+    token = make_token(config.store, "write", pipelines=["p"])
+    local = f"sqlite:///{tmp_path / 'client.db'}"
+    foreign, wanted = bulk_events(1, pipeline="scratch"), bulk_events(10, pipeline="p", t0=1.9e9)
+    with open_store(local) as store:
+        store.ingest(foreign + wanted)
+    with live(config) as server:
+        shipper = Shipper(local, server.url, token, base_delay=0.05, max_delay=0.2)
+        with caplog.at_level("WARNING", logger="metatrail"):
+            shipper.notify()
+            assert shipper.drain(30)
+        assert shipper.stats()["rejected"] == 2 and shipper.stats()["acked"] == 20
+        assert {e for e in ids_of(foreign) if e in caplog.text} == ids_of(foreign)
+        shipper.close(1)
+    with open_store(config.store) as held:
+        assert {e.id for e in held.iter_events()} == ids_of(wanted)
+
+
 def test_backlog_bound_drops_only_non_essential_events(tmp_path: Path) -> None:
     from srvkit import bulk_events, make_token
 

@@ -241,3 +241,30 @@ def test_push_splits_batches_the_server_finds_too_large(store_url: str, tmp_path
     with live(config) as server:
         result = push(a, server.url, token=token, show_progress=False)
     assert (result.sent, result.inserted) == (600, 600)
+
+
+def test_events_the_server_refuses_are_isolated_reported_and_left_home(config: ServerConfig, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """One event a server will not take (invalid there, or outside what the token may write) must not stall a push
+    for good: the batch is halved until it stands alone, the rest is delivered, and the refused ones are named."""
+    from srvkit import make_token
+
+    limited = make_token(config.store, "read,write", pipelines=["p"])
+    scratch = bulk_events(1, pipeline="scratch")
+    wanted = bulk_events(20, pipeline="p", t0=1.9e9)
+    odd = {"eventTime": "2024-01-01T00:00:00Z", "producer": "p", "dataset": {"namespace": "n", "name": "d"},
+           "schemaURL": "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/DatasetEvent",
+           "run": {"runId": "123e4567-e89b-12d3-a456-426614174000"}, "job": {"namespace": "n", "name": "j"}}
+    local = _local(tmp_path, "a", [*scratch, *wanted[:7], odd, *wanted[7:]])
+    with live(config) as server:
+        result = push(local, server.url, token=limited, show_progress=False)
+        assert result.inserted == len(wanted) and result.skipped == 3
+        refused = dict(result.refused)
+        assert set(refused) == ids_of([*scratch, odd])
+        assert "pipeline_forbidden" in " ".join(refused.values()) or "403" in " ".join(refused.values())
+        assert push(local, server.url, token=limited, show_progress=False).sent == 0  # the cursor moved on
+        code = commands.main(["push", "--store", local, "--to", server.url, "--token", limited, "--no-progress",
+                              "--all"])
+        assert code == 1 and "refused 3 event(s)" in capsys.readouterr().err
+        with open_store(config.store) as held:
+            assert {e.id for e in held.iter_events()} == ids_of(wanted)
