@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -343,14 +343,23 @@ class SqlStore(EventStore):
         with dialect.reading(self._engine) as conn:
             return [dict(r._mapping) for r in conn.execute(stmt.order_by(runs.c.started_at.desc()).limit(1000))]
 
-    def lineage(self, artifact_keys: Sequence[str], *, direction: str = "upstream", depth: int = 10) -> dict[str, Any]:
+    def lineage(self, artifact_keys: Sequence[str], *, direction: str = "upstream", depth: int = 10,
+                may_read: Callable[[str | None], bool] | None = None) -> dict[str, Any]:
         if direction not in ("upstream", "downstream", "both"):
             raise ValueError("direction must be upstream, downstream or both")
         nodes: dict[str, dict[str, Any]] = {}
         graph_edges: set[tuple[str, str, str]] = set()
+        named: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # node -> name -> run ids
         with dialect.reading(self._engine) as conn:
             for d in (("upstream", "downstream") if direction == "both" else (direction,)):
-                self._walk(conn, list(artifact_keys), d, depth, nodes, graph_edges)
+                self._walk(conn, list(artifact_keys), d, depth, nodes, graph_edges, named)
+
+        def shown(run_id: str) -> bool:
+            run = nodes.get(f"run:{run_id}")
+            return may_read is None or (run is not None and may_read(run.get("pipeline")))
+
+        for node_id, names in named.items():
+            nodes[node_id]["names"] = sorted(n for n, run_ids in names.items() if any(map(shown, run_ids)))
         return {
             "roots": list(artifact_keys),
             "nodes": sorted(nodes.values(), key=lambda n: (n["type"], n["id"])),
@@ -358,7 +367,8 @@ class SqlStore(EventStore):
         }
 
     def _walk(self, conn: Connection, frontier: list[str], direction: str, depth: int,
-              nodes: dict[str, dict[str, Any]], graph_edges: set[tuple[str, str, str]]) -> None:
+              nodes: dict[str, dict[str, Any]], graph_edges: set[tuple[str, str, str]],
+              named: dict[str, dict[str, set[str]]]) -> None:
         # upstream: artifact <-OUTPUT- run <-INPUT- artifact ...; downstream the mirror image.
         seen_art: set[str] = set()
         seen_runs: set[str] = set()
@@ -372,7 +382,7 @@ class SqlStore(EventStore):
             for part in _chunks(frontier):
                 for e in conn.execute(select(edges).where(and_(edges.c.artifact_key.in_(part),
                                                                edges.c.direction == first_dir))):
-                    self._add_artifact(nodes, e)
+                    self._add_artifact(nodes, e, named)
                     run_ids.add(e.run_id)
             run_ids -= seen_runs
             if not run_ids:
@@ -385,7 +395,7 @@ class SqlStore(EventStore):
                                                 "pipeline": r.pipeline, "stage": r.stage, "state": r.state,
                                                 "started_at": r.started_at, "site": r.site}
                 for e in conn.execute(select(edges).where(edges.c.run_id.in_(part))):
-                    self._add_artifact(nodes, e)
+                    self._add_artifact(nodes, e, named)
                     art, run = f"artifact:{e.artifact_key}", f"run:{e.run_id}"
                     graph_edges.add((art, run, "input") if e.direction == "INPUT" else (run, art, "output"))
                     if e.direction == second_dir:
@@ -393,14 +403,11 @@ class SqlStore(EventStore):
             frontier = nxt
 
     @staticmethod
-    def _add_artifact(nodes: dict[str, dict[str, Any]], e: Any) -> None:
+    def _add_artifact(nodes: dict[str, dict[str, Any]], e: Any, named: dict[str, dict[str, set[str]]]) -> None:
         node_id = f"artifact:{e.artifact_key}"
-        node = nodes.setdefault(node_id, {"type": "artifact", "id": node_id, "key": e.artifact_key,
-                                          "hash": e.hash, "algorithm": e.algorithm, "size": e.size, "names": []})
-        name = f"{e.namespace}:{e.name}" if e.namespace != "file" else e.name
-        if name not in node["names"]:
-            node["names"].append(name)
-            node["names"].sort()
+        nodes.setdefault(node_id, {"type": "artifact", "id": node_id, "key": e.artifact_key,
+                                   "hash": e.hash, "algorithm": e.algorithm, "size": e.size, "names": []})
+        named[node_id][f"{e.namespace}:{e.name}" if e.namespace != "file" else e.name].add(e.run_id)
 
     def stats(self) -> dict[str, Any]:
         with dialect.reading(self._engine) as conn:

@@ -424,3 +424,31 @@ def test_a_restricted_token_sees_no_steps_of_other_pipelines(client: AsgiClient,
     assert [c["run_id"] for c in children] == [secret_step, public_step]
     children = client.get(f"/api/v1/runs/{pid}", headers=auth(limited)).json()["children"]
     assert [c["run_id"] for c in children] == [public_step]
+
+
+def test_lineage_lists_an_artifact_only_under_names_readable_runs_gave_it(client: AsgiClient, tokens: Tokens,
+                                                                          config: ServerConfig) -> None:
+    """Artifacts join by content hash across pipelines; the path another pipeline read the same bytes from is that
+    pipeline's business, not something a token limited to the first may learn from the graph."""
+    public = make_token(config.store, "read", pipelines=["pub"])
+    digest = "0123456789abcdef0123456789abcdef"
+
+    def dataset(name: str) -> dict[str, object]:
+        return {"namespace": "file", "name": name, "facets": {"metatrail_artifact": {
+            "_producer": "p", "_schemaURL": "https://example.com/s", "uri": name, "kind": "file",
+            "algorithm": "md5", "hash": digest, "size": 10}}}
+
+    export, ingest = bulk_events(1, pipeline="pub", t0=1.7e9)[1], bulk_events(1, pipeline="sec", t0=1.8e9)[1]
+    export["outputs"], export["inputs"] = [dataset("/data/pub/report.csv")], []
+    ingest["inputs"], ingest["outputs"] = [dataset("/vault/sec/payroll.csv")], []
+    assert client.post("/api/v1/lineage/batch", json=[export, ingest], headers=auth(tokens.write)).status_code == 201
+    both_names = ["/data/pub/report.csv", "/vault/sec/payroll.csv"]
+    for query, everyone, limited_to_pub in (
+            ({"key": f"md5:{digest}", "direction": "both"}, both_names, ["/data/pub/report.csv"]),
+            # downstream of the public run: only the secret run used the bytes after it, under its own path
+            ({"run_id": export["run"]["runId"], "direction": "downstream"}, ["/vault/sec/payroll.csv"], [])):
+        full = client.get("/api/v1/lineage", params=query, headers=auth(tokens.read)).json()
+        limited = client.get("/api/v1/lineage", params=query, headers=auth(public)).json()
+        assert [n["names"] for n in full["nodes"] if n["type"] == "artifact"] == [everyone], query
+        assert [n["names"] for n in limited["nodes"] if n["type"] == "artifact"] == [limited_to_pub], query
+        assert {n.get("pipeline") for n in limited["nodes"] if n["type"] == "run"} <= {"pub"}

@@ -110,8 +110,11 @@ async def lineage(request: Request, key: list[str] | None = Query(None, max_leng
             return {"roots": [], "nodes": [], "edges": []}
     if not keys:
         raise ApiError(422, "no_node", "give key=<artifact key> (repeatable) or run_id=<uuid>")
-    graph = await run_in_threadpool(lambda: svc.store.lineage(keys, direction=direction, depth=depth))
-    return _cut(graph, current(request))
+    principal = current(request)
+    may_read = principal.may_read if principal.pipelines is not None else None
+    graph = await run_in_threadpool(lambda: svc.store.lineage(keys, direction=direction, depth=depth,
+                                                              may_read=may_read))
+    return _cut(graph, principal)
 
 
 @router.get("/api/v1/artifacts", tags=["queries"])
