@@ -192,6 +192,7 @@ class Shipper:
         # before it is delivered.
         transfer(source, remote, log=log_, peer=key, direction="push", filt=Filter(), page_size=self.page,
                  pipelined=False)
+        source.settled()
 
     def _run(self) -> None:
         from metatrail.store.remote import RemoteError, RemoteRejected
@@ -242,8 +243,15 @@ class _Bounded:
         self.key = inner.key
         self.shipper = shipper
         self.excess = excess
+        self._skipped = 0  # of the page in progress: counted once it is settled (a failed page is skipped again)
+
+    def settled(self) -> None:
+        """The pages read so far are delivered (and the cursor past them): count what they skipped."""
+        self.shipper.dropped += self._skipped
+        self._skipped = 0
 
     def page(self, after: int, filt: Any, limit: int) -> Any:
+        self.settled()  # not pipelined: a page is read only once the one before it is delivered
         return self.inner.page(after, filt, limit)
 
     def fetch(self, ids: Sequence[str], filt: Any) -> list[Any]:
@@ -256,7 +264,7 @@ class _Bounded:
         for item in shipped:
             if self.excess > 0 and str(json.loads(item.text).get("eventType") or "").upper() not in ESSENTIAL:
                 self.excess -= 1
-                self.shipper.dropped += 1
+                self._skipped += 1
                 continue
             kept.append(item)
         return kept
@@ -289,7 +297,6 @@ class _Isolating:
     def receive(self, shipped: Sequence[Any]) -> int:
         from metatrail.store.remote import RemoteRejected
 
-        self.shipper.sent += len(shipped)
         refused = getattr(self.inner, "refused", [])
         seen = len(refused)  # the transfer is not pipelined: no other receive adds to it meanwhile
         try:
@@ -298,11 +305,12 @@ class _Isolating:
             if exc.status not in (400, 413, 415, 422):
                 raise
             if len(shipped) == 1:
+                self.shipper.sent += 1
                 self._refused(shipped[0].id, str(exc))
                 return 0
             half = len(shipped) // 2
-            self.shipper.sent -= len(shipped)
             return self.receive(shipped[:half]) + self.receive(shipped[half:])
+        self.shipper.sent += len(shipped)  # delivered: a page that failed and is sent again counts once
         for event_id, reason in refused[seen:]:  # isolated by the endpoint itself
             self._refused(event_id, reason)
         self.shipper.acked += inserted
