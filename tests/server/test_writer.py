@@ -66,11 +66,16 @@ def test_inline_write_is_committed_when_acknowledged(tmp_path: Path) -> None:
         store.close()
 
 
-def test_jobs_arriving_while_busy_are_group_committed(tmp_path: Path) -> None:
+def _gated_writer(tmp_path: Path) -> tuple[str, EventStore, _Gated, IngestWriter]:
+    """A store, the same behind a gate, and a writer that writes a lone job inline (so the first job holds it)."""
     url = f"sqlite:///{tmp_path / 's.db'}"
     store = open_store(url)
     gated = _Gated(store)
-    writer = IngestWriter(gated, inline_max=1)  # type: ignore[arg-type]
+    return url, store, gated, IngestWriter(gated, inline_max=1)  # type: ignore[arg-type]
+
+
+def test_jobs_arriving_while_busy_are_group_committed(tmp_path: Path) -> None:
+    url, store, gated, writer = _gated_writer(tmp_path)
     events = bulk_events(20)
     try:
         first: dict[str, Any] = {}
@@ -91,10 +96,7 @@ def test_jobs_arriving_while_busy_are_group_committed(tmp_path: Path) -> None:
 
 
 def test_a_refused_event_fails_only_its_own_request(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    store = open_store(url)
-    gated = _Gated(store)
-    writer = IngestWriter(gated, inline_max=1)  # type: ignore[arg-type]
+    url, store, gated, writer = _gated_writer(tmp_path)
     good = bulk_events(3)
     bad = {**good[0], "eventTime": "not a time"}  # the store refuses it (the routes validate before submitting)
     try:
@@ -117,10 +119,7 @@ def test_a_refused_event_fails_only_its_own_request(tmp_path: Path) -> None:
 
 
 def test_jobs_of_several_sites_share_one_transaction_and_a_faulty_one_fails_alone(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    store = open_store(url)
-    gated = _Gated(store)
-    writer = IngestWriter(gated, inline_max=1)  # type: ignore[arg-type]
+    url, store, gated, writer = _gated_writer(tmp_path)
     good = bulk_events(4)
     faulty = {**good[0], "producer": "breaks the store"}
     try:
