@@ -609,9 +609,10 @@ def push(store_url: str, server_url: str | None = None, *, token: str | None = N
 
 
 def pull(store_url: str, server_url: str | None = None, *, token: str | None = None, filt: Filter = Filter(),
-         show_progress: bool = True, timeout: float = 60.0) -> TransferResult:
+         show_progress: bool = True, timeout: float = 60.0, compare_all: bool = False) -> TransferResult:
     """Fetch the events the local store at ``store_url`` lacks from the server (``metatrail pull``); each is recorded
-    with the site it came from."""
+    with the site it came from. Those after the cursor of the last pull, or with ``compare_all`` every event the
+    token may read (the cursor is then neither read nor moved)."""
     store, log = _open_local(store_url)
     client = _client(server_url, token, timeout)
     try:
@@ -620,12 +621,13 @@ def pull(store_url: str, server_url: str | None = None, *, token: str | None = N
         total = 0
         key = reader_key(remote.key, client.token)
         if show_progress:
-            cursor = log.get_cursor(key, "pull", filt.scope)
+            cursor = 0 if compare_all else log.get_cursor(key, "pull", filt.scope)
             info = client.request("GET", "/api/v1/sync/ids", params={"after": cursor, "limit": 0,
                                                                    **HttpEndpoint._params(filt)})
             total = int(info.get("remaining", 0))
         with Progress(f"pull from {client.url}", total, enabled=show_progress) as bar:
-            return transfer(remote, local, log=log, peer=key, direction="pull", filt=filt, progress=bar)
+            return transfer(remote, local, log=None if compare_all else log, peer=key, direction="pull", filt=filt,
+                            progress=bar)
     finally:
         client.close()
         log.close()

@@ -147,7 +147,7 @@ def _cmd_pull(args: argparse.Namespace) -> int:
     from metatrail.sync import pull
 
     result = pull(_store_url(args), getattr(args, "from"), token=args.token, filt=_filter(args),
-                  show_progress=not args.no_progress)
+                  show_progress=not args.no_progress, compare_all=args.compare_all)
     print(f"pulled {result.sent} events ({result.inserted} new here) of {result.scanned} examined; "
           f"position {result.position}")
     return 0
@@ -291,6 +291,10 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("pull", help="fetch the events the local store lacks from a server")
     _store_arg(p, "the local store")
     p.add_argument("--from", help="server URL (default: METATRAIL_SERVER)")
+    p.add_argument("--all", action="store_true", dest="compare_all",
+                   help="compare the server's whole log, not only what came after the last pull (fetches what this "
+                        "store lacks from before it too: after the server was restored from a backup, or a run's "
+                        "pipeline was settled by a later event); the cursor is left as it is")
     _selection(p)
     p.set_defaults(func=_cmd_pull)
 

@@ -268,3 +268,39 @@ def test_events_the_server_refuses_are_isolated_reported_and_left_home(config: S
         assert code == 1 and "refused 3 event(s)" in capsys.readouterr().err
         with open_store(config.store) as held:
             assert {e.id for e in held.iter_events()} == ids_of(wanted)
+
+
+def test_pull_all_recovers_what_a_restored_server_placed_behind_the_cursor(tmp_path: Path) -> None:
+    """A server restored from a backup hands out log positions again: events that arrive after the restore take
+    positions a client's cursor has already passed, and a plain pull never offers them. `pull --all` compares
+    the whole log (the cursor left as it is) and fetches them."""
+    import sqlite3
+
+    from srvkit import make_token
+
+    db = tmp_path / "server.db"
+    config = ServerConfig(store=f"sqlite:///{db}", site="hub", auth_cache_ttl=0)
+    token = make_token(config.store, "read,write")
+    with open_store(config.store) as store:
+        store.ingest(bulk_events(10, t0=1.7e9))
+    backup = tmp_path / "backup.db"
+    with sqlite3.connect(db) as source, sqlite3.connect(backup) as copy:
+        source.backup(copy)
+    with open_store(config.store) as store:
+        store.ingest(bulk_events(5, t0=1.8e9))
+    local = _local(tmp_path, "a")
+    with live(config) as server:
+        port = server.port  # the restored server answers at the same address
+        assert pull(local, server.url, token=token, show_progress=False).inserted == 30
+    for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        stale.unlink(missing_ok=True)
+    backup.rename(db)  # the restore: positions 21-30 will be handed out again
+    later = bulk_events(8, t0=1.9e9)
+    with open_store(config.store) as store:
+        store.ingest(later)
+    with live(config, port=port) as server:
+        assert pull(local, server.url, token=token, show_progress=False).inserted == 6  # positions 31-36 only
+        assert commands.main(["pull", "--store", local, "--from", server.url, "--token", token, "--no-progress",
+                              "--all"]) == 0
+        assert ids_of(later) <= _ids(local)
+        assert pull(local, server.url, token=token, show_progress=False, compare_all=True).inserted == 0
