@@ -277,8 +277,8 @@ class _Bounded:
 
 
 class _Isolating:
-    """A server destination that, when the server refuses a batch as invalid, bisects it to skip only the events it
-    refuses (counted in ``rejected``)."""
+    """A server destination whose endpoint skips only the events the server refuses (it halves a refused batch
+    until they stand alone); counts them in ``rejected`` and names each in the log."""
 
     def __init__(self, inner: Any, shipper: Shipper) -> None:
         self.inner = inner
@@ -295,23 +295,12 @@ class _Isolating:
         return list(self.inner.missing(ids))
 
     def receive(self, shipped: Sequence[Any]) -> int:
-        from metatrail.store.remote import RemoteRejected
-
-        refused = getattr(self.inner, "refused", [])
+        # The endpoint isolates what the server refuses (:func:`metatrail.sync.refuses_events`) and lists it.
+        refused = self.inner.refused
         seen = len(refused)  # the transfer is not pipelined: no other receive adds to it meanwhile
-        try:
-            inserted = int(self.inner.receive(shipped))
-        except RemoteRejected as exc:
-            if exc.status not in (400, 413, 415, 422):
-                raise
-            if len(shipped) == 1:
-                self.shipper.sent += 1
-                self._refused(shipped[0].id, str(exc))
-                return 0
-            half = len(shipped) // 2
-            return self.receive(shipped[:half]) + self.receive(shipped[half:])
+        inserted = int(self.inner.receive(shipped))
         self.shipper.sent += len(shipped)  # delivered: a page that failed and is sent again counts once
-        for event_id, reason in refused[seen:]:  # isolated by the endpoint itself
+        for event_id, reason in refused[seen:]:
             self._refused(event_id, reason)
         self.shipper.acked += inserted
         return inserted

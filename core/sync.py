@@ -138,10 +138,11 @@ def peer_key(url: str) -> str:
 
 
 def refuses_events(exc: Any) -> bool:
-    """Whether a server's refusal is of the events sent (invalid, or outside what the token may write) rather than
-    of the request or the credentials: a batch refused so is halved until the refused events stand alone."""
+    """Whether a server's refusal is of the events sent (invalid, too large, or outside what the token may write)
+    rather than of the request or the credentials: a batch refused so is halved until the refused events stand
+    alone."""
     status = getattr(exc, "status", None)
-    if status in (400, 422):
+    if status in (400, 413, 422):
         return True
     error = exc.body.get("error") if isinstance(getattr(exc, "body", None), dict) else None
     return status == 403 and error in ("pipeline_forbidden", "site_forbidden")

@@ -237,10 +237,13 @@ def test_push_splits_batches_the_server_finds_too_large(store_url: str, tmp_path
     config = replace(config, max_batch_bytes=256 * 1024)  # ~80 events of ~3 KB per request at most
     token = make_token(store_url, "write")
     events = bulk_events(300)
-    a = _local(tmp_path, "a", events)
+    huge = bulk_events(1, pipeline="huge", t0=1.9e9)[0]
+    huge["run"]["facets"]["metatrail_execution"]["params"] = {"blob": "x" * 300 * 1024}  # too large even alone
+    a = _local(tmp_path, "a", [*events, huge])
     with live(config) as server:
         result = push(a, server.url, token=token, show_progress=False)
-    assert (result.sent, result.inserted) == (600, 600)
+    assert (result.sent, result.inserted) == (601, 600)
+    assert [i for i, _ in result.refused] == [next(iter(ids_of([huge])))]  # refused alone, named, left home
 
 
 def test_events_the_server_refuses_are_isolated_reported_and_left_home(config: ServerConfig, tmp_path: Path,
