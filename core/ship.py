@@ -190,8 +190,11 @@ class Shipper:
         source = _Bounded(local, self, excess=max(0, backlog - self.max_backlog))
         # Not pipelined: the bounded source counts what it skips per page read, so read a page only when the one
         # before it is delivered.
-        transfer(source, remote, log=log_, peer=key, direction="push", filt=Filter(), page_size=self.page,
-                 pipelined=False)
+        result = transfer(source, remote, log=log_, peer=key, direction="push", filt=Filter(), page_size=self.page,
+                          pipelined=False)
+        if result.rewound:
+            log.warning("metatrail: the server lacks events shipped to it before, or the local log no longer matches "
+                        "the shipping cursor (a restore?); compared the whole log")
         source.settled()
 
     def _run(self) -> None:
@@ -284,6 +287,11 @@ class _Isolating:
         self.inner = inner
         self.key = inner.key
         self.shipper = shipper
+
+    @property
+    def refused(self) -> list[tuple[str, str]]:
+        """What the server refused so far (the endpoint's list): never an anchor of the shipping cursor."""
+        return list(self.inner.refused)
 
     def page(self, after: int, filt: Any, limit: int) -> Any:
         return self.inner.page(after, filt, limit)

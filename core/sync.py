@@ -16,7 +16,9 @@ server over HTTP), page by page::
 The cursor (high-water mark) is the source's log position, kept per (peer, direction, filter) in the
 ``sync_cursors`` table of the store that runs the sync. ``push`` = local → server, ``pull`` = server → local.
 Log positions follow commit order (SQLite's single writer; PostgreSQL's log lock), so a cursor never skips an event
-committed later with a smaller position.
+committed later with a smaller position. A cursor also keeps an anchor, the newest event it passed that both sides
+hold, at its source position; a transfer checks it first (:func:`anchor_holds`), and when a side was restored from a
+backup (positions handed out again, or events the destination was given gone) it compares the logs from the start.
 """
 
 from __future__ import annotations
@@ -84,6 +86,15 @@ class Shipped:
 
 
 @dataclass(frozen=True)
+class CursorState:
+    """A sync cursor: the source log ``position`` done so far, and its ``anchor``: ``(seq, id)`` of the newest event
+    at or behind it known to be on both sides (None: none known yet, or a cursor from before anchors)."""
+
+    position: int
+    anchor: tuple[int, str] | None
+
+
+@dataclass(frozen=True)
 class Page:
     """A page of a log: ``(seq, id)`` pairs, the position to resume after, and whether more follow."""
 
@@ -103,10 +114,11 @@ class TransferResult:
     pages: int = 0
     skipped: int = 0  # events the destination refused (see ``refused``); they stay where they were
     refused: list[tuple[str, str]] = field(default_factory=list)  # (event id, the destination's reason)
+    rewound: bool = False  # the cursor no longer matched the two logs (a side restored): compared from the start
 
     def as_dict(self) -> dict[str, int]:
         return {"scanned": self.scanned, "sent": self.sent, "inserted": self.inserted, "position": self.position,
-                "pages": self.pages, "skipped": self.skipped}
+                "pages": self.pages, "skipped": self.skipped, "rewound": int(self.rewound)}
 
 
 def parse_since(text: str | None) -> float | None:
@@ -197,17 +209,32 @@ class SyncLog:
             return int(conn.execute(select(func.max(events.c.seq))).scalar() or 0)
 
     def page(self, after: int, filt: Filter = Filter(), limit: int = PAGE) -> Page:
-        """The next ``limit`` events after ``after`` that match ``filt``."""
+        """The next ``limit`` events after ``after`` that match ``filt``.
+
+        A selection by run (a pipeline, a run's family, a token's pipelines) follows the runs' projections, which a
+        later event of a run can change (a run's pipeline follows its latest event): an earlier event of the run
+        may have been passed over while its run was not yet selected. So a page of such a selection also lists the
+        earlier events (at or behind ``after``) of the runs it holds; they cost a look at the other side, and travel
+        only when missing there."""
+        by_run = filt.pipelines is not None or filt.pipeline is not None or filt.run_id is not None
         with dialect.reading(self._engine) as conn:
             # Read the horizon first: every position up to it is committed (commit-ordered log), so when the page
             # is short the cursor may safely jump to it, past events the filter skipped.
             horizon = int(conn.execute(select(func.max(events.c.seq))).scalar() or 0)
-            stmt = select(events.c.seq, events.c.id).where(and_(events.c.seq > after, events.c.seq <= horizon))
+            stmt = select(events.c.seq, events.c.id, events.c.run_id).where(
+                and_(events.c.seq > after, events.c.seq <= horizon))
             rows = conn.execute(self._where(stmt, filt).order_by(events.c.seq).limit(limit)).all()
-        items = [(int(s), str(i)) for s, i in rows]
+            earlier: list[tuple[int, str]] = []
+            if by_run and after > 0 and rows:
+                run_ids = sorted({r for _, _, r in rows if r})
+                for part in _chunks(run_ids, FETCH_CHUNK):
+                    back = select(events.c.seq, events.c.id).where(and_(events.c.run_id.in_(part),
+                                                                        events.c.seq <= after))
+                    earlier.extend((int(s), str(i)) for s, i in conn.execute(self._where(back, filt)))
+        items = [(int(s), str(i)) for s, i, _ in rows]
         if len(items) < limit:
-            return Page(items=items, last=max(horizon, after), more=False)
-        return Page(items=items, last=items[-1][0], more=True)
+            return Page(items=sorted(earlier) + items, last=max(horizon, after), more=False)
+        return Page(items=sorted(earlier) + items, last=items[-1][0], more=True)
 
     def count_after(self, after: int, filt: Filter = Filter()) -> int:
         """How many events after ``after`` match ``filt`` (for progress bars)."""
@@ -254,23 +281,41 @@ class SyncLog:
     # -- cursors --------------------------------------------------------------------------------------------------
     def get_cursor(self, peer: str, direction: str, scope: str = "") -> int:
         """The high-water mark of (peer, direction, scope); 0 when none."""
-        stmt = select(sync_cursors.c.position).where(and_(sync_cursors.c.peer == peer,
-                                                          sync_cursors.c.direction == direction,
-                                                          sync_cursors.c.scope == scope))
-        with dialect.reading(self._engine) as conn:
-            return int(conn.execute(stmt).scalar() or 0)
+        return self.cursor_state(peer, direction, scope).position
 
-    def set_cursor(self, peer: str, direction: str, scope: str, position: int, *, force: bool = False) -> None:
-        """Advance the cursor to ``position`` (never backwards unless ``force``: two shippers may race)."""
+    def cursor_state(self, peer: str, direction: str, scope: str = "") -> CursorState:
+        """The high-water mark of (peer, direction, scope) and its anchor (see :class:`CursorState`)."""
+        stmt = select(sync_cursors.c.position, sync_cursors.c.anchor_seq, sync_cursors.c.anchor_id).where(
+            and_(sync_cursors.c.peer == peer, sync_cursors.c.direction == direction, sync_cursors.c.scope == scope))
+        with dialect.reading(self._engine) as conn:
+            row = conn.execute(stmt).first()
+        if row is None:
+            return CursorState(0, None)
+        position, anchor_seq, anchor_id = row
+        anchor = (int(anchor_seq), str(anchor_id)) if anchor_seq is not None and anchor_id is not None else None
+        return CursorState(int(position or 0), anchor)
+
+    def set_cursor(self, peer: str, direction: str, scope: str, position: int, *, force: bool = False,
+                   anchor: tuple[int, str] | None = None) -> None:
+        """Advance the cursor to ``position`` (never backwards unless ``force``: two shippers may race). ``anchor``
+        moves with the position (kept as it was when None, cleared when ``force``-ing)."""
         from sqlalchemy.dialects import postgresql as pg
         from sqlalchemy.dialects import sqlite
 
         ins = sqlite.insert(sync_cursors) if dialect.is_sqlite(self._engine) else pg.insert(sync_cursors)
-        stmt = ins.values(peer=peer, direction=direction, scope=scope, position=position, updated_at=time.time())
-        new_pos = stmt.excluded.position if force else case(
-            (stmt.excluded.position > sync_cursors.c.position, stmt.excluded.position), else_=sync_cursors.c.position)
-        stmt = stmt.on_conflict_do_update(index_elements=["peer", "direction", "scope"],
-                                          set_={"position": new_pos, "updated_at": stmt.excluded.updated_at})
+        stmt = ins.values(peer=peer, direction=direction, scope=scope, position=position, updated_at=time.time(),
+                          anchor_seq=anchor[0] if anchor else None, anchor_id=anchor[1] if anchor else None)
+        ahead = stmt.excluded.position >= sync_cursors.c.position
+        changes: dict[str, Any] = {"updated_at": stmt.excluded.updated_at}
+        if force:
+            changes.update(position=stmt.excluded.position, anchor_seq=stmt.excluded.anchor_seq,
+                           anchor_id=stmt.excluded.anchor_id)
+        else:
+            changes["position"] = case((ahead, stmt.excluded.position), else_=sync_cursors.c.position)
+            if anchor is not None:  # the anchor of whichever position is kept
+                changes["anchor_seq"] = case((ahead, stmt.excluded.anchor_seq), else_=sync_cursors.c.anchor_seq)
+                changes["anchor_id"] = case((ahead, stmt.excluded.anchor_id), else_=sync_cursors.c.anchor_id)
+        stmt = stmt.on_conflict_do_update(index_elements=["peer", "direction", "scope"], set_=changes)
 
         def run() -> None:
             with self._engine.begin() as conn:
@@ -473,7 +518,16 @@ def transfer(source: Endpoint, destination: Endpoint, *, log: SyncLog | None, pe
     (``peer``, ``direction``, ``filt.scope``) kept in ``log`` (no cursor when ``log`` is None: a full comparison).
     ``pipelined=False`` finishes each page before reading the next (for sources that count what they skip)."""
     result = TransferResult()
-    cursor = log.get_cursor(peer, direction, filt.scope) if log is not None else 0
+    state = log.cursor_state(peer, direction, filt.scope) if log is not None else CursorState(0, None)
+    cursor = state.position
+    if log is not None and cursor > 0 and state.anchor is not None and not anchor_holds(source, destination,
+                                                                                      state.anchor, filt):
+        # One side was restored from a backup (or its log otherwise lost events): the source hands out positions the
+        # cursor has passed, or the destination lacks what the cursor says it was given. Start over from the
+        # beginning; only what the destination lacks travels.
+        log.set_cursor(peer, direction, filt.scope, 0, force=True)
+        cursor = 0
+        result.rewound = True
     result.position = cursor
     # Pipelined: while the destination stores earlier pages' events (on worker threads: three pages in flight, so a
     # server parses one batch while its writer commits another and the third is on its way), this thread reads the
@@ -481,25 +535,25 @@ def transfer(source: Endpoint, destination: Endpoint, *, log: SyncLog | None, pe
     # past a page only once its events and those of every page before it are stored, so an interruption resumes
     # where it should.
     depth = 3 if pipelined else 1
-    in_flight: deque[tuple[_Send, int, int]] = deque()
+    in_flight: deque[tuple[_Send, int, int, Callable[[], tuple[int, str] | None]]] = deque()
     reading = cursor  # where the next page starts: past the pages in flight
 
-    def advance(position: int) -> None:
+    def advance(position: int, anchor: tuple[int, str] | None) -> None:
         nonlocal cursor
-        if position != cursor:
+        if position != cursor or anchor is not None:
             cursor = position
             if log is not None:
-                log.set_cursor(peer, direction, filt.scope, cursor)
+                log.set_cursor(peer, direction, filt.scope, cursor, anchor=anchor)
         result.position = cursor
 
     def settle(keep: int) -> None:
         while len(in_flight) > keep:
-            send, sent, position = in_flight[0]
+            send, sent, position, anchor = in_flight[0]
             inserted = send.result()
             in_flight.popleft()
             result.inserted += inserted
             result.sent += sent
-            advance(position)
+            advance(position, anchor())
 
     try:
         while True:
@@ -510,20 +564,22 @@ def transfer(source: Endpoint, destination: Endpoint, *, log: SyncLog | None, pe
             result.pages += 1
             ids = [i for _, i in page.items]
             shipped: list[Shipped] = []
+            missing: list[str] = []
             if ids:
                 missing = destination.missing(ids)
                 if missing:
                     shipped = source.fetch(missing, filt)
                 result.scanned += len(ids)
+            anchor = _anchor_of(page.items, destination, set(missing), {s.id for s in shipped})
             if shipped:
                 settle(depth - 1)
                 in_flight.append((_Send(destination.receive, shipped, background=pipelined), len(shipped),
-                                  page.last))
+                                  page.last, anchor))
                 if not pipelined:
                     settle(0)
             else:
                 settle(0)
-                advance(page.last)
+                advance(page.last, anchor())
             if progress is not None and ids:
                 progress.advance(len(ids))
             if not page.more:
@@ -534,6 +590,28 @@ def transfer(source: Endpoint, destination: Endpoint, *, log: SyncLog | None, pe
         with contextlib.suppress(Exception):
             settle(0)
     return result
+
+
+def anchor_holds(source: Endpoint, destination: Endpoint, anchor: tuple[int, str], filt: Filter) -> bool:
+    """Whether the event ``anchor`` (``(seq, id)``) still sits at its position in the source's log and is still held
+    by the destination: what a cursor's position means on both sides (two small requests)."""
+    seq, event_id = anchor
+    if (seq, event_id) not in source.page(seq - 1, filt, 1).items:
+        return False
+    return not destination.missing([event_id])
+
+
+def _anchor_of(items: Sequence[tuple[int, str]], destination: Endpoint, missing: set[str],
+               shipped: set[str]) -> Callable[[], tuple[int, str] | None]:
+    """The anchor a settled page leaves: its newest event the destination holds (had before, or was sent and not
+    refused); asked once the page's events are stored, when the destination's refusals are known."""
+
+    def pick() -> tuple[int, str] | None:
+        refused = {event_id for event_id, _reason in getattr(destination, "refused", ())}
+        held = [(seq, i) for seq, i in items if i not in missing or (i in shipped and i not in refused)]
+        return max(held) if held else None
+
+    return pick
 
 
 class _Send:

@@ -319,12 +319,14 @@ def test_sqlite_pool_returns_no_connection_inside_a_transaction(tmp_path: Path) 
     try:
         raw = engine.raw_connection()
         raw.cursor().execute("BEGIN IMMEDIATE")
-        raw.cursor().execute("INSERT INTO sync_cursors VALUES ('p', 'push', '', 1, 0)")
+        raw.cursor().execute("INSERT INTO sync_cursors (peer, direction, scope, position, updated_at) "
+                             "VALUES ('p', 'push', '', 1, 0)")
         assert not lock_is_free()
         raw.close()  # back to the pool with the transaction open, its insert uncommitted
         assert lock_is_free()
         conn = engine.connect()  # a Core connection closed inside its (write) transaction
-        conn.execute(text("INSERT INTO sync_cursors VALUES ('q', 'push', '', 1, 0)"))
+        conn.execute(text("INSERT INTO sync_cursors (peer, direction, scope, position, updated_at) "
+                          "VALUES ('q', 'push', '', 1, 0)"))
         conn.close()
         assert lock_is_free()
         with dialect.raw_transaction(engine) as cur:  # the next user gets a clean connection

@@ -131,6 +131,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
     result = push(_store_url(args), args.to, token=args.token, filt=_filter(args),
                   show_progress=not args.no_progress, compare_all=args.compare_all)
+    _say_rewound(result, "push")
     print(f"pushed {result.sent - result.skipped} events ({result.inserted} new to the server) of {result.scanned} "
           f"examined; position {result.position}")
     if result.refused:
@@ -148,9 +149,16 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
     result = pull(_store_url(args), getattr(args, "from"), token=args.token, filt=_filter(args),
                   show_progress=not args.no_progress, compare_all=args.compare_all)
+    _say_rewound(result, "pull")
     print(f"pulled {result.sent} events ({result.inserted} new here) of {result.scanned} examined; "
           f"position {result.position}")
     return 0
+
+
+def _say_rewound(result: Any, verb: str) -> None:
+    if result.rewound:
+        print(f"metatrail: the last {verb}'s position no longer matches the two logs (one side restored from a "
+              "backup?): compared them from the start", file=sys.stderr)
 
 
 # -- tokens ------------------------------------------------------------------------------------------------------

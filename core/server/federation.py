@@ -151,14 +151,21 @@ def sync_peer(services: Services, name: str, direction: str = "both") -> dict[st
                 # Its events would be recorded as this site's own: a misconfigured peer, or one posing as this site.
                 raise ConfigError(f"peer {name} reports this server's own site name {peer_site!r}; not pulling from it")
             local = WriterEndpoint(services, site=peer_site)
-            out["pull"] = transfer(remote, local, log=services.log, peer=reader_key(key, peer.get("token")),
-                                   direction="pull").as_dict()
+            pulled = transfer(remote, local, log=services.log, peer=reader_key(key, peer.get("token")),
+                              direction="pull")
+            out["pull"] = pulled.as_dict()
+            if pulled.rewound:
+                log.warning("metatrail server: peer %s's log no longer matches the pull cursor (a restore?); "
+                            "compared it from the start", name)
         if direction in ("push", "both") and peer["push"]:
             share = frozenset(peer["share"]) if peer["share"] is not None else None
             source = LocalEndpoint(services.store, services.log, site=services.config.site)
             pushed = transfer(source, remote, log=services.log, peer=key, direction="push",
                               filt=Filter(pipelines=share))
             pushed.skipped = len(remote.refused)
+            if pushed.rewound:
+                log.warning("metatrail server: peer %s lacks events pushed to it before, or this store's log no "
+                            "longer matches the push cursor (a restore?); compared from the start", name)
             out["push"] = pushed.as_dict()
             if remote.refused:
                 log.warning("metatrail server: peer %s refused %d event(s), e.g. %s: %s", name, len(remote.refused),

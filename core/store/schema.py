@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 metadata = MetaData()
@@ -135,6 +136,11 @@ sync_cursors = Table(
     Column("scope", Text, primary_key=True),  # the filter the cursor belongs to ("" = everything)
     Column("position", BigInteger, nullable=False),  # high-water mark: the log position (seq) done so far
     Column("updated_at", Float, nullable=False),
+    # Version 3: the newest event at or behind ``position`` known to be on both sides (its position in the source's
+    # log and its id). A sync first checks it is still there on both; when it is not, one side was restored from a
+    # backup and its positions no longer mean what the cursor says, so the logs are compared whole.
+    Column("anchor_seq", BigInteger, nullable=True),
+    Column("anchor_id", String(64), nullable=True),
 )
 
 
@@ -143,5 +149,16 @@ def _v2(conn: Connection) -> None:
         table.create(conn, checkfirst=False)
 
 
-MIGRATIONS: list[tuple[int, Migration]] = [(1, _v1), (2, _v2)]
+def _v3(conn: Connection) -> None:
+    # A version-2 store's cursors lack the anchor; a store created at version 3 has it already (the table is created
+    # from its current definition by ``_v2``).
+    from sqlalchemy import inspect
+
+    have = {c["name"] for c in inspect(conn).get_columns("sync_cursors")}
+    for column, kind in (("anchor_seq", "BIGINT"), ("anchor_id", "VARCHAR(64)")):
+        if column not in have:
+            conn.execute(text(f"ALTER TABLE sync_cursors ADD COLUMN {column} {kind}"))
+
+
+MIGRATIONS: list[tuple[int, Migration]] = [(1, _v1), (2, _v2), (3, _v3)]
 CURRENT_VERSION = MIGRATIONS[-1][0]

@@ -48,6 +48,7 @@ def test_push_then_pull_exchange_only_missing(config: ServerConfig, tokens: Toke
         assert (first.sent, first.inserted, first.scanned) == (8, 8, 8)
         second = push(a, server.url, token=tokens.write, show_progress=False)
         assert (second.sent, second.pages) == (0, 1)  # the cursor is at the end: nothing examined, nothing sent
+        assert not second.rewound  # its anchor (the newest event pushed) is where it was, on both sides
         from_b = push(b, server.url, token=tokens.other_site, show_progress=False)
         assert (from_b.sent, from_b.inserted) == (6, 6)  # b's copies of a's two events stayed home
         pulled = pull(a, server.url, token=tokens.read, show_progress=False)
@@ -265,7 +266,8 @@ def test_events_the_server_refuses_are_isolated_reported_and_left_home(config: S
         refused = dict(result.refused)
         assert set(refused) == ids_of([*scratch, odd])
         assert "pipeline_forbidden" in " ".join(refused.values()) or "403" in " ".join(refused.values())
-        assert push(local, server.url, token=limited, show_progress=False).sent == 0  # the cursor moved on
+        again = push(local, server.url, token=limited, show_progress=False)
+        assert (again.sent, again.rewound) == (0, False)  # the cursor moved on; a refused event is never its anchor
         code = commands.main(["push", "--store", local, "--to", server.url, "--token", limited, "--no-progress",
                               "--all"])
         assert code == 1 and "refused 3 event(s)" in capsys.readouterr().err
@@ -273,12 +275,24 @@ def test_events_the_server_refuses_are_isolated_reported_and_left_home(config: S
             assert {e.id for e in held.iter_events()} == ids_of(wanted)
 
 
-def test_pull_all_recovers_what_a_restored_server_placed_behind_the_cursor(tmp_path: Path) -> None:
-    """A server restored from a backup hands out log positions again: events that arrive after the restore take
-    positions a client's cursor has already passed, and a plain pull never offers them. `pull --all` compares
-    the whole log (the cursor left as it is) and fetches them."""
+def _backup(db: Path, copy: Path) -> None:
     import sqlite3
 
+    with sqlite3.connect(db) as source, sqlite3.connect(copy) as target:
+        source.backup(target)
+
+
+def _restore(db: Path, backup: Path) -> None:
+    for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        stale.unlink(missing_ok=True)
+    backup.rename(db)
+
+
+def test_a_pull_after_the_server_was_restored_compares_the_whole_log(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A server restored from a backup hands out log positions again: events that arrive after the restore take
+    positions a client's cursor has already passed. The cursor's anchor (the newest event it passed, at its
+    position) is no longer there, so the next pull sees that and compares the whole log: nothing is skipped."""
     from srvkit import make_token
 
     db = tmp_path / "server.db"
@@ -286,24 +300,98 @@ def test_pull_all_recovers_what_a_restored_server_placed_behind_the_cursor(tmp_p
     token = make_token(config.store, "read,write")
     with open_store(config.store) as store:
         store.ingest(bulk_events(10, t0=1.7e9))
-    backup = tmp_path / "backup.db"
-    with sqlite3.connect(db) as source, sqlite3.connect(backup) as copy:
-        source.backup(copy)
+    _backup(db, tmp_path / "backup.db")
     with open_store(config.store) as store:
         store.ingest(bulk_events(5, t0=1.8e9))
     local = _local(tmp_path, "a")
     with live(config) as server:
         port = server.port  # the restored server answers at the same address
         assert pull(local, server.url, token=token, show_progress=False).inserted == 30
-    for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
-        stale.unlink(missing_ok=True)
-    backup.rename(db)  # the restore: positions 21-30 will be handed out again
+        steady = pull(local, server.url, token=token, show_progress=False)
+        assert (steady.rewound, steady.sent, steady.scanned) == (False, 0, 0)  # an intact log: no comparison
+    _restore(db, tmp_path / "backup.db")  # positions 21-30 will be handed out again
     later = bulk_events(8, t0=1.9e9)
     with open_store(config.store) as store:
         store.ingest(later)
     with live(config, port=port) as server:
-        assert pull(local, server.url, token=token, show_progress=False).inserted == 6  # positions 31-36 only
-        assert commands.main(["pull", "--store", local, "--from", server.url, "--token", token, "--no-progress",
-                              "--all"]) == 0
+        assert commands.main(["pull", "--store", local, "--from", server.url, "--token", token, "--no-progress"]) == 0
+        out, err = capsys.readouterr()
+        assert "pulled 16 events (16 new here) of 36 examined" in out  # not only positions 31-36
+        assert "no longer matches the two logs" in err
         assert ids_of(later) <= _ids(local)
+        after = pull(local, server.url, token=token, show_progress=False)
+        assert (after.rewound, after.sent) == (False, 0)  # the cursor and its anchor describe the new log
         assert pull(local, server.url, token=token, show_progress=False, compare_all=True).inserted == 0
+
+
+def test_a_push_after_the_server_lost_what_it_was_given_sends_it_again(tmp_path: Path) -> None:
+    """The push cursor says what the server was given; a server restored from an older backup no longer has it. The
+    anchor (the newest event pushed) is missing there, so the next push compares the whole log and sends it again."""
+    from srvkit import make_token
+
+    db = tmp_path / "server.db"
+    config = ServerConfig(store=f"sqlite:///{db}", site="hub", auth_cache_ttl=0)
+    token = make_token(config.store, "read,write")
+    first, second = bulk_events(6, t0=1.7e9), bulk_events(4, t0=1.8e9)
+    local = _local(tmp_path, "a", first)
+    with live(config) as server:
+        port = server.port
+        assert push(local, server.url, token=token, show_progress=False).inserted == 12
+        _backup(db, tmp_path / "backup.db")
+        with open_store(local) as store:
+            store.ingest(second)
+        assert push(local, server.url, token=token, show_progress=False).inserted == 8
+    _restore(db, tmp_path / "backup.db")  # the server lost the second push
+    with live(config, port=port) as server:
+        again = push(local, server.url, token=token, show_progress=False)
+        assert again.rewound and (again.sent, again.inserted, again.scanned) == (8, 8, 20)
+        assert _ids(config.store) == ids_of(first + second)
+        assert not push(local, server.url, token=token, show_progress=False).rewound
+
+
+def test_a_push_after_the_local_store_was_restored_sends_its_new_events(tmp_path: Path) -> None:
+    """A local store restored from a backup takes its cursor back with it (both live in the store), so the cursor
+    still describes both logs: the next push sends the events recorded since the restore, without a comparison."""
+    from srvkit import make_token
+
+    config = ServerConfig(store=f"sqlite:///{tmp_path / 'server.db'}", site="hub", auth_cache_ttl=0)
+    token = make_token(config.store, "read,write")
+    local = _local(tmp_path, "a", bulk_events(3, t0=1.7e9))
+    db = Path(local.removeprefix("sqlite:///"))
+    with live(config) as server:
+        assert push(local, server.url, token=token, show_progress=False).inserted == 6
+        _backup(db, tmp_path / "local-backup.db")
+        with open_store(local) as store:
+            store.ingest(bulk_events(3, t0=1.8e9))
+        assert push(local, server.url, token=token, show_progress=False).inserted == 6
+        _restore(db, tmp_path / "local-backup.db")
+        fresh = bulk_events(2, t0=1.9e9)
+        with open_store(local) as store:
+            store.ingest(fresh)  # positions 7-10 again, after the restored cursor (6)
+        result = push(local, server.url, token=token, show_progress=False)
+        assert (result.rewound, result.inserted) == (False, 4)
+        assert ids_of(fresh) <= _ids(config.store)
+
+
+def test_a_filtered_pull_takes_the_earlier_events_of_a_run_that_joins_the_selection(
+        config: ServerConfig, tokens: Tokens, tmp_path: Path) -> None:
+    """A run's pipeline follows its latest event. A pull of pipeline "train" passes over a run's START while the run
+    is in another pipeline; when a later event moves the run into "train", the page that carries it lists the
+    run's earlier events too, so the START is not lost behind the cursor."""
+    start, end = bulk_events(1, pipeline="scratch")
+    end = json.loads(json.dumps(end))
+    end["run"]["facets"]["metatrail_execution"]["pipeline"] = "train"
+    end["job"]["name"] = "train.step"
+    local = _local(tmp_path, "a")
+    with live(config) as server:
+        writer = ServerClient(server.url, tokens.write)
+        try:
+            writer.request("POST", "/api/v1/lineage", json_body=start)
+            assert pull(local, server.url, token=tokens.read, filt=Filter(pipeline="train"),
+                        show_progress=False).sent == 0  # not in "train" (yet): passed over, the cursor moves on
+            writer.request("POST", "/api/v1/lineage", json_body=end)
+        finally:
+            writer.close()
+        later = pull(local, server.url, token=tokens.read, filt=Filter(pipeline="train"), show_progress=False)
+        assert later.inserted == 2
+    assert _ids(local) == ids_of([start, end])
