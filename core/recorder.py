@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import reprlib
 import socket
 import threading
 import time
@@ -51,6 +52,7 @@ from metatrail.ship import Shipper
 T = TypeVar("T")
 S = TypeVar("S", Execution, PipelineRun)
 PathLike: TypeAlias = str | os.PathLike[str] | ArtifactRef
+StatKey: TypeAlias = tuple[int, int, int, int]  # (inode, size, mtime ns, ctime ns)
 MAX_PENDING = 100_000
 WRITE_BATCH = 64  # events per store transaction: small enough to hold the GIL only briefly
 MAX_PARAM_TEXT = 2000
@@ -60,40 +62,104 @@ PROCESS_AFTER_EVENTS = 32  # writer "auto": a writer process once this process h
 
 
 def safe_params(params: Mapping[str, Any] | None, warnings: list[str] | None = None) -> dict[str, Any]:
-    """Parameters as JSON values; a value that is not JSON-serialisable becomes its (truncated) ``repr``.
+    """Parameters as JSON values, copied as they are now; a value that is not JSON (or too large) becomes a short
+    description of it (its bounded ``repr``).
 
-    Each stringified key is named in ``warnings`` so the record says what happened; nothing raises.
+    This runs on the caller's thread, and the event is built later: the values are copied (through their JSON), so
+    an argument the task changes in place is recorded as it was passed. Each value stored otherwise is named in
+    ``warnings``; nothing raises, and the cost of a huge value is bounded (its size is looked at before anything is
+    serialised).
     """
     if not params:
         return {}
     out: dict[str, Any] = {}
     for key, value in params.items():
-        name = str(key)
-        if value is None or isinstance(value, bool | int) or (isinstance(value, str) and len(value) <= MAX_PARAM_TEXT):
+        name = _key_text(key)
+        if value is None or isinstance(value, bool) or (isinstance(value, int) and -_BIG_INT < value < _BIG_INT) or \
+                (isinstance(value, str) and len(value) <= MAX_PARAM_TEXT and _utf8_clean(value)):
             out[name] = value  # the common case, without serialising anything
             continue
         if isinstance(value, float) and math.isfinite(value):
             out[name] = value
             continue
         problem = "is not JSON-serialisable"
-        try:
-            text = json.dumps(value, allow_nan=False)
-            if len(text) <= MAX_PARAM_JSON:
-                out[name] = value
-                continue
-            problem = f"is {len(text):,} characters of JSON (limit {MAX_PARAM_JSON:,})"
-        except (TypeError, ValueError, RecursionError, OverflowError):
-            pass
-        try:
-            text = repr(value)
-        except Exception as exc:  # a broken __repr__ must not break the host
-            text = f"<unrepresentable {type(value).__name__}: {exc}>"
-        out[name] = text[:MAX_PARAM_TEXT] + ("…" if len(text) > MAX_PARAM_TEXT else "")
+        if _surely_too_big(value):
+            problem = f"is too large to store whole (JSON limit {MAX_PARAM_JSON:,} characters)"
+        else:
+            try:
+                text = json.dumps(value, allow_nan=False, sort_keys=True, ensure_ascii=False)
+                text.encode("utf-8")  # lone surrogates (undecodable file names) cannot be stored
+                if len(text) <= MAX_PARAM_JSON:
+                    out[name] = json.loads(text)
+                    continue
+                problem = f"is {len(text):,} characters of JSON (limit {MAX_PARAM_JSON:,})"
+            except (TypeError, ValueError, RecursionError, OverflowError):
+                pass
+        out[name] = _bounded_repr(value)
         if warnings is not None:
             warnings.append(f"parameter {name!r} ({type(value).__name__}) {problem}; stored as its repr")
         log_once(f"param:{type(value).__name__}", "metatrail: parameter %r of type %s stored as its repr",
                  name, type(value).__name__)
     return out
+
+
+_BIG_INT = 1 << 63  # beyond this an integer goes through the JSON check (thousands of digits cannot be stored)
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = MAX_PARAM_TEXT
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdeque = _REPR.maxarray = 50
+_REPR.maxdict = 50
+_REPR.maxlevel = 4
+
+
+def _key_text(key: Any) -> str:
+    """A parameter's name as text; a key whose ``str`` fails or is not storable text is described instead."""
+    try:
+        name = key if isinstance(key, str) else str(key)
+    except Exception:
+        return f"<{type(key).__name__} key>"
+    return name if _utf8_clean(name) else name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _utf8_clean(text: str) -> bool:
+    """Whether ``text`` can be stored as UTF-8 (no lone surrogates, as undecodable file names carry)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _surely_too_big(value: Any) -> bool:
+    """Whether a value's JSON would certainly exceed the limit, judged by its length alone (a JSON array of n items
+    takes at least 2n characters): whole datasets passed as arguments are not serialised to find out."""
+    try:
+        if isinstance(value, str | bytes | bytearray | memoryview):
+            return len(value) > MAX_PARAM_JSON
+        if isinstance(value, list | tuple | dict | set | frozenset):
+            return len(value) * 2 > MAX_PARAM_JSON
+    except Exception:
+        return True
+    return False
+
+
+def _bounded_repr(value: Any) -> str:
+    """A ``repr`` of bounded size and cost for builtin containers, strings and bytes (only their first items are
+    looked at); other objects' own ``repr``, truncated. A broken ``repr`` is described, never raised."""
+    try:
+        if isinstance(value, bytes | bytearray | memoryview):
+            head = bytes(value[:64])
+            text = f"<{type(value).__name__} of {len(value):,} bytes: {head!r}{'…' if len(value) > 64 else ''}>"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            text = f"<int of {value.bit_length():,} bits>"
+        else:
+            text = _REPR.repr(value)
+    except Exception as exc:  # a broken __repr__ must not break the host
+        text = f"<unrepresentable {type(value).__name__}: {type(exc).__name__}>"
+    if not _utf8_clean(text):
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text[:MAX_PARAM_TEXT] + ("…" if len(text) > MAX_PARAM_TEXT else "")
 
 
 @dataclass
@@ -113,6 +179,12 @@ class _Item:
     energy_report: dict[str, Any] | None = None  # made before the item goes to a writer process
     pid: int | None = None  # the recording process, when the event is built in another
     input_refs: list[ArtifactRef] | None = None  # exec_end: its START's inputs as hashed, when built elsewhere
+    # os.stat of each of ``inputs``/``outputs`` (local paths) when they were recorded, None for others and for paths
+    # that did not exist: a path whose stat differs when it is hashed (later, on the writer) has changed since
+    input_stats: list[StatKey | None] | None = None
+    output_stats: list[StatKey | None] | None = None
+    cwd: str | None = None  # the working directory relative paths were given in (None: none was relative)
+    recorded_at: float = field(default_factory=time.time)  # when the caller recorded it (``at`` may be earlier)
 
 
 class Recorder:
@@ -133,6 +205,7 @@ class Recorder:
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._queue: deque[_Item] = deque()
+        self._inflight: list[_Item] = []  # the batch the writer thread is building and storing
         self._submitted = 0
         self._done = 0
         self._thread: threading.Thread | None = None
@@ -148,6 +221,8 @@ class Recorder:
         self.dropped = 0
         self.failed_writes = 0
         self.written = 0
+        self._store_failing = False  # the last write failed after its retries: the next gets one attempt
+        self._losses_told = 0  # dropped + failed_writes as of the last flush (flush says whether that grew)
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._after_fork)
         # Flush when the main thread ends (metatrail.exithook), while the writer can still import what it needs.
@@ -287,9 +362,10 @@ class Recorder:
                     handle.id, pid=pid or os.getpid(), include_children=True, source=energy_source), None)
                 if token is not None:
                     handle.extra["_energy_token"] = token
-            input_list = list(inputs)
+            input_list, input_stats, cwd = _as_recorded(inputs)
             handle.inputs = [i.uri if isinstance(i, ArtifactRef) else os.fspath(i) for i in input_list]
-            self._submit(_Item("exec_start", _snapshot(handle), at, inputs=input_list, warnings=warnings))
+            self._submit(_Item("exec_start", _snapshot(handle), at, inputs=input_list, warnings=warnings,
+                               input_stats=input_stats, cwd=cwd))
             return handle
 
         return self._guard("execution_started", go, handle)
@@ -318,8 +394,11 @@ class Recorder:
             token = execution.extra.pop("_energy_token", None) if execution.extra else None
             if token is not None:
                 energy = self._guard("energy stop", lambda: self._energy().task_stopped(token), None)
-            self._submit(_Item("exec_end", _snapshot(execution), at, inputs=list(inputs), outputs=list(outputs),
-                               status=Status(status), error=error, exit_code=exit_code, energy=energy))
+            input_list, input_stats, cwd = _as_recorded(inputs)
+            output_list, output_stats, out_cwd = _as_recorded(outputs)
+            self._submit(_Item("exec_end", _snapshot(execution), at, inputs=input_list, outputs=output_list,
+                               status=Status(status), error=error, exit_code=exit_code, energy=energy,
+                               input_stats=input_stats, output_stats=output_stats, cwd=cwd or out_cwd))
 
         self._guard("execution_finished", go, None)
 
@@ -332,9 +411,17 @@ class Recorder:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far is stored; False if ``timeout`` (default: the ``timeout``
-        setting) passed first. Never raises."""
+        setting) passed first, or if events recorded since the last flush were lost (the store refused them, or too
+        many were pending: counted in ``failed_writes`` and ``dropped``). Never raises."""
         if is_disabled():
             return True
+        stored = self._flush_wait(timeout)
+        losses = self.dropped + self.failed_writes
+        lost, self._losses_told = losses != self._losses_told, losses
+        return stored and not lost
+
+    def _flush_wait(self, timeout: float | None) -> bool:
+        """Wait until everything submitted so far is done (stored or given up); False at the timeout."""
         try:
             limit = timeout if timeout is not None else self.settings.timeout
             deadline = time.monotonic() + limit
@@ -377,7 +464,7 @@ class Recorder:
     def close(self, timeout: float | None = None) -> None:
         """Flush and stop the writer; the store is closed. Safe to call twice."""
         limit = timeout if timeout is not None else self.settings.flush_timeout if self._settings else 5.0
-        if not self._closed and not self.flush(limit) and not is_disabled():
+        if not self._closed and not is_disabled() and not self._flush_wait(limit):
             log.warning("metatrail: %d events were not stored before exit (flush timeout %.0fs)", self.pending, limit)
         with self._cv:
             self._closed = True
@@ -395,6 +482,7 @@ class Recorder:
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
         self._queue = deque()
+        self._inflight = []
         self._submitted = self._done = 0
         self._flushing = 0
         self._exit_seen, self._exit_ok = None, True
@@ -427,12 +515,17 @@ class Recorder:
 
     def _exit_flush(self) -> None:
         timeout = self._settings.flush_timeout if self._settings else 30.0
-        self._exit_ok = self.flush(timeout)
+        self._exit_ok = self._flush_wait(timeout)
         if not self._exit_ok:
             log.warning("metatrail: %d events were not stored before exit (flush timeout %.0fs)", self.pending, timeout)
 
     # -- the writer thread --------------------------------------------------------------------------------------
     def _writer(self) -> None:
+        # The writer's first imports (the store's SQLAlchemy takes a second or more) run under a lock that fork
+        # waits for: a child forked while another thread is halfway through importing a module inherits it half
+        # made, and every build and store call in the child then fails on it.
+        with _writer_imports.held():
+            self._guard("writer start-up", self._import_writer_modules, None)
         while True:
             with self._cv:
                 while not self._queue and not self._closed:
@@ -448,8 +541,11 @@ class Recorder:
                         break
                     self._cv.wait(remaining)
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), WRITE_BATCH))]
+                self._inflight = batch
             try:
                 if self._to_process(batch):
+                    with self._cv:
+                        self._inflight = []
                     continue  # done when the writer process acknowledges it
             except Exception as exc:  # the batch is written here instead: nothing accepted is dropped
                 log_once(f"handoff:{type(exc).__name__}", "metatrail: could not hand events to the writer process "
@@ -457,7 +553,19 @@ class Recorder:
             self.write_items(batch)
             with self._cv:
                 self._done += len(batch)
+                self._inflight = []
                 self._cv.notify_all()
+
+    def _import_writer_modules(self) -> None:
+        if not self._store_given and self.settings.writer == "process":
+            import metatrail.writerproc  # the writer process builds and stores
+
+            return
+        import metatrail.codeversion
+        import metatrail.hashing
+        import metatrail.openlineage.events  # noqa: F401
+
+        self._get_store()  # the store's modules, and the dialect the engine loads when it first connects
 
     def write_items(self, batch: list[_Item]) -> None:
         """Build and store the events of ``batch`` here and now (the writer thread's work, or a writer process's)."""
@@ -492,18 +600,58 @@ class Recorder:
                 return False
         if not self._process.alive:
             return False
-        pid = os.getpid()
         for item in batch:
-            item.pid = pid
-            if item.energy is not None:
-                stopped, item.energy = item.energy, None
-                item.energy_report = self._energy_report(stopped)
-            if isinstance(item.error, BaseException):
-                item.error = ErrorText.of(item.error)
-            if item.kind == "exec_end" and item.input_refs is None:
-                # Its START was built here: the writer process must use those hashes (what the task read).
-                item.input_refs = self._input_refs.pop(item.subject.id, None)
+            self._ready_for_process(item)
         return bool(self._process.send(batch))
+
+    def _ready_for_process(self, item: _Item, *, keep: bool = False) -> None:
+        """Make ``item`` what a writer process can build from: made here what needs this process (its energy
+        report, its START's hashed inputs); ``keep`` leaves those inputs here too (for this process's writer)."""
+        item.pid = os.getpid()
+        if item.energy is not None:
+            stopped, item.energy = item.energy, None
+            item.energy_report = self._energy_report(stopped)
+        if isinstance(item.error, BaseException):
+            item.error = ErrorText.of(item.error)
+        if item.kind == "exec_end" and item.input_refs is None:
+            # Its START was built here: the writer process must use those hashes (what the task read).
+            refs = self._input_refs.get(item.subject.id) if keep else self._input_refs.pop(item.subject.id, None)
+            item.input_refs = refs
+
+    def hand_off(self) -> bool:
+        """Give what this process has not stored yet to a writer process of its own, which stores it even after
+        this process has ended; return whether it was handed over (not whether it is stored yet).
+
+        For hosts that end a process with ``os._exit`` right after a bounded :meth:`flush` (Airflow's task runner):
+        events still waiting there (a large output being hashed) would die with it. This process's writer goes on
+        too; an event both store is stored once. Never raises; does not wait for the writer process."""
+        if is_disabled():
+            return True
+
+        def go() -> bool:
+            import dataclasses
+
+            with self._cv:
+                items = [dataclasses.replace(item) for item in (*self._inflight, *self._queue)]
+            if not items:
+                return True
+            if self._store_given:
+                return False
+            from metatrail.writerproc import WriterProcess
+
+            # Its own writer process, told nothing back: what it stores is already counted by this process's writer,
+            # which is still at work on the same items.
+            process = WriterProcess.start(self.settings, lambda *_: None, lambda _items: None)
+            if process is None:
+                return False
+            for item in items:
+                self._ready_for_process(item, keep=True)
+            try:
+                return bool(process.send(items))
+            finally:
+                process.close()
+
+        return self._guard("hand_off", go, False)
 
     def _energy_report(self, stopped: object) -> dict[str, Any] | None:
         report: dict[str, Any] | None = self._guard("energy report", lambda: self._energy().task_report(stopped), None)
@@ -528,27 +676,71 @@ class Recorder:
             self._cv.notify_all()
 
     def _write(self, events: list[dict[str, Any]]) -> None:
+        """Store ``events`` in one transaction, retrying what may pass (a store busy or briefly full). An event the
+        store cannot take (:class:`EventError`) is not retried: the batch is stored one event at a time, so only
+        that event is lost (counted), after one attempt with its unstorable values escaped."""
         if not events:
             return
+        from metatrail.errors import EventError
+
+        try:
+            self._ingest_retrying(events)
+        except EventError:
+            for event in events:
+                self._write_alone(event)
+        except Exception as exc:
+            self._dropped_by_store(len(events), exc)
+
+    def _ingest_retrying(self, events: list[dict[str, Any]]) -> None:
+        from metatrail.errors import EventError
+
+        # While the store keeps failing (a directory that cannot be created, a full disk), each batch gets one
+        # attempt, not a round of backoff: a host must not wait seconds per batch for a store that is not coming
+        # back soon. The first success restores the retries.
+        attempts = 1 if self._store_failing else 5
         delay = 0.05
-        for attempt in range(5):
+        for attempt in range(attempts):
             try:
                 self._get_store().ingest(events)
-                self.written += len(events)
-                self._shipper.notify()
-                return
+            except EventError:
+                raise
             except Exception as exc:
                 log_once(f"write:{type(exc).__name__}", "metatrail: cannot write to the store (%s: %s); retrying",
                          type(exc).__name__, exc)
-                if attempt == 4:
-                    break
+                if attempt == attempts - 1:
+                    self._store_failing = True
+                    raise
                 time.sleep(delay)
                 delay *= 4
-        self.failed_writes += len(events)
-        log.error("metatrail: %d events could not be stored and were dropped (store %s)", len(events),
-                  self._settings.store if self._settings else "?")
+                continue
+            self._store_failing = False
+            self.written += len(events)
+            self._shipper.notify()
+            return
 
-    def _hash(self, paths: Sequence[PathLike]) -> list[ArtifactRef]:
+    def _write_alone(self, event: dict[str, Any]) -> None:
+        from metatrail.errors import EventError
+
+        try:
+            try:
+                self._ingest_retrying([event])
+            except EventError as exc:
+                escaped = _storable(event)
+                if escaped is event:
+                    raise
+                log_once(f"escaped:{exc}"[:80], "metatrail: an event held values the store cannot take (%s); stored "
+                         "with them escaped", exc)
+                self._ingest_retrying([escaped])
+        except Exception as exc:
+            self._dropped_by_store(1, exc)
+
+    def _dropped_by_store(self, count: int, exc: BaseException) -> None:
+        self.failed_writes += count
+        # The cause was logged (once per kind) where it happened.
+        log.error("metatrail: %d events could not be stored and were dropped (store %s; %s)", count,
+                  self._settings.store if self._settings else "?", type(exc).__name__)
+
+    def _hash(self, paths: Sequence[PathLike], cwd: str | None = None) -> list[ArtifactRef]:
         if not paths:
             return []
         from metatrail import hashing
@@ -559,8 +751,42 @@ class Recorder:
             except Exception as exc:
                 log_once("hash-cache", "metatrail: hash cache unavailable (%s); hashing without it", exc)
                 self._hash_cache = hashing.HashCache(None)
-        return [p if isinstance(p, ArtifactRef) else hashing.hash_path(os.fspath(p), self._hash_cache)
-                for p in paths]
+        refs = []
+        for p in paths:
+            if isinstance(p, ArtifactRef):
+                refs.append(p)
+                continue
+            given = os.fspath(p)
+            if cwd is None or not isinstance(given, str) or os.path.isabs(given) or "://" in given:
+                refs.append(hashing.hash_path(given, self._hash_cache))
+                continue
+            ref = hashing.hash_path(os.path.join(cwd, given), self._hash_cache)
+            ref.uri = given  # named as given; found where it was given (the host may have moved on since)
+            refs.append(ref)
+        return refs
+
+    def _hash_unchanged(self, paths: Sequence[PathLike], stats: list[StatKey | None] | None, reason: str,
+                        item: _Item, since: float | None) -> list[ArtifactRef]:
+        """Hash ``paths`` (here, later than they were recorded) and withdraw the hash of each local one that may not
+        be what it was then: its stat differs from the one taken when it was recorded (``stats``), or, given
+        ``since`` (a task's start, which a host may report late), it was modified between ``since`` and then.
+        Items recorded without stats (by an older metatrail) fall back to comparing modification times with
+        ``since``."""
+        refs = self._hash(paths, item.cwd)
+        if stats is None:
+            return refs if since is None else _unless_modified_since(refs, since)
+        for ref, before in zip(refs, stats, strict=False):
+            if ref.hash is None or ref.namespace != "file" or ref.kind not in ("file", "directory"):
+                continue
+            if before is None:
+                ref.hash, ref.hash_error = None, "created after it was recorded: " + reason
+            elif _stat_key(ref.name) != before:
+                ref.hash, ref.hash_error = None, reason
+            elif since is not None and since + 0.001 < before[2] / 1e9 <= item.recorded_at:
+                # Changed after the task started and before it was recorded. A time after the recording (a file
+                # server whose clock runs ahead of ours) is not taken as a change: the stat would have shown one.
+                ref.hash, ref.hash_error = None, reason
+        return refs
 
     def _build(self, item: _Item) -> dict[str, Any]:
         from metatrail.openlineage.events import build_run_event, execution_facet
@@ -602,7 +828,8 @@ class Recorder:
         parent = None
         if isinstance(subject, Execution):
             if item.kind == "exec_start":
-                inputs = _unless_modified_since(self._hash(item.inputs), subject.started_at)
+                inputs = self._hash_unchanged(item.inputs, item.input_stats, _CHANGED_SINCE_START, item,
+                                              subject.started_at)
                 self._input_refs[subject.id] = inputs
             else:
                 known = item.input_refs if item.input_refs is not None else self._input_refs.pop(subject.id, None)
@@ -610,8 +837,9 @@ class Recorder:
                     # Its START was built elsewhere (another process finished it, or the START's writer died):
                     # hashed again (cache hits), and what changed since the start is withdrawn, as at the start.
                     known = _unless_modified_since(self._hash(subject.inputs), subject.started_at)
-                inputs = known + self._hash(item.inputs)
-                outputs = self._hash(item.outputs)
+                # Inputs named only at the end were read during the task: no time of theirs to compare with.
+                inputs = known + self._hash_unchanged(item.inputs, item.input_stats, _CHANGED_SINCE_END, item, None)
+                outputs = self._hash_unchanged(item.outputs, item.output_stats, _CHANGED_SINCE_END, item, None)
             if subject.pipeline_run_id:
                 parent = (subject.pipeline_run_id, subject.namespace, subject.pipeline)
             job_name, job_type = f"{subject.pipeline}.{subject.stage}", "TASK"
@@ -648,6 +876,46 @@ def _merged_warnings(known: list[str] | None, new: list[str]) -> list[str]:
     return list(known or ()) + [w for w in new if w not in (known or ())]
 
 
+_CHANGED_SINCE_START = "modified after the task started: the content it read is unknown"
+_CHANGED_SINCE_END = "modified after the task ended: its content then is unknown"
+
+
+def _as_recorded(paths: Iterable[PathLike]) -> tuple[list[PathLike], list[StatKey | None] | None, str | None]:
+    """Paths as recorded now: the list, the stat of each local path (None for remote URIs, artifacts given already
+    hashed, and paths that do not exist), and the working directory that relative paths are relative to (the writer
+    hashes later, when the host may have changed directory)."""
+    out = list(paths)
+    if not out:
+        return out, None, None
+    stats: list[StatKey | None] = []
+    relative = False
+    for item in out:
+        local = None
+        if not isinstance(item, ArtifactRef):
+            try:
+                text: Any = os.fspath(item)
+            except TypeError:  # not a path: left for the writer, which records it as unhashable
+                text = None
+            if isinstance(text, str) and "://" not in text and not text.startswith("file:"):
+                local = text
+                relative = relative or not os.path.isabs(text)
+        stats.append(_stat_key(local) if local is not None else None)
+    try:
+        cwd = os.getcwd() if relative else None
+    except OSError:
+        cwd = None
+    return out, stats, cwd
+
+
+def _stat_key(path: str) -> StatKey | None:
+    """What changes when a file's content (or a directory's entries) may have changed; None when it is not there."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def _unless_modified_since(refs: list[ArtifactRef], started_at: float) -> list[ArtifactRef]:
     """Inputs are hashed on the writer thread, shortly after the task started. A file modified since then may
     no longer be what the task read, so its hash is withdrawn, with the reason (checked after hashing, so a
@@ -663,6 +931,29 @@ def _unless_modified_since(refs: list[ArtifactRef], started_at: float) -> list[A
             ref.hash = None
             ref.hash_error = "modified after the task started: the content it read is unknown"
     return refs
+
+
+def _storable(value: Any) -> Any:
+    """``value`` (an event) with what cannot be stored as UTF-8 JSON escaped: lone surrogates (undecodable file
+    names) as ``\\xNN``-style escapes, integers of thousands of digits as a description, non-finite floats as
+    null. The same object when nothing needed escaping."""
+    if isinstance(value, str):
+        return value if _utf8_clean(value) else value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return value if -_BIG_INT < value < _BIG_INT or value.bit_length() < 4000 * 3.3 else _bounded_repr(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        items = {_storable(k) if isinstance(k, str) else _key_text(k): _storable(v) for k, v in value.items()}
+        same = len(items) == len(value) and all(k in value and items[k] is value[k] for k in items)
+        return value if same else items
+    if isinstance(value, list | tuple):
+        escaped = [_storable(v) for v in value]
+        return value if all(a is b for a, b in zip(escaped, value, strict=True)) and isinstance(value, list) \
+            else escaped
+    return _bounded_repr(value)
 
 
 def _numeric(metrics: Mapping[str, Any]) -> dict[str, float | None]:
@@ -700,6 +991,36 @@ class _NoEnergy:
     def task_finished(self, token: object) -> dict[str, Any] | None:
         return None
 
+
+class _ForkWaits:
+    """A lock that ``os.fork`` waits for (a bounded time) before it forks; see ``Recorder._writer``."""
+
+    WAIT_S = 10.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._forking = False
+
+    def held(self) -> threading.Lock:
+        return self._lock
+
+    def before_fork(self) -> None:
+        self._forking = self._lock.acquire(timeout=self.WAIT_S)
+
+    def after_fork_in_parent(self) -> None:
+        if self._forking:
+            self._forking = False
+            self._lock.release()
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # the parent's holder does not exist here
+        self._forking = False
+
+
+_writer_imports = _ForkWaits()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_writer_imports.before_fork, after_in_parent=_writer_imports.after_fork_in_parent,
+                        after_in_child=_writer_imports.after_fork_in_child)
 
 _recorder: Recorder | None = None
 _recorder_lock = threading.Lock()

@@ -154,6 +154,41 @@ def test_fork_child_records_its_own_events() -> None:
         ("fork.child", "COMPLETE"), ("fork.child", "START"), ("fork.parent", "COMPLETE"), ("fork.parent", "START")]
 
 
+_FORK_DURING_IMPORTS = """
+import multiprocessing, os, sys
+import metatrail
+def task(i):
+    with metatrail.execution(pipeline="p", stage=f"child{i}"):
+        pass
+if __name__ == "__main__":
+    multiprocessing.set_start_method("fork")
+    with metatrail.execution(pipeline="p", stage="parent"):
+        pass
+    # Forked at once: the parent's writer thread is still importing the store's modules (a second or more).
+    children = [multiprocessing.Process(target=task, args=(i,)) for i in range(4)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join()
+    sys.exit(max(child.exitcode for child in children))
+"""
+
+
+def test_children_forked_while_the_writer_imports_record_their_events(tmp_path: Path) -> None:
+    """A fork while the writer thread was halfway through its first imports left the children with half-made
+    modules (``ImportError: … partially initialized module``): every event they recorded was lost. Fork now
+    waits for those imports."""
+    script = tmp_path / "forks.py"
+    script.write_text(_FORK_DURING_IMPORTS)
+    env = {**os.environ, "METATRAIL_STORE": f"sqlite:///{tmp_path / 'm.db'}", "METATRAIL_ENERGY": "0"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "ImportError" not in done.stderr and "partially initialized" not in done.stderr, done.stderr
+    with open_store(env["METATRAIL_STORE"]) as store:
+        names = sorted(e.body["job"]["name"] for e in store.iter_events())
+    assert names == sorted([f"p.{s}" for s in ("parent", "child0", "child1", "child2", "child3")] * 2)
+
+
 def test_pending_events_are_flushed_at_exit(tmp_path: Path) -> None:
     script = ("import metatrail\n"
               "r = metatrail.get_recorder()\n"
@@ -382,3 +417,181 @@ def test_a_stuck_store_costs_one_exit_wait(tmp_path: Path) -> None:
         lock.close()
     assert done.returncode == 0
     assert done.stderr.count("events were not stored before exit (flush timeout 1s)") == 1, done.stderr
+
+
+def _artifact(events: list[dict[str, Any]], job: str, event_type: str, side: str) -> dict[str, Any]:
+    event = next(e for e in events if e["job"]["name"] == job and e["eventType"] == event_type)
+    return dict(event[side][0]["facets"]["metatrail_artifact"])
+
+
+def test_an_output_rewritten_before_it_was_hashed_gets_no_hash(tmp_path: Path) -> None:
+    """Outputs are hashed on the writer, later: a file the next task rewrites by then (a checkpoint per step) must
+    not be recorded with the later content. Its stat at the end is compared when it is hashed."""
+    import hashlib
+
+    store = BlockingStore(f"sqlite:///{tmp_path / 's.db'}")
+    recorder = Recorder(store=store)
+    ckpt = tmp_path / "ckpt.bin"
+    first = recorder.execution_started("p", "step1")
+    ckpt.write_bytes(b"step 1")
+    recorder.execution_finished(first, outputs=[ckpt])  # the writer is stalled in the store: not hashed yet
+    second = recorder.execution_started("p", "step2")
+    ckpt.write_bytes(b"step 2, longer")
+    recorder.execution_finished(second, outputs=[ckpt])
+    store.release.set()
+    assert recorder.flush(30)
+    events = [e.body for e in store.iter_events()]
+    one, two = (_artifact(events, f"p.{s}", "COMPLETE", "outputs") for s in ("step1", "step2"))
+    assert one["hash"] is None and "modified after the task ended" in one["hashError"]
+    assert two["hash"] == hashlib.md5(b"step 2, longer").hexdigest()
+    recorder.close()
+
+
+def test_relative_paths_name_the_files_of_the_directory_they_were_given_in(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host may change directory before the writer hashes: a relative path is found where it was given."""
+    import hashlib
+
+    store = BlockingStore(f"sqlite:///{tmp_path / 's.db'}")
+    recorder = Recorder(store=store)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data.csv").write_text(f"data of {name}\n")
+    monkeypatch.chdir(tmp_path / "a")
+    ex = recorder.execution_started("p", "s", inputs=["data.csv"])
+    recorder.execution_finished(ex, outputs=["data.csv"])
+    monkeypatch.chdir(tmp_path / "b")
+    store.release.set()
+    assert recorder.flush(30)
+    events = [e.body for e in store.iter_events()]
+    start = next(e for e in events if e["eventType"] == "START")
+    assert start["inputs"][0]["name"] == str(tmp_path / "a" / "data.csv")
+    assert _artifact(events, "p.s", "START", "inputs")["hash"] == hashlib.md5(b"data of a\n").hexdigest()
+    assert _artifact(events, "p.s", "START", "inputs")["uri"] == "data.csv"  # named as given
+    assert _artifact(events, "p.s", "COMPLETE", "outputs")["hash"] == hashlib.md5(b"data of a\n").hexdigest()
+    recorder.close()
+
+
+def test_an_input_from_a_file_server_whose_clock_runs_ahead_keeps_its_hash(tmp_path: Path) -> None:
+    """On NFS or Lustre a file's time comes from the server's clock: one a second ahead of ours is not a change."""
+    import time
+
+    data = tmp_path / "in.csv"
+    data.write_text("from the file server")
+    ahead = time.time() + 1.0
+    os.utime(data, (ahead, ahead))
+    recorder = Recorder()
+    ex = recorder.execution_started("p", "s", inputs=[data])
+    recorder.execution_finished(ex)
+    assert recorder.flush(60)
+    artifact = _artifact(_events(recorder), "p.s", "START", "inputs")
+    assert artifact["hash"] is not None, artifact
+
+
+def test_one_event_the_store_cannot_take_costs_only_that_event(tmp_path: Path) -> None:
+    """A file name that is not UTF-8 (legal on Linux) once made the whole batch unstorable: every event of other
+    executions in it was dropped. Now the batch is stored event by event and such values are escaped."""
+    recorder = Recorder()
+    run = recorder.pipeline_run_started("odd")
+    odd = os.fsdecode(b"caf\xe9.txt")
+    (tmp_path / odd).write_bytes(b"x")
+    handles = [recorder.execution_started("odd", f"s{i}", pipeline_run=run) for i in range(3)]
+    weird = recorder.execution_started("odd", "weird", pipeline_run=run, inputs=[tmp_path / odd])
+    for ex in [*handles, weird]:
+        recorder.execution_finished(ex)
+    recorder.pipeline_run_finished(run)
+    assert recorder.flush(60)
+    events = _events(recorder)
+    assert len(events) == 10 and recorder.failed_writes == 0
+    name = _artifact(events, "odd.weird", "START", "inputs")["uri"]
+    assert name.endswith("caf\\udce9.txt") or name.endswith("caf\\xe9.txt"), name
+
+
+def test_parameters_are_recorded_as_passed_and_bounded() -> None:
+    """Values are copied when recorded (a task that empties the list it was given does not empty the record);
+    huge, unsortable or unencodable values become short descriptions, and the execution is still recorded."""
+    queue = [1, 2, 3]
+    params = {"queue": queue, "mixed": {"default": 1.0, 0: 5.0}, "blob": b"\0" * 50_000_000, "big": 10 ** 5000,
+              "name": os.fsdecode(b"caf\xe9"), 7: "a key that is not text"}
+    recorder = Recorder()
+    ex = recorder.execution_started("p", "s", params=params)
+    queue.clear()
+    recorder.execution_finished(ex)
+    assert recorder.flush(60)
+    facet = _events(recorder)[0]["run"]["facets"]["metatrail_execution"]
+    stored = facet["params"]
+    assert stored["queue"] == [1, 2, 3] and stored["7"] == "a key that is not text"
+    assert stored["blob"].startswith("<bytes of 50,000,000 bytes") and len(stored["blob"]) < 400
+    assert stored["big"].startswith("<int of") and isinstance(stored["mixed"], str)
+    assert "caf" in stored["name"] and recorder.failed_writes == 0
+    assert {w.split("'")[1] for w in facet["warnings"]} >= {"mixed", "blob", "big", "name"}
+
+
+class CountingFailingStore(FailingStore):
+    """A store that fails like a full disk, counting the attempts."""
+
+    attempts = 0
+
+    def ingest(self, events: Sequence[Mapping[str, Any]], *, site: str | None = None) -> IngestResult:
+        type(self).attempts += 1
+        return super().ingest(events, site=site)
+
+
+def test_a_store_that_keeps_failing_is_tried_once_per_batch_and_flush_says_events_were_lost(tmp_path: Path) -> None:
+    """Retries with backoff are for a store that may come back soon; once a batch has failed after them, later
+    batches get one attempt each (a host exits in seconds, not minutes). ``flush`` reports the loss."""
+    import time
+
+    CountingFailingStore.attempts = 0
+    recorder = Recorder(store=CountingFailingStore(f"sqlite:///{tmp_path / 'full.db'}"))
+    ex = recorder.execution_started("p", "s")
+    assert recorder.flush(60) is False  # done, but dropped: not "stored"
+    first = CountingFailingStore.attempts
+    for i in range(3):
+        recorder.execution_finished(recorder.execution_started("p", f"t{i}"))
+        assert recorder.flush(60) is False
+        time.sleep(0.01)
+    assert first == 5 and CountingFailingStore.attempts == first + 3
+    recorder.execution_finished(ex)
+    recorder.close()
+
+
+_ENDS_WITH_OS_EXIT = """
+import os, sys
+from metatrail.recorder import Recorder
+big = sys.argv[1]
+with open(big, "wb") as f:
+    f.truncate(1536 * 1024 * 1024)  # sparse: seconds of hashing
+recorder = Recorder()
+ex = recorder.execution_started("p", "big")
+recorder.execution_finished(ex, outputs=[big])
+stored = recorder.flush(0.2)
+handed = recorder.hand_off()
+print(stored, handed, flush=True)
+os._exit(0)  # as Airflow's task runner ends: no exit hooks, the writer thread dies with it
+"""
+
+
+def test_what_a_process_ending_with_os_exit_hands_off_is_stored_after_it(tmp_path: Path) -> None:
+    """Airflow's task runner flushes for a bounded time, then ends with ``os._exit``: events still being hashed
+    there died with it. ``hand_off`` gives them to a writer process of their own, which outlives the host."""
+    import time
+
+    script = tmp_path / "ends.py"
+    script.write_text(_ENDS_WITH_OS_EXIT)
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    env = {**os.environ, "METATRAIL_STORE": store, "METATRAIL_ENERGY": "0"}  # either writer (the fixture's)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "big.bin")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["False", "True"], (done.stdout, done.stderr)
+    deadline = time.monotonic() + 120
+    events: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        with open_store(store) as held:
+            events = [e.body for e in held.iter_events()]
+        if len(events) == 2:
+            break
+        time.sleep(0.5)
+    assert sorted(e["eventType"] for e in events) == ["COMPLETE", "START"]
+    complete = next(e for e in events if e["eventType"] == "COMPLETE")
+    assert complete["outputs"][0]["facets"]["metatrail_artifact"]["size"] == 1536 * 1024 * 1024
