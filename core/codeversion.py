@@ -6,6 +6,7 @@ No subprocess, no lock files, nothing written: recording must never change or sl
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +56,29 @@ def git_commit(start: str | os.PathLike[str] | None = None) -> dict[str, Any] | 
         return {"gitCommit": sha, "repoPath": str(git_dir.parent)}
     except OSError:
         return None
+
+
+class CommitCache:
+    """:func:`git_commit` per working directory, read again once ``ttl_s`` has passed: a long-lived process (a
+    scheduler, a notebook) records the commit checked out when each event is built, give or take ``ttl_s``, without
+    reading ``.git`` for every event."""
+
+    def __init__(self, ttl_s: float = 1.0) -> None:
+        self.ttl_s = ttl_s
+        self._known: dict[str, tuple[float, dict[str, Any] | None]] = {}
+
+    def get(self, cwd: str | None = None) -> dict[str, Any] | None:
+        """The commit of the repository containing ``cwd`` (default: the current directory), or None."""
+        try:
+            where = cwd or os.getcwd()
+        except OSError:
+            return None
+        now = time.monotonic()
+        known = self._known.get(where)
+        if known is not None and now - known[0] < self.ttl_s:
+            return known[1]
+        commit = git_commit(where)
+        if len(self._known) > 64:
+            self._known.clear()
+        self._known[where] = (now, commit)
+        return commit

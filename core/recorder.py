@@ -215,7 +215,7 @@ class Recorder:
         self._exit_ok = True  # no exit flush has run out of time
         self._hash_cache: Any = None
         self._input_refs: dict[str, list[ArtifactRef]] = {}
-        self._code_version: dict[str, Any] | bool | None = False
+        self._commits: Any = None  # metatrail.codeversion.CommitCache, made by the writer
         self._host = socket.gethostname()
         self._user: str | bool | None = False
         self.dropped = 0
@@ -791,10 +791,11 @@ class Recorder:
     def _build(self, item: _Item) -> dict[str, Any]:
         from metatrail.openlineage.events import build_run_event, execution_facet
 
-        if self._code_version is False:
-            from metatrail.codeversion import git_commit
+        if self._commits is None:
+            from metatrail.codeversion import CommitCache
 
-            self._code_version = git_commit()
+            self._commits = CommitCache()
+        code_version = self._commits.get()
         if self._user is False:
             self._user = current_user()
         subject = item.subject
@@ -816,7 +817,7 @@ class Recorder:
             integrationVersion=subject.host_version,
             tryNumber=subject.try_number if isinstance(subject, Execution) else None,
             params=subject.params,
-            codeVersion=self._code_version if isinstance(self._code_version, dict) else None,
+            codeVersion=code_version,
             exitCode=item.exit_code,
             durationSeconds=round(item.at - subject.started_at, 6) if ended else None,
             warnings=_merged_warnings(subject.extra.get("_warnings"), item.warnings),

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -261,6 +262,15 @@ def test_code_version_is_read_without_touching_the_repository(tmp_path: Path, mo
     assert _events(recorder)[0]["run"]["facets"]["metatrail_execution"]["codeVersion"]["gitCommit"] == head
     after = subprocess.run([*git, "status", "--porcelain", "--ignored"], capture_output=True, text=True).stdout
     assert after == before
+    # A long-lived process records the commit checked out when it builds each event, not the first one it saw.
+    (repo / "f").write_text("y")
+    subprocess.run([*git, "commit", "-qam", "d"], check=True)
+    new_head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    time.sleep(1.1)  # the commit is read again at most once a second
+    recorder.execution_finished(recorder.execution_started("p", "later"))
+    assert recorder.flush(30)
+    later = [e for e in _events(recorder) if e["job"]["name"] == "p.later"]
+    assert {e["run"]["facets"]["metatrail_execution"]["codeVersion"]["gitCommit"] for e in later} == {new_head}
 
 
 def test_uuid7_layout() -> None:
@@ -474,7 +484,6 @@ def test_relative_paths_name_the_files_of_the_directory_they_were_given_in(tmp_p
 
 def test_an_input_from_a_file_server_whose_clock_runs_ahead_keeps_its_hash(tmp_path: Path) -> None:
     """On NFS or Lustre a file's time comes from the server's clock: one a second ahead of ours is not a change."""
-    import time
 
     data = tmp_path / "in.csv"
     data.write_text("from the file server")
@@ -540,7 +549,6 @@ class CountingFailingStore(FailingStore):
 def test_a_store_that_keeps_failing_is_tried_once_per_batch_and_flush_says_events_were_lost(tmp_path: Path) -> None:
     """Retries with backoff are for a store that may come back soon; once a batch has failed after them, later
     batches get one attempt each (a host exits in seconds, not minutes). ``flush`` reports the loss."""
-    import time
 
     CountingFailingStore.attempts = 0
     recorder = Recorder(store=CountingFailingStore(f"sqlite:///{tmp_path / 'full.db'}"))
@@ -575,7 +583,6 @@ os._exit(0)  # as Airflow's task runner ends: no exit hooks, the writer thread d
 def test_what_a_process_ending_with_os_exit_hands_off_is_stored_after_it(tmp_path: Path) -> None:
     """Airflow's task runner flushes for a bounded time, then ends with ``os._exit``: events still being hashed
     there died with it. ``hand_off`` gives them to a writer process of their own, which outlives the host."""
-    import time
 
     script = tmp_path / "ends.py"
     script.write_text(_ENDS_WITH_OS_EXIT)
