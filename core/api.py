@@ -14,6 +14,7 @@ raise (the Recorder's guarantee).
 from __future__ import annotations
 
 import contextvars
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -24,6 +25,19 @@ from metatrail.recorder import PathLike, Recorder, get_recorder
 _current_pipeline_run: contextvars.ContextVar[PipelineRun | None] = contextvars.ContextVar(
     "metatrail_pipeline_run", default=None
 )
+# Every open pipeline_run block of the process. A thread of a pool does not inherit the context of the thread that
+# opened the block, so its executions find their run here when there is no doubt which it is (one open block).
+_open_runs: list[PipelineRun] = []
+_open_runs_lock = threading.Lock()
+
+
+def _enclosing_run(pipeline: str | None) -> PipelineRun | None:
+    current = _current_pipeline_run.get()
+    if current is not None:
+        return current
+    with _open_runs_lock:
+        candidates = [r for r in _open_runs if pipeline is None or r.pipeline == pipeline]
+    return candidates[0] if len(candidates) == 1 else None
 
 
 @contextmanager
@@ -33,6 +47,8 @@ def pipeline_run(pipeline: str, *, params: Mapping[str, Any] | None = None, name
     rec = recorder or get_recorder()
     run = rec.pipeline_run_started(pipeline, namespace=namespace, params=params)
     token = _current_pipeline_run.set(run)
+    with _open_runs_lock:
+        _open_runs.append(run)
     try:
         yield run
     except BaseException as exc:
@@ -42,6 +58,8 @@ def pipeline_run(pipeline: str, *, params: Mapping[str, Any] | None = None, name
         rec.pipeline_run_finished(run, status=Status.COMPLETED)
     finally:
         _current_pipeline_run.reset(token)
+        with _open_runs_lock:
+            _open_runs.remove(run)
 
 
 @contextmanager
@@ -52,10 +70,11 @@ def execution(pipeline: str | None = None, stage: str | None = None, *, inputs: 
     """Record one execution of ``stage`` around the block.
 
     ``outputs`` are hashed when the block ends (off the caller's thread). Inside a :func:`pipeline_run` block the
-    pipeline name and parent run are taken from it.
+    pipeline name and parent run are taken from it; so they are on another thread (a pool's) while the process has
+    one such block open (of ``pipeline``, when given). Otherwise pass ``run``.
     """
     rec = recorder or get_recorder()
-    parent = run or _current_pipeline_run.get()
+    parent = run or _enclosing_run(pipeline)
     pipeline_name = pipeline or (parent.pipeline if parent else None) or "default"
     ex = rec.execution_started(pipeline_name, stage or "main", pipeline_run=parent, inputs=inputs, params=params,
                                namespace=namespace)

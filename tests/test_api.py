@@ -55,3 +55,23 @@ def test_disabled_api_still_runs_the_block(monkeypatch: pytest.MonkeyPatch, tmp_
         ran.append(True)
     assert ran == [True]
     assert not (tmp_path / ".metatrail").exists()
+
+
+def test_executions_on_a_pools_threads_belong_to_the_open_pipeline_run() -> None:
+    """A pool's threads do not inherit the context of the block that opened the run: they found no run and were
+    recorded under pipeline "default", without a parent. With one run open in the process, there is no doubt."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    recorder = Recorder()
+
+    def step(i: int) -> str:
+        with metatrail.execution(stage=f"t{i}", recorder=recorder) as ex:
+            return ex.id
+
+    with metatrail.pipeline_run("fanout", recorder=recorder) as run, ThreadPoolExecutor(2) as pool:
+        ids = list(pool.map(step, range(3)))
+    assert recorder.flush(30)
+    with open_store(recorder.settings.store) as store:
+        children = {c["run_id"] for c in store.get_run(run.id)["children"]}
+        assert children == set(ids)
+        assert {store.get_run(i)["pipeline"] for i in ids} == {"fanout"}
