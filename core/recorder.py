@@ -222,6 +222,7 @@ class Recorder:
         self.failed_writes = 0
         self.written = 0
         self._store_failing = False  # the last write failed after its retries: the next gets one attempt
+        self._close_waited: float | None = None  # a close() that ran out of time: how long it waited
         self._losses_told = 0  # dropped + failed_writes as of the last flush (flush says whether that grew)
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._after_fork)
@@ -466,6 +467,7 @@ class Recorder:
         limit = timeout if timeout is not None else self.settings.flush_timeout if self._settings else 5.0
         if not self._closed and not is_disabled() and not self._flush_wait(limit):
             log.warning("metatrail: %d events were not stored before exit (flush timeout %.0fs)", self.pending, limit)
+            self._close_waited = limit
         with self._cv:
             self._closed = True
             self._cv.notify_all()
@@ -496,9 +498,17 @@ class Recorder:
         self._process_refused = False
 
     def _at_exit(self) -> None:
-        # After close() the flush already had its chance (and its timeout): do not wait a second time. Nor after
-        # an exit flush that ran out of time: where both hooks are plain ``atexit`` (registered during shutdown),
-        # the late one runs first.
+        # After close() the flush already had its chance (and its timeout): do not wait a second time, unless that
+        # timeout was shorter than the exit flush's (a host closing with a short timeout): then what the writer is
+        # still storing gets the rest of the exit flush's time. Nor after an exit flush that ran out of time: where
+        # both hooks are plain ``atexit`` (registered during shutdown), the late one runs first.
+        if self._closed and self._close_waited is not None and not is_disabled() and self.pending:
+            budget = self._settings.flush_timeout if self._settings else 30.0
+            rest, self._close_waited = budget - self._close_waited, None
+            if rest > 0 and not self._flush_wait(rest):
+                log.warning("metatrail: %d events were not stored before exit (flush timeout %.0fs)", self.pending,
+                            budget)
+            return
         if self._closed or is_disabled() or not self._exit_ok:
             return
         self._exit_seen = self._submitted

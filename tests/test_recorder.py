@@ -602,3 +602,29 @@ def test_what_a_process_ending_with_os_exit_hands_off_is_stored_after_it(tmp_pat
     assert sorted(e["eventType"] for e in events) == ["COMPLETE", "START"]
     complete = next(e for e in events if e["eventType"] == "COMPLETE")
     assert complete["outputs"][0]["facets"]["metatrail_artifact"]["size"] == 1536 * 1024 * 1024
+
+
+_CLOSES_SHORT = """
+import sys
+from metatrail.recorder import Recorder
+big = sys.argv[1]
+with open(big, "wb") as f:
+    f.truncate(1536 * 1024 * 1024)  # sparse: seconds of hashing
+recorder = Recorder()
+recorder.execution_finished(recorder.execution_started("p", "big"), outputs=[big])
+recorder.close(timeout=0.2)  # a host that closes with a short timeout, then exits normally
+"""
+
+
+def test_a_close_that_ran_out_of_time_leaves_the_rest_to_the_exit_flush(tmp_path: Path) -> None:
+    """A host closing the Recorder with a short timeout (Parsl's DFK clean-up did) lost what was still being
+    stored: the exit flush skipped a closed Recorder. It now gets the rest of the exit flush's time."""
+    script = tmp_path / "closes.py"
+    script.write_text(_CLOSES_SHORT)
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    env = {**os.environ, "METATRAIL_STORE": store, "METATRAIL_ENERGY": "0", "METATRAIL_FLUSH_TIMEOUT": "60"}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "big.bin")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    with open_store(store) as held:
+        assert sorted(e.body["eventType"] for e in held.iter_events()) == ["COMPLETE", "START"], done.stderr
