@@ -82,6 +82,10 @@ def safe_params(params: Mapping[str, Any] | None, warnings: list[str] | None = N
         if isinstance(value, float) and math.isfinite(value):
             out[name] = value
             continue
+        copied = _small_plain_copy(value)
+        if copied is not None:
+            out[name] = copied  # a few plain values (positional arguments, say): copied without serialising
+            continue
         problem = "is not JSON-serialisable"
         if _surely_too_big(value):
             problem = f"is too large to store whole (JSON limit {MAX_PARAM_JSON:,} characters)"
@@ -109,6 +113,28 @@ _REPR.maxstring = _REPR.maxother = MAX_PARAM_TEXT
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = _REPR.maxdeque = _REPR.maxarray = 50
 _REPR.maxdict = 50
 _REPR.maxlevel = 4
+
+
+def _plain(value: Any) -> bool:
+    kind = type(value)
+    if kind is int:
+        return -_BIG_INT < value < _BIG_INT
+    if kind is str:
+        return len(value) <= 200 and _utf8_clean(value)
+    if kind is float:
+        return math.isfinite(value)
+    return value is None or kind is bool
+
+
+def _small_plain_copy(value: Any) -> list[Any] | dict[str, Any] | None:
+    """A copy of a short list or tuple of plain values (None, bool, int, finite float, short text), or of a short
+    dict of them under text keys; None for anything else (which goes through the JSON check)."""
+    kind = type(value)
+    if kind in (list, tuple) and len(value) <= 16 and all(_plain(v) for v in value):
+        return list(value)
+    if kind is dict and len(value) <= 16 and all(type(k) is str and _plain(v) for k, v in value.items()):
+        return dict(value)
+    return None
 
 
 def _key_text(key: Any) -> str:
