@@ -37,6 +37,7 @@ import reprlib
 import socket
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -250,17 +251,19 @@ class Recorder:
         self._store_failing = False  # the last write failed after its retries: the next gets one attempt
         self._close_waited: float | None = None  # a close() that ran out of time: how long it waited
         self._losses_told = 0  # dropped + failed_writes as of the last flush (flush says whether that grew)
+        # The process-wide hooks below hold this Recorder weakly: a host that makes one per workflow (a Parsl DFK per
+        # ``parsl.load``) must not keep every one alive, with its store and threads, for the life of the process.
         if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._after_fork)
+            os.register_at_fork(after_in_child=_weakly(self, Recorder._after_fork))
         # Flush when the main thread ends (metatrail.exithook), while the writer can still import what it needs.
         # Events reach a configured server (METATRAIL_SERVER) after the local store has them; created before the
         # exit hook below, so the shipper's own exit step runs after the Recorder's exit flush.
-        self._shipper = shipper if shipper is not None else Shipper.lazy(lambda: self.settings)
-        at_exit(self._at_exit)
+        self._shipper = shipper if shipper is not None else Shipper.lazy(_weak_settings(self))
+        at_exit(_weakly(self, Recorder._at_exit))
         # And once more after the threads Python waits for at exit (non-daemon threads, thread pools) have ended:
         # the first flush runs before they are joined, and what they recorded afterwards would be lost with the
         # writer (a daemon thread) at finalisation.
-        atexit.register(self._at_exit_late)
+        atexit.register(_weakly(self, Recorder._at_exit_late))
 
     # -- configuration (lazy) -----------------------------------------------------------------------------------
     @property
@@ -1027,6 +1030,30 @@ class _NoEnergy:
 
     def task_finished(self, token: object) -> dict[str, Any] | None:
         return None
+
+
+def _weak_settings(recorder: Recorder) -> Callable[[], Settings]:
+    """The Recorder's settings for its shipper, which outlives it (its exit drain ships what the Recorder stored)."""
+    ref = weakref.ref(recorder)
+    settings = recorder._settings
+
+    def get() -> Settings:
+        target = ref()
+        return target.settings if target is not None else settings or load_settings()
+
+    return get
+
+
+def _weakly(recorder: Recorder, method: Callable[[Recorder], None]) -> Callable[[], None]:
+    """``method`` of ``recorder`` as a hook that does nothing once the Recorder is gone."""
+    ref = weakref.ref(recorder)
+
+    def hook() -> None:
+        target = ref()
+        if target is not None:
+            method(target)
+
+    return hook
 
 
 class _ForkWaits:

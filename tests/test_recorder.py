@@ -628,3 +628,23 @@ def test_a_close_that_ran_out_of_time_leaves_the_rest_to_the_exit_flush(tmp_path
     assert done.returncode == 0, done.stderr
     with open_store(store) as held:
         assert sorted(e.body["eventType"] for e in held.iter_events()) == ["COMPLETE", "START"], done.stderr
+
+
+def test_a_closed_recorder_is_freed(tmp_path: Path) -> None:
+    """A host that makes a Recorder per workflow (a Parsl DFK per ``parsl.load``) closes each; the process-wide exit
+    and fork hooks must not keep them alive (with their stores and threads) for the life of the process."""
+    import gc
+    import weakref
+
+    refs = []
+    for i in range(3):
+        recorder = Recorder()
+        recorder.execution_finished(recorder.execution_started("p", f"s{i}"))
+        recorder.close()
+        refs.append(weakref.ref(recorder))
+        del recorder
+    deadline = time.monotonic() + 30
+    while any(r() is not None for r in refs) and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.1)  # the writer thread ends once it has nothing left to do
+    assert [r() for r in refs] == [None, None, None]
