@@ -36,11 +36,13 @@ from metatrail.model import Execution, PipelineRun, Status, uuid7_from
 from metatrail.plugins.parsl import compat
 from metatrail.plugins.parsl.worker import (
     CTX_KEY,
-    describe_call,
+    describe_call_or_explain,
     encode_context,
     output_uris,
     register_local_recorder,
+    release_local_recorder,
     tracked,
+    with_warnings,
 )
 
 INTEGRATION = "PARSL"
@@ -228,12 +230,12 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
 
     def _start_here(self, task: Any, attempt: _Try, run: PipelineRun, *, at: float | None = None,
                     extra: dict[str, Any] | None = None) -> Execution:
-        params, inputs, _ = describe_call(task["func"], task["args"], task["kwargs"])
+        params, inputs, _, warnings = describe_call_or_explain(task["func"], task["args"], task["kwargs"])
         execution: Execution = self._recorder.execution_started(
             run.pipeline, task["func_name"], pipeline_run=run, execution_id=attempt.execution_id, inputs=inputs,
             params=params, integration=INTEGRATION, started_at=at if at is not None else attempt.launched_at,
             try_number=attempt.try_id + 1, integration_version=compat.parsl_version(),
-            extra=extra if extra is not None else attempt.extra, measure_energy=False)
+            extra=with_warnings(extra if extra is not None else attempt.extra, warnings), measure_energy=False)
         return execution
 
     def _end_here(self, task: Any, handle: Execution, error: BaseException | None, *,
@@ -245,12 +247,20 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
             self._recorder.execution_failed(handle, error=error, outputs=out)
 
     def _fail_only(self, task: Any, attempt: _Try, error: BaseException | None) -> None:
-        """A FAIL for a try the worker started but could not end (lost worker, unpicklable result)."""
+        """A FAIL for a try that failed outside the app body (lost worker, unpicklable result): the worker recorded
+        no end, or COMPLETE; this FAIL, recorded later, is the try's outcome. It names the call's arguments and
+        input Files as the DFK knows them (the worker's START may have died with it)."""
         assert self._run is not None
+        from metatrail.recorder import safe_params
+
+        params, inputs, _, warnings = describe_call_or_explain(task["func"], task["args"], task["kwargs"])
+        extra = with_warnings(dict(attempt.extra, recorded_by="dfk"), warnings)
         handle = Execution(id=attempt.execution_id, pipeline=self._run.pipeline, stage=task["func_name"],
                            namespace=self._run.namespace, integration=INTEGRATION, pipeline_run_id=self._run.id,
                            started_at=attempt.launched_at, try_number=attempt.try_id + 1,
-                           host_version=compat.parsl_version(), extra=dict(attempt.extra, recorded_by="dfk"))
+                           host_version=compat.parsl_version(), inputs=inputs, extra=extra)
+        # The Recorder makes parameters JSON-safe only at a START; this end is built from the handle as it is.
+        handle.params = safe_params(params, extra.setdefault("_warnings", []))
         self._recorder.execution_failed(handle, error=error or "the try was lost outside the app")
 
     def _close_retried(self, previous: _Try, task: Any) -> None:
@@ -259,7 +269,7 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
             self._ended += 1
         error = _try_error(task.get("exec_fu"))
         if previous.mode == "worker":
-            if compat.is_infrastructure_error(error):
+            if _failed_outside_app(task.get("exec_fu"), error):
                 self._fail_only(task, previous, error)
             return
         self._end_dfk_try(task, previous, error if error is not None else "failed; retried by Parsl")
@@ -297,27 +307,38 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
             self._end_here(task, attempt.handle, error, outputs=False)
             return
         if attempt.mode == "worker":
-            if error is not None and compat.is_infrastructure_error(error):
+            if error is not None and _failed_outside_app(task.get("exec_fu"), error):
                 self._fail_only(task, attempt, error)
             return
         self._end_dfk_try(task, attempt, error)
 
     def _end(self) -> None:
+        """End the pipeline run, wait (at most ``flush_timeout`` in all) for its events, and release the Recorder.
+
+        The Recorder is closed here, so one DFK after another in a process do not pile up recorders; and closed with
+        what is left of ``flush_timeout``, not the short call cap: a closed Recorder skips its exit flush, so events
+        still pending now (ThreadPool tasks whose big inputs are being hashed) would otherwise be lost at exit."""
         rec, settings = self._recorder, self._settings
         if rec is None or settings is None:
             return
-        if self._run is not None:
-            failed, done = compat.failed_task_count(self._dfk)
-            rec.pipeline_run_finished(self._run, status=Status.FAILED if failed else Status.COMPLETED,
-                                      error=f"{failed} of {done} tasks failed" if failed else None)
-        rec.flush(settings.timeout)
-        if self._remote_tries and self._run is not None and not rec.failed_writes:
-            self._wait_for_workers(self._run.id, settings)
-        rec.close(settings.timeout)
+        deadline = time.monotonic() + settings.flush_timeout
+        try:
+            if self._run is not None:
+                failed, done = compat.failed_task_count(self._dfk)
+                rec.pipeline_run_finished(self._run, status=Status.FAILED if failed else Status.COMPLETED,
+                                          error=f"{failed} of {done} tasks failed" if failed else None)
+            rec.flush(min(settings.timeout, settings.flush_timeout))
+            if self._remote_tries and self._run is not None and not rec.failed_writes:
+                self._wait_for_workers(self._run.id, deadline)
+        finally:
+            if self._run is not None:
+                release_local_recorder(self._run.id)
+            rec.close(max(deadline - time.monotonic(), 0.0))
 
-    def _wait_for_workers(self, run_id: str, settings: Settings) -> None:
-        """Wait until the workers' events of this run are in the store: at most ``flush_timeout``, and no longer
-        than :data:`STALL_SECONDS` without progress (workers that write to another store URL never show up here).
+    def _wait_for_workers(self, run_id: str, deadline: float) -> None:
+        """Wait until the workers' events of this run are in the store: until ``deadline`` (``time.monotonic``), and
+        no longer than :data:`STALL_SECONDS` without progress (workers that write to another store URL never show up
+        here).
 
         ``close`` runs before Parsl scales its blocks in, and HTEX then ends workers with SIGTERM, which skips their
         exit flush; a worker's first write also pays its imports (seconds on a busy node). So the DFK checks the
@@ -325,9 +346,9 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         """
         from metatrail.store import open_store
 
-        now = time.monotonic()
-        deadline, last_progress, seen = now + settings.flush_timeout, now, -1
-        store = open_store(settings.store)
+        assert self._settings is not None
+        last_progress, seen = time.monotonic(), -1
+        store = open_store(self._settings.store)
         try:
             while True:
                 run = store.get_run(run_id) or {}
@@ -346,6 +367,18 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
                 time.sleep(0.1)
         finally:
             store.close()
+
+
+def _failed_outside_app(future: Any, error: BaseException | None) -> bool:
+    """Whether a worker try failed where the worker's wrapper could not record it as FAIL.
+
+    An exception of the app body comes back as a *result* (Parsl's ``wrap_error`` returns it wrapped, and the
+    worker records that FAIL); an executor future that holds an exception failed outside the body: a lost worker, a
+    result that could not be serialised back (the worker recorded COMPLETE), a task the executor never ran. Without
+    the future, Parsl's infrastructure error types tell."""
+    if isinstance(future, Future) and future.done():
+        return future.cancelled() or future.exception(timeout=0) is not None
+    return compat.is_infrastructure_error(error)
 
 
 def _try_error(future: Any) -> BaseException | None:

@@ -131,15 +131,20 @@ def user_function(func: Any) -> Any:
 
 
 def _file_like(value: Any) -> Any:
-    """The ``parsl.File`` behind ``value`` (a File or a DataFuture), or None."""
+    """The ``parsl.File`` behind ``value`` (a File or a DataFuture), or None.
+
+    Checked by type, never by looking up an attribute on ``value``: an argument's ``__getattr__`` may raise anything
+    (``class AttrDict(dict): __getattr__ = dict.__getitem__`` raises KeyError)."""
     try:
+        from parsl.app.futures import DataFuture
         from parsl.data_provider.files import File
     except Exception:  # no Parsl here: nothing can be a File
         return None
     if isinstance(value, File):
         return value
-    file_obj = getattr(value, "file_obj", None)  # DataFuture
-    return file_obj if isinstance(file_obj, File) else None
+    if isinstance(value, DataFuture):
+        return value.file_obj if isinstance(value.file_obj, File) else None
+    return None
 
 
 def file_uri(file: Any) -> str:
@@ -222,11 +227,38 @@ def describe_call(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]
     return params, inputs, outputs
 
 
+def describe_call_or_explain(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]
+                             ) -> tuple[dict[str, Any] | None, list[str], list[str], list[str]]:
+    """``(params, inputs, outputs, warnings)``: :func:`describe_call`, or, when the arguments cannot be described,
+    no parameters (None), no files and a warning that says why; the execution is recorded either way."""
+    try:
+        params, inputs, outputs = describe_call(func, args, kwargs)
+    except Exception as exc:
+        _log_once(f"describe:{type(exc).__name__}", "metatrail: cannot describe the arguments of a Parsl task "
+                  "(%s: %s); it is recorded without parameters", type(exc).__name__, exc)
+        return None, [], [], [f"parameters and files not recorded: describing the arguments failed "
+                              f"({type(exc).__name__}: {exc})"]
+    return params, inputs, outputs, []
+
+
+def with_warnings(extra: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
+    """A copy of an execution's ``extra`` carrying ``warnings`` (the Recorder puts them in the record's
+    ``warnings``)."""
+    return {**extra, "_warnings": warnings} if warnings else dict(extra)
+
+
 # -- recording --------------------------------------------------------------------------------------------------
 def register_local_recorder(pipeline_run_id: str, recorder: Any) -> None:
     """Make tasks of this pipeline run that execute in this process (ThreadPool) write through ``recorder``."""
     with _lock:
         _LOCAL_RECORDERS[pipeline_run_id] = recorder
+
+
+def release_local_recorder(pipeline_run_id: str) -> None:
+    """Forget the recorder of a pipeline run that has ended (one DFK after another in a process must not keep every
+    earlier run's recorder alive)."""
+    with _lock:
+        _LOCAL_RECORDERS.pop(pipeline_run_id, None)
 
 
 def worker_settings(settings: Any) -> Any:
@@ -273,7 +305,6 @@ def _recorder_for(ctx: Mapping[str, Any]) -> Any:
 
 
 def _start(func: Any, ctx_value: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-    at = time.time()
     try:
         from metatrail.config import is_disabled
 
@@ -285,14 +316,17 @@ def _start(func: Any, ctx_value: Any, args: Sequence[Any], kwargs: Mapping[str, 
         rec = _recorder_for(ctx)
         if rec is None:
             return None
-        params, inputs, _ = describe_call(func, args, kwargs)
+        params, inputs, _, warnings = describe_call_or_explain(func, args, kwargs)
+        # The start is when the app body is about to run: a fresh worker's first task would otherwise include
+        # metatrail's imports and its Recorder's creation above (tens of ms), which are not the task's time.
+        at = time.time()
         run = PipelineRun(id=ctx["run"], pipeline=ctx["pipeline"], namespace=ctx["namespace"],
                           integration="PARSL", started_at=at)
         execution = rec.execution_started(
             ctx["pipeline"], ctx["stage"], pipeline_run=run, execution_id=ctx["id"], inputs=inputs,
             params=params, integration="PARSL", namespace=ctx["namespace"], started_at=at,
-            try_number=ctx["try"] + 1, integration_version=ctx.get("version"), extra=ctx["extra"],
-            pid=os.getpid(), measure_energy=True)
+            try_number=ctx["try"] + 1, integration_version=ctx.get("version"),
+            extra=with_warnings(ctx["extra"], warnings), pid=os.getpid(), measure_energy=True)
         started = (rec, execution)
         if threading.current_thread() is threading.main_thread():
             _in_flight[:] = [started]

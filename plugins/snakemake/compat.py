@@ -30,6 +30,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from metatrail.plugins.snakemake.guard import WORKDIR_ATTRIBUTE
+
 # Labels Snakemake's ``fmt_iofile`` appends to a path (snakemake/io/fmt.py); a storage phrase may follow a label.
 _ANNOTATION = re.compile(
     r" \((?:pipe|service|nodelocal|update|before update|cached|access: [^()]*|"
@@ -73,7 +75,12 @@ def snakemake_logger() -> logging.Logger | None:
 
 
 def workflow_info(record: Any) -> dict[str, Any]:
-    """What a ``WORKFLOW_STARTED`` record says about the run, with the same keys on every Snakemake 9 release."""
+    """What a ``WORKFLOW_STARTED`` record says about the run, with the same keys on every Snakemake 9 release.
+
+    ``workdir`` is where the workflow runs: the directory :class:`~metatrail.plugins.snakemake.guard.WorkdirStamp`
+    noted when Snakemake logged the record, else this process's now (the same directory: Snakemake changes back
+    only after its loggers stopped). Never the record's ``cwd``: that is the directory before a ``workdir:``
+    directive took effect."""
     snakefile = record_value(record, "snakefile_main") or record_value(record, "snakefile")
     workflow_id = record_value(record, "workflow_id")
     try:
@@ -83,7 +90,7 @@ def workflow_info(record: Any) -> dict[str, Any]:
     return {
         "workflow_id": str(workflow_id) if workflow_id is not None else None,
         "snakefile": os.path.abspath(str(snakefile)) if snakefile else None,
-        "workdir": record_value(record, "cwd") or os.getcwd(),
+        "workdir": record_value(record, WORKDIR_ATTRIBUTE) or os.getcwd(),
         "config_md5": record_value(record, "config_md5"),
         "configfiles": [str(f) for f in record_value(record, "configfiles", None) or []],
         "host": record_value(record, "host") or socket.gethostname(),

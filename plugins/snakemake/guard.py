@@ -16,11 +16,15 @@ The wait is capped (``timeout`` seconds per file); after the cap has been hit ``
 waiting for the rest of the run (at most ``MAX_TIMEOUTS * timeout`` seconds added to a run), and files deleted
 before they were hashed are recorded without a hash (``hashError`` says why) rather than slowing Snakemake down.
 The guard never drops or changes a record.
+
+:class:`WorkdirStamp`, another filter on that logger, notes on the ``WORKFLOW_STARTED`` record the directory the
+workflow really runs in (see there).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +33,7 @@ from metatrail.logsafe import log_once
 
 TEMP_REMOVED = "Removing temporary output "
 SEQ_ATTRIBUTE = "metatrail_seq"
+WORKDIR_ATTRIBUTE = "metatrail_workdir"
 MAX_TIMEOUTS = 3
 
 
@@ -67,6 +72,27 @@ class RecordClock(logging.Filter):
         with (records are processed in order)."""
         with self.cv:
             return self.logged, self.processed_seq
+
+
+class WorkdirStamp(logging.Filter):
+    """Stamps the ``WORKFLOW_STARTED`` record with the process's working directory as Snakemake logs it.
+
+    The record's own ``cwd`` is the directory Snakemake started in (``workflow.workdir_init``), taken before the
+    Snakefile's ``workdir:`` directive changed into another; every relative path of the run is relative to the
+    directory in force once the workflow has started, and only Snakemake's logging thread can read it at that
+    moment (the handler sees the record later, on another thread). Installed with the :class:`RecordClock`; it only
+    adds an attribute."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Stamp a ``WORKFLOW_STARTED`` record. Always True."""
+        try:
+            event = getattr(record, "event", None)
+            if event is not None and str(getattr(event, "value", event)).lower() == "workflow_started":
+                setattr(record, WORKDIR_ATTRIBUTE, os.getcwd())
+        except Exception as exc:  # never between Snakemake and its logger; the tracker reads the directory itself
+            log_once(f"snakemake-workdir:{type(exc).__name__}", "metatrail: cannot note the workflow's directory "
+                     "(%s: %s)", type(exc).__name__, exc)
+        return True
 
 
 class TempFileGuard(logging.Filter):

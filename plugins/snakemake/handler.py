@@ -3,9 +3,10 @@ log queue listener, and that hands every record to a :class:`~metatrail.plugins.
 
 Boundary rules (the host is never disturbed):
 
-* nothing happens at construction but installing a :class:`~metatrail.plugins.snakemake.guard.RecordClock` that
-  numbers records (Snakemake 9.0 builds handlers even in job subprocesses, which never use them); the Recorder is
-  created at the first record, and a configuration error disables the plugin with one message;
+* nothing happens at construction but installing two filters, a :class:`~metatrail.plugins.snakemake.guard.RecordClock`
+  that numbers records and a :class:`~metatrail.plugins.snakemake.guard.WorkdirStamp` that notes the run's directory
+  (Snakemake 9.0 builds handlers even in job subprocesses, which never use them); the Recorder is created at the
+  first record, and a configuration error disables the plugin with one message;
 * ``emit`` never raises: an error is logged once per kind on the ``metatrail`` logger (not Snakemake's, whose records
   would come back here) and the record is dropped;
 * ``emit`` only enqueues: hashing and store writes run on the Recorder's writer thread (in batches, see
@@ -28,7 +29,7 @@ from snakemake_interface_logger_plugins.base import LogHandlerBase
 from metatrail.config import Settings, is_disabled
 from metatrail.logsafe import log_once
 from metatrail.plugins.snakemake import compat
-from metatrail.plugins.snakemake.guard import RecordClock, TempFileGuard
+from metatrail.plugins.snakemake.guard import RecordClock, TempFileGuard, WorkdirStamp
 from metatrail.plugins.snakemake.tracker import DEFAULT_NAMESPACE, WorkflowTracker
 
 # How long the Recorder's writer waits for more events before it stores a batch. Snakemake ends a few dozen jobs a
@@ -62,9 +63,11 @@ class LogHandler(LogHandlerBase):
         # to know which records logged so far the listener thread has not delivered yet.
         self._clock = RecordClock()
         self._clock_installed = False
+        self._workdir_stamp = WorkdirStamp()
         logger = compat.snakemake_logger()
         if logger is not None and not self._inert:
             logger.addFilter(self._clock)
+            logger.addFilter(self._workdir_stamp)
             self._clock_installed = True
 
     # -- capabilities Snakemake asks about ----------------------------------------------------------------------
@@ -129,6 +132,7 @@ class LogHandler(LogHandlerBase):
                 if self._guard is not None:
                     logger.removeFilter(self._guard)
                 logger.removeFilter(self._clock)
+                logger.removeFilter(self._workdir_stamp)
         if first and self._tracker is not None and not is_disabled():
             try:
                 self._tracker.finish()

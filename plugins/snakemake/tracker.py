@@ -44,6 +44,8 @@ from metatrail.plugins.snakemake.guard import TEMP_REMOVED
 INTEGRATION = "SNAKEMAKE"
 DEFAULT_NAMESPACE = "snakemake"
 _USER_INTERRUPT = "on user request"
+# What Snakemake logs when it gives a failed job another try (``--retries``); the job is logged again, same jobid.
+_RESTART = re.compile(r"^Trying to restart job (?P<jobid>\S+?)\.?$")
 # How executors name a submitted job's id in the batch system (cluster-generic; the Slurm executor plugin).
 _EXTERNAL_ID = (
     re.compile(r"^Submitted (?P<group>group )?job (?P<jobid>\S+) with external jobid '(?P<ext>[^']*)'"),
@@ -67,6 +69,14 @@ class _Job:
 
 
 @dataclass
+class _Error:
+    """The text of an ``ERROR`` record, and the job whose failed try it explains once a ``JOB_ERROR`` claimed it."""
+
+    text: str
+    jobid: Any = None
+
+
+@dataclass
 class _RunState:
     """The pipeline run in progress and what the records said about it so far."""
 
@@ -77,12 +87,13 @@ class _RunState:
     workflow_id: str
     workdir: str
     jobs: dict[Any, _Job] = field(default_factory=dict)
-    failed: int = 0
+    # jobid -> error of its last try, for jobs whose last try failed (a job Snakemake restarts leaves it)
+    failed_jobs: dict[Any, str] = field(default_factory=dict)
     finished: int = 0
     saw_job_finished: bool = False
     interrupted: bool = False
-    pending_error: str | None = None  # the last ERROR text, not yet attached to a JOB_ERROR
-    last_error: str | None = None
+    pending_error: _Error | None = None  # the last ERROR, not yet attached to a JOB_ERROR
+    errors: list[_Error] = field(default_factory=list)  # ERRORs in log order, but those of restarted jobs
     temp_removed: dict[str, None] = field(default_factory=dict)  # paths Snakemake deleted as temp(), in order
     producers: dict[str, Any] = field(default_factory=dict)  # output path -> jobid, for jobs still open
     named: dict[str, int] = field(default_factory=dict)  # path -> Recorder submissions made when last named
@@ -132,9 +143,7 @@ class WorkflowTracker:
             elif event == "job_error":
                 self._job_failed(record)
             elif event == "error":
-                if self._state is not None:
-                    text = _message_text(record)
-                    self._state.pending_error = self._state.last_error = text
+                self._error(record)
             elif event == "group_info":
                 self._group = str(compat.record_value(record, "group_id"))
             elif event == "job_started":
@@ -206,9 +215,10 @@ class WorkflowTracker:
             self._processes = None
         if state.interrupted:
             status, error = Status.ABORTED, "Snakemake was interrupted"
-        elif state.failed or aborted or state.last_error:
+        elif state.failed_jobs or aborted or state.errors:
             status = Status.FAILED
-            error = state.last_error or f"{state.failed} job(s) failed, {aborted} did not end"
+            error = state.errors[-1].text if state.errors else (
+                f"{len(state.failed_jobs)} job(s) failed, {aborted} did not end")
         else:
             status, error = Status.COMPLETED, None
         run = state.run
@@ -224,6 +234,7 @@ class WorkflowTracker:
             return
         state.pending_error = None
         jobid = compat.record_value(record, "jobid")
+        self._job_restarted(state, str(jobid))  # a job logged again is tried again, whatever the message said
         rule = str(compat.record_value(record, "rule_name") or "unknown")
         started = float(getattr(record, "created", time.time()))
         outputs = compat.file_list(compat.record_value(record, "output"))
@@ -370,14 +381,31 @@ class WorkflowTracker:
             return
         self._job_ending(job)
         rule_msg = _text(compat.record_value(record, "rule_msg"))
-        error = state.pending_error or rule_msg or f"Error in rule {job.rule}"
+        pending = state.pending_error
+        error = pending.text if pending is not None else rule_msg or f"Error in rule {job.rule}"
+        if pending is not None:
+            pending.jobid = job.jobid
         state.pending_error = None
-        state.failed += 1
+        state.failed_jobs[job.jobid] = error
         self._recorder.execution_failed(
             job.execution, error=error, outputs=_existing(job.logs),
             ended_at=max(float(getattr(record, "created", time.time())), job.started_at),
             exit_code=compat.exit_code(error))
         self._submits += 1
+
+    def _error(self, record: Any) -> None:
+        state = self._state
+        if state is None:
+            return
+        state.pending_error = _Error(_message_text(record))
+        state.errors.append(state.pending_error)
+
+    def _job_restarted(self, state: _RunState, jobid: str) -> None:
+        """Snakemake tries job ``jobid`` again (``--retries``): its failed try stays recorded as FAIL, but it no
+        longer fails the run; a later try that fails again does."""
+        for key in [key for key in state.failed_jobs if str(key) == jobid]:
+            del state.failed_jobs[key]
+        state.errors = [e for e in state.errors if e.jobid is None or str(e.jobid) != jobid]
 
     def _submitted(self, state: _RunState, paths: Iterable[str]) -> None:
         self._submits += 1
@@ -413,6 +441,9 @@ class WorkflowTracker:
             return
         if "submitted" in msg.lower():
             self._external_id(state, msg)
+        restart = _RESTART.match(msg) if msg.startswith("Trying to restart") else None
+        if restart is not None:
+            self._job_restarted(state, restart.group("jobid"))
         if msg.startswith(TEMP_REMOVED):
             state.temp_removed.update(dict.fromkeys(_absolute(_temp_paths(msg), state.workdir)))
         elif _USER_INTERRUPT in msg:

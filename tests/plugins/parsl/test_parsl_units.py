@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from parsl import File
@@ -57,20 +60,26 @@ def test_tracked_call_is_a_transparent_picklable_wrapper() -> None:
     assert CTX_KEY not in kwargs
 
 
-def test_the_context_travels_as_bytes_and_is_recorded_on_the_worker(tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("METATRAIL_WRITER", raising=False)
-    store = os.environ["METATRAIL_STORE"]  # the autouse fixture's store (the worker's environment wins)
-    ctx = {"run": "0192f3a0-0000-7000-8000-000000000000", "pipeline": "units", "namespace": "parsl", "version": "x",
-           "store": store, "hash_cache": str(tmp_path / "hashcache.db"), "id": "0192f3a0-0000-7000-8000-000000000001",
-           "stage": "analyse", "try": 0, "extra": {"parsl_task_id": 1}}
+def _context(tmp_path: Path, stage: str) -> dict[str, Any]:
+    """A task's context as the DFK makes it, for the autouse fixture's store (the worker's environment wins)."""
+    return {"run": "0192f3a0-0000-7000-8000-000000000000", "pipeline": "units", "namespace": "parsl", "version": "x",
+            "store": os.environ["METATRAIL_STORE"], "hash_cache": str(tmp_path / "hashcache.db"),
+            "id": "0192f3a0-0000-7000-8000-000000000001", "stage": stage, "try": 0, "extra": {"parsl_task_id": 1}}
+
+
+def _call_on_worker(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], ctx: dict[str, Any], *,
+                    serialise: bool = True) -> tuple[Any, list[dict[str, Any]]]:
+    """Call ``func`` as an HTEX worker does (through Parsl's serialiser unless ``serialise`` is false, with a
+    Recorder of its own); its result and the events stored."""
     payload = encode_context(ctx)
     assert isinstance(payload, bytes)  # one value for Parsl's (pure-Python) dill pickler, not a dict to walk
-    func, args, kwargs = unpack_apply_message(pack_apply_message(tracked(analyse), (1,), {CTX_KEY: payload}))
+    func, kwargs = tracked(func), {**kwargs, CTX_KEY: payload}
+    if serialise:
+        func, args, kwargs = unpack_apply_message(pack_apply_message(func, args, kwargs))
     recorders = dict(worker._worker_recorders)
     worker._worker_recorders.clear()
     try:
-        assert func(*args, **kwargs) == 2
+        result = func(*args, **kwargs)
         (rec,) = worker._worker_recorders.values()
         assert rec.settings.writer == "thread"  # a worker process writes on a thread, never starts a writer process
         assert rec.flush(30)
@@ -80,10 +89,84 @@ def test_the_context_travels_as_bytes_and_is_recorded_on_the_worker(tmp_path: Pa
         worker._worker_recorders.update(recorders)
     from metatrail.store import open_store
 
-    with open_store(store) as opened:
-        events = [e.body for e in opened.iter_events()]
+    with open_store(ctx["store"]) as opened:
+        return result, [e.body for e in opened.iter_events()]
+
+
+def test_the_context_travels_as_bytes_and_is_recorded_on_the_worker(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("METATRAIL_WRITER", raising=False)
+    ctx = _context(tmp_path, "analyse")
+    result, events = _call_on_worker(analyse, (1,), {}, ctx)
+    assert result == 2
     assert [e["eventType"] for e in events] == ["START", "COMPLETE"]
     assert {e["run"]["runId"] for e in events} == {ctx["id"]}
+
+
+class AttrDict(dict):  # type: ignore[type-arg]
+    """A dict read by attribute, a common idiom: a missing name raises KeyError, not AttributeError."""
+
+    __getattr__ = dict.__getitem__
+
+
+def test_describe_call_never_looks_up_attributes_on_arguments(tmp_path: Path) -> None:
+    from concurrent.futures import Future
+
+    from parsl.app.futures import DataFuture
+
+    produced = DataFuture(Future(), File(str(tmp_path / "made.txt")), tid=7)
+    params, inputs, _ = describe_call(analyse, (AttrDict(lr=0.1),), {"inputs": [produced, AttrDict(k=1)]})
+    assert params == {"data": {"lr": 0.1}, "inputs": [{"k": 1}]}
+    assert inputs == [str(tmp_path / "made.txt")]
+
+
+class Unlistable(list):  # type: ignore[type-arg]
+    """A list that cannot be iterated: an argument no description can get through."""
+
+    def __iter__(self) -> Any:
+        raise RuntimeError("not today")
+
+
+def test_a_call_that_cannot_be_described_is_recorded_without_params_saying_why(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("METATRAIL_WRITER", raising=False)
+    result, events = _call_on_worker(analyse, (1,), {"inputs": Unlistable([1])}, _context(tmp_path, "analyse"),
+                                     serialise=False)  # Parsl cannot pickle it; a ThreadPool task is not pickled
+    assert result == 2  # the task is not affected
+    assert [e["eventType"] for e in events] == ["START", "COMPLETE"]
+    facet = events[0]["run"]["facets"]["metatrail_execution"]
+    assert facet["params"] == {}
+    assert any("RuntimeError: not today" in w for w in facet["warnings"]), facet["warnings"]
+
+
+_FIRST_TASK = """
+import json, os, sys, time
+from metatrail.plugins.parsl.worker import CTX_KEY, _worker_recorders, encode_context, tracked
+def body():
+    return time.time()
+ctx = encode_context(json.loads(sys.argv[1]))
+called = time.time()
+began = tracked(body)(**{CTX_KEY: ctx})
+(rec,) = _worker_recorders.values()
+assert rec.flush(30)
+print(json.dumps({"called": called, "began": began}))
+"""
+
+
+def test_the_first_task_of_a_fresh_worker_starts_after_metatrails_set_up(tmp_path: Path) -> None:
+    # A fresh process imports the recorder and creates it on its first task (tens of ms): not the task's time.
+    ctx = _context(tmp_path, "body")
+    out = subprocess.run([sys.executable, "-c", _FIRST_TASK, json.dumps(ctx)], capture_output=True, text=True,
+                         check=True, env={**os.environ, "METATRAIL_ENERGY": "0"})
+    times = json.loads(out.stdout)
+    from metatrail.store import open_store
+
+    with open_store(ctx["store"]) as opened:
+        (start,) = [e.body for e in opened.iter_events() if e.body["eventType"] == "START"]
+    started = dt.datetime.fromisoformat(start["eventTime"]).timestamp()
+    assert times["called"] <= started <= times["began"]
+    # the set-up lies before the recorded start, and takes longer than what metatrail still does after it
+    assert started - times["called"] > times["began"] - started
 
 
 def test_worker_settings_choose_the_writer_thread_unless_a_process_is_asked_for(

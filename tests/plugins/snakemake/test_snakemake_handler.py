@@ -104,9 +104,11 @@ def test_the_recorder_batches_the_events_of_a_run(tmp_path: Path) -> None:
     assert recorder.pending == 0 and len(read_events()) == 4
 
 
-def test_a_temp_file_deletion_does_not_wait_for_the_writers_linger(tmp_path: Path) -> None:
+def test_a_temp_file_deletion_does_not_wait_for_the_writers_linger(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The temp-file guard waits until the event naming the file is stored; a writer lingering for a fuller batch
     (here far longer than the guard may wait) is flushed, not waited for."""
+    monkeypatch.chdir(tmp_path)  # Snakemake runs in the workflow's directory: its relative paths start there
     recorder = Recorder(load_settings(), linger_s=60.0)
     tracker = WorkflowTracker(lambda: recorder)
     try:

@@ -1,0 +1,76 @@
+"""Real Snakemake runs of two things that change where or how often a job runs: the Snakefile's ``workdir:``
+directive (every path is relative to that directory, not to where Snakemake was started) and ``--retries`` (a
+failed try followed by a successful one: the run succeeded)."""
+
+from __future__ import annotations
+
+import pytest
+from olspec import assert_valid
+from smkrun import Snakemake, by_job, dataset_versions, execution_facet, md5, read_events
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["progress", "quiet"])
+def test_paths_hashes_and_params_follow_the_workdir_directive(snakemake: Snakemake, quiet: bool) -> None:
+    wf = snakemake.workflow("workdir")
+    (wf / "results").mkdir()
+    (wf / "a.txt").write_text("stale, in the launch directory\n")  # what the run must not be confused with
+    result = snakemake.run(wf, "--cores", "1", *(["--quiet"] if quiet else []))
+    assert result.returncode == 0, result.stderr
+    assert "metatrail:" not in result.stderr, result.stderr
+    events = read_events()
+    for event in events:
+        assert_valid(event)
+    jobs = by_job(events)
+    # Under --quiet Snakemake logs no JOB_FINISHED: job ends are inferred from outputs, which must be looked for in
+    # the right directory, or every job of a successful run is ABORTed.
+    assert {name: sorted(e["eventType"] for e in evs) for name, evs in jobs.items()} == {
+        "workdir": ["COMPLETE", "START"],
+        "workdir.a": ["COMPLETE", "START"],
+        "workdir.b": ["COMPLETE", "START"],
+        "workdir.all": ["COMPLETE", "START"],
+    }
+    results = wf / "results"
+    pipeline_start = next(e for e in jobs["workdir"] if e["eventType"] == "START")
+    assert execution_facet(pipeline_start)["extra"]["workdir"] == str(results)
+    a_end = next(e for e in jobs["workdir.a"] if e["eventType"] == "COMPLETE")
+    assert dataset_versions(a_end["outputs"]) == {str(results / "a.txt"): md5(results / "a.txt")}
+    assert execution_facet(a_end)["params"]["params"] == ["7"]  # from the persistence record under results/
+    b_start = next(e for e in jobs["workdir.b"] if e["eventType"] == "START")
+    assert dataset_versions(b_start["inputs"]) == {str(results / "a.txt"): md5(results / "a.txt")}
+    b_end = next(e for e in jobs["workdir.b"] if e["eventType"] == "COMPLETE")
+    assert dataset_versions(b_end["outputs"]) == {str(results / "b.txt"): md5(results / "b.txt")}
+
+
+def _tries(events: list[dict], job: str) -> list[str]:
+    """The end event type of each execution of ``job``, in start order."""
+    ends = {e["run"]["runId"]: e["eventType"] for e in events if e["job"]["name"] == job and e["eventType"] != "START"}
+    starts = sorted((e["eventTime"], e["run"]["runId"]) for e in events
+                    if e["job"]["name"] == job and e["eventType"] == "START")
+    return [ends.get(run_id, "none") for _, run_id in starts]
+
+
+def test_a_job_that_succeeds_on_retry_leaves_the_run_complete(snakemake: Snakemake) -> None:
+    wf = snakemake.workflow("retry")
+    result = snakemake.run(wf, "--cores", "1", "--retries", "1")
+    assert result.returncode == 0, result.stderr
+    assert "Trying to restart job" in result.stderr
+    events = read_events()
+    for event in events:
+        assert_valid(event)
+    assert _tries(events, "retry.flaky") == ["FAIL", "COMPLETE"]  # one execution per try; the failed one stays
+    failed = next(e for e in events if e["job"]["name"] == "retry.flaky" and e["eventType"] == "FAIL")
+    assert execution_facet(failed)["exitCode"] == 3
+    assert [e["eventType"] for e in by_job(events)["retry"]] == ["START", "COMPLETE"]
+    pipeline_end = by_job(events)["retry"][1]
+    assert "errorMessage" not in pipeline_end["run"]["facets"]
+
+
+def test_a_job_that_fails_every_retry_fails_the_run(snakemake: Snakemake) -> None:
+    wf = snakemake.workflow("retry")
+    result = snakemake.run(wf, "--cores", "1", "--retries", "1", "--config", "fails=5")
+    assert result.returncode != 0
+    events = read_events()
+    assert _tries(events, "retry.flaky") == ["FAIL", "FAIL"]
+    pipeline_end = by_job(events)["retry"][1]
+    assert pipeline_end["eventType"] == "FAIL"
+    assert pipeline_end["run"]["facets"]["errorMessage"]["message"]  # Snakemake's last error
