@@ -1,12 +1,15 @@
 """The ``metatrail`` command.
 
 Human output is rich tables; ``--json`` output is stable for scripts. Every error is one line on stderr
-(``metatrail: error: …``) and a non-zero exit status (2 for usage/config/store errors).
+(``metatrail: error: …``) and a non-zero exit status: 2 for usage/config/store errors, 1 when what was asked about
+is not in the store (:class:`NotFound`). ``run`` and ``pipeline`` put the user's command and script first: what
+cannot be recorded there is a warning (``metatrail: warning: …``), never a changed exit status.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -15,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from metatrail import __version__
 from metatrail.errors import ConfigError, MetatrailError
 
 HASH_RE = re.compile(r"^[0-9a-f]{32}(\.dir)?$")
+HASH_LENGTHS = {"md5": 32, "sha256": 64}  # hex digits of a content hash by algorithm
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
@@ -62,6 +66,17 @@ def _parse_time(text: str) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.UTC)
     return moment.timestamp()
+
+
+def _non_negative_int(text: str) -> int:
+    """An argparse type: a count or a depth, never below 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _console() -> Any:
@@ -201,13 +216,32 @@ def _print_energy(console: Any, energy: dict[str, Any]) -> None:
                       f"({carbon.get('intensity_source')}, {carbon.get('intensity_year')}), PUE {carbon.get('pue')}")
 
 
+class NotFound(MetatrailError):
+    """What the command was asked about is not in the store (exit status 1, as ``grep`` finding nothing)."""
+
+
+def _hash_key(target: str) -> str | None:
+    """The artifact key (``md5:…``) ``target`` names as a content hash, or None when it is not one. A target
+    that says it is a hash (``md5:``/``sha256:``) but is malformed is a usage error."""
+    algorithm, sep, value = target.partition(":")
+    if sep and algorithm.lower() in HASH_LENGTHS:
+        value = value.lower()
+        if not re.fullmatch(rf"[0-9a-f]{{{HASH_LENGTHS[algorithm.lower()]}}}(\.dir)?", value):
+            raise ConfigError(f"malformed hash {target!r}: use md5:<32 hex digits>[.dir] or sha256:<64 hex digits>")
+        return f"{algorithm.lower()}:{value}"
+    if HASH_RE.match(target) and not Path(target).exists():
+        return f"md5:{target}"
+    return None
+
+
 def _artifact_keys(store: Any, target: str) -> list[str]:
     from metatrail import hashing
 
-    if target.startswith(("md5:", "sha256:")):
-        return [target]
-    if HASH_RE.match(target) and not Path(target).exists():
-        return [f"md5:{target}"]
+    key = _hash_key(target)
+    if key is not None:
+        if not store.find_artifacts(key=key):
+            raise NotFound(f"no artifact with hash {key} in the store")
+        return [key]
     if "://" not in target and os.path.exists(target):
         ref = hashing.hash_path(target, None)
         if ref.hash is not None:
@@ -251,7 +285,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             return f"[bold]{n['pipeline']}.{n['stage'] or '(pipeline)'}[/] [dim]{n['run_id']}[/] {n['state']}"
         return f"[cyan]{', '.join(n['names'][:3])}[/] [dim]{n.get('hash') or n.get('key', '')}[/]"
 
-    def grow(tree: Any, art: str, depth: int, seen: set[str]) -> None:
+    def branches(tree: Any, art: str, depth: int, seen: set[str]) -> Iterator[tuple[Any, str, int]]:
+        """Add the runs around ``art`` under ``tree``; yield each artifact node still to grow, in order."""
         runs = produced_by.get(art, []) if direction != "downstream" else consumed_by.get(art, [])
         for run in runs:
             branch = tree.add(("produced by " if direction != "downstream" else "read by ") + label(run))
@@ -260,12 +295,24 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             seen.add(run)
             nxt = run_inputs.get(run, []) if direction != "downstream" else run_outputs.get(run, [])
             for a in sorted(nxt):
-                grow(branch.add(label(a)), a, depth - 1, seen)
+                yield branch.add(label(a)), a, depth - 1
+
+    def grow(root: Any, art: str, depth: int) -> None:
+        # Depth first with a stack of generators rather than recursion: a chain of a thousand runs would pass
+        # Python's recursion limit; the order (and so which repeat of a run is expanded) is the recursive one.
+        seen: set[str] = set()
+        stack = [branches(root, art, depth, seen)]
+        while stack:
+            step = next(stack[-1], None)
+            if step is None:
+                stack.pop()
+            else:
+                stack.append(branches(*step, seen))
 
     console = _console()
     for key in keys:
         root = Tree(label(f"artifact:{key}"))
-        grow(root, f"artifact:{key}", args.depth, set())
+        grow(root, f"artifact:{key}", args.depth)
         console.print(root)
     return 0
 
@@ -294,26 +341,90 @@ def cmd_hash(args: argparse.Namespace) -> int:
     return 0 if all(r.hash for r in refs) else 1
 
 
-def cmd_pipeline(args: argparse.Namespace) -> int:
-    from metatrail.model import PipelineRun, Status
+def _warn(message: str) -> None:
+    print(f"metatrail: warning: {message}", file=sys.stderr)
+
+
+def _recorder_or_none(what: str) -> Any:
+    """The process's Recorder with its settings resolved, or None (after one warning) when they cannot be: a bad
+    setting must cost the record, never the user's command or script."""
     from metatrail.recorder import get_recorder
 
-    rec = get_recorder()
+    try:
+        rec = get_recorder()
+        rec.settings  # noqa: B018 -- resolve now, before anything runs, rather than in the writer thread
+    except Exception as exc:
+        _warn(f"{exc}; {what} is not recorded")
+        return None
+    return rec
+
+
+def _run_id(text: str) -> str:
+    """A run id as ``pipeline start`` prints it (a UUID); anything else is a usage error."""
+    import uuid
+
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a run id (a UUID, as 'metatrail pipeline start' prints it)") from None
+    return text
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    """``pipeline start|finish``. Only usage errors fail (exit 2): a run that cannot be recorded is a warning on
+    stderr and exit 0, so that a ``set -e`` script around ``RUN=$(metatrail pipeline start P)`` goes on running."""
+    from metatrail.config import is_disabled
+
     if args.action == "start":
         params = dict(_parse_param(p) for p in args.param or [])
-        run = rec.pipeline_run_started(args.pipeline, params=params, namespace=args.namespace, integration="SHELL")
-        rec.flush(rec.settings.flush_timeout)
-        print(run.id)
+        if is_disabled():
+            from metatrail.model import uuid7
+
+            print(uuid7())  # a fresh id, so that the script's later steps run unchanged; nothing is read or written
+            return 0
+        return _pipeline_start(args, params)
+    run_id = _run_id(args.run_id)
+    if is_disabled():
         return 0
-    with _store(args) as store:
-        row = store.get_run(args.run_id)
+    return _pipeline_finish(args, run_id)
+
+
+def _pipeline_start(args: argparse.Namespace, params: dict[str, Any]) -> int:
+    from metatrail.model import uuid7
+
+    rec = _recorder_or_none("the pipeline run")
+    if rec is None:
+        print(uuid7())
+        return 0
+    run = rec.pipeline_run_started(args.pipeline, params=params, namespace=args.namespace, integration="SHELL")
+    if not rec.flush(rec.settings.flush_timeout):
+        _warn(f"the start of pipeline run {run.id} was not stored (see above); its executions are recorded "
+              "without it and 'pipeline finish' will not find it")
+    print(run.id)
+    return 0
+
+
+def _pipeline_finish(args: argparse.Namespace, run_id: str) -> int:
+    from metatrail.model import PipelineRun, Status
+
+    rec = _recorder_or_none("the end of the pipeline run")
+    if rec is None:
+        return 0
+    try:
+        with _store(args) as store:
+            row = store.get_run(run_id)
+    except MetatrailError as exc:
+        _warn(f"{exc}; the end of pipeline run {run_id} is not recorded")
+        return 0
     if row is None:
-        raise ConfigError(f"no pipeline run {args.run_id!r} in the store")
+        _warn(f"no pipeline run {run_id!r} in the store (was its start stored?); its end is not recorded")
+        return 0
     run = PipelineRun(id=row["run_id"], pipeline=row["pipeline"], namespace=row["namespace"], integration="SHELL",
                       started_at=row["started_at"])
     rec.pipeline_run_finished(run, status=Status(args.status), error=args.error)
-    ok = rec.flush(rec.settings.flush_timeout)
-    return 0 if ok else 1
+    if not rec.flush(rec.settings.flush_timeout):
+        _warn(f"the end of pipeline run {run_id} was not stored (see above)")
+    return 0
 
 
 def _read_metrics(path: str) -> dict[str, Any] | None:
@@ -357,75 +468,201 @@ def _reap(child: subprocess.Popen[bytes]) -> tuple[int, float | None]:
     return child.wait(), None
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Run a command, record it as an execution, return its exit status with its output untouched."""
+def _exit_code(returncode: int) -> int:
+    """The status a POSIX shell reports for the command: its own, or 128 + N when signal N killed it."""
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def _signal_name(signum: int) -> str:
+    """``SIGTERM``, or the number of a signal Python has no name for (``35``: the real-time signals)."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
+
+
+def _cannot_run(command: list[str], exc: OSError) -> tuple[int, str]:
+    """The shell's exit status for a command that could not be started (127 not found, 126 not executable) and
+    why."""
+    code = 127 if isinstance(exc, FileNotFoundError) else 126
+    return code, f"cannot run {command[0]!r}: {exc.strerror or exc}"
+
+
+class _ForegroundSignals:
+    """Signals while the command runs, handled as a shell handles them for a foreground job.
+
+    SIGINT and SIGQUIT come from the terminal, which sends them to the whole process group: the command gets its
+    own, so metatrail only outlives it (to record the result) and forwards nothing. They are caught by a handler
+    that does nothing rather than set to SIG_IGN, because an ignored signal stays ignored in the command after
+    ``exec``, while a caught one is reset to its default there. SIGTERM and SIGHUP sent to metatrail are passed on
+    to the command (a batch system or ``kill`` names metatrail's pid only). A signal that was already ignored when
+    metatrail started (``nohup``, a background job of a script) is left ignored, for the command to inherit.
+    Installed before the command starts, so no signal falls into a gap where metatrail would die without it.
+    """
+
+    IGNORED = (signal.SIGINT, signal.SIGQUIT)
+    FORWARDED = (signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+        self._pid: int | None = None
+        self._pending: list[int] = []
+
+    def __enter__(self) -> _ForegroundSignals:
+        for sig in (*self.IGNORED, *self.FORWARDED):
+            previous = signal.getsignal(sig)
+            if previous == signal.SIG_IGN:
+                continue
+            self._previous[sig] = previous
+            signal.signal(sig, self._swallow if sig in self.IGNORED else self._forward)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._pid = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+
+    def started(self, pid: int) -> None:
+        """The command runs as ``pid``: pass on what arrived while it was being started."""
+        self._pid = pid
+        for sig in self._pending:
+            self._send(sig)
+        self._pending.clear()
+
+    def ended(self) -> None:
+        """The command was reaped: its pid may be reused, so nothing is sent to it any more."""
+        self._pid = None
+
+    def _swallow(self, _signum: int, _frame: Any) -> None:
+        return None
+
+    def _forward(self, signum: int, _frame: Any) -> None:
+        if self._pid is None:
+            self._pending.append(signum)
+        else:
+            self._send(signum)
+
+    def _send(self, signum: int) -> None:
+        if self._pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+            os.kill(self._pid, signum)
+
+
+def _run_unrecorded(command: list[str]) -> int:
+    """Run the command as a shell would, recording nothing (kill switch, or settings that cannot be read)."""
+    with _ForegroundSignals() as signals:
+        try:
+            child = subprocess.Popen(command)
+        except OSError as exc:
+            code, reason = _cannot_run(command, exc)
+            print(f"metatrail: {reason}", file=sys.stderr)
+            return code
+        signals.started(child.pid)
+        returncode, _ = _reap(child)
+        signals.ended()
+    return _exit_code(returncode)
+
+
+def _command_of(args: argparse.Namespace) -> list[str]:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
         raise ConfigError("no command given: metatrail run [options] -- CMD ARGS...")
-    from metatrail import hashing
-    from metatrail.config import is_disabled
-    from metatrail.logsafe import log_once
-    from metatrail.model import ArtifactRef, PipelineRun
-    from metatrail.recorder import get_recorder, safe_params
+    return command
 
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a command, record it as an execution, return its exit status with its output untouched."""
+    from metatrail.config import is_disabled
+
+    command = _command_of(args)
+    params = dict(_parse_param(p) for p in args.param or [])
     if is_disabled():
-        return subprocess.call(command)
-    rec = get_recorder()
-    params = safe_params(dict(_parse_param(p) for p in args.param or []))
+        return _run_unrecorded(command)
+    rec = _recorder_or_none("the command")
+    if rec is None:
+        return _run_unrecorded(command)
+    return _run_recorded(rec, command, args, params)
+
+
+def _hash_inputs(rec: Any, paths: list[str]) -> list[Any]:
+    """The inputs' hashes, taken before the command can change them; none when hashing fails."""
+    from metatrail import hashing
+    from metatrail.logsafe import log_once
+
+    try:
+        cache = hashing.HashCache(rec.settings.hash_cache)
+        try:
+            return [hashing.hash_path(p, cache) for p in paths]
+        finally:
+            cache.close()
+    except Exception as exc:  # recording must never stop the command
+        log_once("run-hash", "metatrail: could not hash inputs: %s", exc)
+        return []
+
+
+def _run_recorded(rec: Any, command: list[str], args: argparse.Namespace, params: dict[str, Any]) -> int:
+    from metatrail.model import PipelineRun
+    from metatrail.recorder import safe_params
+
+    settings = rec.settings
     parent_id = args.pipeline_run or os.environ.get("METATRAIL_PIPELINE_RUN")
     parent = None
     if parent_id:
-        parent = PipelineRun(id=parent_id, pipeline=args.pipeline, namespace=args.namespace or rec.settings.namespace,
+        parent = PipelineRun(id=parent_id, pipeline=args.pipeline, namespace=args.namespace or settings.namespace,
                              integration="SHELL")
-    # Inputs are hashed before the command can change them.
-    inputs: list[ArtifactRef] = []
-    try:
-        cache = hashing.HashCache(rec.settings.hash_cache)
-        inputs = [hashing.hash_path(p, cache) for p in args.input or []]
-        cache.close()
-    except Exception as exc:  # recording must never stop the command
-        log_once("run-hash", "metatrail: could not hash inputs: %s", exc)
+    start = {"pipeline_run": parent, "inputs": _hash_inputs(rec, args.input or []), "params": safe_params(params),
+             "integration": "SHELL", "namespace": args.namespace}
     started = time.time()
+    with _ForegroundSignals() as signals:
+        try:
+            child = subprocess.Popen(command)
+        except OSError as exc:
+            code, reason = _cannot_run(command, exc)
+            ex = rec.execution_started(args.pipeline, args.stage, started_at=started, measure_energy=False, **start)
+            rec.execution_failed(ex, error=reason, exit_code=code)
+            _flush_or_warn(rec)
+            print(f"metatrail: {reason}", file=sys.stderr)
+            return code
+        signals.started(child.pid)
+        processes = _command_processes(child.pid)
+        ex = rec.execution_started(args.pipeline, args.stage, started_at=started, pid=child.pid,
+                                   extra={"command": command}, energy_source=processes, **start)
+        returncode, cpu_s = _reap(child)
+        signals.ended()
+    exit_code = _exit_code(returncode)
     try:
-        child = subprocess.Popen(command)
-    except OSError as exc:
-        ex = rec.execution_started(args.pipeline, args.stage, pipeline_run=parent, inputs=inputs, params=params,
-                                   integration="SHELL", namespace=args.namespace, started_at=started,
-                                   measure_energy=False)
-        rec.execution_failed(ex, error=f"cannot run {command[0]!r}: {exc.strerror or exc}", exit_code=127)
-        rec.flush(rec.settings.flush_timeout)
-        print(f"metatrail: cannot run {command[0]!r}: {exc.strerror or exc}", file=sys.stderr)
-        return 127 if isinstance(exc, FileNotFoundError) else 126
-    processes = _command_processes(child.pid)
-    ex = rec.execution_started(args.pipeline, args.stage, pipeline_run=parent, inputs=inputs, params=params,
-                               integration="SHELL", namespace=args.namespace, started_at=started, pid=child.pid,
-                               extra={"command": command}, energy_source=processes)
+        _record_end(rec, args, ex, (child.pid, processes), returncode, cpu_s)
+    except KeyboardInterrupt:
+        _warn("interrupted while storing the record; it may be incomplete")
+    return exit_code
 
-    def forward(signum: int, _frame: Any) -> None:
-        child.send_signal(signum)
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, forward)
-    returncode, cpu_s = _reap(child)
+def _record_end(rec: Any, args: argparse.Namespace, ex: Any, tree: tuple[int, Any], returncode: int,
+                cpu_s: float | None) -> None:
+    """Record how the command ended; ``tree``: its pid and the energy monitor's view of its processes."""
+    pid, processes = tree
     if processes is not None:
         # The exact CPU time of the whole tree, even if it ended between two energy samples.
-        processes.exited(child.pid, cpu_s)
+        processes.exited(pid, cpu_s)
         processes.close()
-    exit_code = returncode if returncode >= 0 else 128 - returncode
     ended = time.time()
     metrics = _read_metrics(args.metrics_file) if args.metrics_file else None
     if returncode == 0:
         rec.execution_finished(ex, outputs=args.output or [], ended_at=ended, exit_code=0, metrics=metrics)
     else:
         reason = (f"command exited with status {returncode}" if returncode > 0
-                  else f"command killed by signal {signal.Signals(-returncode).name}")
+                  else f"command killed by signal {_signal_name(-returncode)}")
         rec.execution_finished(ex, status="failed", error=reason, outputs=args.output or [], ended_at=ended,
-                               exit_code=exit_code, metrics=metrics)
+                               exit_code=_exit_code(returncode), metrics=metrics)
+    _flush_or_warn(rec)
+
+
+def _flush_or_warn(rec: Any) -> None:
     if not rec.flush(rec.settings.flush_timeout):
-        print("metatrail: warning: the record was not stored within the flush timeout", file=sys.stderr)
-    return exit_code
+        _warn("the record was not stored (the store failed or the flush timeout passed; see above)")
 
 
 # -- parser -------------------------------------------------------------------------------------------------------
@@ -450,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", choices=["running", "completed", "failed", "aborted", "unknown"])
     p.add_argument("--kind", choices=["execution", "pipeline_run", "run"])
     p.add_argument("--since", help="ISO time or age (2h, 7d)")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=_non_negative_int, default=50)
     p = add("show", cmd_show, "one run with its inputs, outputs, parameters")
     p.add_argument("run_id")
     p = add("lineage", cmd_lineage, "lineage of an artifact (a path, URL or content hash)")
@@ -459,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--upstream", action="store_true", help="what produced it (default)")
     g.add_argument("--downstream", action="store_true", help="what consumed it")
     g.add_argument("--both", action="store_true")
-    p.add_argument("--depth", type=int, default=10, help="run hops (default 10)")
+    p.add_argument("--depth", type=_non_negative_int, default=10, help="run hops (default 10)")
     p = add("export", cmd_export, "export events", json_=False)
     p.add_argument("format", choices=["openlineage"], help="openlineage: JSON Lines on stdout")
     p.add_argument("--pipeline")
@@ -510,6 +747,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args)
         return result
+    except NotFound as exc:
+        print(f"metatrail: error: {exc}", file=sys.stderr)
+        return 1
     except MetatrailError as exc:
         print(f"metatrail: error: {exc}", file=sys.stderr)
         return 2

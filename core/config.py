@@ -19,11 +19,15 @@ process, so that the work holds none of the host's GIL), or ``auto``: a thread, 
 recorded ``PROCESS_AFTER_EVENTS`` events (busy hosts; a short-lived process never pays the child's start-up).
 
 The config file is ``$METATRAIL_CONFIG`` or ``config.toml`` inside the ``.metatrail`` directory found by walking up
+from the working directory. A relative path in it (an ``sqlite:///`` store, ``hash_cache``) is taken from the project
+root, the directory that holds ``.metatrail`` (for a file elsewhere: from the file's directory), so that every
+working directory of the project finds the same store; relative paths in the environment or in arguments are taken
 from the working directory.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -93,8 +97,8 @@ def _coerce(name: str, value: Any) -> Any:
             number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"setting '{name}' must be a number of seconds, got {value!r}") from None
-        if number <= 0:
-            raise ConfigError(f"setting '{name}' must be positive, got {value!r}")
+        if not math.isfinite(number) or number <= 0:
+            raise ConfigError(f"setting '{name}' must be a positive, finite number of seconds, got {value!r}")
         return number
     if name == "energy":
         if isinstance(value, bool):
@@ -127,6 +131,27 @@ def _read_file(path: Path) -> dict[str, Any]:
     return section
 
 
+def _file_root(config: Path) -> Path:
+    """The directory relative paths in ``config`` are taken from: the project root for ``.metatrail/config.toml``
+    (the directory holding ``.metatrail``), else the directory of the file."""
+    directory = config.resolve().parent
+    return directory.parent if directory.name == STORE_DIR_NAME else directory
+
+
+def _from_file(name: str, value: Any, root: Path | None) -> Any:
+    """A config file's value, with a relative SQLite store or hash cache path made absolute from ``root``: the
+    file belongs to a project, and the same store must be found from any working directory in it."""
+    if root is None or not isinstance(value, str):
+        return value
+    if name == "store" and value.startswith("sqlite:///"):
+        path = value[len("sqlite:///") :]
+        if path and path != ":memory:" and not os.path.isabs(path):
+            return f"sqlite:///{root / path}"
+    if name == "hash_cache" and value and not os.path.isabs(os.path.expanduser(value)):
+        return str(root / value)
+    return value
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Resolve settings: ``overrides`` (arguments) > config file > environment > defaults."""
     known = {f.name for f in fields(Settings)} - {"extra"}
@@ -136,12 +161,10 @@ def load_settings(**overrides: Any) -> Settings:
             values[name] = os.environ[var]
     store_dir = find_store_dir()
     config_path = os.environ.get("METATRAIL_CONFIG")
-    file_values: dict[str, Any] = {}
-    if config_path:
-        file_values = _read_file(Path(config_path))
-    elif store_dir is not None:
-        file_values = _read_file(store_dir / "config.toml")
-    values.update({k: v for k, v in file_values.items() if k in known})
+    config = Path(config_path) if config_path else store_dir / "config.toml" if store_dir is not None else None
+    if config is not None:
+        root = _file_root(config)
+        values.update({k: _from_file(k, v, root) for k, v in _read_file(config).items() if k in known})
     values.update({k: v for k, v in overrides.items() if v is not None and k in known})
     unknown = set(overrides) - known
     if unknown:

@@ -35,7 +35,6 @@ import stat as statmod
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import unquote, urlsplit
@@ -60,7 +59,7 @@ HASH_NAME = "md5"
 # 1 MiB keeps the buffer in L2/L3 while each read is still large enough that hashlib drops the GIL and syscall
 # overhead is negligible; 4 and 8 MiB measured the same on a 1 GB file.
 _BUFFER_SIZE = 1 << 20
-# Files above this go to a thread pool when a directory holds several of them; hashlib and read() release the
+# Files above this go to hashing threads when a directory holds several of them; hashlib and read() release the
 # GIL, so threads scale over cores. The same cut-off dvc-data uses.
 _LARGE_FILE = 1 << 20
 _MAX_HASH_THREADS = 8
@@ -435,7 +434,7 @@ def _walk(top: str) -> Iterator[_Entry]:
                 entries = list(it)
         except OSError as exc:
             raise _error(exc, rel.rstrip("/") or ".") from exc
-        if rel and any(e.name == _DVC_DIR for e in entries):
+        if rel and any(e.name == _DVC_DIR and _is_real_dir(e) for e in entries):
             continue  # a nested DVC repository: DVC leaves sub-repos out of the parent's directories
         for entry in entries:
             name = entry.name
@@ -462,6 +461,15 @@ def _walk(top: str) -> Iterator[_Entry]:
             yield _Entry(relpath, entry.path, st)
 
 
+def _is_real_dir(entry: os.DirEntry[str]) -> bool:
+    """A directory, not a symlink to one: what DVC takes for a nested repository's ``.dvc`` (a ``.dvc`` *file* is
+    an ordinary file to it)."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
 def _error(exc: OSError, relpath: str) -> HashError:
     reason = _reason(exc)
     return HashError(f"{reason}: {relpath!r}", reason)
@@ -482,7 +490,7 @@ def _collect(top: str, cache: HashCache | None) -> tuple[list[dict[str, str]], i
             todo.append(item)
 
     fresh: list[tuple[str, os.stat_result, str]] = []
-    # closing(): on an error, shut the thread pool down now rather than whenever the generator is collected.
+    # closing(): on an error, stop the hashing threads now rather than whenever the generator is collected.
     with contextlib.closing(_hash_all(todo)) as results:
         for item, done in zip(todo, results, strict=True):
             if done.md5 is None or done.st is None:
@@ -497,17 +505,59 @@ def _collect(top: str, cache: HashCache | None) -> tuple[list[dict[str, str]], i
 
 
 def _hash_all(items: list[_Entry]) -> Generator[_Hashed, None, None]:
-    """Hash files in order; big ones in a thread pool when there are several, like dvc-data."""
+    """Hash files in order; big ones on several threads when there are several, like dvc-data."""
     large = sum(1 for i in items if i.st.st_size > _LARGE_FILE)
     workers = min(_MAX_HASH_THREADS, os.cpu_count() or 1)
     if large < 2 or workers < 2:
         yield from (_hash_regular_file(i.path) for i in items)
         return
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="metatrail-hash")
+    yield from _hash_on_threads([i.path for i in items], workers)
+
+
+def _hash_on_threads(paths: list[str], workers: int) -> Generator[_Hashed, None, None]:
+    """Hash ``paths`` on ``workers`` daemon threads; the results in the order of ``paths``.
+
+    Threads of our own rather than a ``concurrent.futures`` pool: at interpreter exit ``concurrent.futures`` joins
+    its worker threads, which first hash every file already queued, so a process that ended while a large directory
+    was being hashed (by a Recorder's writer, given up after the flush timeout) waited for the whole directory.
+    Daemon threads hold no exit. When the caller stops early (an error, ``close()``), files not started are skipped.
+    """
+    results: dict[int, _Hashed] = {}
+    ready = threading.Condition()
+    stop = threading.Event()
+    todo = iter(range(len(paths)))
+
+    def work() -> None:
+        while not stop.is_set():
+            with ready:
+                index = next(todo, None)
+            if index is None:
+                return
+            outcome = _hash_or_reason(paths[index])
+            with ready:
+                results[index] = outcome
+                ready.notify_all()
+
+    for _ in range(min(workers, len(paths))):
+        threading.Thread(target=work, name="metatrail-hash", daemon=True).start()
     try:
-        yield from pool.map(_hash_regular_file, [i.path for i in items])
+        for index in range(len(paths)):
+            with ready:
+                while index not in results:
+                    ready.wait()
+                outcome = results.pop(index)
+            yield outcome
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # on an early stop, files not yet started are skipped
+        stop.set()
+
+
+def _hash_or_reason(path: str) -> _Hashed:
+    """:func:`_hash_regular_file`, with an unexpected error as the reason: a worker thread that died would leave
+    its file's result missing and the caller waiting for it."""
+    try:
+        return _hash_regular_file(path)
+    except Exception as exc:
+        return _Hashed(None, None, f"unreadable ({type(exc).__name__}: {exc})")
 
 
 def _manifest_md5(entries: list[dict[str, str]]) -> str:

@@ -119,12 +119,12 @@ _REPR.maxlevel = 4
 def _plain(value: Any) -> bool:
     kind = type(value)
     if kind is int:
-        return -_BIG_INT < value < _BIG_INT
+        return bool(-_BIG_INT < value < _BIG_INT)
     if kind is str:
         return len(value) <= 200 and _utf8_clean(value)
     if kind is float:
         return math.isfinite(value)
-    return value is None or kind is bool
+    return bool(value is None or kind is bool)
 
 
 def _small_plain_copy(value: Any) -> list[Any] | dict[str, Any] | None:
@@ -815,7 +815,8 @@ class Recorder:
         if stats is None:
             return refs if since is None else _unless_modified_since(refs, since)
         for ref, before in zip(refs, stats, strict=False):
-            if ref.hash is None or ref.namespace != "file" or ref.kind not in ("file", "directory"):
+            if before == _NOT_CHECKED or ref.hash is None or ref.namespace != "file" or \
+                    ref.kind not in ("file", "directory"):
                 continue
             if before is None:
                 ref.hash, ref.hash_error = None, "created after it was recorded: " + reason
@@ -916,14 +917,15 @@ def _merged_warnings(known: list[str] | None, new: list[str]) -> list[str]:
     return list(known or ()) + [w for w in new if w not in (known or ())]
 
 
+_NOT_CHECKED: StatKey = (-1, -1, -1, -1)  # not a local path (a remote URL, an artifact given already hashed)
 _CHANGED_SINCE_START = "modified after the task started: the content it read is unknown"
 _CHANGED_SINCE_END = "modified after the task ended: its content then is unknown"
 
 
 def _as_recorded(paths: Iterable[PathLike]) -> tuple[list[PathLike], list[StatKey | None] | None, str | None]:
-    """Paths as recorded now: the list, the stat of each local path (None for remote URIs, artifacts given already
-    hashed, and paths that do not exist), and the working directory that relative paths are relative to (the writer
-    hashes later, when the host may have changed directory)."""
+    """Paths as recorded now: the list, the stat of each local path (None for a path that does not exist,
+    :data:`_NOT_CHECKED` for remote URIs and artifacts given already hashed), and the working directory that
+    relative paths are relative to (the writer hashes later, when the host may have changed directory)."""
     out = list(paths)
     if not out:
         return out, None, None
@@ -939,7 +941,7 @@ def _as_recorded(paths: Iterable[PathLike]) -> tuple[list[PathLike], list[StatKe
             if isinstance(text, str) and "://" not in text and not text.startswith("file:"):
                 local = text
                 relative = relative or not os.path.isabs(text)
-        stats.append(_stat_key(local) if local is not None else None)
+        stats.append(_stat_key(local) if local is not None else _NOT_CHECKED)
     try:
         cwd = os.getcwd() if relative else None
     except OSError:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -151,3 +154,173 @@ def test_init_creates_a_store_directory(tmp_path: Path) -> None:
     status = subprocess.run([*METATRAIL, "status", "--json"], cwd=sub, env=env, capture_output=True, text=True)
     assert json.loads(status.stdout)["executions"] == 1  # found by walking up from deep/er
     assert not (sub / ".metatrail").exists()
+
+
+# -- `metatrail run`: signals, settings, the kill switch ---------------------------------------------------------
+def _runs(cwd: Path) -> list[dict[str, object]]:
+    result: list[dict[str, object]] = json.loads(mt("runs", "--json", cwd=cwd).stdout)
+    return result
+
+
+def test_a_command_killed_by_a_realtime_signal_gets_the_shells_exit_code(tmp_path: Path) -> None:
+    signum = signal.SIGRTMIN + 1  # no name in Python's signal.Signals
+    shell = subprocess.run(["sh", "-c", f"sh -c 'kill -{signum} $$'; echo $?"], capture_output=True, text=True)
+    result = mt("run", "--pipeline", "p", "--stage", "s", "--", "sh", "-c", f"kill -{signum} $$", cwd=tmp_path,
+                check=False, env={"METATRAIL_ENERGY": "0"})
+    assert (result.returncode, result.stderr) == (int(shell.stdout), "")
+    detail = json.loads(mt("show", str(_runs(tmp_path)[0]["run_id"]), "--json", cwd=tmp_path).stdout)
+    assert detail["state"] == "failed" and detail["error"] == f"command killed by signal {signum}"
+    assert detail["facets"]["metatrail_execution"]["exitCode"] == 128 + signum
+
+
+COUNT_SIGINTS = """
+import signal, sys, time
+count = 0
+def count_it(signum, frame):
+    global count
+    count += 1
+signal.signal(signal.SIGINT, count_it)
+print("ready", flush=True)
+deadline = time.time() + 1.5
+while time.time() < deadline:
+    time.sleep(0.05)
+print(count, flush=True)
+"""
+
+
+def _as_terminal_job(args: list[str], cwd: Path, signum: int) -> tuple[int, str]:
+    """Run ``args`` in a process group of its own, as a shell runs a foreground job, and send ``signum`` to the
+    whole group once the command says it is ready, as the terminal does on Ctrl-C or Ctrl-\\."""
+    env = {**os.environ, "METATRAIL_ENERGY": "0"}
+    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    os.killpg(proc.pid, signum)
+    out = proc.stdout.read()
+    return proc.wait(timeout=60), out
+
+
+def test_one_ctrl_c_reaches_the_command_once_and_the_run_is_recorded(tmp_path: Path) -> None:
+    code, out = _as_terminal_job([*METATRAIL, "run", "--pipeline", "p", "--stage", "s", "--",
+                                  sys.executable, "-c", COUNT_SIGINTS], tmp_path, signal.SIGINT)
+    assert (code, out.strip()) == (0, "1")  # the command's own SIGINT only: none forwarded on top
+    assert [r["state"] for r in _runs(tmp_path)] == ["completed"]
+
+
+def test_ctrl_backslash_kills_the_command_and_metatrail_records_it(tmp_path: Path) -> None:
+    wait = "import time; print('ready', flush=True); time.sleep(60)"
+    code, _ = _as_terminal_job([*METATRAIL, "run", "--pipeline", "p", "--stage", "s", "--",
+                                sys.executable, "-c", wait], tmp_path, signal.SIGQUIT)
+    assert code == 128 + signal.SIGQUIT
+    detail = json.loads(mt("show", str(_runs(tmp_path)[0]["run_id"]), "--json", cwd=tmp_path).stdout)
+    assert detail["error"] == "command killed by signal SIGQUIT"
+
+
+@pytest.mark.parametrize("parent", [None, "0190a5c4-0000-7000-8000-000000000000"])
+def test_a_bad_setting_runs_the_command_unrecorded_with_its_exit_code(tmp_path: Path, parent: str | None) -> None:
+    env = {"METATRAIL_TIMEOUT": "abc", **({"METATRAIL_PIPELINE_RUN": parent} if parent else {})}
+    result = mt("run", "--pipeline", "p", "--stage", "s", "--", sys.executable, "-c",
+                "open('ran', 'w').close(); raise SystemExit(3)", cwd=tmp_path, check=False, env=env)
+    assert result.returncode == 3 and (tmp_path / "ran").exists()
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("metatrail: warning: setting 'timeout'")
+    assert not (tmp_path / ".metatrail" / "metatrail.db").exists()
+
+
+def test_the_kill_switch_covers_pipeline_start_and_finish(tmp_path: Path) -> None:
+    (tmp_path / ".metatrail").mkdir()
+    (tmp_path / ".metatrail" / "config.toml").write_text("[metatrail\nnot toml")  # never read when disabled
+    env = {"METATRAIL_DISABLED": "1"}
+    run_id = mt("pipeline", "start", "P", cwd=tmp_path, env=env).stdout.strip()
+    assert uuid.UUID(run_id).version == 7
+    finish = mt("pipeline", "finish", run_id, cwd=tmp_path, env=env)
+    assert (finish.stdout, finish.stderr) == ("", "")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == [".metatrail", "config.toml"]
+
+
+def test_the_kill_switch_maps_a_command_that_cannot_run_as_the_shell_does(tmp_path: Path) -> None:
+    (tmp_path / "not-executable").write_text("echo hi\n")
+    for command, code in (("/nonexistent/cmd", 127), (str(tmp_path / "not-executable"), 126)):
+        enabled = mt("run", "--pipeline", "p", "--stage", "s", "--", command, cwd=tmp_path, check=False)
+        disabled = mt("run", "--pipeline", "p", "--stage", "s", "--", command, cwd=tmp_path, check=False,
+                      env={"METATRAIL_DISABLED": "1"})
+        assert enabled.returncode == disabled.returncode == code
+        assert disabled.stderr == enabled.stderr and disabled.stderr.startswith("metatrail: cannot run")
+    assert [r["error"] for r in _runs(tmp_path)] == [
+        f"cannot run {str(tmp_path / 'not-executable')!r}: Permission denied",
+        "cannot run '/nonexistent/cmd': No such file or directory"]
+
+
+def test_a_shell_pipeline_goes_on_when_its_records_cannot_be_stored(tmp_path: Path) -> None:
+    """``pipeline start|finish`` say on stderr what was not stored but never stop a ``set -e`` script."""
+    (tmp_path / "blocker").write_text("a regular file where the store's directory should be")
+    mtc = " ".join(shlex.quote(a) for a in METATRAIL)
+    script = (f"set -e\nRUN=$({mtc} pipeline start P)\n{mtc} run --pipeline P --stage s -- true\n"
+              f"{mtc} pipeline finish \"$RUN\"\necho \"reached the end with $RUN\"\n")
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "METATRAIL_STORE": f"sqlite:///{tmp_path / 'blocker' / 'm.db'}",
+                                 "METATRAIL_ENERGY": "0", "METATRAIL_FLUSH_TIMEOUT": "5"})
+    assert result.returncode == 0, result.stderr
+    run_id = result.stdout.split()[-1]
+    assert uuid.UUID(run_id)
+    assert f"the start of pipeline run {run_id} was not stored" in result.stderr
+    assert f"the end of pipeline run {run_id} is not recorded" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_finishing_an_unknown_pipeline_run_is_a_warning(tmp_path: Path) -> None:
+    run_id = "0190a5c4-0000-7000-8000-000000000000"
+    result = mt("pipeline", "finish", run_id, cwd=tmp_path, check=False)
+    assert result.returncode == 0
+    assert result.stderr == (f"metatrail: warning: no pipeline run {run_id!r} in the store (was its start stored?); "
+                             "its end is not recorded\n")
+
+
+def test_a_malformed_run_id_is_a_usage_error(tmp_path: Path) -> None:
+    result = mt("pipeline", "finish", "not-a-run", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and result.stderr.startswith("metatrail: error: 'not-a-run' is not a run id")
+
+
+# -- queries: bad input ------------------------------------------------------------------------------------------
+def test_a_store_path_below_a_regular_file_is_one_clear_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    result = mt("runs", "--store", f"sqlite:///{tmp_path / 'file' / 'x.db'}", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"metatrail: error: cannot create the directory of store file {tmp_path}")
+
+
+@pytest.mark.parametrize("args", [["runs", "--limit", "-1"], ["lineage", "x", "--depth", "-3"]])
+def test_negative_counts_are_refused(tmp_path: Path, args: list[str]) -> None:
+    result = mt(*args, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "must be 0 or more" in result.stderr
+
+
+def test_lineage_of_a_malformed_or_unknown_hash(tmp_path: Path, pipeline: dict[str, str]) -> None:
+    malformed = mt("lineage", "md5:zz", cwd=tmp_path, check=False)
+    assert malformed.returncode == 2 and malformed.stderr.startswith("metatrail: error: malformed hash 'md5:zz'")
+    unknown = "0" * 32
+    for target in (unknown, f"md5:{unknown}"):
+        result = mt("lineage", target, cwd=tmp_path, check=False)
+        assert (result.returncode, result.stdout) == (1, "")
+        assert result.stderr == f"metatrail: error: no artifact with hash md5:{unknown} in the store\n"
+    known = mt("lineage", f"MD5:{md5_file(tmp_path / 'sorted.txt').upper()}", "--json", cwd=tmp_path)
+    assert {n["stage"] for n in json.loads(known.stdout)["nodes"] if n["type"] == "run"} == {"sort"}
+
+
+def test_human_lineage_of_a_long_chain(tmp_path: Path) -> None:
+    """A chain deeper than Python's recursion limit prints as a tree, as ``--json`` gives it."""
+    from metatrail.recorder import Recorder
+
+    length = 1100
+    rec = Recorder()
+    (tmp_path / "f0").write_text("0")
+    for i in range(length):
+        ex = rec.execution_started("chain", f"s{i}", inputs=[str(tmp_path / f"f{i}")])
+        (tmp_path / f"f{i + 1}").write_text(str(i + 1))
+        rec.execution_finished(ex, outputs=[str(tmp_path / f"f{i + 1}")])
+    assert rec.flush(120)
+    rec.close()
+    result = mt("lineage", f"f{length}", "--depth", str(length + 5), cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stderr[-500:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(str(tmp_path / f"f{length}")) and "produced by chain.s1099 " in lines[1]
+    assert "produced by chain.s1090 " in result.stdout and result.stderr == ""

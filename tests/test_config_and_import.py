@@ -35,10 +35,36 @@ def test_default_store_is_found_by_walking_up(tmp_path: Path, monkeypatch: pytes
     assert settings.hash_cache == str(tmp_path / ".metatrail" / "hashcache.db")
 
 
-@pytest.mark.parametrize("name,value", [("timeout", "soon"), ("timeout", "-1"), ("energy", "maybe")])
+@pytest.mark.parametrize("name,value", [("timeout", "soon"), ("timeout", "-1"), ("energy", "maybe"),
+                                        ("timeout", "nan"), ("flush_timeout", "inf")])
 def test_bad_values_are_named(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         load_settings(**{name: value})
+
+
+def test_relative_paths_in_the_project_config_are_taken_from_the_project_root(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every working directory of a project finds the one store its ``.metatrail/config.toml`` names."""
+    monkeypatch.delenv("METATRAIL_STORE")
+    monkeypatch.delenv("METATRAIL_HASH_CACHE")
+    (tmp_path / ".metatrail").mkdir()
+    (tmp_path / ".metatrail" / "config.toml").write_text(
+        '[metatrail]\nstore = "sqlite:///.metatrail/project.db"\nhash_cache = "cache/hc.db"\n')
+    for cwd in (tmp_path, tmp_path / "sub" / "deeper"):
+        cwd.mkdir(parents=True, exist_ok=True)
+        monkeypatch.chdir(cwd)
+        settings = load_settings()
+        assert settings.store == f"sqlite:///{tmp_path / '.metatrail' / 'project.db'}"
+        assert settings.hash_cache == str(tmp_path / "cache" / "hc.db")
+
+
+def test_relative_paths_in_a_named_config_file_are_taken_from_its_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "c.toml").write_text('[metatrail]\nstore = "sqlite:///m.db"\n')
+    monkeypatch.setenv("METATRAIL_CONFIG", str(tmp_path / "conf" / "c.toml"))
+    monkeypatch.chdir(tmp_path)
+    assert load_settings().store == f"sqlite:///{tmp_path / 'conf' / 'm.db'}"
 
 
 def test_bad_config_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,6 +14,8 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -317,6 +319,14 @@ def test_files_named_like_dvc_dirs_are_kept(tmp_path: Path) -> None:
     root = make_tree(tmp_path / "d", {".hg": "file", ".dvc": "file", "x.dvc": "dvc file", "f": "f"})
     assert hv(hash_path(root)) == dvc_hash(root)
     assert hash_path(root).nfiles == 4
+
+
+def test_a_dvc_file_does_not_make_a_nested_repository(tmp_path: Path) -> None:
+    """Only a ``.dvc`` directory marks a nested DVC repository; a sub-directory holding a ``.dvc`` file is data."""
+    root = make_tree(tmp_path / "d", {"x/.dvc": "a file, not a repository", "x/data.csv": "kept", "y": "1"})
+    entries, value = dir_manifest(root)
+    assert [e["relpath"] for e in entries] == ["x/.dvc", "x/data.csv", "y"]
+    assert value == dvc_hash(root)
 
 
 def test_dvcignore_inside_is_hashed_as_a_file(tmp_path: Path) -> None:
@@ -780,3 +790,32 @@ def test_stat_helper_sanity(tmp_path: Path) -> None:
     os.utime(path, ns=(1, 1_234_567_891))
     assert path.stat().st_mtime_ns == 1_234_567_891
     assert stat.S_ISREG(path.stat().st_mode)
+
+
+EXIT_WHILE_HASHING = """
+import sys
+from metatrail.recorder import Recorder
+
+rec = Recorder()
+ex = rec.execution_started("p", "s")
+rec.execution_finished(ex, outputs=[sys.argv[1]])  # hashed by the writer thread, after this returns
+print("main returns", flush=True)
+"""
+
+
+def test_exit_does_not_wait_for_a_directory_still_being_hashed(tmp_path: Path) -> None:
+    """A process that ends while its writer hashes a large output directory exits after about the flush timeout,
+    not after the whole directory: the hashing threads hold no exit."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for i in range(32):  # 32 GiB of holes: half a minute of md5 on two cores, no disk
+        with open(out / f"part{i:02}", "wb") as fh:
+            fh.truncate(1 << 30)
+    env = {**os.environ, "METATRAIL_FLUSH_TIMEOUT": "2", "METATRAIL_WRITER": "thread", "METATRAIL_ENERGY": "0"}
+    began = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", EXIT_WHILE_HASHING, str(out)], capture_output=True, text=True,
+                            env=env, timeout=120)
+    took = time.monotonic() - began
+    assert result.stdout == "main returns\n" and result.returncode == 0, result.stderr
+    assert took < 12, f"exit took {took:.1f} s with a flush timeout of 2 s"
+    assert "events were not stored before exit" in result.stderr

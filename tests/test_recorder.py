@@ -648,3 +648,21 @@ def test_a_closed_recorder_is_freed(tmp_path: Path) -> None:
         gc.collect()
         time.sleep(0.1)  # the writer thread ends once it has nothing left to do
     assert [r() for r in refs] == [None, None, None]
+
+
+def test_an_artifact_given_already_hashed_keeps_its_hash(tmp_path: Path) -> None:
+    """Artifacts given with their hash (``metatrail run -i`` hashes before the command starts) are not looked at
+    again: only local paths are checked for changes."""
+    from metatrail.model import ArtifactRef, HashInfo
+
+    data = tmp_path / "in.csv"
+    data.write_text("x")
+    ref = ArtifactRef(str(data), "file", str(data), hash=HashInfo("md5", "9dd4e461268c8034f5c8564e155c67a6"),
+                      size=1, kind="file")
+    recorder = Recorder()
+    ex = recorder.execution_started("p", "s", inputs=[ref])
+    recorder.execution_finished(ex, outputs=[ref])
+    assert recorder.flush(60)
+    events = _events(recorder)
+    assert _artifact(events, "p.s", "START", "inputs")["hash"] == "9dd4e461268c8034f5c8564e155c67a6"
+    assert _artifact(events, "p.s", "COMPLETE", "outputs")["hash"] == "9dd4e461268c8034f5c8564e155c67a6"

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import multiprocessing
 import random
+import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,9 @@ from eventgen import artifact, chain, execution_events
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from metatrail.errors import ConfigError, CorruptStoreError, EventError
+from metatrail.errors import ConfigError, CorruptStoreError, EventError, StoreError
 from metatrail.model import uuid7
-from metatrail.store import open_store
+from metatrail.store import dialect, open_store
 from metatrail.store.schema import MIGRATIONS
 
 
@@ -169,6 +171,25 @@ def test_foreign_sqlite_database_is_refused_untouched(tmp_path: Path) -> None:
     with pytest.raises(CorruptStoreError, match="not a metatrail store"):
         open_store(f"sqlite:///{path}")
     assert path.read_bytes() == before
+
+
+def test_a_store_path_below_a_regular_file_is_a_store_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError, match=r"directory of store file .*/file/sub/x\.db: .*/file is not a directory"):
+        open_store(f"sqlite:///{tmp_path / 'file' / 'sub' / 'x.db'}")
+
+
+def test_a_postgresql_server_that_never_answers_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that accepts the TCP connection and then says nothing (hung, or half open behind a firewall)."""
+    monkeypatch.setattr(dialect, "PG_CONNECT_TIMEOUT_S", 1)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        began = time.monotonic()
+        with pytest.raises(StoreError, match="timeout"):
+            open_store(f"postgresql://postgres@127.0.0.1:{port}/x")
+        assert time.monotonic() - began < 10
 
 
 def test_opening_a_store_again_keeps_the_processes_locks(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -89,12 +90,12 @@ def grid_intensity(region: str | None = None) -> GridIntensity:
 
 
 def resolve_pue(argument: float | None = None) -> tuple[float, str, str | None]:
-    """``(pue, source, error)``: argument > ``METATRAIL_PUE`` > 1.0; values below 1 or non-numbers are
-    refused."""
+    """``(pue, source, error)``: argument > ``METATRAIL_PUE`` > 1.0; a value that is not a finite number >= 1 is
+    refused (1.0 is used and ``error`` says why): NaN or infinity would make every carbon figure null."""
     if argument is not None:
-        if argument >= 1.0:
+        if math.isfinite(argument) and argument >= 1.0:
             return float(argument), "argument", None
-        return 1.0, "default", f"PUE {argument} refused (must be >= 1); used 1.0"
+        return 1.0, "default", f"PUE {argument} refused (must be a finite number >= 1); used 1.0"
     raw = os.environ.get("METATRAIL_PUE")
     if raw is None or raw.strip() == "":
         return 1.0, "default", None
@@ -102,6 +103,8 @@ def resolve_pue(argument: float | None = None) -> tuple[float, str, str | None]:
         value = float(raw)
     except ValueError:
         return 1.0, "default", f"METATRAIL_PUE={raw!r} is not a number; used 1.0"
+    if not math.isfinite(value):
+        return 1.0, "default", f"METATRAIL_PUE={raw!r} is not a finite number; used 1.0"
     if value < 1.0:
         return 1.0, "default", f"METATRAIL_PUE={raw!r} is below 1 (PUE = facility / IT energy); used 1.0"
     return value, "METATRAIL_PUE", None

@@ -14,6 +14,7 @@ count; the default :data:`DEFAULT_TDP_PER_CPU_W` (4 W: CodeCarbon's constant for
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -24,22 +25,36 @@ DEFAULT_TDP_PER_CPU_W = 4.0
 MODEL = "TDP per logical CPU x busy CPU-seconds (linear, no idle power)"
 
 
-def _positive_float(value: str | None) -> float | None:
-    try:
-        number = float(value) if value is not None else None
-    except ValueError:
+def _watts(name: str, notes: list[str] | None) -> float | None:
+    """The environment variable ``name`` as watts, or None when unset or refused: a value that is not a finite
+    number > 0 is refused (an infinite TDP would make every estimate null) with a note saying so."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
         return None
-    return number if number is not None and number > 0 else None
+    try:
+        number = float(raw)
+    except ValueError:
+        number = math.nan
+    if math.isfinite(number) and number > 0:
+        return number
+    if notes is not None:
+        notes.append(f"{name}={raw!r} refused (must be a finite number of watts > 0); ignored")
+    return None
 
 
-def resolve_tdp_per_cpu(argument: float | None = None, n_cpus: int | None = None) -> tuple[float, str]:
-    """``(watts per logical CPU, where it came from)`` by the precedence in the module docstring."""
-    if argument is not None and argument > 0:
-        return float(argument), "argument"
-    per_core = _positive_float(os.environ.get("METATRAIL_CPU_TDP_PER_CORE_W"))
+def resolve_tdp_per_cpu(argument: float | None = None, n_cpus: int | None = None,
+                        notes: list[str] | None = None) -> tuple[float, str]:
+    """``(watts per logical CPU, where it came from)`` by the precedence in the module docstring; each value
+    refused on the way is described in ``notes`` when given."""
+    if argument is not None:
+        if math.isfinite(argument) and argument > 0:
+            return float(argument), "argument"
+        if notes is not None:
+            notes.append(f"TDP per CPU {argument!r} refused (must be a finite number of watts > 0); ignored")
+    per_core = _watts("METATRAIL_CPU_TDP_PER_CORE_W", notes)
     if per_core is not None:
         return per_core, "METATRAIL_CPU_TDP_PER_CORE_W"
-    package = _positive_float(os.environ.get("METATRAIL_CPU_TDP_W"))
+    package = _watts("METATRAIL_CPU_TDP_W", notes)
     cpus = n_cpus or os.cpu_count() or 1
     if package is not None:
         return package / cpus, f"METATRAIL_CPU_TDP_W / {cpus} logical CPUs"
@@ -65,6 +80,8 @@ class CpuEstimateMeter(EnergyMeter):
         self._base: float | None = None
         self.last_busy: float | None = None
         """Node busy seconds as of the last :meth:`read` (the monitor reuses it rather than read them again)."""
+        self.notes: list[str] = []
+        """Settings refused while opening (the facet's ``errors`` carry them)."""
 
     @property
     def busy_source(self) -> Callable[[], float]:
@@ -72,7 +89,7 @@ class CpuEstimateMeter(EnergyMeter):
         return self._busy
 
     def _open(self) -> str | None:
-        self.watts_per_cpu, self.source = resolve_tdp_per_cpu(self._argument)
+        self.watts_per_cpu, self.source = resolve_tdp_per_cpu(self._argument, notes=self.notes)
         try:
             self._base = self._busy()
         except Exception as exc:

@@ -666,6 +666,7 @@ class EnergyMonitor:
                     self._missing["gpu"] = m.unavailable_reason or "NVML unavailable"
             elif isinstance(m, CpuEstimateMeter):
                 self._estimate = m if m.available else None
+                self.config_errors.extend(m.notes)
             elif not m.available:
                 for domain in ("cpu", "dram"):
                     self._missing.setdefault(domain, m.unavailable_reason or f"{m.name} unavailable")

@@ -29,6 +29,7 @@ from metatrail.errors import ConfigError, CorruptStoreError, MissingExtraError, 
 
 T = TypeVar("T")
 BUSY_TIMEOUT_MS = 60_000
+PG_CONNECT_TIMEOUT_S = 10  # see make_engine; libpq's connect_timeout in the store URL overrides it
 
 
 # Checkpoint the WAL every ~40 MB rather than every 4 MB: a burst of large events then pays for fewer checkpoints
@@ -44,7 +45,7 @@ def make_engine(url: str, *, wal_autocheckpoint: int = WAL_AUTOCHECKPOINT) -> En
         path = Path(url[len("sqlite:///") :])
         if str(path) not in ("", ":memory:"):
             _check_sqlite_file(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _make_parent(path)
         # A small pool of long-lived connections: opening one per transaction costs the PRAGMAs, and closing the
         # last one checkpoints the WAL with an fsync (~30 ms a write). After fork the child must not use the
         # parent's connections, so it drops them (without closing them under the parent's feet).
@@ -92,11 +93,27 @@ def make_engine(url: str, *, wal_autocheckpoint: int = WAL_AUTOCHECKPOINT) -> En
         except ImportError:
             raise MissingExtraError("psycopg", "postgresql") from None
         dsn = "postgresql+psycopg://" + url.split("://", 1)[1]
-        return create_engine(dsn, pool_pre_ping=True, pool_size=4, max_overflow=8)
+        # Without a connect timeout, a server that accepts the TCP connection and never answers (hung, or half
+        # open behind a firewall) holds every command and a recording process's exit for ever. libpq's own
+        # ``connect_timeout`` in the URL (``?connect_timeout=5``) takes precedence over ours.
+        connect_args = {} if "connect_timeout=" in url else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+        return create_engine(dsn, pool_pre_ping=True, pool_size=4, max_overflow=8, connect_args=connect_args)
     raise ConfigError(f"not an SQL store URL: {url!r}")
 
 
 READ_ONLY = "metatrail_read_only"  # the execution option reading() sets
+
+
+def _make_parent(path: Path) -> None:
+    """Create the store file's directory; a path that cannot be one (a regular file on the way, no permission) is a
+    :class:`StoreError` that names it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((d for d in (path.parent, *path.parent.parents) if d.exists() and not d.is_dir()), None)
+        why = f"{blocker} is not a directory" if blocker is not None else exc.strerror or str(exc)
+        raise StoreError(f"cannot create the directory of store file {path}: {why} "
+                         f"(point METATRAIL_STORE elsewhere)") from None
 
 
 def _rollback_if_open(dbapi_conn: Any, _record: Any) -> None:

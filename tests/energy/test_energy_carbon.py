@@ -57,3 +57,15 @@ def test_no_energy_means_no_carbon() -> None:
     assert block["co2e_g"] is None and block["energy_basis"] == "none" and block["reason"]
     both, _ = carbon_block(J_PER_KWH, J_PER_KWH, region="WORLD")
     assert both["energy_basis"] == "measured+estimated" and both["co2e_g"] == pytest.approx(960.0)
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf"])
+def test_non_finite_pue_is_refused_and_the_carbon_figures_kept(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    monkeypatch.setenv("METATRAIL_PUE", raw)
+    block, errors = carbon_block(J_PER_KWH, None, region="WORLD")
+    assert (block["pue"], block["pue_source"]) == (1.0, "default")
+    assert block["facility_energy_j"] == J_PER_KWH and block["co2e_g"] == pytest.approx(480.0)
+    assert errors == [f"METATRAIL_PUE={raw!r} is not a finite number; used 1.0"]
+    monkeypatch.delenv("METATRAIL_PUE")
+    block, errors = carbon_block(J_PER_KWH, None, region="WORLD", pue=float(raw))
+    assert block["pue"] == 1.0 and block["co2e_g"] == pytest.approx(480.0) and "refused" in errors[0]

@@ -3,7 +3,9 @@ builder's edge cases against the facet schema."""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -105,3 +107,28 @@ def test_payload_without_any_meter_validates(validate_facet: Callable[[dict[str,
     )
     validate_facet(payload)
     assert payload["domains"] == {} and payload["coverage"] == 0.0 and payload["errors"]
+
+
+@pytest.mark.parametrize("raw", ["inf", "nan", "abc", "-3"])
+def test_a_refused_tdp_is_named_in_the_facet_errors(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    """A TDP that is not a finite number > 0 is not used (an infinite one made every estimate null) and the task's
+    facet says which value was refused."""
+    from metatrail.energy.monitor import EnergyMonitor
+
+    monkeypatch.delenv("METATRAIL_CPU_TDP_W", raising=False)
+    monkeypatch.setenv("METATRAIL_CPU_TDP_PER_CORE_W", raw)
+    note = f"METATRAIL_CPU_TDP_PER_CORE_W={raw!r} refused (must be a finite number of watts > 0); ignored"
+    notes: list[str] = []
+    assert resolve_tdp_per_cpu(notes=notes) == (4.0, "default") and notes == [note]
+    mon = EnergyMonitor(meters=[CpuEstimateMeter()], interval_s=0.1)
+    try:
+        token = mon.task_started("t", pid=os.getpid())
+        busy_until = time.process_time() + 0.3
+        while time.process_time() < busy_until:
+            pass
+        payload = mon.task_finished(token)
+    finally:
+        mon.close()
+    assert payload is not None and note in payload["errors"]
+    assert payload["estimated"]["cpu"]["value_j"] is not None
+    assert payload["estimated"]["cpu"]["parameters"] == {"tdp_per_cpu_w": 4.0, "tdp_source": "default"}
