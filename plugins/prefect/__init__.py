@@ -13,5 +13,6 @@ touched: no global TracerProvider is installed, so a provider the user sets, bef
 receives exactly the spans it would receive without us.
 
 Layers: :mod:`.hook` (entry point) → :mod:`.tracing` (OpenTelemetry wrapper) → :mod:`.observer` (run lifecycle →
-Recorder); Prefect-version specifics live in :mod:`.compat`, value shaping in :mod:`.values`.
+Recorder); Prefect-version specifics live in :mod:`.compat`, value shaping in :mod:`.values`,
+the files that values name in :mod:`.paths`.
 """

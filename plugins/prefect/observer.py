@@ -4,12 +4,12 @@ One observer per run span (:mod:`.tracing` creates it when Prefect opens the spa
 in the thread that runs it:
 
 * **Task runs.** ``Running`` (or ``Retrying``) starts a try: pipeline = the flow's name, stage = the task's name,
-  parameters (futures already resolved by the engine), inputs = parameters naming existing local paths plus the
-  task's ``asset_deps``. ``Completed`` / ``Failed`` / ``Crashed`` / ``Cancelled`` end it, with outputs = the return
-  value when it names existing local paths plus the ``@materialize`` assets, and, as inputs known only then, the
-  assets of upstream tasks. A retry ends the try as failed and starts the next (``tryNumber`` = Prefect's
-  ``run_count``). The return value (shortened, see :mod:`.values`), the final state's name and the upstream task
-  runs per parameter go in the execution facet's ``extra``.
+  parameters (futures already resolved by the engine), inputs = parameters naming existing local paths (see
+  :mod:`.paths`) plus the task's ``asset_deps``. ``Completed`` / ``Failed`` / ``Crashed`` / ``Cancelled`` end it,
+  with outputs = the return value when it names existing local paths plus the ``@materialize`` assets, and, as
+  inputs known only then, the assets of upstream tasks. A retry ends the try as failed and starts the next
+  (``tryNumber`` = Prefect's ``run_count``). The return value (shortened, see :mod:`.values`), the final state's
+  name and the upstream task runs per parameter go in the execution facet's ``extra``.
 * **Flow runs.** ``Running`` starts the pipeline run (pipeline = the flow's name), the final state ends it.
 
 Identity: a flow run's OpenLineage run id is Prefect's flow run id; a task run's first try uses Prefect's task run
@@ -32,7 +32,8 @@ from typing import Any
 from metatrail.config import Settings
 from metatrail.model import Execution, PipelineRun, Status, uuid7_from
 from metatrail.plugins.prefect import compat
-from metatrail.plugins.prefect.values import local_paths, safe_mapping, shape
+from metatrail.plugins.prefect.paths import local_paths
+from metatrail.plugins.prefect.values import safe_mapping, shape
 from metatrail.recorder import Recorder, get_recorder
 
 INTEGRATION = "PREFECT"

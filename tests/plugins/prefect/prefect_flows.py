@@ -17,7 +17,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 
 class Opaque:
-    """A parameter value that is not JSON: recorded as its repr."""
+    """A parameter value that is not JSON: recorded by its type (its own repr is never called)."""
 
     def __init__(self, level: int) -> None:
         self.level = level

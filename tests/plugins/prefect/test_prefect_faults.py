@@ -107,7 +107,7 @@ def test_values_that_resist_recording(events: Events) -> None:
     assert state.is_completed() and state.result() == 200_000
     (swallowed,) = [e for e in events() if e["job"]["name"] == "hostile.swallow" and e["eventType"] == "COMPLETE"]
     facet = swallowed["run"]["facets"]["metatrail_execution"]
-    assert facet["params"] == {"n": 200_000, "thing": "<unrepresentable Hostile: ValueError>"}
+    assert facet["params"] == {"n": 200_000, "thing": "<prefect_flows.Hostile object>"}
     assert facet["extra"]["return_value"].startswith("[0, 1, 2,") and len(facet["extra"]["return_value"]) < 100
     assert facet["warnings"] == [
         "parameter 'thing' (Hostile) is not JSON-serialisable; stringified",
