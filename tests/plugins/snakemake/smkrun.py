@@ -126,6 +126,19 @@ _WITH_DEFAULT_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, si
                         "os.execv(sys.argv[1], sys.argv[1:])")
 
 
+def clean_run_events(result: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    """The stored events of a Snakemake run that succeeded without a word from metatrail on stderr; each is checked
+    against the OpenLineage schemas."""
+    from olspec import assert_valid
+
+    assert result.returncode == 0, result.stderr
+    assert "metatrail:" not in result.stderr, result.stderr
+    events = read_events()
+    for event in events:
+        assert_valid(event)
+    return events
+
+
 def by_job(events: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
     """Events grouped by OpenLineage job name (``<pipeline>.<rule>``)."""
     grouped: dict[str, list[Mapping[str, Any]]] = {}
