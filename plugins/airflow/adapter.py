@@ -20,7 +20,8 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from metatrail.model import ArtifactRef, uuid7_from
+from metatrail.logsafe import log_once
+from metatrail.model import ArtifactRef, ErrorText, uuid7_from
 
 INTEGRATION = "AIRFLOW"
 MAX_TEXT = 2000  # longest string parameter kept (a rendered SQL file can be megabytes)
@@ -71,6 +72,38 @@ def _json_plain(value: Any) -> Any:
     return value
 
 
+def _is_empty(value: Any) -> bool:
+    """None or an empty string/list/dict: a field that says nothing. Never ``==`` or ``bool()`` on other values:
+    a DataFrame or an array answers those with an array, or raises."""
+    return value is None or (isinstance(value, str | list | dict) and not value)
+
+
+def _put(out: dict[str, Any], key: str, value: Any, name: str | None, redact: Any) -> None:
+    """``out[key]`` = ``value`` as recorded (masked, clipped); a value that cannot be is left out, logged once."""
+    try:
+        out[key] = _clip(redact(_json_plain(value), name))
+    except Exception as exc:
+        log_once(f"param:{type(exc).__name__}", "metatrail: parameter %r not recorded (%s: %s)", key,
+                 type(exc).__name__, exc)
+
+
+def _template_fields(task: Any) -> Iterator[tuple[str, Any]]:
+    """``(name, rendered value)`` of a task's template fields other than the call arguments; a field that cannot be
+    read is left out, logged once."""
+    for name in getattr(task, "template_fields", ()) or ():
+        if name in ("op_args", "op_kwargs", "templates_dict") or not isinstance(name, str):
+            continue
+        try:
+            value = getattr(task, name, None)
+            if _is_empty(value):
+                continue
+        except Exception as exc:
+            log_once(f"template-field:{type(exc).__name__}", "metatrail: template field %r not recorded (%s: %s)",
+                     name, type(exc).__name__, exc)
+            continue
+        yield name, value
+
+
 def task_params(task: Any, *, params: Mapping[str, Any] | None, conf: Mapping[str, Any] | None,
                 redact: Any) -> dict[str, Any]:
     """Parameters of one task-instance try, flattened so that one odd value spoils only its own key.
@@ -83,23 +116,39 @@ def task_params(task: Any, *, params: Mapping[str, Any] | None, conf: Mapping[st
     op_args = getattr(task, "op_args", None)
     if isinstance(op_args, Sequence) and not isinstance(op_args, str):
         for i, value in enumerate(op_args):
-            out[f"op_args.{i}"] = _clip(redact(_json_plain(value), None))
+            _put(out, f"op_args.{i}", value, None, redact)
     op_kwargs = getattr(task, "op_kwargs", None)
     if isinstance(op_kwargs, Mapping):
         for name, value in op_kwargs.items():
-            out[f"op_kwargs.{name}"] = _clip(redact(_json_plain(value), str(name)))
-    for name in getattr(task, "template_fields", ()) or ():
-        if name in ("op_args", "op_kwargs", "templates_dict") or not isinstance(name, str):
-            continue
-        value = getattr(task, name, None)
-        if value is None or value == "" or value == {} or value == []:
-            continue
-        out[f"template.{name}"] = _clip(redact(_json_plain(value), name))
+            _put(out, f"op_kwargs.{name}", value, str(name), redact)
+    for name, value in _template_fields(task):
+        _put(out, f"template.{name}", value, name, redact)
     for name, value in (params or {}).items():
-        out[f"params.{name}"] = _clip(redact(_json_plain(value), str(name)))
+        _put(out, f"params.{name}", value, str(name), redact)
     for name, value in (conf or {}).items():
-        out[f"conf.{name}"] = _clip(redact(_json_plain(value), str(name)))
+        _put(out, f"conf.{name}", value, str(name), redact)
     return out
+
+
+def error_text(error: BaseException | str | None, redact: Any) -> ErrorText | str | None:
+    """A task's error as recorded: its message and stack trace through Airflow's secrets masker, which masks the
+    same secrets in Airflow's own task log (an error message often quotes a URL or a command with a password)."""
+    if error is None:
+        return None
+    if isinstance(error, BaseException):
+        text = ErrorText.of(error)
+        return ErrorText(_masked(text.message, redact), None if text.stack is None else _masked(text.stack, redact))
+    return _masked(str(error), redact)
+
+
+def _masked(text: str, redact: Any) -> str:
+    try:
+        masked = redact(text, None)
+        return masked if isinstance(masked, str) else str(masked)
+    except Exception as exc:  # unmasked text may hold a secret: keep none of it
+        log_once(f"error-mask:{type(exc).__name__}", "metatrail: error text not recorded: masking it failed (%s: %s)",
+                 type(exc).__name__, exc)
+        return "<not recorded: masking failed>"
 
 
 def resolved_params(context: Mapping[str, Any] | None, task: Any) -> dict[str, Any]:
@@ -246,15 +295,18 @@ def lineage_marks(collector: Any) -> tuple[int, int]:
     return len(collected.inputs), len(collected.outputs)
 
 
-def lineage_since(collector: Any, marks: tuple[int, int]) -> tuple[list[str | ArtifactRef], list[str | ArtifactRef]]:
-    """Inputs and outputs the collector gained since ``marks``.
+def lineage_since(collector: Any, marks: tuple[int, int], until: tuple[int, int] | None = None,
+                  ) -> tuple[list[str | ArtifactRef], list[str | ArtifactRef]]:
+    """Inputs and outputs the collector gained since ``marks`` (and before ``until``, when given).
 
     Under ``airflow dags test`` every task runs in one process and the collector accumulates across tasks; entries
-    are kept in insertion order, so what a task added is what lies past the marks taken when it started.
+    are kept in insertion order, so what a task added is what lies past the marks taken when it started, up to the
+    marks taken when it ended (an end hook that runs late must not take the next task's entries).
     """
     collected = collector.collected_assets
-    inputs = dedupe(asset_artifact(info.asset) for info in collected.inputs[marks[0]:])
-    outputs = dedupe(asset_artifact(info.asset) for info in collected.outputs[marks[1]:])
+    end_in, end_out = until if until is not None else (None, None)
+    inputs = dedupe(asset_artifact(info.asset) for info in collected.inputs[marks[0]:end_in])
+    outputs = dedupe(asset_artifact(info.asset) for info in collected.outputs[marks[1]:end_out])
     return inputs, outputs
 
 

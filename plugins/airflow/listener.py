@@ -13,9 +13,10 @@ Where each hook runs (Airflow 3, see ``shared/reference/workflow-managers.md`` Â
 Ids are derived from Airflow's identity (:mod:`.adapter`), so all these processes agree without talking.
 
 Containment, in every hook: ``METATRAIL_DISABLED`` and ``[metatrail] disabled`` are checked first; the body runs
-under a hard time cap (:class:`.guard.BoundedCaller`, no fork); any failure is logged once and the hook returns
-normally; nothing the task sees is changed (the one addition, a post-execute hook that keeps a TaskFlow task's
-return value, calls the task's own hook and is removed when the try ends).
+under a hard time cap (:class:`.guard.BoundedCaller`, no fork; while an earlier body overruns, start hooks are
+skipped and end hooks queued behind it, so a try's terminal state is still recorded); any failure is logged once and
+the hook returns normally; nothing the task sees is changed (the one addition, a post-execute hook that keeps a
+TaskFlow task's return value, calls the task's own hook and is removed when the try ends).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from metatrail.logsafe import log_once
 from metatrail.model import ArtifactRef, Execution, PipelineRun, Status
 from metatrail.plugins.airflow import adapter, compat
 from metatrail.plugins.airflow.config import PluginConfig, plugin_config
-from metatrail.plugins.airflow.guard import BoundedCaller
+from metatrail.plugins.airflow.guard import BoundedCaller, WhenBusy
 
 hookimpl = compat.hookimpl()
 TryKey = tuple[str, str, str, int, int]
@@ -82,6 +83,7 @@ class MetatrailListener:
         self._runs_started: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._store_lagging = False
         self._task_runner_pid: int | None = None
+        self._exit_drain_pid: int | None = None
         #: (hook name, seconds spent in the hook) for the last hooks called in this process; benchmarks read it.
         self.timings: collections.deque[tuple[str, float]] = collections.deque(maxlen=100_000)
 
@@ -95,8 +97,14 @@ class MetatrailListener:
                     self._recorder = Recorder(settings=cfg.settings)
         return self._recorder
 
-    def _hook(self, what: str, body: Callable[[PluginConfig], None], *, flush: bool = False) -> None:
-        """Run ``body`` under the guard unless recording is off; never raises ``Exception`` into Airflow."""
+    def _hook(self, what: str, body: Callable[[PluginConfig], None], *, end: bool = False,
+              flush: bool = False) -> None:
+        """Run ``body`` under the guard unless recording is off; never raises ``Exception`` into Airflow.
+
+        An ``end`` hook is never dropped while an earlier hook overruns its cap: it is queued behind it (its state
+        is the one that must be recorded). Where the process ends after this hook (``flush``), it is also waited
+        for, up to the cap: the queue dies with the process.
+        """
         started = time.perf_counter()
         try:
             if is_disabled():
@@ -104,7 +112,8 @@ class MetatrailListener:
             cfg = plugin_config()
             if cfg.disabled or not compat.is_supported():
                 return
-            self._guard.call(what, lambda: body(cfg), cfg.hook_timeout)
+            if not self._guard.call(what, lambda: body(cfg), cfg.hook_timeout, _when_busy(end, flush)) and end:
+                self._drain_at_exit(cfg)
             if flush:
                 # The task runner may leave with os._exit: make this try's events durable now, bounded.
                 self._flush(cfg)
@@ -113,6 +122,17 @@ class MetatrailListener:
                      what, type(exc).__name__, exc)
         finally:
             self.timings.append((what, time.perf_counter() - started))
+
+    def _drain_at_exit(self, cfg: PluginConfig) -> None:
+        """Once per process: at exit, give hooks still queued behind a stuck one one more cap to run (the worker is
+        a daemon thread, and ``airflow dags test`` ends right after the DAG run's end hook)."""
+        with self._lock:
+            if self._exit_drain_pid == os.getpid():
+                return
+            self._exit_drain_pid = os.getpid()
+        from metatrail.exithook import at_exit
+
+        at_exit(lambda: self._guard.drain(cfg.hook_timeout))
 
     # -- task instances -------------------------------------------------------------------------------------------
     @hookimpl
@@ -176,14 +196,26 @@ class MetatrailListener:
 
     def _end(self, what: str, task_instance: Any, status: Status, error: Any, *, skipped: bool = False) -> None:
         if compat.is_runtime_task_instance(task_instance):
-            self._hook(what, lambda cfg: self._finished(cfg, task_instance, status, error, skipped),
+            # Behind a stuck hook this one runs late, maybe while the next task of `dags test` adds hook lineage:
+            # mark where this try's lineage ends now.
+            until = self._lineage_marks_now() if self._guard.busy else None
+            self._hook(what, lambda cfg: self._finished(cfg, task_instance, status, error, skipped, until), end=True,
                        flush=self._in_task_runner())
         else:
             # Scheduler / API server: read the ORM values here, in Airflow's thread, without a query.
             snapshot = _loaded(task_instance, TI_FIELDS)
             dag_run = getattr(task_instance, "__dict__", {}).get("dag_run")
             run_values = _loaded(dag_run, DAG_RUN_FIELDS) if dag_run is not None else None
-            self._hook(what, lambda cfg: self._finished_elsewhere(cfg, snapshot, run_values, status, error))
+            self._hook(what, lambda cfg: self._finished_elsewhere(cfg, snapshot, run_values, status, error),
+                       end=True)
+
+    @staticmethod
+    def _lineage_marks_now() -> tuple[int, int] | None:
+        try:
+            return adapter.lineage_marks(compat.hook_lineage_collector())
+        except Exception as exc:
+            log_once(f"lineage-marks:{type(exc).__name__}", "metatrail: hook lineage unavailable: %s", exc)
+            return None
 
     @staticmethod
     def _key(ti: Any) -> TryKey:
@@ -233,11 +265,7 @@ class MetatrailListener:
             integration=adapter.INTEGRATION, namespace=cfg.namespace, started_at=adapter.timestamp(ti.start_date),
             try_number=int(ti.try_number), integration_version=compat.airflow_version(),
             extra=self._extra(ti, task, dag_run), pid=os.getpid())
-        record = _Try(execution=execution, inputs=inputs, task=task)
-        try:
-            record.marks = adapter.lineage_marks(compat.hook_lineage_collector())
-        except Exception as exc:
-            log_once(f"lineage-marks:{type(exc).__name__}", "metatrail: hook lineage unavailable: %s", exc)
+        record = _Try(execution=execution, inputs=inputs, task=task, marks=self._lineage_marks_now())
         if decorated:
             self._capture_return_value(record)
         with self._lock:
@@ -278,7 +306,8 @@ class MetatrailListener:
         if record.capture is not None and getattr(record.task, "_post_execute_hook", None) is record.capture:
             record.task._post_execute_hook = record.original_hook
 
-    def _finished(self, cfg: PluginConfig, ti: Any, status: Status, error: Any, skipped: bool) -> None:
+    def _finished(self, cfg: PluginConfig, ti: Any, status: Status, error: Any, skipped: bool,
+                  until: tuple[int, int] | None = None) -> None:
         with self._lock:
             record = self._tries.pop(self._key(ti), None)
         task = ti.task
@@ -297,22 +326,21 @@ class MetatrailListener:
         outputs: list[str | ArtifactRef] = []
         lineage_outputs: list[str | ArtifactRef] = []
         if record.marks is not None:
-            new_inputs, lineage_outputs = adapter.lineage_since(compat.hook_lineage_collector(), record.marks)
+            new_inputs, lineage_outputs = adapter.lineage_since(compat.hook_lineage_collector(), record.marks, until)
         if status is Status.COMPLETED and not skipped:
             context = getattr(ti, "_cached_template_context", None)
+            # Returned paths are outputs even when they were also inputs: the task updated them in place.
             returned = adapter.local_paths(record.returned)
             outputs = adapter.dedupe([*adapter.declared_artifacts(getattr(task, "outlets", None)), *lineage_outputs,
                                       *adapter.alias_outputs(context), *returned])
         known = adapter.dedupe(record.inputs)
         new_inputs = adapter.dedupe([*known, *new_inputs])[len(known):]
-        # A path handed in and returned unchanged is the task's input, not something it produced.
-        input_keys = {_dataset_key(i) for i in known + new_inputs}
-        outputs = [o for o in outputs if _dataset_key(o) not in input_keys]
         state = "skipped" if skipped else _state_name(getattr(ti, "state", None))
         # A copy: the START event may still be waiting to be built from the original handle.
         finish = dataclasses.replace(record.execution, extra={**record.execution.extra, "airflowState": state})
         self._recorder_for(cfg).execution_finished(
-            finish, outputs=outputs, inputs=new_inputs, status=status, error=error,
+            finish, outputs=outputs, inputs=new_inputs, status=status,
+            error=adapter.error_text(error, compat.redactor()),
             ended_at=adapter.timestamp(getattr(ti, "end_date", None)) or time.time())
 
     def _finished_elsewhere(self, cfg: PluginConfig, ti: Mapping[str, Any], run_values: Mapping[str, Any] | None,
@@ -336,7 +364,8 @@ class MetatrailListener:
         if map_index is not None and map_index >= 0:
             execution.extra["mapIndex"] = map_index
         self._recorder_for(cfg).execution_finished(
-            execution, status=status, error=error, ended_at=adapter.timestamp(ti.get("end_date")) or time.time())
+            execution, status=status, error=adapter.error_text(error, compat.redactor()),
+            ended_at=adapter.timestamp(ti.get("end_date")) or time.time())
 
     # -- DAG runs -------------------------------------------------------------------------------------------------
     @hookimpl
@@ -349,14 +378,16 @@ class MetatrailListener:
     def on_dag_run_success(self, dag_run: Any, msg: str) -> None:
         """A DAG run succeeded (scheduler; the ``airflow dags test`` process)."""
         values = _loaded(dag_run, DAG_RUN_FIELDS)
-        self._hook("on_dag_run_success", lambda cfg: self._run_ended(cfg, _Values(values), Status.COMPLETED, None))
+        self._hook("on_dag_run_success", lambda cfg: self._run_ended(cfg, _Values(values), Status.COMPLETED, None),
+                   end=True)
 
     @hookimpl
     def on_dag_run_failed(self, dag_run: Any, msg: str) -> None:
         """A DAG run failed (scheduler; the ``airflow dags test`` process); ``msg`` is Airflow's reason."""
         values = _loaded(dag_run, DAG_RUN_FIELDS)
         self._hook("on_dag_run_failed",
-                   lambda cfg: self._run_ended(cfg, _Values(values), Status.FAILED, msg or "DAG run failed"))
+                   lambda cfg: self._run_ended(cfg, _Values(values), Status.FAILED, msg or "DAG run failed"),
+                   end=True)
 
     def _run_handle(self, cfg: PluginConfig, dag_run: _Values) -> PipelineRun:
         run = self._pipeline_run(cfg, dag_run.dag_id, dag_run.run_id, dag_run)
@@ -395,12 +426,16 @@ class MetatrailListener:
             run, status=status, error=error, ended_at=adapter.timestamp(dag_run.end_date) or time.time())
 
 
+def _when_busy(end: bool, flush: bool) -> WhenBusy:
+    """A start hook run late would record the wrong inputs: skipped. An end hook carries the try's state: queued,
+    and waited for where the process ends right after it (``flush``)."""
+    if not end:
+        return WhenBusy.SKIP
+    return WhenBusy.QUEUE_AND_WAIT if flush else WhenBusy.QUEUE
+
+
 def _is_task_runner(component: Any) -> bool:
     return type(component).__name__ == "TaskRunnerMarker"
-
-
-def _dataset_key(item: str | ArtifactRef) -> tuple[str, str]:
-    return adapter.dataset_key(item)
 
 
 class _Values:

@@ -7,6 +7,8 @@ Faults are injected inside the real Airflow process by the test DAG itself (``da
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,21 @@ def test_metatrail_section_of_airflow_cfg_disables_recording(airflow_home: Airfl
     assert list(run.store.parent.iterdir()) == []
 
 
+def _collector_type(home: AirflowHome, env: dict[str, str]) -> str:
+    """The class of the hook-lineage collector Airflow gives a fresh process (it loads the plugins to decide)."""
+    code = "from airflow.sdk.lineage import get_hook_lineage_collector as g; print(type(g()).__name__)"
+    done = subprocess.run([sys.executable, "-c", code], env={**home.env, **env}, cwd=home.path, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_kill_switch_leaves_airflow_hook_lineage_off(airflow_home: AirflowHome) -> None:
+    assert _collector_type(airflow_home, {}) == "HookLineageCollector"  # our reader switches it on
+    assert _collector_type(airflow_home, {"METATRAIL_DISABLED": "1"}) == "NoOpCollector"
+    assert _collector_type(airflow_home, {"AIRFLOW__METATRAIL__DISABLED": "True"}) == "NoOpCollector"
+
+
 def test_plugin_code_raising_is_logged_once_per_hook_and_harmless(airflow_home: AirflowHome, tmp_path: Path) -> None:
     run = _run(airflow_home, tmp_path, 3, {"MT_TEST_FAULT": "raise"})
     assert_tasks_unaffected(airflow_home, run)
@@ -66,8 +83,11 @@ def test_a_hanging_hook_is_cut_off_by_the_time_cap(airflow_home: AirflowHome, tm
     run = _run(airflow_home, tmp_path, 4, {"MT_TEST_FAULT": "hang", "AIRFLOW__METATRAIL__HOOK_TIMEOUT": "1"})
     assert_tasks_unaffected(airflow_home, run)
     assert _lines(run, "metatrail: on_task_instance_running took longer than 1.0s") == 1
-    # the stuck call keeps its thread; later hooks return at once instead of each waiting out the cap
-    assert _lines(run, "metatrail: skipping on_task_instance_success") == 1
+    # the stuck call keeps its thread; later hooks return at once instead of each waiting out the cap: start hooks
+    # are skipped, end hooks wait in a queue behind it (they run if it ever ends)
+    assert _lines(run, "metatrail: skipping on_task_instance_running") == 1
+    assert _lines(run, "metatrail: on_task_instance_success queued behind on_task_instance_running") == 1
+    assert "skipping on_task_instance_success" not in run.output
 
 
 def test_a_hanging_store_costs_bounded_waits(airflow_home: AirflowHome, tmp_path: Path) -> None:

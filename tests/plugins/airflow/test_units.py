@@ -14,10 +14,10 @@ import pytest
 pytest.importorskip("airflow", reason="Airflow tests run in the Airflow environment: nox -s airflow")
 
 from metatrail.errors import ConfigError
-from metatrail.model import ArtifactRef
+from metatrail.model import ArtifactRef, ErrorText
 from metatrail.plugins.airflow import adapter, compat
 from metatrail.plugins.airflow.config import read_config
-from metatrail.plugins.airflow.guard import BoundedCaller
+from metatrail.plugins.airflow.guard import MAX_BACKLOG, BoundedCaller, WhenBusy
 
 # -- the time cap ------------------------------------------------------------------------------------------------
 
@@ -47,8 +47,10 @@ def test_a_hanging_body_costs_one_cap_then_later_calls_return_at_once() -> None:
     assert not guard.call("unit_hang", release.wait, 0.3)
     capped = time.monotonic() - started
     ran: list[int] = []
+    started = time.monotonic()
     assert not guard.call("unit_after_hang", lambda: ran.append(1), 5.0)
-    assert ran == []  # skipped, not queued behind the stuck body
+    assert time.monotonic() - started < 0.3
+    assert ran == []  # skipped (the default), not queued behind the stuck body
     assert guard.overruns == 1 and guard.skipped == 1
     release.set()
     deadline = time.monotonic() + 5
@@ -56,6 +58,48 @@ def test_a_hanging_body_costs_one_cap_then_later_calls_return_at_once() -> None:
         time.sleep(0.05)
     assert ran == [2]
     assert 0.3 <= capped < 5.0
+
+
+def test_an_end_hook_behind_a_stuck_body_is_queued_not_dropped_and_costs_no_wait() -> None:
+    guard = BoundedCaller()
+    release = threading.Event()
+    ran: list[str] = []
+    assert not guard.call("unit_slow_start", lambda: (release.wait(30), ran.append("start")), 0.2)
+    started = time.monotonic()
+    assert not guard.call("unit_end", lambda: ran.append("end"), 5.0, WhenBusy.QUEUE)
+    assert time.monotonic() - started < 0.2  # the task is not kept waiting for it
+    assert not guard.call("unit_next_start", lambda: ran.append("next"), 5.0)  # start hooks are still skipped
+    assert ran == [] and (guard.queued, guard.skipped) == (1, 1)
+    assert guard.busy and not guard.drain(0.1)
+    release.set()
+    assert guard.drain(5.0) and not guard.busy
+    assert ran == ["start", "end"]  # in order: the end hook finds what its start hook left
+
+
+def test_a_queued_end_hook_that_must_be_waited_for_gets_one_cap() -> None:
+    """In a task-runner process the end hook is the last chance before the process ends: it waits, bounded."""
+    guard = BoundedCaller()
+    release = threading.Event()
+    ran: list[str] = []
+    assert not guard.call("unit_slow", release.wait, 0.1)
+    started = time.monotonic()
+    assert not guard.call("unit_end_waits", lambda: ran.append("end"), 0.3, WhenBusy.QUEUE_AND_WAIT)
+    assert 0.3 <= time.monotonic() - started < 3
+    threading.Timer(0.2, release.set).start()
+    assert guard.call("unit_end_in_time", lambda: ran.append("end2"), 5.0, WhenBusy.QUEUE_AND_WAIT)
+    assert ran == ["end", "end2"]
+
+
+def test_the_queue_behind_a_stuck_body_is_bounded() -> None:
+    guard = BoundedCaller()
+    release = threading.Event()
+    try:
+        assert not guard.call("unit_stuck", release.wait, 0.1)
+        for _ in range(MAX_BACKLOG + 5):
+            guard.call("unit_many_ends", lambda: None, 5.0, WhenBusy.QUEUE)
+        assert guard.queued == MAX_BACKLOG - 1 and guard.skipped == 6
+    finally:
+        release.set()
 
 
 def test_a_task_runner_waits_for_a_hanging_store_once_then_briefly(tmp_path: Path,
@@ -136,6 +180,54 @@ def test_parameters_are_flattened_clipped_and_masked_by_airflow() -> None:
     assert (params["params.scale"], params["conf.label"]) == (2, "x")
 
 
+class _FrameLike:
+    """Answers ``==`` with another frame and raises in ``bool()``, as a pandas DataFrame or a numpy array does."""
+
+    def __eq__(self, other: object) -> _FrameLike:  # type: ignore[override]
+        return _FrameLike()
+
+    __hash__ = object.__hash__
+
+    def __bool__(self) -> bool:
+        raise ValueError("The truth value of a DataFrame is ambiguous.")
+
+
+class _OddTask:
+    template_fields = ("frame", "broken", "table", "empty")
+
+    def __init__(self) -> None:
+        self.frame = _FrameLike()
+        self.table = "sales_20240101"
+        self.empty = ""
+
+    @property
+    def broken(self) -> str:
+        raise RuntimeError("cannot render")
+
+
+def test_an_odd_template_field_costs_only_that_field() -> None:
+    params = adapter.task_params(_OddTask(), params={"scale": 2}, conf=None, redact=compat.redactor())
+    assert isinstance(params["template.frame"], _FrameLike)  # kept as it is; the Recorder describes non-JSON values
+    assert params["template.table"] == "sales_20240101"
+    assert params["params.scale"] == 2
+    assert "template.broken" not in params and "template.empty" not in params
+
+
+def test_an_error_is_recorded_with_the_secrets_airflow_masks_masked() -> None:
+    from airflow.sdk.log import mask_secret
+
+    mask_secret("unit-pw-S3CRET")
+    try:
+        raise RuntimeError("401 for https://api.example/items?api_key=unit-pw-S3CRET")
+    except RuntimeError as exc:
+        text = adapter.error_text(exc, compat.redactor())
+    assert isinstance(text, ErrorText)
+    assert text.message == "RuntimeError: 401 for https://api.example/items?api_key=***"
+    assert text.stack is not None and "api_key=***" in text.stack and "unit-pw-S3CRET" not in text.stack
+    assert adapter.error_text("Executor said unit-pw-S3CRET", compat.redactor()) == "Executor said ***"
+    assert adapter.error_text(None, compat.redactor()) is None
+
+
 # -- datasets ----------------------------------------------------------------------------------------------------
 
 
@@ -151,6 +243,22 @@ def test_assets_and_paths_map_to_datasets() -> None:
     assert adapter.asset_artifact(AssetAlias("alias")) is None
     assert adapter.declared_artifacts([Asset("file:///d/a"), "/d/a", Asset("s3://b/k")]) == ["file:///d/a",
                                                                                            "s3://b/k"]
+
+
+def test_a_tries_hook_lineage_ends_where_its_end_hook_was_called() -> None:
+    """Under ``dags test`` one collector serves every task; an end hook that ran late (queued behind a stuck hook)
+    must not take what the next task added."""
+    from airflow.sdk.lineage import HookLineageCollector
+
+    collector = HookLineageCollector()
+    collector.add_input_asset(object(), uri="file:///d/earlier.csv")
+    start = adapter.lineage_marks(collector)
+    collector.add_input_asset(object(), uri="file:///d/in.csv")
+    collector.add_output_asset(object(), uri="file:///d/out.csv")
+    end = adapter.lineage_marks(collector)
+    collector.add_output_asset(object(), uri="file:///d/next_task.csv")
+    assert adapter.lineage_since(collector, start, end) == (["file:///d/in.csv"], ["file:///d/out.csv"])
+    assert adapter.lineage_since(collector, start)[1] == ["file:///d/out.csv", "file:///d/next_task.csv"]
 
 
 def test_only_existing_absolute_paths_count_and_broad_directories_never(tmp_path: Path,
