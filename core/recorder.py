@@ -343,7 +343,7 @@ class Recorder:
         return self._guard("pipeline_run_started", go, fallback)
 
     def pipeline_run_finished(self, run: PipelineRun, *, status: Status | str = Status.COMPLETED,
-                              error: BaseException | str | None = None, ended_at: float | None = None,
+                              error: BaseException | ErrorText | str | None = None, ended_at: float | None = None,
                               extra: Mapping[str, Any] | None = None) -> None:
         """Record the end of a pipeline run (``status`` completed, failed or aborted); ``extra`` adds context
         only known at the end (a final state name, counts)."""
@@ -402,7 +402,7 @@ class Recorder:
 
     def execution_finished(self, execution: Execution, *, outputs: Iterable[PathLike] = (),
                            inputs: Iterable[PathLike] = (), status: Status | str = Status.COMPLETED,
-                           error: BaseException | str | None = None, ended_at: float | None = None,
+                           error: BaseException | ErrorText | str | None = None, ended_at: float | None = None,
                            exit_code: int | None = None, metrics: Mapping[str, Any] | None = None,
                            extra: Mapping[str, Any] | None = None) -> None:
         """Record the end of an execution: its outputs (hashed off this thread), status, error, exit code and
@@ -432,7 +432,7 @@ class Recorder:
 
         self._guard("execution_finished", go, None)
 
-    def execution_failed(self, execution: Execution, *, error: BaseException | str | None,
+    def execution_failed(self, execution: Execution, *, error: BaseException | ErrorText | str | None,
                          outputs: Iterable[PathLike] = (), ended_at: float | None = None,
                          exit_code: int | None = None) -> None:
         """Record that an execution failed (shorthand for ``execution_finished(status=failed)``)."""

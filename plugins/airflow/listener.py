@@ -84,6 +84,7 @@ class MetatrailListener:
         self._store_lagging = False
         self._task_runner_pid: int | None = None
         self._exit_drain_pid: int | None = None
+        self._handed_off_pid: int | None = None  # a task runner that gave its pending events to a writer process
         #: (hook name, seconds spent in the hook) for the last hooks called in this process; benchmarks read it.
         self.timings: collections.deque[tuple[str, float]] = collections.deque(maxlen=100_000)
 
@@ -164,7 +165,16 @@ class MetatrailListener:
             return
         timeout = SHORT_FLUSH if self._store_lagging else cfg.settings.timeout
         self._store_lagging = not recorder.flush(timeout)
-        if self._store_lagging:
+        if self._store_lagging and self._in_task_runner() and recorder.pending and \
+                self._handed_off_pid != os.getpid():
+            self._handed_off_pid = os.getpid()
+            # The task runner ends with os._exit: what is still being stored here (a large output being hashed)
+            # would die with it. A writer process of its own stores it after this process has gone.
+            handed = recorder.hand_off()
+            log_once("flush-timeout", "metatrail: events not yet stored after %.1fs; %s", timeout,
+                     "handed to a writer process that stores them after this task process ends" if handed else
+                     "they are lost if this task process ends now")
+        elif self._store_lagging:
             log_once("flush-timeout", "metatrail: events not yet stored after %.1fs; they are written on exit if "
                      "the process lives that long (flush_timeout)", timeout)
 

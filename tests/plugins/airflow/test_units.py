@@ -363,3 +363,47 @@ def test_scheduler_side_hooks_record_from_loaded_orm_values(tmp_path: Path) -> N
     assert task_fail["run"]["facets"]["parent"]["run"]["runId"] == pipeline_id
     assert task_fail["run"]["facets"]["metatrail_execution"]["extra"]["reportedOutsideTask"] is True
     assert task_fail["run"]["facets"]["errorMessage"]["message"].startswith("Executor reported")
+
+
+_TASK_RUNNER_ENDS = """
+import os, sys
+from airflow.sdk.execution_time.task_runner import TaskRunnerMarker
+from metatrail.plugins.airflow import config
+from metatrail.plugins.airflow.listener import MetatrailListener
+
+big = sys.argv[1]
+with open(big, "wb") as f:
+    f.truncate(1536 * 1024 * 1024)  # sparse: seconds of hashing
+listener = MetatrailListener()
+listener.on_starting(TaskRunnerMarker())
+recorder = listener._recorder_for(config.plugin_config())
+recorder.execution_finished(recorder.execution_started("dag", "task"), outputs=[big])
+listener.before_stopping(TaskRunnerMarker())  # bounded: the output is still being hashed when it gives up
+os._exit(0)  # as the task runner ends
+"""
+
+
+def test_a_task_runner_hands_what_it_could_not_store_to_a_writer_process(tmp_path: Path) -> None:
+    """A deployed task runner ends with ``os._exit`` right after its bounded flush: a try whose output took longer to
+    hash than that lost its events. They are handed to a writer process that stores them after the runner ends."""
+    import subprocess
+    import sys
+
+    from metatrail.store import open_store
+
+    script = tmp_path / "runner.py"
+    script.write_text(_TASK_RUNNER_ENDS)
+    store = f"sqlite:///{tmp_path / 'm.db'}"
+    env = {**os.environ, "METATRAIL_STORE": store, "METATRAIL_ENERGY": "0", "METATRAIL_TIMEOUT": "0.3",
+           "METATRAIL_WRITER": "thread"}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "big.bin")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "handed to a writer process" in done.stdout + done.stderr  # where Airflow sends its log
+    deadline = time.monotonic() + 120
+    types: list[str] = []
+    while time.monotonic() < deadline and len(types) < 2:
+        time.sleep(0.5)
+        with open_store(store) as held:
+            types = sorted(e.body["eventType"] for e in held.iter_events())
+    assert types == ["COMPLETE", "START"]
