@@ -141,9 +141,9 @@ def _uncontended() -> list[tuple[str, float]]:
 
     from airflow.sdk import dag, task
 
+    from metatrail.boundedcall import BoundedCaller
     from metatrail.model import PipelineRun
     from metatrail.plugins.airflow import adapter, compat
-    from metatrail.plugins.airflow.guard import BoundedCaller
     from metatrail.recorder import Recorder
 
     @dag(dag_id="bench_parts", schedule=None, start_date=dt.datetime(2024, 1, 1))

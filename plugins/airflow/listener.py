@@ -30,12 +30,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from metatrail.boundedcall import BoundedCaller, WhenBusy
 from metatrail.config import is_disabled
 from metatrail.logsafe import log_once
 from metatrail.model import ArtifactRef, Execution, PipelineRun, Status
 from metatrail.plugins.airflow import adapter, compat
 from metatrail.plugins.airflow.config import PluginConfig, plugin_config
-from metatrail.plugins.airflow.guard import BoundedCaller, WhenBusy
 
 hookimpl = compat.hookimpl()
 TryKey = tuple[str, str, str, int, int]

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from metatrail.plugins.airflow.guard import BoundedCaller
+from metatrail.boundedcall import BoundedCaller
 from metatrail.plugins.prefect.values import is_builtin_collection, iterate_builtin
 
 MAX_PATHS = 64

@@ -13,11 +13,11 @@ import pytest
 
 pytest.importorskip("airflow", reason="Airflow tests run in the Airflow environment: nox -s airflow")
 
+from metatrail.boundedcall import MAX_BACKLOG, BoundedCaller, WhenBusy
 from metatrail.errors import ConfigError
 from metatrail.model import ArtifactRef, ErrorText
 from metatrail.plugins.airflow import adapter, compat
 from metatrail.plugins.airflow.config import read_config
-from metatrail.plugins.airflow.guard import MAX_BACKLOG, BoundedCaller, WhenBusy
 
 # -- the time cap ------------------------------------------------------------------------------------------------
 
