@@ -274,9 +274,10 @@ class Recorder:
 
     def _get_store(self) -> Any:
         if self._store is None:
-            from metatrail.store import open_store
+            # Only ingest and close are used: an embedded store gets the writer that does not import SQLAlchemy.
+            from metatrail.store.sqlite_writer import open_writer
 
-            self._store = open_store(self.settings.store)
+            self._store = open_writer(self.settings.store)
         return self._store
 
     def _energy(self) -> Any:
@@ -560,9 +561,9 @@ class Recorder:
 
     # -- the writer thread --------------------------------------------------------------------------------------
     def _writer(self) -> None:
-        # The writer's first imports (the store's SQLAlchemy takes a second or more) run under a lock that fork
-        # waits for: a child forked while another thread is halfway through importing a module inherits it half
-        # made, and every build and store call in the child then fails on it.
+        # The writer's first imports (a store on a server or PostgreSQL imports SQLAlchemy: a second or more on a slow
+        # machine) run under a lock that fork waits for: a child forked while another thread is halfway through
+        # importing a module inherits it half made, and every build and store call in the child then fails on it.
         with _writer_imports.held():
             self._guard("writer start-up", self._import_writer_modules, None)
         while True:

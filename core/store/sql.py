@@ -1,6 +1,7 @@
 """The SQL store (SQLite embedded default, PostgreSQL for servers), written against SQLAlchemy Core.
 
-See :mod:`metatrail.store.base` for the contract and :mod:`metatrail.store.dialect` for what differs per database.
+See :mod:`metatrail.store.base` for the contract, :mod:`metatrail.store.ingest` for the ingest transaction (shared
+with the Recorder's SQLite writer) and :mod:`metatrail.store.dialect` for what differs per database.
 """
 
 from __future__ import annotations
@@ -15,58 +16,11 @@ from sqlalchemy import Connection, and_, func, or_, select
 from sqlalchemy.exc import DatabaseError
 
 from metatrail.errors import CorruptStoreError, EventError, StoreError
-from metatrail.openlineage.events import canonical_bytes
-from metatrail.store import dialect
-from metatrail.store.base import CanonicalEvent, EventStore, IngestResult, StoredEvent, digest
-from metatrail.store.projection import EventRecord, parse_event_time, project_run
+from metatrail.store import dialect, ingest
+from metatrail.store.base import EventStore, IngestResult, StoredEvent
+from metatrail.store.ingest import chunks as _chunks
+from metatrail.store.projection import EventRecord, project_run
 from metatrail.store.schema import CURRENT_VERSION, MIGRATIONS, edges, events, runs, schema_version
-
-CHUNK = 500  # bound on IN (...) lists
-MAX_ID = 64  # the width of run id columns (runs.run_id, events.run_id)
-MAX_EVENT_TYPE = 16  # the width of events.event_type
-
-
-def _chunks(items: Sequence[str], size: int = CHUNK) -> Iterator[Sequence[str]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def prepare_event(event: Mapping[str, Any], site: str | None = None) -> tuple[str, str, EventRecord, dict[str, Any]]:
-    """Check that an event can be stored and projected; return (id, canonical text, record, row values) for storing
-    it as received from ``site``. A :class:`~metatrail.store.base.CanonicalEvent` brings its canonical bytes along;
-    any other mapping is serialised."""
-    if isinstance(event, CanonicalEvent):
-        raw, eid = event.canonical, event.id
-    elif not isinstance(event, Mapping):
-        raise EventError(f"an event must be a JSON object, got {type(event).__name__}")
-    else:
-        try:
-            raw = canonical_bytes(event)
-        except (TypeError, ValueError) as exc:
-            raise EventError(f"event is not JSON-serialisable: {exc}") from None
-        eid = digest(raw)
-    text_ = raw.decode("utf-8")
-    etime = parse_event_time(event.get("eventTime"))
-    run = event.get("run")
-    run_id = run.get("runId") if isinstance(run, Mapping) else None
-    job = event.get("job")
-    if run is not None and not (isinstance(run_id, str) and 0 < len(run_id) <= MAX_ID):
-        raise EventError(f"run.runId is required on a run event, a string of at most {MAX_ID} characters")
-    event_type = event.get("eventType")
-    if event_type is not None and not (isinstance(event_type, str) and len(event_type) <= MAX_EVENT_TYPE):
-        raise EventError(f"eventType must be a string of at most {MAX_EVENT_TYPE} characters")
-    # The projection reads the caller's own mapping: parsing the canonical text back would cost as much again.
-    record = EventRecord(id=eid, time=etime, body=event, site=site)
-    row = {
-        "id": eid,
-        "site": site,
-        "run_id": run_id,
-        "event_type": event_type or None,
-        "event_time": etime,
-        "job_namespace": job.get("namespace") if isinstance(job, Mapping) else None,
-        "job_name": job.get("name") if isinstance(job, Mapping) else None,
-    }
-    return eid, text_, record, row
 
 
 class SqlStore(EventStore):
@@ -111,64 +65,21 @@ class SqlStore(EventStore):
     # -- writing ------------------------------------------------------------------------------------------------
     def ingest(self, events_in: Sequence[Mapping[str, Any]], *, site: str | None = None,
                sites: Sequence[str | None] | None = None) -> IngestResult:
-        if sites is not None and len(sites) != len(events_in):
-            raise ValueError(f"{len(sites)} sites for {len(events_in)} events")
-        prepared: dict[str, tuple[str, EventRecord, dict[str, Any]]] = {}
-        for i, ev in enumerate(events_in):
-            eid, text_, record, row = prepare_event(ev, site if sites is None else sites[i])
-            prepared.setdefault(eid, (text_, record, row))
+        prepared = ingest.prepare_batch(events_in, site, sites)
         if not prepared:
             return IngestResult(received=len(events_in), inserted=0)
-
         name = self._engine.dialect.name
 
         def run() -> IngestResult:
             with dialect.raw_transaction(self._engine) as cur:
-                dialect.lock_log(cur, name)
-                ids = list(prepared)
-                # One look serves three needs: an event's run is part of its content, so an event already stored is
-                # among the events listed for its run; those listed are what the projections are rebuilt from; and
-                # their bodies come along (a second statement cost a one-event ingest more than reading them here).
-                run_ids = sorted({row["run_id"] for _, _, row in prepared.values() if row["run_id"]})
-                dialect.lock_runs(cur, name, run_ids)
-                listed: dict[str, list[tuple[str, float, str, str | None]]] = defaultdict(list)
-                for part in _chunks(run_ids):
-                    clause, params = dialect.any_of(name, "run_id", part)
-                    cur.execute(f"SELECT run_id, id, event_time, body, site FROM events WHERE {clause}", params)
-                    for run_id, eid, etime, body, stored_site in cur.fetchall():
-                        listed[run_id].append((eid, etime, body, stored_site))
-                existing = {stored[0] for events_of in listed.values() for stored in events_of if stored[0] in prepared}
-                runless = [i for i in ids if not prepared[i][2]["run_id"]]
-                for part in _chunks(runless):
-                    clause, params = dialect.any_of(name, "id", part)
-                    cur.execute(f"SELECT id FROM events WHERE {clause}", params)
-                    existing.update(r[0] for r in cur.fetchall())
-                new_ids = [i for i in ids if i not in existing]
-                if not new_ids:
-                    return IngestResult(received=len(events_in), inserted=0)
-                now = time.time()
-                rows = [{**prepared[i][2], "ingested_at": now, "body": prepared[i][0]} for i in new_ids]
-                dialect.bulk_insert(cur, name, events, rows)  # new: the log lock is held and we looked
-                touched = sorted({prepared[i][2]["run_id"] for i in new_ids if prepared[i][2]["run_id"]})
-                by_run: dict[str, list[EventRecord]] = defaultdict(list)
-                for i in new_ids:
-                    if prepared[i][2]["run_id"]:
-                        by_run[prepared[i][2]["run_id"]].append(prepared[i][1])
-                for run_id in touched:
-                    for eid, etime, body, stored_site in listed.get(run_id, ()):
-                        # Sent again: its body is at hand, but it stays the event it was, from where it first came.
-                        again = prepared.get(eid)
-                        by_run[run_id].append(EventRecord(id=eid, time=etime, site=stored_site,
-                                                          body=again[1].body if again else orjson.loads(body)))
-                self._store_projections(cur, name, touched, by_run)
-            return IngestResult(received=len(events_in), inserted=len(new_ids), inserted_ids=tuple(new_ids))
+                return ingest.ingest_prepared(cur, name, prepared, len(events_in))
 
         try:
             return dialect.retrying(run)
         except Exception as exc:
             if dialect.is_operational(exc):
                 raise StoreError(f"cannot write store {self.url}: {getattr(exc, 'orig', None) or exc}") from None
-            if dialect.is_data_error(exc):
+            if ingest.is_data_error(exc):
                 raise EventError(f"the store cannot hold a value of these events: {str(exc)[:200]}") from None
             raise
 
@@ -178,32 +89,14 @@ class SqlStore(EventStore):
         cursor, ``name`` the dialect's name."""
         if not run_ids:
             return
-        dialect.lock_runs(cur, name, run_ids)
+        ingest.lock_runs(cur, name, run_ids)
         by_run: dict[str, list[EventRecord]] = defaultdict(list)
         for part in _chunks(run_ids):
-            clause, params = dialect.any_of(name, "run_id", part)
+            clause, params = ingest.any_of(name, "run_id", part)
             cur.execute(f"SELECT run_id, id, event_time, body, site FROM events WHERE {clause}", params)
             for run_id, eid, etime, body, site in cur.fetchall():
                 by_run[run_id].append(EventRecord(id=eid, time=etime, body=orjson.loads(body), site=site))
-        SqlStore._store_projections(cur, name, run_ids, by_run)
-
-    @staticmethod
-    def _store_projections(cur: Any, name: str, run_ids: Sequence[str],
-                           by_run: Mapping[str, Sequence[EventRecord]]) -> None:
-        """Write the projected rows of ``run_ids``, projected from ``by_run`` (every event of each). Edges are only
-        added or updated: callers either add events to runs or have emptied ``io_edges`` first."""
-        run_rows, edge_rows = [], []
-        for run_id in run_ids:
-            proj = project_run(run_id, by_run[run_id])
-            # Only our own facet is kept on the row (lists need the parameters); get_run re-projects the rest.
-            own = {k: v for k, v in proj.run["facets"].items() if k in ("metatrail_execution", "metatrail_energy")}
-            run_rows.append({**proj.run, "facets": canonical_bytes(own).decode()})  # big integers too
-            edge_rows.extend(proj.edges)
-        dialect.bulk_insert(cur, name, runs, run_rows, mode="update", key=["run_id"])
-        # A run's edges are the union of its events' inputs and outputs, so more events never remove one: upsert them
-        # (an unchanged edge is not rewritten) rather than delete and insert them all again.
-        dialect.bulk_insert(cur, name, edges, edge_rows, mode="refresh",
-                            key=["run_id", "direction", "namespace", "name"])
+        ingest.store_projections(cur, name, run_ids, by_run)
 
     def checkpoint(self) -> tuple[int, int] | None:
         """A passive WAL checkpoint (SQLite; None elsewhere): see :func:`metatrail.store.dialect.checkpoint`."""

@@ -16,7 +16,7 @@ from metatrail.openlineage.events import canonical_bytes, event_id
 from metatrail.openlineage.validation import InvalidEvent, check_structure, plainly_sound, validate_event
 from metatrail.store import open_store
 from metatrail.store.base import CanonicalEvent, digest
-from metatrail.store.dialect import SQLITE_ROWS_PER_INSERT
+from metatrail.store.ingest import SQLITE_ROWS_PER_INSERT
 
 
 def _nested(depth: int) -> dict[str, Any]:

@@ -1,0 +1,81 @@
+"""The embedded store's SQLite file: the checks before it is opened and the settings of every connection to it.
+
+Shared by the SQLAlchemy engines of :mod:`metatrail.store.dialect` and the Recorder's
+:mod:`metatrail.store.sqlite_writer`, so both open the file the same way; nothing here imports SQLAlchemy.
+
+* WAL journal, ``synchronous=NORMAL`` (durable across process crashes; an OS crash may lose the last commits, never
+  corrupt), a long ``busy_timeout`` so that concurrent writers queue instead of failing.
+* A file is looked at only through SQLite (see :func:`check_file`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from metatrail.errors import CorruptStoreError, StoreError
+
+BUSY_TIMEOUT_MS = 60_000
+
+# Checkpoint the WAL every ~40 MB rather than every 4 MB: a burst of large events then pays for fewer checkpoints
+# (each an fsync of the database file).
+WAL_AUTOCHECKPOINT = 10_000
+
+
+def configure(dbapi_conn: Any, wal_autocheckpoint: int = WAL_AUTOCHECKPOINT) -> None:
+    """Settings of every connection to a store file; the connection is left in autocommit mode (its users issue
+    ``BEGIN`` themselves)."""
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cur.close()
+
+
+def make_parent(path: Path) -> None:
+    """Create the store file's directory; a path that cannot be one (a regular file on the way, no permission) is a
+    :class:`StoreError` that names it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((d for d in (path.parent, *path.parent.parents) if d.exists() and not d.is_dir()), None)
+        why = f"{blocker} is not a directory" if blocker is not None else exc.strerror or str(exc)
+        raise StoreError(f"cannot create the directory of store file {path}: {why} "
+                         f"(point METATRAIL_STORE elsewhere)") from None
+
+
+def check_file(path: Path) -> None:
+    """Refuse, without touching it, a file that is not an SQLite database or holds another application's tables.
+
+    The file is looked at only through SQLite, never opened by this process in any other way: POSIX locks belong to
+    the process, and closing *any* descriptor of the file drops every lock the process holds on it. A server opens
+    an engine per part (store, tokens, peers, sync log) while earlier ones hold connections; a plain ``open()`` and
+    ``close()`` here dropped their locks, and the next process to close its connection took itself for the last
+    user and deleted the WAL under them (acknowledged events were lost). SQLite keeps such descriptors open until
+    its last connection to the file ends.
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    # Look before the first write: switching to WAL would already change a foreign database's header.
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        if "file is not a database" in str(exc):
+            raise CorruptStoreError(f"store file {path} is not an SQLite database (corrupt or another file); "
+                                    "nothing was changed. Move it away or point METATRAIL_STORE elsewhere.") from None
+        if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
+            raise StoreError(f"cannot read store file {path}: {exc}") from None
+        raise CorruptStoreError(f"store file {path} is damaged ({exc}); nothing was changed") from None
+    if names and "metatrail_schema" not in names:
+        raise CorruptStoreError(f"{path} holds tables ({', '.join(sorted(names)[:5])}) but is not a metatrail "
+                                "store; nothing was changed")
