@@ -1,0 +1,109 @@
+"""SIGTERM in multiprocessing children: a worker that ``Pool.__exit__`` (or ``terminate()``) ends stores what it
+recorded first, and still ends killed by SIGTERM; a process's own SIGTERM handler is kept; other processes are left
+alone. Each scenario runs in a fresh interpreter with its own store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from metatrail.store import open_store
+
+# The parent installs a Recorder that lingers 30 s for company before it stores a batch: only a flush stores a
+# worker's events before SIGTERM ends it, so without one they are all lost.
+PRELUDE = """
+import json, multiprocessing as mp, os, signal, sys, time
+from metatrail import recorder as rm
+rm._recorder = rm.Recorder(linger_s=30.0)
+
+def record(i):
+    rec = rm.get_recorder()
+    execution = rec.execution_started("pool", "square", params={"i": i})
+    rec.execution_finished(execution)
+    return i * i
+"""
+
+POOL = PRELUDE + """
+if __name__ == "__main__":
+    with mp.get_context(sys.argv[1]).Pool(2) as pool:
+        print(json.dumps(pool.map(record, range(10))))
+"""
+
+TERMINATED = PRELUDE + """
+def child(ready, own_handler, marker):
+    if own_handler:
+        def handler(signum, frame):
+            open(marker, "w").write("handled")
+            os._exit(3)
+        signal.signal(signal.SIGTERM, handler)
+    record(7)
+    ready.set()
+    time.sleep(60)
+
+if __name__ == "__main__":
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    p = ctx.Process(target=child, args=(ready, sys.argv[1] == "own", sys.argv[2]))
+    p.start()
+    assert ready.wait(60)
+    p.terminate()
+    p.join(60)
+    print(json.dumps({"exitcode": p.exitcode}))
+"""
+
+PLAIN = """
+import json, signal
+from metatrail.recorder import get_recorder
+rec = get_recorder()
+rec.execution_finished(rec.execution_started("plain", "step"))
+print(json.dumps({"default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "stored": rec.flush(60)}))
+"""
+
+
+def _run(tmp_path: Path, script: str, *args: str) -> dict[str, object] | list[int]:
+    env = {**os.environ, "METATRAIL_STORE": f"sqlite:///{tmp_path / 'store.db'}",
+           "METATRAIL_HASH_CACHE": str(tmp_path / "hc.db"), "METATRAIL_ENERGY": "0"}
+    env.pop("METATRAIL_DISABLED", None)
+    path = tmp_path / "script.py"
+    path.write_text(textwrap.dedent(script))
+    done = subprocess.run([sys.executable, str(path), *args], env=env, capture_output=True, text=True, timeout=180,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result: dict[str, object] | list[int] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _stored(tmp_path: Path) -> list[tuple[str | None, str | None]]:
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    try:
+        return sorted((e.body.get("eventType"), e.body["job"]["name"]) for e in store.iter_events())
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_workers_of_a_pool_left_as_a_context_manager_store_their_events(tmp_path: Path, start_method: str) -> None:
+    assert _run(tmp_path, POOL, start_method) == [i * i for i in range(10)]  # results unchanged
+    assert _stored(tmp_path) == [("COMPLETE", "pool.square")] * 10 + [("START", "pool.square")] * 10
+
+
+def test_a_terminated_child_stores_its_events_and_still_dies_of_sigterm(tmp_path: Path) -> None:
+    assert _run(tmp_path, TERMINATED, "default", str(tmp_path / "marker")) == {"exitcode": -signal.SIGTERM}
+    assert _stored(tmp_path) == [("COMPLETE", "pool.square"), ("START", "pool.square")]
+
+
+def test_a_childs_own_sigterm_handler_is_kept(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    assert _run(tmp_path, TERMINATED, "own", str(marker)) == {"exitcode": 3}
+    assert marker.read_text() == "handled"
+
+
+def test_a_process_that_is_not_a_multiprocessing_child_keeps_the_default_action(tmp_path: Path) -> None:
+    assert _run(tmp_path, PLAIN) == {"default": True, "stored": True}
