@@ -435,10 +435,21 @@ class HttpEndpoint:
     def fetch(self, ids: Sequence[str], filt: Filter) -> list[Shipped]:
         out: list[Shipped] = []
         for part in _chunks(list(ids), FETCH_CHUNK):
-            reply = self.client.request("POST", "/api/v1/sync/fetch", json_body={"ids": list(part)})
-            for item in reply["events"]:
-                text = json.dumps(item["event"], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-                out.append(Shipped(id=str(item["id"]), site=item.get("site") or self.site, text=text))
+            asked = list(part)
+            while asked:
+                # A server answers at most so many bytes of events at a time: ``partial`` takes such an answer, and
+                # ``rest`` names the ids it did not get to, asked for again.
+                reply = self.client.request("POST", "/api/v1/sync/fetch", json_body={"ids": asked, "partial": True})
+                for item in reply["events"]:
+                    text = json.dumps(item["event"], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+                    out.append(Shipped(id=str(item["id"]), site=item.get("site") or self.site, text=text))
+                rest = reply.get("rest") or []
+                if rest and (not isinstance(rest, list) or len(rest) >= len(asked)
+                             or not all(isinstance(i, str) for i in rest) or not set(rest) <= set(asked)):
+                    # A peer is not trusted more than a client: an answer that does not shrink what is left would
+                    # make this loop for ever.
+                    raise StoreError(f"{self.client.url} answered a fetch without progress; refusing its answer")
+                asked = list(rest)
         return out
 
     def missing(self, ids: Sequence[str]) -> list[str]:

@@ -5,8 +5,9 @@
   creation. Comparison is constant-time.
 * Scopes: ``read`` (queries, pull), ``write`` (ingest, push), ``admin`` (tokens, peers; implies read and write).
   ``pipelines`` restricts what a token may read (selective sharing with a peer); None = every pipeline. Such a
-  token also writes only into those pipelines (:func:`refuse_foreign_pipelines`): a run's pipeline follows its
-  latest event, so a write elsewhere could relabel a run it may not read into one it may.
+  token also writes only into those pipelines (:func:`refuse_foreign_pipelines`, and the writer for the runs already
+  stored: :class:`~metatrail.server.writer.PipelineForbidden`): a run's pipeline follows its latest event, so a write
+  elsewhere could relabel a run it may not read into one it may.
 * A token writes as its own site: a request claiming another site (``X-Metatrail-Site``) is refused with 403
   unless the token is an admin token.
 * Every route declares its policy with :func:`policy` (``public``, ``read``, ``write``, ``admin``). Routes are built
@@ -251,24 +252,18 @@ def current(request: Request) -> Principal:
     return principal
 
 
-async def refuse_foreign_pipelines(request: Request, events: Sequence[Mapping[str, Any]]) -> None:
-    """403 (nothing stored) when a token that may read only some pipelines writes an event into another pipeline,
-    or into a run stored under another pipeline. A run's pipeline follows its latest event, so such a write could
-    otherwise move a run it cannot read into one it can, and then read it. Unrestricted tokens pass at no cost:
-    no lookup, no query (the single-event POST is the hot path)."""
+def refuse_foreign_pipelines(request: Request, events: Sequence[Mapping[str, Any]]) -> frozenset[str] | None:
+    """403 (nothing stored) when a token that may read only some pipelines writes an event into another pipeline;
+    return those pipelines (None for an unrestricted token), which the writer then holds the events' stored runs to
+    (:class:`~metatrail.server.writer.PipelineForbidden`). A run's pipeline follows its latest event, so a write
+    into another pipeline's run could otherwise move a run the token cannot read into one it can, and then read it.
+    The runs are looked at by the writer, in the same serialised step as the write: a look here, before the hand-over,
+    could be overtaken by another writer's commit. Unrestricted tokens pass at no cost: no lookup, no query (the
+    single-event POST is the hot path)."""
     principal = current(request)
-    if principal.pipelines is None:
-        return
-    _refuse_foreign_events(principal, events)
-    run_ids = [rid for rid in (_run_id(e) for e in events) if rid is not None]
-    if not run_ids:
-        return
-    store = request.app.state.services.store
-    stored: dict[str, str] = await run_in_threadpool(store.run_pipelines, run_ids)
-    for run_id, pipeline in stored.items():
-        if not principal.may_read(pipeline):
-            raise ApiError(403, "pipeline_forbidden", f"run {run_id} belongs to a pipeline this token may not read; "
-                           "a token limited to some pipelines writes only into runs of those pipelines")
+    if principal.pipelines is not None:
+        _refuse_foreign_events(principal, events)
+    return principal.pipelines
 
 
 def _refuse_foreign_events(principal: Principal, events: Sequence[Mapping[str, Any]]) -> None:
@@ -282,13 +277,6 @@ def _refuse_foreign_events(principal: Principal, events: Sequence[Mapping[str, A
             raise ApiError(403, "pipeline_forbidden",
                            f"this token may write only into the pipelines it may read ({allowed}); "
                            f"this event belongs to {target}")
-
-
-def _run_id(event: Mapping[str, Any]) -> str | None:
-    """The run id an event is stored under (None without one; the store refuses a run id that is not text)."""
-    run = event.get("run")
-    run_id = run.get("runId") if isinstance(run, Mapping) else None
-    return run_id if isinstance(run_id, str) else None
 
 
 def writing_site(request: Request) -> str:

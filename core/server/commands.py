@@ -79,7 +79,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
     elif args.forward:
         forward = True
     config = ServerConfig(store=store, site=args.site or load_settings().site, forward=forward,
-                          max_event_bytes=int(args.max_event_mb * MiB), max_batch_bytes=int(args.max_batch_mb * MiB))
+                          max_event_bytes=int(args.max_event_mb * MiB), max_batch_bytes=int(args.max_batch_mb * MiB),
+                          max_fetch_bytes=int(args.max_fetch_mb * MiB))
     if not args.tls_cert and not is_loopback(args.host):
         print("metatrail: warning: serving without TLS on a non-loopback address; tokens travel in clear text",
               file=sys.stderr)
@@ -283,6 +284,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--forward-config", help="openlineage-python client config file (YAML) for forwarding")
     p.add_argument("--max-event-mb", type=float, default=5.0, help="largest single event body (MiB)")
     p.add_argument("--max-batch-mb", type=float, default=64.0, help="largest batch/push body (MiB)")
+    p.add_argument("--max-fetch-mb", type=float, default=32.0,
+                   help="event bodies per sync answer (MiB; more come in further pages)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=_cmd_server)
 

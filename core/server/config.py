@@ -24,6 +24,7 @@ class ServerConfig:
     max_batch_bytes: int = 64 * MiB
     max_batch_events: int = 10_000
     max_ids: int = 10_000
+    max_fetch_bytes: int = 32 * MiB  # event bodies per answer of /sync/fetch and /api/v1/events (at least one event)
     max_depth: int = 64
     auth_cache_ttl: float = AUTH_CACHE_TTL
     max_pending_events: int = 200_000

@@ -10,10 +10,10 @@ from typing import Any
 from metatrail.errors import ConfigError
 from metatrail.server.auth import TokenStore
 from metatrail.server.config import ServerConfig
+from metatrail.server.eventlog import ServerLog
 from metatrail.server.federation import PeerStore, Scheduler
 from metatrail.server.writer import IngestWriter
 from metatrail.store.base import EventStore
-from metatrail.sync import SyncLog
 
 log = logging.getLogger("metatrail.server")
 
@@ -24,7 +24,7 @@ class Services:
 
     config: ServerConfig
     store: EventStore
-    log: SyncLog
+    log: ServerLog
     tokens: TokenStore
     peers: PeerStore
     writer: IngestWriter
@@ -52,7 +52,7 @@ class Services:
                               on_inserted=forwarder.enqueue if forwarder is not None else None,
                               inline_max=config.inline_events if sqlite else 0,
                               checkpoint=store.checkpoint if sqlite else None)
-        return cls(config=config, store=store, log=SyncLog(store.url),
+        return cls(config=config, store=store, log=ServerLog(store.url),
                    tokens=TokenStore(store.url, ttl=config.auth_cache_ttl, migrate=False),
                    peers=PeerStore(store.url, migrate=False),
                    writer=writer, forwarder=forwarder)

@@ -19,6 +19,13 @@ thread, which runs a passive checkpoint (it blocks neither readers nor writers) 
 
 Bounded: past ``max_pending`` waiting events, ``submit`` raises :class:`Overloaded` (the route answers 503 with
 ``Retry-After``) rather than growing without limit.
+
+A job may carry the pipelines its writer may read (a token limited to some pipelines): then the writer refuses it
+(:class:`PipelineForbidden`, nothing stored) when one of its runs is stored under another pipeline. The writer looks
+right before it writes such a job, alone in its transaction, while no other write of this server can run (the writer
+is busy from the look to the commit): a run cannot become another pipeline's between the look and the write, as it
+could when the route looked before handing the job over. Unrestricted jobs are not looked at, and are group-committed
+as before.
 """
 
 from __future__ import annotations
@@ -42,11 +49,21 @@ class Overloaded(Exception):
     """Too many events are waiting to be written; the client should retry later."""
 
 
+class PipelineForbidden(Exception):
+    """A job limited to some pipelines would write into a run stored under another pipeline (nothing was stored)."""
+
+    def __init__(self, run_id: str, allowed: frozenset[str]) -> None:
+        super().__init__(f"run {run_id} belongs to a pipeline this token may not read; a token limited to some "
+                         f"pipelines ({', '.join(sorted(allowed))}) writes only into runs of those pipelines")
+        self.run_id = run_id
+
+
 @dataclass
 class _Job:
     events: Sequence[Mapping[str, Any]]
     site: str | None
     sites: Sequence[str | None] | None = None  # one per event, instead of ``site``
+    pipelines: frozenset[str] | None = None  # what the sending token may read; None = unrestricted (not checked)
     future: Future[IngestResult] = field(default_factory=Future)
 
     def event_sites(self) -> Sequence[str | None]:
@@ -136,16 +153,21 @@ class IngestWriter:
             return self._pending
 
     def submit(self, events: Sequence[Mapping[str, Any]], site: str | None,
-               sites: Sequence[str | None] | None = None) -> Future[IngestResult]:
+               sites: Sequence[str | None] | None = None, *,
+               pipelines: frozenset[str] | None = None) -> Future[IngestResult]:
         """Queue validated events for writing under ``site`` (or ``sites``, one per event: all are written in one
-        transaction); the future resolves after commit."""
+        transaction); the future resolves after commit. With ``pipelines`` (what the writer may read), the future
+        fails with :class:`PipelineForbidden` when a run of the events is stored under another pipeline (see module
+        docstring)."""
         if sites is not None and len(sites) != len(events):
             raise ValueError(f"{len(sites)} sites for {len(events)} events")
-        job = _Job(events=events, site=site, sites=sites)
+        job = _Job(events=events, site=site, sites=sites, pipelines=pipelines)
         with self._cv:
             if self._closed:
                 raise Overloaded("the server is shutting down")
-            inline = len(events) <= self.inline_max and not self._queue and not self._busy
+            # A restricted job's look at the store is a query: not on the event loop, so never inline.
+            inline = (len(events) <= self.inline_max and pipelines is None and not self._queue
+                      and not self._busy)
             if inline:
                 self._busy = True
         if inline:
@@ -196,7 +218,10 @@ class IngestWriter:
             self._busy = True
             jobs = [self._queue.popleft()]
             size = len(jobs[0].events)
-            while self._queue and size + len(self._queue[0].events) <= self.max_batch:
+            if jobs[0].pipelines is not None:
+                return jobs  # checked and written alone (module docstring)
+            while (self._queue and self._queue[0].pipelines is None
+                   and size + len(self._queue[0].events) <= self.max_batch):
                 job = self._queue.popleft()
                 size += len(job.events)
                 jobs.append(job)
@@ -215,7 +240,33 @@ class IngestWriter:
                     self._busy = False
                     self._cv.notify_all()
 
+    def _refuse_foreign_runs(self, job: _Job) -> None:
+        """Raise :class:`PipelineForbidden` when a run of ``job`` (a restricted job) is stored under a pipeline the
+        job's writer may not read. Called by the writer right before it writes the job: see module docstring."""
+        allowed = job.pipelines
+        assert allowed is not None
+        run_ids = {rid for rid in (_run_id(e) for e in job.events) if rid is not None}
+        if not run_ids:
+            return
+        lookup: Callable[[Sequence[str]], Mapping[str, str]] | None = getattr(self.store, "run_pipelines", None)
+        if lookup is None:  # fail closed: a restricted write is never stored unchecked
+            raise StoreError("this store cannot say which pipeline a run is stored under")
+        for run_id, pipeline in sorted(lookup(sorted(run_ids)).items()):
+            if pipeline not in allowed:
+                raise PipelineForbidden(run_id, allowed)
+
     def _write(self, jobs: list[_Job]) -> None:
+        if jobs[0].pipelines is not None:
+            assert len(jobs) == 1  # _take hands a restricted job over alone
+            try:
+                self._refuse_foreign_runs(jobs[0])
+            except PipelineForbidden as exc:
+                jobs[0].future.set_exception(exc)
+                return
+            except Exception as exc:
+                log.warning("metatrail server: looking up the runs of a restricted write failed: %s", exc)
+                jobs[0].future.set_exception(exc)
+                return
         try:
             if all(j.sites is None and j.site == jobs[0].site for j in jobs):
                 result = self.store.ingest([e for j in jobs for e in j.events], site=jobs[0].site)
@@ -264,3 +315,10 @@ class IngestWriter:
                     self.on_inserted(inserted, site)
                 except Exception as exc:  # fan-out must never fail an ingest that is already committed
                     log.warning("metatrail server: fan-out hook failed: %s", exc)
+
+
+def _run_id(event: Mapping[str, Any]) -> str | None:
+    """The run id an event is stored under (None without one; the store refuses a run id that is not text)."""
+    run = event.get("run")
+    run_id = run.get("runId") if isinstance(run, Mapping) else None
+    return run_id if isinstance(run_id, str) else None

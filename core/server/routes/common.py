@@ -13,7 +13,7 @@ from metatrail.openlineage.events import canonical_bytes
 from metatrail.openlineage.validation import InvalidEvent, validate_event
 from metatrail.server.errors import ApiError
 from metatrail.server.services import Services
-from metatrail.server.writer import Overloaded
+from metatrail.server.writer import Overloaded, PipelineForbidden
 from metatrail.store.base import CanonicalEvent, IngestResult
 
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -86,12 +86,13 @@ def checked_events(events: Sequence[Any], *, max_depth: int, max_errors: int | N
 
 
 async def submit(svc: Services, events: Sequence[Mapping[str, Any]], site: str | None,
-                 sites: Sequence[str | None] | None = None) -> IngestResult:
+                 sites: Sequence[str | None] | None = None, *, pipelines: frozenset[str] | None = None) -> IngestResult:
     """Hand validated events to the writer (received from ``site``, or ``sites``: one per event) and wait until they
     are committed, all in one transaction; 503 when overloaded or the store fails (the client retries: ingest is
-    idempotent)."""
+    idempotent). ``pipelines``: what a restricted writer may read; 403 ``pipeline_forbidden`` (nothing stored) when
+    one of the events' runs is stored under another pipeline."""
     try:
-        future = svc.writer.submit(events, site, sites)
+        future = svc.writer.submit(events, site, sites, pipelines=pipelines)
     except Overloaded as exc:
         raise ApiError(503, "overloaded", f"{exc}; retry later", headers={"Retry-After": "1"}) from None
     try:
@@ -99,6 +100,8 @@ async def submit(svc: Services, events: Sequence[Mapping[str, Any]], site: str |
         return future.result() if future.done() else await asyncio.wrap_future(future)
     except EventError as exc:
         raise ApiError(422, "invalid_event", str(exc)) from None
+    except PipelineForbidden as exc:
+        raise ApiError(403, "pipeline_forbidden", str(exc)) from None
     except Exception:  # the events were valid: a store failure is temporary from the client's view
         # What failed is in the server's log (the writer logs it); internals are not the client's business.
         raise ApiError(503, "store_unavailable", "the store could not write the events; retry later",

@@ -3,7 +3,9 @@
 ``GET /api/v1/sync/ids`` pages the log as ``(seq, id)`` pairs after a cursor; ``POST /api/v1/sync/fetch`` returns
 bodies by id; ``POST /api/v1/sync/missing`` says which ids this server lacks; ``POST /api/v1/sync/push`` stores
 events with their origin sites. ``GET /api/v1/events`` pages whole events (for ``RemoteStore.iter_events``). Reads
-honour the token's pipeline restriction.
+honour the token's pipeline restriction, and so does ``missing``: to a token limited to some pipelines, an event it
+may not read is missing (else the answer would tell it whether such an event exists). Answers with event bodies are
+bounded in bytes (``max_fetch_bytes``): ``fetch`` names the ids it did not get to, ``events`` says ``more``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ _EVENT_ID = re.compile(EVENT_ID_PATTERN)
 IDS_SCHEMA = {"type": "object", "required": ["ids"],
               "properties": {"ids": {"type": "array", "maxItems": 10000,
                                      "items": {"type": "string", "pattern": EVENT_ID_PATTERN}}}}
+FETCH_SCHEMA = {"type": "object", "required": ["ids"],
+                "properties": {"ids": {"type": "array", "maxItems": 10000,
+                                       "items": {"type": "string", "pattern": EVENT_ID_PATTERN}},
+                               "partial": {"type": "boolean", "description":
+                                           "the client takes an answer cut at the server's byte bound, with the ids "
+                                           "it did not get to in 'rest' (without it, such an answer is a 413)"}}}
 PUSH_SCHEMA = {"type": "object", "required": ["events"],
                "properties": {"events": {"type": "array", "items": EVENT_SCHEMA},
                               "origins": {"type": "array", "items": {"type": ["string", "null"]}}}}
@@ -47,13 +55,17 @@ def _filter(request: Request, pipeline: str | None, run_id: str | None, since: f
 
 
 async def _ids(request: Request, limit: int) -> list[str]:
+    return (await _ids_body(request, limit))[0]
+
+
+async def _ids_body(request: Request, limit: int) -> tuple[list[str], dict[str, Any]]:
     body = await read_json(request, max_bytes=limit * 80 + 1024, max_depth=4)
     ids = body.get("ids") if isinstance(body, dict) else None
     if not isinstance(ids, list) or len(ids) > limit:
         raise ApiError(422, "invalid_ids", f"send {{\"ids\": [...]}} with at most {limit} event ids")
     if not all(isinstance(i, str) and _EVENT_ID.fullmatch(i) for i in ids):
         raise ApiError(422, "invalid_ids", "event ids are 64 lower-case hex characters")
-    return ids
+    return ids, body
 
 
 @router.get("/api/v1/sync/ids", tags=["sync"])
@@ -73,25 +85,35 @@ async def sync_ids(request: Request, after: int = Query(0, ge=0, le=2**62), limi
     return {"site": svc.config.site, "items": page.items, "last": page.last, "more": page.more}
 
 
-@router.post("/api/v1/sync/fetch", tags=["sync"], openapi_extra=json_body(IDS_SCHEMA))
+@router.post("/api/v1/sync/fetch", tags=["sync"], openapi_extra=json_body(FETCH_SCHEMA))
 @policy(READ)
 async def sync_fetch(request: Request) -> Response:
-    """The events with these ids (those the token may read), with their origin sites."""
+    """The events with these ids (those the token may read), with their origin sites, up to the server's byte bound
+    (at least one event). With ``"partial": true`` an answer cut there lists the ids it did not get to in ``rest``
+    (ask again for them); without it (a client that would take a cut answer for the whole) such an answer is a 413."""
     svc = services(request)
-    ids = await _ids(request, svc.config.max_ids)
-    found = await run_in_threadpool(svc.log.fetch, ids, _filter(request, None, None, None))
+    ids, body = await _ids_body(request, svc.config.max_ids)
+    found, rest = await run_in_threadpool(svc.log.fetch_bounded, ids, _filter(request, None, None, None),
+                                          svc.config.max_fetch_bytes)
+    if rest and body.get("partial") is not True:
+        raise ApiError(413, "fetch_too_large", f"these events come to more than {svc.config.max_fetch_bytes} bytes; "
+                       "ask for fewer ids at a time, or send \"partial\": true and ask again for the ids in 'rest' "
+                       "(what a current metatrail client does)")
     # Stored bodies are canonical JSON text already: splice them in rather than decode and encode them again.
     parts = [f'{{"id":"{s.id}","site":{json.dumps(s.site)},"event":{s.text}}}' for s in found]
-    return Response(('{"events":[' + ",".join(parts) + "]}").encode("utf-8"), media_type="application/json")
+    tail = ',"rest":' + json.dumps(rest) if rest else ""
+    return Response(('{"events":[' + ",".join(parts) + "]" + tail + "}").encode("utf-8"),
+                    media_type="application/json")
 
 
 @router.post("/api/v1/sync/missing", tags=["sync"], openapi_extra=json_body(IDS_SCHEMA))
 @policy(WRITE)
 async def sync_missing(request: Request) -> dict[str, Any]:
-    """Which of these event ids this server does not have."""
+    """Which of these event ids this server does not have. To a token limited to some pipelines, an event it may not
+    read is missing: ids are content hashes, and the answer must not tell it whether such an event exists."""
     svc = services(request)
     ids = await _ids(request, svc.config.max_ids)
-    return {"missing": await run_in_threadpool(svc.log.missing, ids)}
+    return {"missing": await run_in_threadpool(svc.log.missing_for, ids, _filter(request, None, None, None))}
 
 
 def _refuse_own_site_claims(request: Request, origins: list[Any], writer_site: str, own_site: str) -> None:
@@ -125,11 +147,11 @@ async def sync_push(request: Request) -> JSONResponse:
             o is None or (isinstance(o, str) and SITE_RE.fullmatch(o)) for o in origins):
         raise ApiError(422, "invalid_origins", "origins must list one site name (or null) per event")
     checked = checked_events(events, max_depth=svc.config.max_depth)
-    await refuse_foreign_pipelines(request, checked)
+    pipelines = refuse_foreign_pipelines(request, checked)
     default = writing_site(request)
     _refuse_own_site_claims(request, origins, default, svc.config.site)
     sites = [origin or default for origin in origins]
-    inserted = (await submit(svc, checked, default, sites)).inserted  # one transaction: all or nothing
+    inserted = (await submit(svc, checked, default, sites, pipelines=pipelines)).inserted  # all or nothing
     return JSONResponse({"received": len(events), "inserted": inserted}, status_code=201)
 
 
@@ -148,10 +170,12 @@ async def list_events(request: Request, after: int = Query(0, ge=0, le=2**62),
                       limit: int = Query(1000, ge=1, le=5000), pipeline: str | None = Query(None, max_length=1024),
                       run_id: str | None = Query(None, pattern=UUID_PATTERN),
                       since: float | None = Query(None, ge=-1e11, le=1e11)) -> Response:
-    """Whole events in log order after ``after`` (``RemoteStore.iter_events``)."""
+    """Whole events in log order after ``after`` (``RemoteStore.iter_events``): at most ``limit``, and no more than
+    the server's byte bound of bodies (at least one); ``more`` says whether to ask again after the last one."""
     svc = services(request)
-    rows = await run_in_threadpool(svc.log.events_after, after, _filter(request, pipeline, run_id, since), limit)
+    rows, cut = await run_in_threadpool(svc.log.events_after_bounded, after,
+                                        _filter(request, pipeline, run_id, since), limit, svc.config.max_fetch_bytes)
     parts = [f'{{"seq":{seq},"id":"{s.id}","site":{json.dumps(s.site)},"event":{s.text}}}' for seq, s in rows]
-    more = "true" if len(rows) == limit else "false"
+    more = "true" if cut or len(rows) == limit else "false"
     return Response(('{"events":[' + ",".join(parts) + '],"more":' + more + "}").encode("utf-8"),
                     media_type="application/json")
