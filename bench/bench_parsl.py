@@ -13,9 +13,11 @@ Every figure comes from this one run, so ratios compare like with like on a shar
   result is counted; the bench's own polling is not): on a shared machine this is the steadier figure, and with the
   2 cores saturated by no-op tasks extra CPU is what becomes extra wall clock;
 * time spent in our code on the DFK side per task (``check_memo``'s recording, the ``submit`` wrapper, the final
-  hook), measured inside the tracked runs;
+  hook), measured inside the tracked runs, as wall time and as the thread's CPU time (``time.thread_time``: on a
+  shared machine wall time also counts waits for the GIL and for a core);
 * time the worker-side wrapper adds around one task (start + end recording), measured in-process with the real
-  recorder and store;
+  recorder and store, as wall time and as thread CPU time, with the share of the thread CPU spent inside
+  ``Recorder.execution_started``/``execution_finished`` (the rest is the plugin's own);
 * the cost of the ``.pth`` hook line when ``METATRAIL_PARSL`` is unset (what every Python start-up pays).
 """
 
@@ -59,6 +61,8 @@ class HookTimer:
     def __init__(self) -> None:
         self.per_task: dict[int, float] = defaultdict(float)  # this run's tasks (task ids restart per DFK)
         self.samples: list[float] = []  # per-task totals of every tracked run so far
+        self.cpu_per_task: dict[int, float] = defaultdict(float)  # the same, as the hook threads' CPU time
+        self.cpu_samples: list[float] = []
         self.warm_waits: list[float] = []  # seconds until the warm-up tasks' records were stored, per tracked run
         self.stored_after: list[float] = []  # seconds from the last result until every record was stored
         self._current = threading.local()
@@ -67,6 +71,8 @@ class HookTimer:
         """Move this run's per-task totals into ``samples`` (the warm-up task excluded)."""
         self.samples.extend(v for k, v in self.per_task.items() if k > 0)
         self.per_task.clear()
+        self.cpu_samples.extend(v for k, v in self.cpu_per_task.items() if k > 0)
+        self.cpu_per_task.clear()
 
     def install(self) -> None:
         from metatrail.plugins.parsl.memoizer import TrackingMemoizer
@@ -75,14 +81,16 @@ class HookTimer:
         on_launch, on_final = TrackingMemoizer._on_launch, TrackingMemoizer._on_final
 
         def timed_launch(self: Any, task: Any, memo: Any) -> None:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             on_launch(self, task, memo)
+            timer.cpu_per_task[task["id"]] += time.thread_time() - c0
             timer.per_task[task["id"]] += time.perf_counter() - t0
             timer._current.task = task["id"]
 
         def timed_final(self: Any, task: Any, error: Any) -> None:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             on_final(self, task, error)
+            timer.cpu_per_task[task["id"]] += time.thread_time() - c0
             timer.per_task[task["id"]] += time.perf_counter() - t0
 
         TrackingMemoizer._on_launch = timed_launch  # type: ignore[method-assign]
@@ -93,10 +101,11 @@ class HookTimer:
         original, timer = executor.submit, self
 
         def inner(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return original(*args, **kwargs)
             finally:
+                timer._current.inner_cpu = time.thread_time() - c0
                 timer._current.inner = time.perf_counter() - t0
 
         executor.submit = inner
@@ -106,13 +115,16 @@ class HookTimer:
         tracked_submit, timer = executor.submit, self
 
         def outer(*args: Any, **kwargs: Any) -> Any:
-            timer._current.inner = 0.0
-            t0 = time.perf_counter()
+            timer._current.inner = timer._current.inner_cpu = 0.0
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 return tracked_submit(*args, **kwargs)
             finally:
+                ours_cpu = time.thread_time() - c0 - timer._current.inner_cpu
                 ours = time.perf_counter() - t0 - timer._current.inner
-                timer.per_task[getattr(timer._current, "task", -1)] += ours
+                task = getattr(timer._current, "task", -1)
+                timer.cpu_per_task[task] += ours_cpu
+                timer.per_task[task] += ours
 
         executor.submit = outer
 
@@ -202,10 +214,20 @@ def wait_for_records(config: Any, count: int, timeout: float = 120.0) -> float:
     return time.perf_counter() - t0
 
 
-def worker_side_cost(calls: int, workdir: str) -> tuple[list[float], list[float]]:
-    """Per-call time of a no-op through TrackedCall (with context, real recorder and store) and without."""
+class WorkerCost:
+    """Per-call figures of a no-op through TrackedCall (with context, real recorder and store) and without."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []  # tracked minus plain, per call
+        self.cpu: list[float] = []  # the same in the calling thread's CPU time
+        self.recorder_cpu: list[float] = []  # of ``cpu``: inside Recorder.execution_started/finished
+
+
+def worker_side_cost(calls: int, workdir: str) -> WorkerCost:
+    """Time a no-op through TrackedCall (with context, real recorder and store) and without, call by call."""
     from metatrail.config import load_settings
     from metatrail.plugins.parsl.worker import CTX_KEY, encode_context, tracked
+    from metatrail.recorder import Recorder
 
     def plain() -> None:
         return None
@@ -220,18 +242,39 @@ def worker_side_cost(calls: int, workdir: str) -> tuple[list[float], list[float]
                 "stage": "plain", "try": 0, "extra": {"parsl_task_id": 0}}
     wrapper = tracked(plain)
     wrapper(**{CTX_KEY: encode_context(dict(base_ctx, id="0192f3a0-0000-7000-8000-00000000ffff"))})  # warm
-    with_ctx, without = [], []
-    for i in range(calls):
-        ctx = encode_context(dict(base_ctx, id=f"0192f3a0-0000-7000-8000-{i:012x}"))  # as HTEX delivers it
-        t0 = time.perf_counter()
-        wrapper(**{CTX_KEY: ctx})
-        with_ctx.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        plain()
-        without.append(time.perf_counter() - t0)
+    in_recorder = [0.0]
+    originals = {name: getattr(Recorder, name) for name in ("execution_started", "execution_finished")}
+
+    def timed(method: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            c0 = time.thread_time()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                in_recorder[0] += time.thread_time() - c0
+        return call
+
+    cost = WorkerCost()
+    for name, method in originals.items():
+        setattr(Recorder, name, timed(method))
+    try:
+        for i in range(calls):
+            ctx = encode_context(dict(base_ctx, id=f"0192f3a0-0000-7000-8000-{i:012x}"))  # as HTEX delivers it
+            in_recorder[0] = 0.0
+            t0, c0 = time.perf_counter(), time.thread_time()
+            wrapper(**{CTX_KEY: ctx})
+            c1, t1 = time.thread_time(), time.perf_counter()
+            plain()
+            c2, t2 = time.thread_time(), time.perf_counter()
+            cost.wall.append((t1 - t0) - (t2 - t1))
+            cost.cpu.append((c1 - c0) - (c2 - c1))
+            cost.recorder_cpu.append(in_recorder[0])
+    finally:
+        for name, method in originals.items():
+            setattr(Recorder, name, method)
     for rec in worker._worker_recorders.values():
         rec.flush(30)
-    return with_ctx, without
+    return cost
 
 
 def recorder_event_cost(workdir: str, n: int = 500) -> tuple[float, float]:
@@ -331,16 +374,23 @@ def main() -> int:
         dfk = timer.samples
         say(f"dfk-side our code per task (n={len(dfk)}): p50 {_pct(dfk, .5) * 1e6:.0f} us, "
             f"p99 {_pct(dfk, .99) * 1e6:.0f} us")
+        dfk_cpu = timer.cpu_samples
+        say(f"dfk-side our code per task, thread CPU (n={len(dfk_cpu)}): p50 {_pct(dfk_cpu, .5) * 1e6:.1f} us, "
+            f"p99 {_pct(dfk_cpu, .99) * 1e6:.0f} us, mean {statistics.fmean(dfk_cpu or [0.0]) * 1e6:.1f} us")
         for energy in ("1", "0"):
             os.environ["METATRAIL_ENERGY"] = energy
             try:
-                with_ctx, without = worker_side_cost(args.tasks, os.path.join(work, f"energy{energy}"))
+                cost = worker_side_cost(args.tasks, os.path.join(work, f"energy{energy}"))
             finally:
                 del os.environ["METATRAIL_ENERGY"]
-            extra = [a - b for a, b in zip(with_ctx, without, strict=True)]
-            say(f"worker-side wrapper per task (start+end calls on the task's thread, energy "
-                f"{'on' if energy == '1' else 'off'}, n={len(extra)}): p50 {_pct(extra, .5) * 1e6:.0f} us, "
-                f"p99 {_pct(extra, .99) * 1e6:.0f} us")
+            onoff = "on" if energy == "1" else "off"
+            say(f"worker-side wrapper per task (start+end calls on the task's thread, energy {onoff}, "
+                f"n={len(cost.wall)}): p50 {_pct(cost.wall, .5) * 1e6:.0f} us, p99 {_pct(cost.wall, .99) * 1e6:.0f} us")
+            ours = [c - r for c, r in zip(cost.cpu, cost.recorder_cpu, strict=True)]
+            say(f"worker-side wrapper per task, thread CPU (energy {onoff}): p50 {_pct(cost.cpu, .5) * 1e6:.1f} us, "
+                f"mean {statistics.fmean(cost.cpu) * 1e6:.1f} us; of it in Recorder.execution_started/finished "
+                f"p50 {_pct(cost.recorder_cpu, .5) * 1e6:.1f} us, mean {statistics.fmean(cost.recorder_cpu) * 1e6:.1f} "
+                f"us; the plugin's own p50 {_pct(ours, .5) * 1e6:.1f} us, mean {statistics.fmean(ours) * 1e6:.1f} us")
         build, ingest = recorder_event_cost(os.path.join(work, "events"))
         say(f"recorder writer thread per event (where the per-task CPU goes): build {build * 1e6:.0f} us, "
             f"store ingest in batches of 256 {ingest * 1e6:.0f} us; each task makes 2 events")

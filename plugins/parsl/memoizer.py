@@ -27,7 +27,6 @@ import pickle
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 from metatrail.config import Settings, is_disabled, load_settings
@@ -53,17 +52,21 @@ _TERMINAL = frozenset({"completed", "failed", "aborted"})
 _pending = threading.local()  # check_memo -> executor.submit hand-over (same Task-Launch thread)
 
 
-@dataclass
 class _Try:
-    """The DFK's view of one try of a task."""
+    """The DFK's view of one try of a task (one is made per try on the DFK's launch thread: a plain class with
+    slots, not a dataclass with a default factory)."""
 
-    task_id: int
-    try_id: int
-    execution_id: str
-    launched_at: float
-    mode: str  # memo | dfk | join | dispatching | worker
-    handle: Execution | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("execution_id", "extra", "handle", "launched_at", "mode", "task_id", "try_id")
+
+    def __init__(self, task_id: int, try_id: int, execution_id: str, launched_at: float, mode: str,
+                 extra: dict[str, Any]) -> None:
+        self.task_id = task_id
+        self.try_id = try_id
+        self.execution_id = execution_id
+        self.launched_at = launched_at
+        self.mode = mode  # memo | dfk | join | dispatching | worker
+        self.handle: Execution | None = None
+        self.extra = extra
 
 
 class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # Any when mypy cannot see parsl
@@ -91,6 +94,8 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         self._started_at = time.time()
         self._parsl_run_id = ""
         self._ctx_common: dict[str, Any] = {}
+        # per executor label: whether its submit is ours and whether it runs tasks in this process, looked up once
+        self._executor_facts: dict[str, tuple[bool, bool]] = {}
         self._active = False
         self._run_dir = ""
         # tries the DFK has seen end (their terminal event is recorded here or by the worker); tries still running
@@ -124,20 +129,29 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         memo: Future[Any] | None = self._inner.check_memo(task)
         _pending.item = None
         if self._active and not is_disabled():
-            self._guard("launch", lambda: self._on_launch(task, memo))
+            try:
+                self._on_launch(task, memo)
+            except Exception as exc:
+                _log_failure("launch", exc)
         return memo
 
     def update_memo_result(self, task: Any, r: Any) -> None:
         """Inner first; then the task's final success is recorded where the DFK is the recorder."""
         self._inner.update_memo_result(task, r)
-        if self._active and not is_disabled():
-            self._guard("result", lambda: self._on_final(task, None))
+        if self._active:
+            try:
+                self._on_final(task, None)
+            except Exception as exc:
+                _log_failure("result", exc)
 
     def update_memo_exception(self, task: Any, e: BaseException) -> None:
         """Inner first; then the task's final failure is recorded where the DFK is the recorder."""
         self._inner.update_memo_exception(task, e)
-        if self._active and not is_disabled():
-            self._guard("exception", lambda: self._on_final(task, e))
+        if self._active:
+            try:
+                self._on_final(task, e)
+            except Exception as exc:
+                _log_failure("exception", exc)
 
     def close(self) -> None:
         """Close the inner memoizer (final checkpoint), then end the pipeline run and flush (bounded)."""
@@ -153,8 +167,7 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         try:
             fn()
         except Exception as exc:
-            log_once(f"parsl:{what}:{type(exc).__name__}", "metatrail: recording Parsl %s failed (%s: %s); the "
-                     "workflow is not affected", what, type(exc).__name__, exc)
+            _log_failure(what, exc)
 
     def _begin(self, dfk: Any, run_dir: str) -> None:
         from metatrail.recorder import Recorder
@@ -198,25 +211,29 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
     def _on_launch(self, task: Any, memo: Future[Any] | None) -> None:
         run = self._run or self._open_run(task["dfk"])
         tid, try_id = task["id"], task["try_id"]
-        with self._lock:
-            previous = self._tries.pop(tid, None)
+        previous = self._tries.pop(tid, None)  # one dict operation: atomic, no lock needed
         if previous is not None:
             self._close_retried(previous, task)
         now = time.time()
-        attempt = _Try(tid, try_id, uuid7_from(now, f"parsl:{self._parsl_run_id}:{tid}:{try_id}"), now, "dfk")
         label = task["executor"]
-        attempt.extra = {"parsl_task_id": tid, "executor": label,
-                         "depends_on": compat.future_task_ids(task.get("depends") or [])}
-        executor = getattr(task["dfk"], "executors", {}).get(label)
+        depends = task.get("depends")
+        attempt = _Try(tid, try_id, uuid7_from(now, f"parsl:{self._parsl_run_id}:{tid}:{try_id}"), now, "dfk",
+                       {"parsl_task_id": tid, "executor": label,
+                        "depends_on": compat.future_task_ids(depends) if depends else []})
+        facts = self._executor_facts.get(label)
+        if facts is None:
+            facts = _executor_facts(task["dfk"], label)
+            if facts is not None:  # an executor the DFK does not have (yet) is looked up again next time
+                self._executor_facts[label] = facts
+        tracked_here, in_process = facts or (False, False)
         if memo is not None:
             attempt.mode = "memo"
             attempt.extra["from_memo"] = True
             attempt.handle = self._start_here(task, attempt, run)
         elif task.get("join"):
             attempt.mode = "join"  # recorded when it completes: the joined tasks are known only then
-        elif executor is not None and getattr(executor, "_metatrail_tracked", False):
+        elif tracked_here:
             attempt.mode = "dispatching"
-            in_process = isinstance(executor, compat.ThreadPoolExecutor)
             if not in_process:
                 self._remote_tries = True
             ctx = {**self._ctx_common, "id": attempt.execution_id, "stage": task["func_name"], "try": try_id,
@@ -225,8 +242,7 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
             _pending.item = (attempt, ctx if in_process else encode_context(ctx))
         else:
             attempt.handle = self._start_here(task, attempt, run)
-        with self._lock:
-            self._tries[tid] = attempt
+        self._tries[tid] = attempt
 
     def _start_here(self, task: Any, attempt: _Try, run: PipelineRun, *, at: float | None = None,
                     extra: dict[str, Any] | None = None) -> Execution:
@@ -288,17 +304,21 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         self._end_here(task, attempt.handle, err, outputs=err is None)
 
     def _on_final(self, task: Any, error: BaseException | None) -> None:
-        run = self._run or self._open_run(task["dfk"])
         with self._lock:
             attempt = self._tries.pop(task["id"], None)
             if attempt is not None:
                 self._ended += 1
+        if attempt is not None and attempt.mode == "worker" and error is None:
+            return  # the worker recorded the try's end; nothing to record here (the common case: checked first)
+        if is_disabled():
+            return
+        run = self._run or self._open_run(task["dfk"])
         if attempt is None:  # never launched: its dependencies failed
             now = time.time()
             attempt = _Try(task["id"], task["try_id"],
-                           uuid7_from(now, f"parsl:{self._parsl_run_id}:{task['id']}:{task['try_id']}"), now, "dfk")
-            attempt.extra = {"parsl_task_id": task["id"], "executor": task["executor"],
-                             "depends_on": compat.future_task_ids(task.get("depends") or [])}
+                           uuid7_from(now, f"parsl:{self._parsl_run_id}:{task['id']}:{task['try_id']}"), now, "dfk",
+                           {"parsl_task_id": task["id"], "executor": task["executor"],
+                            "depends_on": compat.future_task_ids(task.get("depends") or [])})
             if isinstance(error, compat.DependencyError):
                 attempt.extra["dependency_failed"] = True
             with self._lock:
@@ -369,6 +389,21 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
             store.close()
 
 
+def _executor_facts(dfk: Any, label: str) -> tuple[bool, bool] | None:
+    """``(tracked, in_process)`` of the DFK's executor ``label``: whether :func:`wrap_submit` wrapped it, and whether
+    it runs tasks in this process (a ThreadPool: the context needs no serialising); None when it has no such
+    executor."""
+    executor = getattr(dfk, "executors", {}).get(label)
+    if executor is None:
+        return None
+    return bool(getattr(executor, "_metatrail_tracked", False)), isinstance(executor, compat.ThreadPoolExecutor)
+
+
+def _log_failure(what: str, exc: Exception) -> None:
+    log_once(f"parsl:{what}:{type(exc).__name__}", "metatrail: recording Parsl %s failed (%s: %s); the workflow is "
+             "not affected", what, type(exc).__name__, exc)
+
+
 def _failed_outside_app(future: Any, error: BaseException | None) -> bool:
     """Whether a worker try failed where the worker's wrapper could not record it as FAIL.
 
@@ -377,8 +412,8 @@ def _failed_outside_app(future: Any, error: BaseException | None) -> bool:
     result that could not be serialised back (the worker recorded COMPLETE), a task the executor never ran. Without
     the future, Parsl's infrastructure error types tell."""
     if isinstance(future, Future) and future.done():
-        return future.cancelled() or future.exception(timeout=0) is not None
-    return compat.is_infrastructure_error(error)
+        return bool(future.cancelled() or future.exception(timeout=0) is not None)
+    return bool(compat.is_infrastructure_error(error))
 
 
 def _try_error(future: Any) -> BaseException | None:

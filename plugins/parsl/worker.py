@@ -75,12 +75,23 @@ class TrackedCall:
         self.__qualname__ = getattr(func, "__qualname__", self.__name__)
         self.__doc__ = getattr(func, "__doc__", None)
         self.__wrapped__ = func
+        # The user function's call shape, computed on the first tracked call where the task runs: Parsl's
+        # deserialiser caches the callable by its bytes, so a worker reuses this object (and the shape) for every task
+        self._shape: CallShape | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A signature holds the function's defaults and annotations, which need not pickle; the worker makes its own
+        return {**self.__dict__, "_shape": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_shape", None)  # pickled by a version without the cache
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         ctx = kwargs.pop(CTX_KEY, None)
         if ctx is None:
             return self.func(*args, **kwargs)
-        started = _start(self.func, ctx, args, kwargs)
+        started = _start(self, ctx, args, kwargs)
         try:
             result = self.func(*args, **kwargs)
         except BaseException as exc:
@@ -98,7 +109,7 @@ _wrappers: weakref.WeakKeyDictionary[Any, TrackedCall] = weakref.WeakKeyDictiona
 
 def encode_context(ctx: Mapping[str, Any]) -> bytes:
     """The per-task context as it travels to a worker process (see the module docstring for why bytes)."""
-    return pickle.dumps(dict(ctx), protocol=pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps(ctx if type(ctx) is dict else dict(ctx), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _decode_context(ctx: Any) -> Mapping[str, Any]:
@@ -135,16 +146,32 @@ def _file_like(value: Any) -> Any:
 
     Checked by type, never by looking up an attribute on ``value``: an argument's ``__getattr__`` may raise anything
     (``class AttrDict(dict): __getattr__ = dict.__getitem__`` raises KeyError)."""
-    try:
-        from parsl.app.futures import DataFuture
-        from parsl.data_provider.files import File
-    except Exception:  # no Parsl here: nothing can be a File
+    types = _parsl_file_types or _load_parsl_file_types()
+    if not types:  # no Parsl here: nothing can be a File
         return None
+    File, DataFuture = types
     if isinstance(value, File):
         return value
     if isinstance(value, DataFuture):
         return value.file_obj if isinstance(value.file_obj, File) else None
     return None
+
+
+_parsl_file_types: tuple[Any, Any] | tuple[()] | None = None
+
+
+def _load_parsl_file_types() -> tuple[Any, Any] | tuple[()]:
+    """``(File, DataFuture)``, imported on first use (an import statement per argument cost ~1 us on the task's
+    thread); ``()`` where Parsl cannot be imported."""
+    global _parsl_file_types
+    try:
+        from parsl.app.futures import DataFuture
+        from parsl.data_provider.files import File
+
+        _parsl_file_types = (File, DataFuture)
+    except Exception:
+        _parsl_file_types = ()
+    return _parsl_file_types
 
 
 def file_uri(file: Any) -> str:
@@ -162,33 +189,42 @@ def output_uris(outputs: Any) -> list[str]:
     return [file_uri(f) for f in map(_file_like, outputs) if f is not None]
 
 
-_signatures: weakref.WeakKeyDictionary[Any, inspect.Signature] = weakref.WeakKeyDictionary()
+_SIMPLE_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
-def _signature(func: Any) -> inspect.Signature:
-    """The signature of the user's function under ``func``, computed once per function (it was a third of the
-    wrapper's time on the task's thread)."""
-    try:
-        sig = _signatures.get(func)
-    except TypeError:  # not hashable or not weak-referenceable: no cache
-        return inspect.signature(user_function(func))
-    if sig is None:
-        sig = _signatures[func] = inspect.signature(user_function(func))
-    return sig
+class CallShape:
+    """How the calls of one function are named, worked out once per function: its signature and, for the common
+    signature (parameters passed by position or keyword, or keyword only; no ``/``, ``*args`` or ``**kwargs``), the
+    names that bind a call without :meth:`inspect.Signature.bind_partial` (~2.5 us per call on the task's thread)."""
 
+    __slots__ = ("_names", "_positional", "signature")
 
-def describe_call(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]
-                  ) -> tuple[dict[str, Any], list[str], list[str]]:
-    """``(params, inputs, outputs)`` of one app call: arguments by name (Files as their paths; ``inputs`` that are
-    not Files stay a parameter), input Files (``inputs=``, File arguments) and output Files (``outputs=``)."""
-    bound: dict[str, Any]
-    # Parsl's own keyword arguments (monitoring's task/try ids, staging switches) are not the app's parameters
-    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_parsl")}
-    try:
-        sig = _signature(func)
-        ba = sig.bind_partial(*args, **kwargs)
-        bound = {}
-        for name, value in ba.arguments.items():
+    def __init__(self, signature: inspect.Signature) -> None:
+        self.signature = signature
+        params = signature.parameters.values()
+        simple = all(p.kind in _SIMPLE_KINDS for p in params)
+        self._names: frozenset[str] | None = frozenset(signature.parameters) if simple else None
+        self._positional = tuple(p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The call's arguments by name, as ``bind_partial`` names them (in the signature's order; ``*args`` as
+        ``name[i]``, ``**kwargs`` spread); raises TypeError where ``bind_partial`` does."""
+        names, positional = self._names, self._positional
+        if names is None or len(args) > len(positional) or any(k not in names for k in kwargs):
+            return self._bind_by_inspect(args, kwargs)
+        bound = dict(zip(positional, args, strict=False))  # fewer arguments than parameters: a partial bind
+        if kwargs:
+            if any(k in bound for k in kwargs):
+                return self._bind_by_inspect(args, kwargs)  # a value given twice: bind_partial says so
+            for name in self.signature.parameters:  # keywords in the signature's order, as bind_partial puts them
+                if name in kwargs:
+                    bound[name] = kwargs[name]
+        return bound
+
+    def _bind_by_inspect(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        sig = self.signature
+        bound: dict[str, Any] = {}
+        for name, value in sig.bind_partial(*args, **kwargs).arguments.items():
             kind = sig.parameters[name].kind
             if kind is inspect.Parameter.VAR_KEYWORD:
                 bound.update(value)
@@ -196,6 +232,37 @@ def describe_call(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]
                 bound.update({f"{name}[{i}]": v for i, v in enumerate(value)})
             else:
                 bound[name] = value
+        return bound
+
+
+_shapes: weakref.WeakKeyDictionary[Any, CallShape] = weakref.WeakKeyDictionary()
+
+
+def call_shape(func: Any) -> CallShape:
+    """The :class:`CallShape` of the user's function under ``func``, computed once per function (the signature
+    was a third of the wrapper's time on the task's thread)."""
+    try:
+        shape = _shapes.get(func)
+    except TypeError:  # not hashable or not weak-referenceable: no cache
+        return CallShape(inspect.signature(user_function(func)))
+    if shape is None:
+        shape = _shapes[func] = CallShape(inspect.signature(user_function(func)))
+    return shape
+
+
+def describe_call(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any], *,
+                  shape: CallShape | None = None) -> tuple[dict[str, Any], list[str], list[str]]:
+    """``(params, inputs, outputs)`` of one app call: arguments by name (Files as their paths; ``inputs`` that are
+    not Files stay a parameter), input Files (``inputs=``, File arguments) and output Files (``outputs=``).
+    ``shape``: the function's, when the caller has it already (else it is looked up for ``func``)."""
+    bound: dict[str, Any]
+    # Parsl's own keyword arguments (monitoring's task/try ids, staging switches) are not the app's parameters
+    if any(k.startswith("_parsl") for k in kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_parsl")}
+    if not args and not kwargs:
+        return {}, [], []  # what binding no arguments gives, without looking at the signature
+    try:
+        bound = (shape if shape is not None else call_shape(func)).bind(args, kwargs)
     except Exception:  # a signature we cannot bind to: positional names
         bound = {f"arg{i}": v for i, v in enumerate(args)}
         bound.update({k: v for k, v in kwargs.items() if k not in bound})
@@ -227,12 +294,13 @@ def describe_call(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]
     return params, inputs, outputs
 
 
-def describe_call_or_explain(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]
+def describe_call_or_explain(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any], *,
+                             shape: CallShape | None = None
                              ) -> tuple[dict[str, Any] | None, list[str], list[str], list[str]]:
     """``(params, inputs, outputs, warnings)``: :func:`describe_call`, or, when the arguments cannot be described,
     no parameters (None), no files and a warning that says why; the execution is recorded either way."""
     try:
-        params, inputs, outputs = describe_call(func, args, kwargs)
+        params, inputs, outputs = describe_call(func, args, kwargs, shape=shape)
     except Exception as exc:
         _log_once(f"describe:{type(exc).__name__}", "metatrail: cannot describe the arguments of a Parsl task "
                   "(%s: %s); it is recorded without parameters", type(exc).__name__, exc)
@@ -281,6 +349,9 @@ def _recorder_for(ctx: Mapping[str, Any]) -> Any:
     # A worker process: the DFK's store unless this worker's environment names one (a remote worker may have to
     # reach the store by another URL than the DFK's path).
     key = (str(ctx.get("store") or ""), str(ctx.get("hash_cache") or ""))
+    rec = _worker_recorders.get(key)  # every task after a worker's first: no lock needed to read a dict
+    if rec is not None:
+        return rec
     with _lock:
         rec = _worker_recorders.get(key)
         if rec is None:
@@ -304,27 +375,60 @@ def _recorder_for(ctx: Mapping[str, Any]) -> Any:
     return rec
 
 
-def _start(func: Any, ctx_value: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
-    try:
-        from metatrail.config import is_disabled
+class _Core:
+    """What the wrapper uses of metatrail's core, imported on a process's first tracked task (not at module import,
+    see the module docstring) and then held: an import statement on every task cost ~0.7 us each."""
 
-        if is_disabled():
-            return None
-        ctx = _decode_context(ctx_value)
+    def __init__(self) -> None:
+        from metatrail.config import is_disabled
         from metatrail.model import PipelineRun
 
+        self.is_disabled = is_disabled
+        self.PipelineRun = PipelineRun
+
+
+_core: _Core | None = None
+# The parent run handed to the Recorder with each execution, one per pipeline run (the Recorder reads its id and
+# namespace): made once, not per task. Bounded: a process may serve many DFK runs one after another.
+_parent_runs: dict[str, Any] = {}
+_MAX_PARENT_RUNS = 64
+
+
+def _parent_run(ctx: Mapping[str, Any], core: _Core) -> Any:
+    run = _parent_runs.get(ctx["run"])
+    if run is None or run.pipeline != ctx["pipeline"] or run.namespace != ctx["namespace"]:
+        if len(_parent_runs) >= _MAX_PARENT_RUNS:
+            _parent_runs.clear()
+        run = _parent_runs[ctx["run"]] = core.PipelineRun(
+            id=ctx["run"], pipeline=ctx["pipeline"], namespace=ctx["namespace"], integration="PARSL")
+    return run
+
+
+def _start(call: TrackedCall, ctx_value: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+    global _core
+    try:
+        core = _core
+        if core is None:
+            core = _core = _Core()
+        if core.is_disabled():
+            return None
+        ctx = _decode_context(ctx_value)
         rec = _recorder_for(ctx)
         if rec is None:
             return None
-        params, inputs, _, warnings = describe_call_or_explain(func, args, kwargs)
+        shape = call._shape
+        if shape is None and (args or kwargs):
+            try:
+                shape = call._shape = CallShape(inspect.signature(user_function(call.func)))
+            except Exception:  # described by position; describe_call_or_explain says why if that fails too
+                shape = None
+        params, inputs, _, warnings = describe_call_or_explain(call.func, args, kwargs, shape=shape)
         # The start is when the app body is about to run: a fresh worker's first task would otherwise include
         # metatrail's imports and its Recorder's creation above (tens of ms), which are not the task's time.
         at = time.time()
-        run = PipelineRun(id=ctx["run"], pipeline=ctx["pipeline"], namespace=ctx["namespace"],
-                          integration="PARSL", started_at=at)
         execution = rec.execution_started(
-            ctx["pipeline"], ctx["stage"], pipeline_run=run, execution_id=ctx["id"], inputs=inputs,
-            params=params, integration="PARSL", namespace=ctx["namespace"], started_at=at,
+            ctx["pipeline"], ctx["stage"], pipeline_run=_parent_run(ctx, core), execution_id=ctx["id"],
+            inputs=inputs, params=params, integration="PARSL", namespace=ctx["namespace"], started_at=at,
             try_number=ctx["try"] + 1, integration_version=ctx.get("version"),
             extra=with_warnings(ctx["extra"], warnings), pid=os.getpid(), measure_energy=True)
         started = (rec, execution)
