@@ -36,6 +36,17 @@ class EventError(MetatrailError):
     """An event is not a valid OpenLineage event (or not one we can project)."""
 
 
+class ForeignRunError(MetatrailError):
+    """A write limited to some pipelines would add events to a run stored under another pipeline; nothing was
+    stored. ``run_id`` names the run."""
+
+    def __init__(self, run_id: str, allowed: frozenset[str]) -> None:
+        super().__init__(f"run {run_id} belongs to a pipeline this token may not read; a token limited to some "
+                         f"pipelines ({', '.join(sorted(allowed))}) writes only into runs of those pipelines")
+        self.run_id = run_id
+        self.allowed = allowed
+
+
 class HashError(MetatrailError):
     """A path could not be hashed; ``reason`` is a short machine-readable cause."""
 

@@ -20,12 +20,12 @@ thread, which runs a passive checkpoint (it blocks neither readers nor writers) 
 Bounded: past ``max_pending`` waiting events, ``submit`` raises :class:`Overloaded` (the route answers 503 with
 ``Retry-After``) rather than growing without limit.
 
-A job may carry the pipelines its writer may read (a token limited to some pipelines): then the writer refuses it
-(:class:`PipelineForbidden`, nothing stored) when one of its runs is stored under another pipeline. The writer looks
-right before it writes such a job, alone in its transaction, while no other write of this server can run (the writer
-is busy from the look to the commit): a run cannot become another pipeline's between the look and the write, as it
-could when the route looked before handing the job over. Unrestricted jobs are not looked at, and are group-committed
-as before.
+A job may carry the pipelines its writer may read (a token limited to some pipelines): then it is refused
+(:class:`PipelineForbidden`, nothing stored) when one of its runs is stored under another pipeline. The store looks
+inside the job's own transaction, under the locks that serialise writes to those runs (SQLite's write lock;
+PostgreSQL's run locks), so no other writer, of this server or of another process on the same database, can store the
+run under another pipeline between the look and the write, as it could when the route looked before handing the job
+over. Such a job is written alone; unrestricted jobs are not looked at, and are group-committed as before.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from metatrail.errors import EventError, StoreError
+from metatrail.errors import EventError, ForeignRunError, StoreError
 from metatrail.openlineage.events import event_id
 from metatrail.store.base import CanonicalEvent, EventStore, IngestResult
 
@@ -49,13 +49,8 @@ class Overloaded(Exception):
     """Too many events are waiting to be written; the client should retry later."""
 
 
-class PipelineForbidden(Exception):
-    """A job limited to some pipelines would write into a run stored under another pipeline (nothing was stored)."""
-
-    def __init__(self, run_id: str, allowed: frozenset[str]) -> None:
-        super().__init__(f"run {run_id} belongs to a pipeline this token may not read; a token limited to some "
-                         f"pipelines ({', '.join(sorted(allowed))}) writes only into runs of those pipelines")
-        self.run_id = run_id
+# A write of a token limited to some pipelines into a run stored under another pipeline (nothing stored).
+PipelineForbidden = ForeignRunError
 
 
 @dataclass
@@ -240,39 +235,21 @@ class IngestWriter:
                     self._busy = False
                     self._cv.notify_all()
 
-    def _refuse_foreign_runs(self, job: _Job) -> None:
-        """Raise :class:`PipelineForbidden` when a run of ``job`` (a restricted job) is stored under a pipeline the
-        job's writer may not read. Called by the writer right before it writes the job: see module docstring."""
-        allowed = job.pipelines
-        assert allowed is not None
-        run_ids = {rid for rid in (_run_id(e) for e in job.events) if rid is not None}
-        if not run_ids:
-            return
-        lookup: Callable[[Sequence[str]], Mapping[str, str]] | None = getattr(self.store, "run_pipelines", None)
-        if lookup is None:  # fail closed: a restricted write is never stored unchecked
-            raise StoreError("this store cannot say which pipeline a run is stored under")
-        for run_id, pipeline in sorted(lookup(sorted(run_ids)).items()):
-            if pipeline not in allowed:
-                raise PipelineForbidden(run_id, allowed)
-
     def _write(self, jobs: list[_Job]) -> None:
-        if jobs[0].pipelines is not None:
-            assert len(jobs) == 1  # _take hands a restricted job over alone
-            try:
-                self._refuse_foreign_runs(jobs[0])
-            except PipelineForbidden as exc:
-                jobs[0].future.set_exception(exc)
-                return
-            except Exception as exc:
-                log.warning("metatrail server: looking up the runs of a restricted write failed: %s", exc)
-                jobs[0].future.set_exception(exc)
-                return
         try:
-            if all(j.sites is None and j.site == jobs[0].site for j in jobs):
+            if jobs[0].pipelines is not None:
+                assert len(jobs) == 1  # _take hands a restricted job over alone
+                # The store looks at the runs inside the write's transaction, under its locks (module docstring).
+                result = self.store.ingest(jobs[0].events, sites=jobs[0].event_sites(),
+                                           allowed_pipelines=jobs[0].pipelines)
+            elif all(j.sites is None and j.site == jobs[0].site for j in jobs):
                 result = self.store.ingest([e for j in jobs for e in j.events], site=jobs[0].site)
             else:
                 result = self.store.ingest([e for j in jobs for e in j.events],
                                            sites=[s for j in jobs for s in j.event_sites()])
+        except ForeignRunError as exc:
+            jobs[0].future.set_exception(exc)
+            return
         except EventError as exc:
             if len(jobs) == 1:
                 jobs[0].future.set_exception(exc)
@@ -316,9 +293,3 @@ class IngestWriter:
                 except Exception as exc:  # fan-out must never fail an ingest that is already committed
                     log.warning("metatrail server: fan-out hook failed: %s", exc)
 
-
-def _run_id(event: Mapping[str, Any]) -> str | None:
-    """The run id an event is stored under (None without one; the store refuses a run id that is not text)."""
-    run = event.get("run")
-    run_id = run.get("runId") if isinstance(run, Mapping) else None
-    return run_id if isinstance(run_id, str) else None

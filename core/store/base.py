@@ -97,11 +97,15 @@ class EventStore(abc.ABC):
 
     @abc.abstractmethod
     def ingest(self, events: Sequence[Mapping[str, Any]], *, site: str | None = None,
-               sites: Sequence[str | None] | None = None) -> IngestResult:
+               sites: Sequence[str | None] | None = None,
+               allowed_pipelines: frozenset[str] | None = None) -> IngestResult:
         """Validate minimally, then store the events not yet stored and update projections (atomic per call).
 
         ``site`` is the site the events were received from (None: recorded here); ``sites``, when given, names one
         per event instead. An event already stored keeps the site it first came from.
+
+        ``allowed_pipelines`` (a write limited to some pipelines): raises ``ForeignRunError`` and stores nothing when
+        a run of the events is stored under another pipeline, looked at inside the same transaction.
 
         Raises ``EventError`` naming the offending event when one cannot be projected (no runId, no job, bad
         eventTime); nothing of the batch is stored then.

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from metatrail.errors import EventError
+from metatrail.errors import EventError, ForeignRunError
 from metatrail.openlineage.events import canonical_bytes
 from metatrail.store.base import CanonicalEvent, IngestResult, digest
 from metatrail.store.projection import EventRecord, parse_event_time, project_run
@@ -105,9 +105,13 @@ def prepare_batch(events_in: Sequence[Mapping[str, Any]], site: str | None,
     return prepared
 
 
-def ingest_prepared(cur: Any, dialect_name: str, prepared: Prepared, received: int) -> IngestResult:
+def ingest_prepared(cur: Any, dialect_name: str, prepared: Prepared, received: int, *,
+                    allowed_pipelines: frozenset[str] | None = None) -> IngestResult:
     """Store the new events of ``prepared`` and their runs' projections, inside the caller's transaction (which
-    holds SQLite's write lock; on PostgreSQL this takes the log and run locks)."""
+    holds SQLite's write lock; on PostgreSQL this takes the log and run locks). With ``allowed_pipelines``, raise
+    :class:`ForeignRunError` (the caller rolls back) when one of the events' runs is stored under a pipeline not
+    among them: looked at under the same locks as the write, so no other writer, in this process or another, can
+    store the run under another pipeline in between."""
     lock_log(cur, dialect_name)
     ids = list(prepared)
     # One look serves three needs: an event's run is part of its content, so an event already stored is among the
@@ -115,6 +119,8 @@ def ingest_prepared(cur: Any, dialect_name: str, prepared: Prepared, received: i
     # (a second statement cost a one-event ingest more than reading them here).
     run_ids = sorted({row["run_id"] for _, _, row in prepared.values() if row["run_id"]})
     lock_runs(cur, dialect_name, run_ids)
+    if allowed_pipelines is not None:
+        refuse_foreign_runs(cur, dialect_name, run_ids, allowed_pipelines)
     listed: dict[str, list[tuple[str, float, str, str | None]]] = defaultdict(list)
     for part in chunks(run_ids):
         clause, params = any_of(dialect_name, "run_id", part)
@@ -146,6 +152,16 @@ def ingest_prepared(cur: Any, dialect_name: str, prepared: Prepared, received: i
                                               body=again[1].body if again else orjson.loads(body)))
     store_projections(cur, dialect_name, touched, by_run)
     return IngestResult(received=received, inserted=len(new_ids), inserted_ids=tuple(new_ids))
+
+
+def refuse_foreign_runs(cur: Any, dialect_name: str, run_ids: Sequence[str], allowed: frozenset[str]) -> None:
+    """Raise :class:`ForeignRunError` for the first of ``run_ids`` stored under a pipeline not in ``allowed``."""
+    for part in chunks(run_ids):
+        clause, params = any_of(dialect_name, "run_id", part)
+        cur.execute(f"SELECT run_id, pipeline FROM runs WHERE {clause} ORDER BY run_id", params)
+        for run_id, pipeline in cur.fetchall():
+            if pipeline not in allowed:
+                raise ForeignRunError(run_id, allowed)
 
 
 def store_projections(cur: Any, dialect_name: str, run_ids: Sequence[str],

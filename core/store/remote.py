@@ -242,7 +242,11 @@ class RemoteStore(EventStore):
         return self._client
 
     def ingest(self, events: Sequence[Mapping[str, Any]], *, site: str | None = None,
-               sites: Sequence[str | None] | None = None) -> IngestResult:
+               sites: Sequence[str | None] | None = None,
+               allowed_pipelines: frozenset[str] | None = None) -> IngestResult:
+        if allowed_pipelines is not None:
+            # The server holds the runs: it applies its token's own pipelines, and this side cannot look for it.
+            raise ConfigError("a remote store limits writes by its token's pipelines, not by allowed_pipelines")
         if not events:
             return IngestResult(received=0, inserted=0)
         if sites is not None and len(set(sites)) > 1:

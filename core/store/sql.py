@@ -64,7 +64,11 @@ class SqlStore(EventStore):
 
     # -- writing ------------------------------------------------------------------------------------------------
     def ingest(self, events_in: Sequence[Mapping[str, Any]], *, site: str | None = None,
-               sites: Sequence[str | None] | None = None) -> IngestResult:
+               sites: Sequence[str | None] | None = None,
+               allowed_pipelines: frozenset[str] | None = None) -> IngestResult:
+        """See :meth:`EventStore.ingest`. ``allowed_pipelines`` (a server's write for a token limited to some
+        pipelines): nothing is stored, :class:`~metatrail.errors.ForeignRunError`, when a run of the events is
+        stored under another pipeline; checked inside the write's transaction."""
         prepared = ingest.prepare_batch(events_in, site, sites)
         if not prepared:
             return IngestResult(received=len(events_in), inserted=0)
@@ -72,7 +76,8 @@ class SqlStore(EventStore):
 
         def run() -> IngestResult:
             with dialect.raw_transaction(self._engine) as cur:
-                return ingest.ingest_prepared(cur, name, prepared, len(events_in))
+                return ingest.ingest_prepared(cur, name, prepared, len(events_in),
+                                              allowed_pipelines=allowed_pipelines)
 
         try:
             return dialect.retrying(run)
