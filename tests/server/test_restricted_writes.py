@@ -8,10 +8,12 @@ order it wants is set up."""
 from __future__ import annotations
 
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 import httpx
@@ -21,6 +23,8 @@ from srvkit import AsgiClient, auth, bulk_events, ids_of, make_token
 
 from metatrail.openlineage.events import iso_time
 from metatrail.server.config import ServerConfig
+from metatrail.store import dialect, ingest
+from metatrail.store.sql import SqlStore
 
 
 @contextmanager
@@ -69,6 +73,18 @@ class _Post(threading.Thread):
         self.join(120)
         assert self.response is not None, "the request did not finish"
         return self.response
+
+
+def _a_thread_in(function: Callable[..., Any]) -> bool:
+    """Whether another thread is inside ``function`` now (past any look the server makes before it)."""
+    me = threading.get_ident()
+    for ident, frame in sys._current_frames().items():
+        f: FrameType | None = frame
+        while ident != me and f is not None:
+            if f.f_code is function.__code__:
+                return True
+            f = f.f_back
+    return False
 
 
 def _public_events_of(run_id: str, t0: float) -> list[dict[str, Any]]:
@@ -133,3 +149,31 @@ def test_a_run_a_restricted_writer_created_first_is_extended_by_its_owner(
     later["eventTime"] = iso_time(2.0e9)
     r = client.post("/api/v1/lineage", json=later, headers=auth(limited))
     assert r.status_code == 403 and r.json()["error"] == "pipeline_forbidden"
+
+
+def test_a_run_another_process_is_storing_is_not_joined(client: AsgiClient, config: ServerConfig) -> None:
+    """The race across processes: another process on the same database (a second server, a `metatrail push` into
+    it) is inside its transaction storing run R under ``secret`` while a token limited to ``public`` writes into R
+    through this server. This server's writer cannot see the other's uncommitted rows; the store's look, made under
+    the locks that other transaction holds, sees them once it commits: 403, nothing of the restricted writer's
+    stored."""
+    limited = make_token(config.store, "read,write", pipelines=["public"])
+    writer = client.app.state.services.writer
+    secret = bulk_events(1, pipeline="secret", t0=1.8e9, tag="other-process")
+    rid = secret[0]["run"]["runId"]
+    planted = _public_events_of(rid, t0=1.9e9)
+    other = SqlStore(config.store)
+    try:
+        name = other._engine.dialect.name
+        with dialect.raw_transaction(other._engine) as cur:  # the other process's write, not yet committed
+            stored = ingest.ingest_prepared(cur, name, ingest.prepare_batch(secret, "other", None), len(secret))
+            assert stored.inserted == 2
+            racer = _Post(client, "/api/v1/lineage/batch", planted, limited)
+            _until(lambda: writer.pending == 2 and _a_thread_in(SqlStore.ingest),
+                   "the server's writer waits inside the store's ingest for the other transaction")
+        refused = racer.result()
+        assert refused.status_code == 403 and refused.json()["error"] == "pipeline_forbidden", refused.text
+        assert other.run_pipelines([rid]) == {rid: "secret"}
+        assert other.get_run(rid)["event_count"] == 2
+    finally:
+        other.close()
