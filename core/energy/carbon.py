@@ -110,6 +110,19 @@ def resolve_pue(argument: float | None = None) -> tuple[float, str, str | None]:
     return value, "METATRAIL_PUE", None
 
 
+@lru_cache(maxsize=16)
+def _carbon_settings(
+    region: str | None, region_env: str | None, pue: float | None, pue_env: str | None
+) -> tuple[GridIntensity, float, str, tuple[str, ...]]:
+    """The intensity and PUE for these arguments and environment values, and the notes on them: resolved once per
+    distinct setting, not per task (the table look-up and the refusals cost more than the rest of a facet).
+    The environment values are part of the key, so a changed variable is read afresh."""
+    intensity = grid_intensity(region)
+    pue_value, pue_source, pue_error = resolve_pue(pue)
+    notes = tuple(n for n in (intensity.note, pue_error) if n)
+    return intensity, pue_value, pue_source, notes
+
+
 def carbon_block(
     measured_j: float | None,
     estimated_j: float | None,
@@ -118,13 +131,9 @@ def carbon_block(
     pue: float | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """The facet's ``carbon`` object and any configuration errors to report."""
-    errors: list[str] = []
-    intensity = grid_intensity(region)
-    if intensity.note:
-        errors.append(intensity.note)
-    pue_value, pue_source, pue_error = resolve_pue(pue)
-    if pue_error:
-        errors.append(pue_error)
+    settings = _carbon_settings(region, os.environ.get("METATRAIL_CARBON_REGION"), pue, os.environ.get("METATRAIL_PUE"))
+    intensity, pue_value, pue_source, notes = settings
+    errors = list(notes)
     parts = [v for v in (measured_j, estimated_j) if v is not None]
     basis = (
         "measured+estimated"

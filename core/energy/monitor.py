@@ -13,19 +13,24 @@ reads the clock (and, when the task's root is this process, its CPU time), marks
 sampler. Neither touches hardware, files or the monitor lock, nor waits for the meters to finish starting. The
 first start starts the sampler thread, which probes the meters once (RAPL tree, NVML init) and then takes the
 task's baseline sample. Starts and stops wake the sampler, which samples at most every ``min_sample_gap_s``
-(20 ms) so that a burst of short tasks does not turn into a burst of samples; it sleeps without a timeout (and
-background GPU power sampling is suspended) while no task is registered.
+(20 ms) so that a burst of short tasks does not turn into a burst of samples. Once no task is registered it keeps
+its last sample as the baseline, and the meters running, for a sampling wait (the interval, bounded by the meters'
+counter wrap): a start meanwhile is paced like any other, so a host whose short tasks each end before the next
+begins (Parsl's thread pool running small apps) does not get a sample, and a GPU power sampler stopped and started,
+per task (1,000 such tasks of 0.2 ms, 1 ms apart, took about 950 samples and 85 us of sampler CPU per task when the
+baseline was dropped at once, 12 samples and 10 us with it kept: ``bench/bench_energy_burst.py``). After that wait it
+drops the baseline, suspends background GPU power sampling and sleeps without a timeout until the next start.
 
-The gap adapts to bursts of tasks shorter than ``min_sample_gap_s`` (:data:`MAX_BURST_GAP_S`): when a sample closes
-two or more tasks that no sample covered, all shorter than that, the gap doubles (up to 0.2 s, and never past the
-sampling interval or the meters' own bound); when it closes none, the gap halves back towards ``min_sample_gap_s``;
-when it closes one that ran longer, and once the monitor is idle, the gap is back at the floor. A widened gap holds
-back only the samples no other task needs: a task still running ``min_sample_gap_s`` after its start gets its first
-sample then, and a stopped task that a sample covered and that ran that long gets its closing sample at the narrow
-pace, as without a burst. A sample costs the sampler about half a millisecond of CPU (and takes the GIL from the
-host's threads), and in a burst of 3 ms tasks nearly every task started and stopped between two samples anyway; a
-sample per 20 ms bought a measured interval for one task in ten, a sliver of its short run. What such a task keeps
-is its CPU time read at its start and stop, when its root is this process and no other task registered that process
+The gap adapts to bursts of tasks shorter than ``min_sample_gap_s`` (:data:`MAX_BURST_GAP_S`): when a sample closes two
+or more tasks that no sample covered, all shorter than that, the gap doubles (up to 0.2 s, and never past the sampling
+interval or the meters' own bound); when it closes none, the gap halves back towards ``min_sample_gap_s``; when it
+closes one that ran longer, and once the monitor has been idle for a sampling wait, the gap is back at the floor. A
+widened gap holds back only the samples no other task needs: a task still running ``min_sample_gap_s`` after its start
+gets its first sample then, and a stopped task that a sample covered and that ran that long gets its closing sample at
+the narrow pace, as without a burst. A sample costs the sampler about half a millisecond of CPU (and takes the GIL from
+the host's threads), and in a burst of 3 ms tasks nearly every task started and stopped between two samples anyway; a
+sample per 20 ms bought a measured interval for one task in ten, a sliver of its short run. What such a task keeps is
+its CPU time read at its start and stop, when its root is this process and no other task registered that process
 meanwhile (a host-fed task keeps the host's figure). Pacing serves many tasks, not a host waiting for one: a
 :meth:`EnergyMonitor.hurry` (the Recorder's ``flush``) makes the next sample unpaced, so an Airflow task runner ending
 its one try, or a process exiting, does not wait up to a gap for its windows to close.
@@ -47,6 +52,7 @@ time equally (``shared_process``).
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import logging
 import math
@@ -119,6 +125,20 @@ def default_meters() -> list[EnergyMeter]:
     root = os.environ.get("METATRAIL_POWERCAP_ROOT") or DEFAULT_ROOT
     psys = os.environ.get("METATRAIL_RAPL_PSYS", "0").strip().lower() in ("1", "true", "yes")
     return [RaplMeter(root, include_psys=psys), NvmlMeter(), CpuEstimateMeter()]
+
+
+_forks = 0
+"""How many times this process is a forked child of the one that imported this module (an ``os.fork`` hook counts
+them): a monitor compares it with its own count rather than ask ``os.getpid()``, a system call, at each start."""
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_count_fork)
 
 
 def _own_cpu_seconds(include_children: bool) -> float | None:
@@ -206,8 +226,10 @@ class EnergyMonitor:
 
     def _reset_runtime(self) -> None:
         self._pid = os.getpid()
+        self._forks = _forks
         self._generation = next(self._generations)
         self._pending: collections.deque[TrackedTask] = collections.deque()
+        self._pending_stopped = 0  # how many tasks at the head of _pending are known to have stopped (_first_need)
         self._live: dict[int, TrackedTask] = {}
         self._tasks: dict[int, TrackedTask] = {}
         self._lock = threading.RLock()
@@ -219,6 +241,7 @@ class EnergyMonitor:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._prev: Sample | None = None
+        self._sampled_at = 0.0  # time.monotonic() of the last sample (see _linger_left)
         self._gap = self.min_sample_gap_s  # the pacing gap now (see the module docstring)
         self._closed_until: dict[int, float] = {}  # pid -> latest stop of a closed task rooted there
         self._seq = 0
@@ -253,7 +276,7 @@ class EnergyMonitor:
         """
         token = TaskToken(next(self._ids), execution_id)
         try:
-            if os.getpid() != self._pid:  # forked: the parent's thread does not exist here
+            if _forks != self._forks:  # forked: the parent's thread does not exist here
                 self._reset_runtime()
             if source is not None:
                 from .accounting import AccountedEnergy
@@ -314,7 +337,7 @@ class EnergyMonitor:
         task = stopped.task
         task.reported = True
         try:
-            if task.generation != self._generation or os.getpid() != self._pid:
+            if task.generation != self._generation or _forks != self._forks:
                 return self._failure("the process forked while the task ran: its energy is not measured here")
             failure = self._await_end(task)
             return failure if failure is not None else self._payload(task)
@@ -367,6 +390,8 @@ class EnergyMonitor:
     def _await_end(self, task: TrackedTask) -> dict[str, Any] | None:
         """Wait, bounded, until the task's window is closed; force-close it at the deadline. Returns a failure
         payload when nothing can be reported, else None (``task.end`` is set)."""
+        if task.end is not None:  # the common case once the writer reports a batch: closed by a sample already
+            return None
         timeout = self.report_timeout_s
         deadline = time.monotonic() + timeout
         if task.end is None and not self._ready.wait(max(0.0, deadline - time.monotonic())):
@@ -472,11 +497,8 @@ class EnergyMonitor:
         if overlaps is None:
             overlaps = _overlapping(itertools.chain(self._tasks.values(), closing))
         if self._shared_root(task, overlaps):
-            note = (
-                f"no energy sample covered the task and other tasks registered its process {task.pid} meanwhile: "
-                "its CPU time cannot be told apart"
-            )
-            return WindowEnd(at=stop, known=known, reason="; ".join(r for r in (reason, note) if r))
+            note = _shared_note(task.pid)
+            return WindowEnd(at=stop, known=known, reason=f"{reason}; {note}" if reason else note)
         cpu = max(0.0, task.stop_root_cpu - task.start_root_cpu)
         return WindowEnd(at=stop, known=known, reason=reason, task_cpu="read-at-stop", unsampled_cpu_s=cpu)
 
@@ -557,11 +579,24 @@ class EnergyMonitor:
         while not self._closed:
             with self._lock:
                 idle = not self._tasks and not self._pending
+                linger = 0.0
                 if idle:
-                    self._prev = None  # the next interval starts from a fresh baseline
-                    self._gap = self.min_sample_gap_s
                     self._closed_until.clear()  # a later task cannot overlap the ones closed so far
-            if idle:
+                    linger = self._linger_left()
+                    if linger <= 0:
+                        self._prev = None  # the next interval starts from a fresh baseline
+                        self._gap = self.min_sample_gap_s
+            if idle and linger > 0:
+                # The last sample is recent: keep it as the baseline and the meters running, so that the next
+                # start is paced like any other. A host that starts a short task every few milliseconds, each
+                # ended before the next began, otherwise took a sample (and suspended and resumed the meters) per
+                # task.
+                if not self._wake.wait(linger):
+                    continue  # not cleared: a start that set it since the timeout is seen by the next wait
+                self._wake.clear()
+                if not self._pending and not self._tasks and not self._closed:
+                    continue  # set by a start or stop the last sample already handled: no sample needed
+            elif idle:
                 if not suspended:
                     for m in self.meters:
                         m.suspend()
@@ -587,6 +622,13 @@ class EnergyMonitor:
             if closed_any:
                 self._notify_closed()
         self._notify_closed()
+
+    def _linger_left(self) -> float:
+        """Seconds the sampler keeps its last sample as the baseline while no task is registered: until a
+        sampling wait (:meth:`_max_wait`, which the meters' counter wrap bounds) has passed since it was taken."""
+        if self._prev is None:
+            return 0.0
+        return self._sampled_at + self._max_wait() - time.monotonic()
 
     def _max_wait(self) -> float:
         limits = [self.interval_s] + [m.max_read_interval_s / 2 for m in self.meters if m.available]
@@ -624,8 +666,19 @@ class EnergyMonitor:
             if any(t.stop is not None and t.baselined and t.stop - t.start_mono >= floor
                    for t in self._tasks.values()):
                 return now
-            starts = [t.start_mono for t in list(self._pending) if t.stop is None and t.end is None]
-        return min(starts) + floor if starts else math.inf
+            # The queue is in start order: the first task in it still running started first. Those before it have
+            # stopped and stay stopped, so the next look starts past them (this runs every ``floor`` while the
+            # queue grows: scanning all of it each time cost a burst's sampler as much as its samples).
+            pending = self._pending
+            i = self._pending_stopped
+            while i < len(pending):
+                t = pending[i]
+                if t.stop is None and t.end is None:
+                    self._pending_stopped = i
+                    return t.start_mono + floor
+                i += 1
+            self._pending_stopped = i
+        return math.inf
 
     def _adapt_gap(self, unsampled: Sequence[TrackedTask]) -> None:
         """Widen the pacing gap in a burst of tasks shorter than ``min_sample_gap_s``, narrow it otherwise (module
@@ -694,6 +747,7 @@ class EnergyMonitor:
 
         self._seq += 1
         unsampled: list[TrackedTask] = []  # stopped before their first sample
+        self._pending_stopped = 0
         while self._pending:
             queued = self._pending.popleft()
             queued.queued = False
@@ -740,8 +794,11 @@ class EnergyMonitor:
             overlaps = _overlapping(itertools.chain(self._tasks.values(), closing))
             for t in unsampled:
                 t.end = self._unsampled_end(t, known, closing, overlaps=overlaps)
+        closed_until = self._closed_until
         for t in closing:
-            self._closed_until[t.pid] = max(self._closed_until.get(t.pid, stop_time(t)), stop_time(t))
+            stop = stop_time(t)
+            if closed_until.get(t.pid, stop) <= stop:
+                closed_until[t.pid] = stop
         heads: set[int] | None = None
         for tid, t in self._tasks.items():
             if not t.baselined:
@@ -760,6 +817,7 @@ class EnergyMonitor:
             t.acct.last_sample = now
             t.acct.max_concurrent = max(t.acct.max_concurrent, registered)
         self._prev = current
+        self._sampled_at = time.monotonic()  # the linger is real time, whatever clock the samples use
         self._adapt_gap(unsampled)
         return bool(stopping or unsampled)
 
@@ -776,6 +834,17 @@ class EnergyMonitor:
                 remaining = [t for t in self._pending if t is not task]
                 self._pending.clear()
                 self._pending.extend(remaining)
+                self._pending_stopped = 0
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_note(pid: int) -> str:
+    """The reason of a task no sample covered whose process other tasks registered meanwhile (made once per process:
+    in a burst on several threads every task has it)."""
+    return (
+        f"no energy sample covered the task and other tasks registered its process {pid} meanwhile: "
+        "its CPU time cannot be told apart"
+    )
 
 
 def _overlapping(tasks: Iterable[TrackedTask]) -> set[int]:

@@ -27,9 +27,11 @@ from .meter import Reading
 TaskCpuSource = Literal["read-at-stop", "interpolated"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WindowEnd:
-    """How a stopped task's window was closed (reported in the facet as ``end_*``).
+    """How a stopped task's window was closed (reported in the facet as ``end_*``); made once per task by the sampler
+    and not changed afterwards (not frozen: a frozen dataclass takes three times as long to make, and a burst of short
+    tasks makes one per task).
 
     ``at`` is the stop time (monitor clock); ``interpolated`` whether the last partial interval was closed by
     interpolating to it, over ``span_s`` seconds (last sample before the stop to first sample after it);

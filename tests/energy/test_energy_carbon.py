@@ -69,3 +69,21 @@ def test_non_finite_pue_is_refused_and_the_carbon_figures_kept(monkeypatch: pyte
     monkeypatch.delenv("METATRAIL_PUE")
     block, errors = carbon_block(J_PER_KWH, None, region="WORLD", pue=float(raw))
     assert block["pue"] == 1.0 and block["co2e_g"] == pytest.approx(480.0) and "refused" in errors[0]
+
+
+def test_carbon_settings_resolved_once_still_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The region and PUE are resolved once per distinct setting (not per task), yet a changed variable is read
+    afresh, and the notes handed back are each call's own."""
+    monkeypatch.setenv("METATRAIL_CARBON_REGION", "NO")
+    monkeypatch.setenv("METATRAIL_PUE", "1.2")
+    first, _ = carbon_block(3.6e6, None)
+    assert first["region"] == "NO" and first["pue"] == pytest.approx(1.2)
+    monkeypatch.setenv("METATRAIL_CARBON_REGION", "FR")
+    monkeypatch.setenv("METATRAIL_PUE", "0.5")
+    second, errors = carbon_block(3.6e6, None)
+    assert second["region"] == "FR" and second["region_source"] == "METATRAIL_CARBON_REGION"
+    assert second["pue"] == 1.0 and errors == ["METATRAIL_PUE='0.5' is below 1 (PUE = facility / IT energy); used 1.0"]
+    errors.append("changed by the caller")
+    assert carbon_block(3.6e6, None)[1] == ["METATRAIL_PUE='0.5' is below 1 (PUE = facility / IT energy); used 1.0"]
+    second["region"] = "changed by the caller"
+    assert carbon_block(3.6e6, None)[0]["region"] == "FR"

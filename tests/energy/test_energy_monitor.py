@@ -354,6 +354,43 @@ def test_a_burst_of_short_tasks_widens_the_sampling_gap_and_keeps_every_tasks_cp
     assert mon._gap == mon.min_sample_gap_s
 
 
+def _power_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "metatrail-gpu-power"}
+
+
+def test_short_tasks_with_idle_gaps_between_them_are_paced_and_the_meters_stay_on(
+    monitors: Callable[..., EnergyMonitor], fake_nvml: Callable[..., FakeNvml], validate_facet: Validate
+) -> None:
+    """A host that starts a short task every few milliseconds, each ended before the next began (Parsl's thread
+    pool running no-op apps): the monitor is idle between tasks, yet a recent sample stays the baseline, so the
+    tasks are paced like a burst (not a sample, nor a GPU power sampler stopped and started, per task) and each
+    keeps its CPU time. Once idle for a sampling interval, the sampler drops the baseline and suspends the
+    meters."""
+    gpu = FakeGpu("GPU-idle-gaps", energy_mj=None, power_mw=100_000)  # no counter: power is sampled in a thread
+    mon = monitors([CpuEstimateMeter(), NvmlMeter(nvml=fake_nvml(gpu), visible_devices=None)], interval_s=0.5)
+    mon.task_finished(mon.task_started("warm-up", pid=os.getpid()))
+    seq_before = mon._seq
+    power_threads: set[threading.Thread] = set()
+    stopped = []
+    for i in range(100):
+        token = mon.task_started(f"gap-{i}", pid=os.getpid())
+        _spin(0.001)
+        stopped.append(mon.task_stopped(token))
+        power_threads |= _power_threads()
+        time.sleep(0.003)
+    payloads = [mon.task_report(s) for s in stopped]
+    assert mon._seq - seq_before < len(stopped) / 3, mon._seq - seq_before
+    assert len(power_threads) <= 2, len(power_threads)  # the one running since the warm-up (and one if suspended)
+    for p in payloads:
+        assert p is not None
+        validate_facet(p)
+        assert p["task_cpu_s"] is not None and p["task_cpu_s"] > 0
+    deadline = time.monotonic() + 5
+    while (_power_threads() or mon._prev is not None) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _power_threads() and mon._prev is None
+
+
 def _closed_task(i: int, ran_s: float) -> Any:
     from metatrail.energy.ledger import TaskToken, TrackedTask
 
@@ -437,3 +474,30 @@ def test_a_task_running_beside_a_burst_is_sampled_at_the_narrow_pace(
     # after its stop (a fixed 0.2 s pace would leave up to half of the 0.4 s uncovered and 0.2 s interpolated).
     assert payload["coverage"] >= 0.7, payload
     assert payload["end_interpolation_s"] is not None and payload["end_interpolation_s"] <= 0.1, payload
+
+
+def test_a_forked_child_does_not_report_the_parents_task_and_measures_its_own(
+    monitors: Callable[..., EnergyMonitor], validate_facet: Validate
+) -> None:
+    """After a fork (told by an ``os.fork`` hook, not by asking for the pid at each start) the child's monitor says
+    that a task the parent started is not measured there, and measures the child's own tasks with a sampler of its
+    own; the parent's monitor goes on as before."""
+    from test_energy_procfs import _in_forked_child
+
+    mon = monitors([CpuEstimateMeter()], interval_s=1.0, report_timeout_s=5.0)
+    mon.task_finished(mon.task_started("warm-up", pid=os.getpid()))
+    parents = mon.task_started("parent's", pid=os.getpid())
+
+    def check() -> bool:
+        inherited = mon.task_report(mon.task_stopped(parents))
+        own = mon.task_finished(mon.task_started("child's", pid=os.getpid()))
+        assert inherited is not None and own is not None
+        validate_facet(inherited)
+        validate_facet(own)
+        return (any("forked while the task ran" in e for e in inherited["errors"])
+                and own["task_cpu_s"] is not None and not any("forked" in e for e in own["errors"]))
+
+    assert _in_forked_child(check)
+    payload = mon.task_finished(parents)
+    assert payload is not None and payload["task_cpu_s"] is not None
+    assert not any("forked" in e for e in payload["errors"]), payload["errors"]
