@@ -11,10 +11,11 @@ both see the same machine load. Each interpreter runs a 20-task warm-up flow fir
 
 Reported per mode: median wall-clock time of each variant from calling the flow to the end of its body, and their
 ratio (target <= 1.03; the whole call is reported too: Prefect's teardown rounds it up to a whole second), and the
-time the task threads spent in metatrail's code per task run (p50/p99: observer creation, the Running and Completed
-state handlers and the span end, which include the Recorder calls; the Recorder's writer, which builds and stores
-events in the background, is not in these figures but is in the wall-clock ratio). Writes the report to
-``bench/results/prefect.txt`` (``--out`` to change). Exit status 1 when the wall-clock target is missed.
+time the task threads spent in metatrail's code per task run, elapsed and in thread CPU time (p50/p99: observer
+creation, the Running and Completed state handlers and the span end, which include the Recorder calls; the Recorder's
+writer, which builds and stores events in the background, is not in these figures but is in the wall-clock ratio).
+Writes the report to ``bench/results/prefect.txt`` (``--out`` to change). Exit status 1 when the wall-clock target is
+missed.
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ def child(mode: str, count: int) -> None:
     from prefect.task_runners import ThreadPoolTaskRunner
 
     hook_times: dict[str, float] = {}
+    hook_cpu: dict[str, float] = {}
     plugin = os.environ.get("PREFECT_PLUGINS_ENABLED") == "1"
     if plugin:
-        _time_hooks(hook_times)
+        _time_hooks(hook_times, hook_cpu)
 
     @task
     def noop(i: int) -> int:
@@ -89,6 +91,7 @@ def child(mode: str, count: int) -> None:
         get_recorder().flush(120)
         warmup_flush_s = time.perf_counter() - start
     hook_times.clear()
+    hook_cpu.clear()
     cpu_start, children_start = time.process_time(), _children_cpu()
     start = time.perf_counter()
     total = noops(count)
@@ -110,6 +113,7 @@ def child(mode: str, count: int) -> None:
     print(json.dumps({"wall": wall, "call": call, "cpu": body_cpu[-1] - cpu_start,
                       "children_cpu": body_children[-1] - children_start,
                       "hook_ms": sorted(v * 1000 for v in hook_times.values()),
+                      "hook_cpu_ms": sorted(v * 1000 for v in hook_cpu.values()),
                       "flush_s": flush_s, "warmup_flush_s": warmup_flush_s, "written": written}))
 
 
@@ -137,18 +141,21 @@ def _tree_cpu(pid: int, *, with_root: bool = True) -> float:
     return total
 
 
-def _time_hooks(totals: dict[str, float]) -> None:
-    """Accumulate, per task run, the time the calling thread spends in metatrail's observer code."""
+def _time_hooks(totals: dict[str, float], cpu_totals: dict[str, float]) -> None:
+    """Accumulate, per task run, the time the calling thread spends in metatrail's observer code: elapsed time in
+    ``totals``, the thread's CPU time in ``cpu_totals`` (on a loaded machine the elapsed time also counts the time
+    the thread waited for a CPU or the GIL)."""
     from metatrail.plugins.prefect import tracing
     from metatrail.plugins.prefect.observer import TaskObserver
 
     guard = tracing._guard
 
     def timed_guard(what: str, fn: Any, *args: Any) -> Any:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         try:
             return guard(what, fn, *args)
         finally:
+            cpu = time.thread_time() - cpu_start
             elapsed = time.perf_counter() - start
             if what == "start":
                 attributes = args[0]
@@ -158,6 +165,7 @@ def _time_hooks(totals: dict[str, float]) -> None:
                 key = owner.run_id if isinstance(owner, TaskObserver) else None
             if key is not None:
                 totals[key] = totals.get(key, 0.0) + elapsed
+                cpu_totals[key] = cpu_totals.get(key, 0.0) + cpu
 
     tracing._guard = timed_guard
 
@@ -265,7 +273,8 @@ def main() -> int:
         "              ThreadPoolTaskRunner(max_workers=4), then every result()",
         "",
         f"{'mode':11s} {'variant':10s} {'wall s':>8s} {'ratio':>6s} {'per task':>9s} {'in-hook p50':>12s} "
-        f"{'in-hook p99':>12s} {'flush after':>12s} {'call s':>8s} {'ratio':>6s}",
+        f"{'in-hook p99':>12s} {'flush after':>12s} {'call s':>8s} {'ratio':>6s} {'hook CPU p50':>13s} "
+        f"{'hook CPU p99':>13s}",
     ]
     missed = False
     for mode in MODES:
@@ -277,6 +286,7 @@ def main() -> int:
             results = runs[(mode, variant)]
             wall = statistics.median(r["wall"] for r in results)
             hooks = [ms for r in results for ms in r["hook_ms"]]
+            hooks_cpu = [ms for r in results for ms in r["hook_cpu_ms"]]
             flush = statistics.median(r["flush_s"] for r in results)
             ratio = wall / base
             if variant == "plugin":
@@ -284,7 +294,8 @@ def main() -> int:
             call = statistics.median(r["call"] for r in results)
             lines.append(f"{'':11s} {variant:10s} {wall:8.3f} {ratio:6.3f} {(wall - base) / args.tasks * 1000:7.2f}ms "
                          f"{_percentile(hooks, 0.5):10.3f}ms {_percentile(hooks, 0.99):10.3f}ms {flush:10.3f} s "
-                         f"{call:8.3f} {call / base_call:6.3f}")
+                         f"{call:8.3f} {call / base_call:6.3f} {_percentile(hooks_cpu, 0.5):11.3f}ms "
+                         f"{_percentile(hooks_cpu, 0.99):11.3f}ms")
     warmups = [r["warmup_flush_s"] for (_, v), rs in runs.items() if v != "baseline" for r in rs]
     lines += [
         "",
@@ -295,6 +306,8 @@ def main() -> int:
         "  its run-heartbeat thread, which sleeps in 1 s steps, so call times come in whole-second steps and their",
         "  ratio says which side of a tick each variant ended on rather than what the tasks cost;",
         "in-hook = time the task's own thread spent in metatrail per task run (all state events of the run);",
+        "hook CPU = the same span in the thread's CPU time (time.thread_time): what the elapsed in-hook time",
+        "  counts besides, on a loaded machine, is waiting for a CPU or for the GIL;",
         "flush after = time after the flow returned until the writer had stored every event (not in the ratio);",
         "plugin = default settings (energy metering on); no-energy = METATRAIL_ENERGY=0.",
         f"first-use cost, kept out of the timed flow: the writer's first flush after the {WARMUP_TASKS}-task warm-up "

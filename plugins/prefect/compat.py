@@ -23,6 +23,7 @@ What we rely on, and what happens when a later Prefect changes it:
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -48,8 +49,9 @@ NOT_FOUND = object()
 _WRAPPED = "_metatrail_wrapped"
 
 
+@functools.cache
 def prefect_version() -> str:
-    """The running Prefect's version."""
+    """The running Prefect's version (read once: every task run records it)."""
     import prefect
 
     return str(prefect.__version__)
@@ -70,6 +72,7 @@ def patch_tracer_factory(wrap: Callable[[Any], Any]) -> bool:
     def get_tracer(*args: Any, **kwargs: Any) -> Any:
         return wrap(original(*args, **kwargs))
 
+    never_an_engine(run_telemetry.RunTelemetry)  # it starts the run spans that find_engine is called from
     setattr(get_tracer, _WRAPPED, True)
     get_tracer.__wrapped__ = original  # type: ignore[attr-defined]
     setattr(run_telemetry, "get_tracer", get_tracer)  # noqa: B010 (a module attribute we replace on purpose)
@@ -93,14 +96,34 @@ def find_engine(kind: str, max_depth: int = 12) -> Any:
             return None
         code = frame.f_code
         # Only a method's frame can hold the engine as ``self``: reading ``f_locals`` builds a dict of all the
-        # frame's locals, so frames of plain functions (ours among them) are passed over without it.
-        if code.co_argcount and code.co_varnames[0] == "self":
+        # frame's locals, so frames of plain functions (ours among them) are passed over without it, and so are
+        # the methods on the way up that are known never to run on an engine (the tracer's, the run telemetry's):
+        # the engine's frame is then the only one read, where it was the third of three.
+        if code.co_argcount and code.co_varnames[0] == "self" and id(code) not in _never_engine_code_ids:
             candidate = frame.f_locals.get("self")
             if candidate is not None and hasattr(candidate, kind) and hasattr(candidate, run_attr) \
                     and hasattr(candidate, "parameters"):
                 return candidate
         frame = frame.f_back  # type: ignore[assignment]
     return None
+
+
+# Ids of the code objects of methods whose ``self`` is never a run engine (see find_engine): by id, as hashing a code
+# object hashes its whole contents; the code objects are kept, so that their ids stay theirs.
+_never_engine_codes: list[Any] = []
+_never_engine_code_ids: set[int] = set()
+
+
+def never_an_engine(*owners: Any) -> None:
+    """Declare the methods of classes (or single functions) whose ``self`` is never a run engine, so that
+    :func:`find_engine` passes their frames over without reading their locals."""
+    for owner in owners:
+        functions = vars(owner).values() if isinstance(owner, type) else (owner,)
+        for function in functions:
+            code = getattr(getattr(function, "__func__", function), "__code__", None)
+            if code is not None and id(code) not in _never_engine_code_ids:
+                _never_engine_codes.append(code)
+                _never_engine_code_ids.add(id(code))
 
 
 def task_run_context() -> Any:
@@ -174,7 +197,10 @@ def asset_keys(assets: Iterable[Any] | None) -> list[str]:
 
 def task_assets(task: Any) -> tuple[list[str], list[str]]:
     """``(asset_deps, materialized)`` keys declared on a task (``asset_deps=``, ``@materialize``)."""
-    return asset_keys(getattr(task, "asset_deps", None)), asset_keys(getattr(task, "assets", None))
+    deps, assets = getattr(task, "asset_deps", None), getattr(task, "assets", None)
+    if not deps and not assets:  # most tasks
+        return [], []
+    return asset_keys(deps), asset_keys(assets)
 
 
 def upstream_assets() -> list[str]:
@@ -184,4 +210,7 @@ def upstream_assets() -> list[str]:
     ctx = AssetContext.get()
     if ctx is None:
         return []
-    return asset_keys(set(ctx.upstream_assets) | set(ctx.direct_asset_dependencies))
+    upstream, direct = ctx.upstream_assets, ctx.direct_asset_dependencies
+    if not upstream and not direct:  # most tasks
+        return []
+    return asset_keys(set(upstream) | set(direct))

@@ -104,10 +104,13 @@ def _state_of(run: Any, attributes: Mapping[str, Any]) -> Any:
     return None
 
 
-def _put_return_value(extra: dict[str, Any], value: Any) -> None:
+def _put_return_value(extra: dict[str, Any], value: Any, warnings: list[str] | None = None) -> None:
+    """The shaped return value into ``extra``; when it was changed, ``warnings`` (the run's own, default those in
+    ``extra``) with the reason added."""
     extra["return_value"], why = shape(value)
     if why is not None:
-        extra[WARNINGS] = [*extra.get(WARNINGS, ()), f"return value ({type(value).__name__}) is {why}"]
+        known = extra.get(WARNINGS, ()) if warnings is None else warnings
+        extra[WARNINGS] = [*known, f"return value ({type(value).__name__}) is {why}"]
 
 
 def _error(exception: BaseException | None, state: Any, attributes: Mapping[str, Any]) -> BaseException | str:
@@ -200,19 +203,20 @@ class TaskObserver:
         execution, self._current, self._exception = self._current, None, None
         if execution is None:
             return
-        extra = {**execution.extra, "state": state_name}
+        # The end-only fields go to the Recorder as ``extra``, added to this try's handle, which is dropped next: the
+        # START event keeps its own extra, as the Recorder recorded a snapshot of the handle then.
+        extra: dict[str, Any] = {"state": state_name}
         outputs: list[str] = []
         late_inputs: list[str] = []
         if status is Status.COMPLETED:
             result = compat.state_result(state) if state is not None else compat.NOT_FOUND
             if result is not compat.NOT_FOUND:
-                _put_return_value(extra, result)
+                _put_return_value(extra, result, execution.extra.get(WARNINGS))
                 outputs = local_paths([result])
             outputs += self._materialized
             late_inputs = [k for k in compat.upstream_assets() if k not in self._declared]
-        # A copy carries the end-only fields: the START event, possibly not yet written, keeps its own extra.
-        recorder().execution_finished(dataclasses.replace(execution, extra=extra), outputs=outputs,
-                                      inputs=late_inputs, status=status, error=error, ended_at=at)
+        recorder().execution_finished(execution, outputs=outputs, inputs=late_inputs, status=status, error=error,
+                                      ended_at=at, extra=extra)
 
 
 class FlowObserver:

@@ -37,8 +37,14 @@ def local_paths(values: Iterable[Any], timeout: float = STAT_TIMEOUT_S) -> list[
     """Absolute paths of the values (and of the items of list/tuple/set/dict values, one level down) that name
     existing local files or directories (module docstring); at most ``timeout`` seconds are spent waiting for the
     file system."""
-    named = explicit_paths(values)
+    # Values of the types most tasks take and return never name a path: set aside before the generators that look
+    # into each value are made (this runs twice per task run, on the task's thread).
+    candidates = [value for value in values if type(value) not in _NEVER_PATHS]
+    named = explicit_paths(candidates) if candidates else []
     return _existing(named, timeout) if named else []
+
+
+_NEVER_PATHS = frozenset({int, float, bool, type(None), bytes})
 
 
 def explicit_paths(values: Iterable[Any]) -> list[str]:

@@ -22,6 +22,7 @@ from opentelemetry.util import types
 
 from metatrail.config import is_disabled
 from metatrail.logsafe import log_once
+from metatrail.plugins.prefect import compat
 
 _installed = False
 _install_lock = threading.Lock()
@@ -33,8 +34,6 @@ def install() -> bool:
     with _install_lock:
         if _installed:
             return True
-        from metatrail.plugins.prefect import compat
-
         if not compat.patch_tracer_factory(_wrap_tracer):
             log_once("prefect-seam", "metatrail: Prefect %s has no run-telemetry tracer to observe; "
                      "flows run unrecorded", compat.prefect_version())
@@ -89,6 +88,9 @@ class ObservingTracer(trace.Tracer):
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
+
+
+compat.never_an_engine(ObservingTracer)
 
 
 def _new_observer(attributes: Mapping[str, Any]) -> Any:

@@ -74,6 +74,12 @@ class _Walk:
 
 def shape(value: Any) -> tuple[Any, str | None]:
     """``(recordable value, why it was changed or None)``: see the module docstring. Never raises."""
+    kind = type(value)
+    # The common arguments and return values, recorded as they are, without a walk: exactly the values the walk
+    # would keep unchanged (a 64-bit int, a finite float, short ASCII text, None, a bool).
+    if value is None or kind is bool or (kind is int and value.bit_length() < MAX_INT_BITS) \
+            or (kind is float and math.isfinite(value)) or (kind is str and len(value) <= MAX_TEXT and value.isascii()):
+        return value, None
     walk = _Walk()
     try:
         shaped = _shape(value, 0, walk)

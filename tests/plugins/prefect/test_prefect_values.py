@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from prefect import flow, task
 
+from metatrail.plugins.prefect import values
+
 Events = Callable[[], list[dict[str, Any]]]
 SLOW_S = 3.0
 
@@ -182,3 +184,33 @@ def test_only_explicit_paths_are_inputs(tmp_path: Path, monkeypatch: pytest.Monk
     named()
     completes = _completes(events, "passthrough")
     assert [[i["name"] for i in e["inputs"]] for e in completes] == [expected for _, expected in cases]
+
+
+@pytest.mark.parametrize(("value", "recorded", "why"), [
+    (2**63 - 1, 2**63 - 1, None),
+    (-(2**62), -(2**62), None),
+    (2**63, str(2**63), values.BIG_INT),
+    (-(2**63), str(-(2**63)), values.BIG_INT),  # 64 bits with its sign
+    (0.5, 0.5, None),
+    (float("nan"), "nan", values.NOT_JSON),
+    (float("-inf"), "-inf", values.NOT_JSON),
+    (True, True, None),
+    (None, None, None),
+    ("a" * values.MAX_TEXT, "a" * values.MAX_TEXT, None),
+    ("café", "café", None),
+    ("caf\udce9", "caf\\udce9", values.ESCAPED),
+])
+def test_scalars_are_recorded_as_the_walk_records_them(value: Any, recorded: Any, why: str | None) -> None:
+    # Plain scalars take a short way past the walk (most arguments and return values are one): it must give what
+    # the walk gives, limits included.
+    assert values.shape(value) == (recorded, why)
+    assert values._shape(value, 0, values._Walk()) == recorded
+
+
+def test_scalars_of_subclasses_and_long_text_take_the_walk() -> None:
+    class Count(int):
+        def __index__(self) -> int:
+            raise AssertionError("an int subclass's own methods are never run")
+
+    assert values.shape(Count(3)) == (3, None)
+    assert values.shape("a" * (values.MAX_TEXT + 1))[1] == values.TOO_LARGE

@@ -1,6 +1,7 @@
 """How the plugin hands its events on: a flow's events are gathered into batches by the Recorder's writer (a longer
 linger than the Recorder's default, never a shorter one), and every event is still stored; the run engine is found
-in the caller's frames without reading the locals of plain functions."""
+in the caller's frames without reading the locals of plain functions, nor of the methods on the way that are known
+never to run on an engine."""
 
 from __future__ import annotations
 
@@ -55,3 +56,32 @@ def test_find_engine_reads_methods_only() -> None:
     engine = _Engine()
     assert engine.initialize_run() is engine
     assert _plain_function() is None
+
+
+def test_find_engine_passes_over_methods_declared_never_an_engine() -> None:
+    class Telemetry:
+        """Stands between the engine and the tracer, as Prefect's run telemetry does; it looks like an engine."""
+
+        task = task_run = object()
+        parameters: dict[str, Any] = {}
+
+        def start_span(self) -> Any:
+            return _tracer_side()
+
+    class EngineAbove(_Engine):
+        def initialize_run(self) -> Any:
+            return Telemetry().start_span()
+
+    engine = EngineAbove()
+    assert isinstance(engine.initialize_run(), Telemetry)  # undeclared, its frame is read like any method's
+    compat.never_an_engine(Telemetry)
+    assert engine.initialize_run() is engine
+
+
+def test_the_tracer_and_prefects_run_telemetry_are_declared_never_an_engine() -> None:
+    from prefect.telemetry.run_telemetry import RunTelemetry
+
+    from metatrail.plugins.prefect.tracing import ObservingTracer
+
+    for method in (ObservingTracer.start_span, RunTelemetry.start_span, RunTelemetry._start_span):
+        assert id(method.__code__) in compat._never_engine_code_ids
