@@ -43,7 +43,22 @@ FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 def is_disabled() -> bool:
     """True when the kill switch is set. Reads one environment variable and nothing else."""
+    if _ENVIRON_DATA is not None:
+        # Every hook asks, several times per task: os.environ.get of a variable that is not set raises and catches a
+        # KeyError inside (about a microsecond); the mapping underneath answers in a few tens of nanoseconds.
+        raw = _ENVIRON_DATA.get(_DISABLED_KEY)
+        if raw is None:
+            return False
+        return os.environ.decodevalue(raw).strip().lower() in TRUE_WORDS  # type: ignore[attr-defined]
     return os.environ.get("METATRAIL_DISABLED", "").strip().lower() in TRUE_WORDS
+
+
+# CPython's os.environ keeps its values in ``_data`` (encoded keys, kept in step with os.environ's own changes); on an
+# interpreter without it, is_disabled() asks os.environ itself.
+_ENVIRON_DATA: dict[Any, Any] | None = getattr(os.environ, "_data", None)
+_DISABLED_KEY = os.environ.encodekey("METATRAIL_DISABLED") if hasattr(os.environ, "encodekey") else None
+if not isinstance(_ENVIRON_DATA, dict) or _DISABLED_KEY is None or not hasattr(os.environ, "decodevalue"):
+    _ENVIRON_DATA = None
 
 
 def find_store_dir(start: Path | None = None) -> Path | None:

@@ -47,6 +47,7 @@ from typing import Any, TypeAlias, TypeVar
 
 from metatrail import __version__
 from metatrail.config import Settings, is_disabled, load_settings
+from metatrail.errors import EventError
 from metatrail.exithook import at_exit
 from metatrail.logsafe import log, log_once
 from metatrail.model import ArtifactRef, ErrorText, Execution, PipelineRun, Status, current_user, uuid7
@@ -743,8 +744,6 @@ class Recorder:
         that event is lost (counted), after one attempt with its unstorable values escaped."""
         if not events:
             return
-        from metatrail.errors import EventError
-
         try:
             self._ingest_retrying(events)
         except EventError:
@@ -754,8 +753,6 @@ class Recorder:
             self._dropped_by_store(len(events), exc)
 
     def _ingest_retrying(self, events: list[dict[str, Any]]) -> None:
-        from metatrail.errors import EventError
-
         # While the store keeps failing (a directory that cannot be created, a full disk), each batch gets one
         # attempt, not a round of backoff: a host must not wait seconds per batch for a store that is not coming
         # back soon. The first success restores the retries.
@@ -781,8 +778,6 @@ class Recorder:
             return
 
     def _write_alone(self, event: dict[str, Any]) -> None:
-        from metatrail.errors import EventError
-
         try:
             try:
                 self._ingest_retrying([event])
@@ -852,8 +847,7 @@ class Recorder:
         return refs
 
     def _build(self, item: _Item) -> dict[str, Any]:
-        from metatrail.openlineage.events import build_run_event, execution_facet
-
+        build_run_event, execution_facet = _event_builders()
         if self._commits is None:
             from metatrail.codeversion import CommitCache
 
@@ -916,6 +910,20 @@ class Recorder:
             job_type=job_type, execution_facet=facet, integration_version=subject.host_version or __version__,
             parent=parent, inputs=inputs, outputs=outputs, error=item.error, energy=energy,
         )
+
+
+_builders: tuple[Callable[..., dict[str, Any]], Callable[..., Any]] | None = None
+
+
+def _event_builders() -> tuple[Callable[..., dict[str, Any]], Callable[..., Any]]:
+    """The event builders, imported on the writer's first event (not with this module: they bring attrs along), then
+    kept at hand: an import statement per event cost the writer a microsecond or two each."""
+    global _builders
+    if _builders is None:
+        from metatrail.openlineage.events import build_run_event, execution_facet
+
+        _builders = (build_run_event, execution_facet)
+    return _builders
 
 
 def _snapshot(subject: S) -> S:

@@ -82,3 +82,18 @@ def test_import_is_light() -> None:
             "print(json.dumps([m for m in heavy if m in sys.modules]))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+@pytest.mark.parametrize(("value", "disabled"), [(None, False), ("1", True), (" Yes ", True), ("TRUE", True),
+                                                 ("on", True), ("0", False), ("", False), ("no", False)])
+def test_the_kill_switch_follows_the_environment_as_it_changes(monkeypatch: pytest.MonkeyPatch, value: str | None,
+                                                               disabled: bool) -> None:
+    from metatrail.config import is_disabled
+
+    monkeypatch.delenv("METATRAIL_DISABLED", raising=False)
+    assert is_disabled() is False
+    if value is not None:
+        monkeypatch.setenv("METATRAIL_DISABLED", value)
+    assert is_disabled() is disabled
+    monkeypatch.delenv("METATRAIL_DISABLED", raising=False)
+    assert is_disabled() is False
