@@ -9,9 +9,10 @@ import random
 from pathlib import Path
 
 from conftest import Tokens
-from srvkit import FIXTURES, AsgiClient, auth, bulk_events
+from srvkit import FIXTURES, AsgiClient, auth, bulk_events, make_token
 
 from metatrail.openlineage.events import event_id
+from metatrail.server.config import ServerConfig
 from metatrail.store import open_store
 
 ACCEPTED = sorted(FIXTURES.glob("accepted/**/*.json"))
@@ -229,6 +230,26 @@ def test_a_runs_site_is_where_its_events_came_from(client: AsgiClient, tokens: T
     assert r.status_code == 201
     run = client.get(f"/api/v1/runs/{start['run']['runId']}", headers=auth(tokens.read)).json()
     assert run["site"] == "site2"
+
+
+def test_sending_an_event_again_under_another_site_does_not_take_over_its_attribution(
+        client: AsgiClient, tokens: Tokens, config: ServerConfig) -> None:
+    """A run's site is this server's record of where it first got the events: a token of another site that sends
+    them again (as a push naming an earlier origin, too) stores nothing and changes nothing."""
+    events = bulk_events(1, tag="attributed")
+    assert client.post("/api/v1/lineage/batch", json=events, headers=auth(tokens.write)).status_code == 201
+    rid = events[0]["run"]["runId"]
+    before = client.get(f"/api/v1/runs/{rid}", headers=auth(tokens.read)).json()
+    assert before["site"] == "site1"
+    aaa = make_token(config.store, "read,write", site="aaa")
+    again = client.post("/api/v1/lineage/batch", json=events, headers=auth(aaa))
+    assert again.status_code == 201 and again.json()["inserted"] == 0
+    pushed = client.post("/api/v1/sync/push", json={"events": events, "origins": ["a0", "a0"]}, headers=auth(aaa))
+    assert pushed.status_code == 201 and pushed.json()["inserted"] == 0
+    after = client.get(f"/api/v1/runs/{rid}", headers=auth(tokens.read)).json()
+    assert after["site"] == "site1" and after == before
+    got = client.get("/api/v1/events", params={"run_id": rid}, headers=auth(tokens.read)).json()["events"]
+    assert [e["site"] for e in got] == ["site1", "site1"]
 
 
 def test_push_origins(client: AsgiClient, tokens: Tokens, store_url: str) -> None:
