@@ -109,10 +109,10 @@ def test_a_task_runner_waits_for_a_hanging_store_once_then_briefly(tmp_path: Pat
 
     from metatrail.plugins.airflow import config
     from metatrail.plugins.airflow.listener import SHORT_FLUSH, MetatrailListener
-    from metatrail.store.sql import SqlStore
+    from metatrail.store.sqlite_writer import SqliteWriter
 
     release = threading.Event()
-    monkeypatch.setattr(SqlStore, "ingest", lambda self, events, **kw: release.wait(30))
+    monkeypatch.setattr(SqliteWriter, "ingest", lambda self, events, **kw: release.wait(30))
     monkeypatch.setenv("METATRAIL_TIMEOUT", "0.5")
     config.plugin_config.cache_clear()
     try:

@@ -42,8 +42,10 @@ def _inject(fault: str) -> None:
         adapter.task_params = block
     elif fault == "slow_store":
         from metatrail.store.sql import SqlStore
+        from metatrail.store.sqlite_writer import SqliteWriter
 
         SqlStore.ingest = block  # type: ignore[method-assign]
+        SqliteWriter.ingest = block  # type: ignore[method-assign]  # the Recorder's writer on an embedded store
 
 
 if FAULT:
