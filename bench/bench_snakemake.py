@@ -48,14 +48,27 @@ rule noop:
 """
 
 DRIVER = r"""
-import atexit, json, os, sys, time
-timings = {"emit": [], "filter": [], "build": [], "write": [], "handoff": []}
+import atexit, json, logging.handlers, os, resource, sys, time
+timings = {"emit": [], "rest": [], "filter": [], "build": [], "write": [], "handoff": []}
+cpu = {"listener": 0.0}
 
 def _dump():
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu.update(main=time.thread_time(), process=own.ru_utime + own.ru_stime,
+               children=children.ru_utime + children.ru_stime)
     with open(os.environ["MT_BENCH_TIMINGS"], "w") as fh:
-        json.dump(timings, fh)
+        json.dump({**timings, "cpu": cpu}, fh)
 
 atexit.register(_dump)  # registered first, so it runs after the Recorder's own exit flush
+
+def _monitor(self, inner=logging.handlers.QueueListener._monitor):
+    # Snakemake's log-listener thread: it runs every logger plugin's handler (here: only ours)
+    try:
+        inner(self)
+    finally:
+        cpu["listener"] += time.thread_time()
+
+logging.handlers.QueueListener._monitor = _monitor
 
 from metatrail.plugins.snakemake.guard import RecordClock, TempFileGuard
 from metatrail.plugins.snakemake.handler import LogHandler
@@ -74,9 +87,25 @@ def _wrap(cls, name, key, tag):
         try:
             return inner(self, *args)
         finally:
-            timings[key].append((tag(args), clock() - started, cpu() - cpu_started))
+            wall, used = clock() - started, cpu() - cpu_started
+            if key == "emit":  # the listener's rest at the end of emit is counted apart (LISTENER_REST_S)
+                timings["rest"].append((tag(args), *resting))
+                wall, used = wall - resting[0], used - resting[1]
+                resting[:] = [0.0, 0.0]
+            timings[key].append((tag(args), wall, used))
     setattr(cls, name, timed)
 
+resting = [0.0, 0.0]  # wall and CPU seconds of the rest inside the emit now running (one listener thread)
+
+def _rest(self, inner=getattr(LogHandler, "_rest", lambda self: None)):
+    started, cpu_started = time.perf_counter(), time.thread_time()
+    try:
+        return inner(self)
+    finally:
+        resting[0] += time.perf_counter() - started
+        resting[1] += time.thread_time() - cpu_started
+
+LogHandler._rest = _rest
 _wrap(LogHandler, "emit", "emit", _job)
 _wrap(RecordClock, "filter", "filter", _job)
 _wrap(TempFileGuard, "filter", "filter", _job)
@@ -87,6 +116,46 @@ sys.argv = ["snakemake", *sys.argv[1:]]
 from snakemake.cli import main
 main()
 """
+
+
+# In the discovery directory (on PYTHONPATH): the Recorder's writer process (``python -m metatrail.writerproc``)
+# notes its own CPU time at exit. It may outlive Snakemake, so Snakemake's reaped-children time can miss it.
+SITECUSTOMIZE = """\
+import atexit, os, resource, sys
+
+if os.environ.get("MT_BENCH_WRITER_CPU"):
+    def _note():
+        # sys.argv[0] names the module only once runpy has run it (at start-up it is "-m")
+        if not sys.argv or "writerproc" not in sys.argv[0]:
+            return
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        with open(os.environ["MT_BENCH_WRITER_CPU"], "a") as fh:
+            fh.write(f"{usage.ru_utime + usage.ru_stime}\\n")
+    atexit.register(_note)
+"""
+
+
+def _become_subreaper() -> bool:
+    """Make this process inherit its orphaned descendants (Linux), so that a writer process that outlives Snakemake
+    is reaped here and its CPU time counted in this process's children's."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_orphans(timeout: float = 120.0) -> None:
+    """Wait (bounded) for descendants left behind by the last run, reaping them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.05)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -103,6 +172,7 @@ def _discovery_dir(work: Path) -> Path:
     site = work / "site"
     site.mkdir()
     (site / SHIM).symlink_to(ROOT / "plugins" / SHIM, target_is_directory=True)
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     return site
 
 
@@ -113,7 +183,12 @@ def _run(work: Path, site: Path, index: int, recorded: bool, jobs: int) -> dict[
     store = wf / ".metatrail" / "metatrail.db"
     timings = wf / "timings.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("METATRAIL_", "SNAKEMAKE_"))}
-    env.update({"PYTHONPATH": str(site), "METATRAIL_STORE": f"sqlite:///{store}", "MT_BENCH_TIMINGS": str(timings)})
+    writer_cpu = wf / "writer_cpu.txt"
+    # MT_BENCH_PYTHONPATH: a directory holding another ``metatrail`` package (a copy of an earlier version), put
+    # before this checkout's editable install, to measure before and after a change on the same machine and load.
+    path = [p for p in (os.environ.get("MT_BENCH_PYTHONPATH"), str(site)) if p]
+    env.update({"PYTHONPATH": os.pathsep.join(path), "METATRAIL_STORE": f"sqlite:///{store}",
+                "MT_BENCH_TIMINGS": str(timings), "MT_BENCH_WRITER_CPU": str(writer_cpu)})
     args = ["--cores", "2", *(["--logger", "metatrail"] if recorded else [])]
     load = os.getloadavg()[0]
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -121,6 +196,7 @@ def _run(work: Path, site: Path, index: int, recorded: bool, jobs: int) -> dict[
     done = subprocess.run([sys.executable, "-c", DRIVER, *args], cwd=wf, env=env, capture_output=True, text=True,
                           timeout=7200, check=False)
     wall = time.perf_counter() - started
+    _reap_orphans()
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     if done.returncode != 0:
@@ -132,7 +208,10 @@ def _run(work: Path, site: Path, index: int, recorded: bool, jobs: int) -> dict[
 
         with open_store(f"sqlite:///{store}") as s:
             events = s.stats()["events"]
-    return {"wall": wall, "cpu": cpu, "load": load, "events": events, "timings": json.loads(timings.read_text()),
+    measured = json.loads(timings.read_text())
+    measured["cpu"]["writer_process"] = sum(float(line) for line in writer_cpu.read_text().split()) \
+        if writer_cpu.exists() else 0.0
+    return {"wall": wall, "cpu": cpu, "load": load, "events": events, "timings": measured,
             "elapsed": (int(elapsed.group(1)) * 3600 + int(elapsed.group(2)) * 60 + float(elapsed.group(3)))
             if elapsed else float("nan"), "plugin_messages": done.stderr.count("metatrail:")}
 
@@ -162,6 +241,7 @@ def main() -> int:
 
     from importlib.metadata import version
 
+    subreaper = _become_subreaper()
     load_start = os.getloadavg()
     runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
     with tempfile.TemporaryDirectory(prefix="bench-snakemake-") as tmp:
@@ -192,7 +272,8 @@ def main() -> int:
     writes: list[float] = []
     batch_sizes: list[int] = []
     handoffs: list[float] = []
-    cpu_totals = {"emit": 0.0, "filter": 0.0, "build": 0.0, "write": 0.0, "handoff": 0.0}
+    rests: list[float] = []
+    cpu_totals = {"emit": 0.0, "rest": 0.0, "filter": 0.0, "build": 0.0, "write": 0.0, "handoff": 0.0}
     for r in runs[True]:
         jobs, other, n = _per_job(r["timings"])
         per_job += jobs
@@ -204,8 +285,25 @@ def main() -> int:
         writes += [s for _, s, _ in r["timings"]["write"]]
         batch_sizes += [n for n, _, _ in r["timings"]["write"]]
         handoffs += [s for _, s, _ in r["timings"].get("handoff", [])]
+        rests += [s for _, s, _ in r["timings"].get("rest", [])]
         for key in cpu_totals:
             cpu_totals[key] += sum(c for _, _, c in r["timings"].get(key, []))
+
+    def extra_ms(part: Any) -> str:
+        """Median over recorded runs minus median over baseline runs of ``part(cpu figures, whole run's cpu)``, in ms
+        per job."""
+        on = statistics.median(part(r["timings"]["cpu"], r["cpu"]) for r in runs[True])
+        off = statistics.median(part(r["timings"]["cpu"], r["cpu"]) for r in runs[False])
+        return f"{(on - off) * 1000 / (args.jobs + 1):.2f}"
+
+    breakdown = [
+        ("Snakemake's main thread", lambda c, _: c["main"]),
+        ("log-listener thread (our emit, Snakemake's queue)", lambda c, _: c["listener"]),
+        ("other threads of Snakemake's process (metatrail's, Snakemake's timers)",
+         lambda c, _: c["process"] - c["main"] - c["listener"]),
+        ("writer process", lambda c, _: c["writer_process"]),
+        ("other processes (jobs)", lambda c, whole: whole - c["process"] - c["writer_process"]),
+    ]
 
     def row(label: str, values: list[float]) -> str:
         ms = [v * 1000 for v in values] or [float("nan")]
@@ -231,7 +329,8 @@ def main() -> int:
         "  --logger metatrail    " + ", ".join(f"{r['wall']:.1f} [{r['elapsed']:.1f}]" for r in runs[True]),
         f"  ratio of medians recorded/baseline: {ratio:.3f} (target <= 1.03); 1-min loads at run starts: "
         + ", ".join(f"{r['load']:.1f}" for rs in runs.values() for r in rs),
-        "  CPU time (s, user+sys of Snakemake and its jobs): baseline "
+        "  CPU time (s, user+sys of Snakemake, its jobs and the writer process"
+        + ("" if subreaper else ", which is missed when it outlives Snakemake: no subreaper here") + "): baseline "
         + ", ".join(f"{c:.1f}" for c in off_cpu) + "; recorded " + ", ".join(f"{c:.1f}" for c in on_cpu)
         + f"; ratio of medians {cpu_ratio:.3f}, {cpu_per_job:.2f} ms more per job",
         f"  events stored per recorded run: {', '.join(str(r['events']) for r in runs[True])} "
@@ -241,6 +340,7 @@ def main() -> int:
         "(b) time in our code (ms)                           p50      p90      p99       max     mean       n",
         row("per job: emit + filters of its records", per_job),
         row("  emit, per record (listener thread)", emits),
+        row("  then resting, per record (listener thread, idle)", rests),
         row("  clock + guard filters, per call (logging thread)", filters),
         f"  records of no job (job batches, progress, messages): {unattributed * 1000 / max(n_jobs, 1):.3f} ms "
         "per job, amortised",
@@ -257,9 +357,16 @@ def main() -> int:
         "  once a process has recorded 32 events, batches go to the Recorder's writer process: they are built and",
         "  written there, outside Snakemake's interpreter, and only the handoff (pickling a batch) runs here)",
         "",
+        "(d) where the recorded runs' extra CPU time goes, ms per job (median of recorded runs minus median of",
+        "  baseline runs, each part measured in every run: thread CPU at Snakemake's exit, the writer process's own at",
+        "  its exit):",
+        *(f"  {label:<72} {extra_ms(part):>6}" for label, part in breakdown),
+        f"  {'whole run (Snakemake, its jobs, the writer process)':<72} {cpu_per_job:6.2f}",
+        "",
         "Only two logging filters run on Snakemake's own thread (the record clock numbers each record; the guard waits",
         "only before a temp() file is deleted: never in this workload); emit runs on Snakemake's log-listener",
-        "thread and only queues work;",
+        "thread and only queues work, then rests once the listener has delivered every record (LISTENER_REST_S),",
+        "rather than have the listener woken for every record Snakemake logs;",
         "hashing and store writes run on the Recorder's writer thread, then in its writer process.",
     ]
     report = "\n".join(lines) + "\n"

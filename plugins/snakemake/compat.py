@@ -20,10 +20,12 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+import logging.handlers
 import os
 import re
 import socket
 import sys
+import threading
 from base64 import urlsafe_b64encode
 from collections.abc import Iterable, Mapping
 from functools import cache
@@ -48,12 +50,25 @@ def record_value(record: Any, name: str, default: Any = None) -> Any:
     return getattr(record, name, default)
 
 
+# event -> its lower-case value: an enum's ``value`` is a property, and every record Snakemake logs asks for it.
+_EVENT_NAMES: dict[Any, str] = {}
+_EVENT_NAMES_MAX = 256  # Snakemake has ~20 events; a host logging ever new event objects does not grow this
+
+
 def event_name(record: Any) -> str | None:
     """The ``LogEvent`` of a record as its lower-case value (``"job_info"``), or None for a plain message."""
     event = getattr(record, "event", None)
     if event is None:
         return None
-    return str(getattr(event, "value", event)).lower()
+    try:
+        return _EVENT_NAMES[event]
+    except KeyError:
+        name = str(getattr(event, "value", event)).lower()
+        if len(_EVENT_NAMES) < _EVENT_NAMES_MAX:
+            _EVENT_NAMES[event] = name
+        return name
+    except TypeError:  # an unhashable event: never remembered
+        return str(getattr(event, "value", event)).lower()
 
 
 @cache
@@ -72,6 +87,17 @@ def snakemake_logger() -> logging.Logger | None:
     module = sys.modules.get("snakemake.logging")
     logger = getattr(module, "logger", None)
     return logger if isinstance(logger, logging.Logger) else None
+
+
+def listener_queue(handler: logging.Handler) -> Any:
+    """The queue of the ``logging.handlers.QueueListener`` whose thread this is, when ``handler`` is its only
+    handler (Snakemake 9 delivers every record to its logger plugins through one such listener); else None."""
+    target = getattr(threading.current_thread(), "_target", None)  # the thread's running target (CPython)
+    listener = getattr(target, "__self__", None)
+    if not isinstance(listener, logging.handlers.QueueListener) or tuple(listener.handlers) != (handler,):
+        return None
+    queue = getattr(listener, "queue", None)
+    return queue if callable(getattr(queue, "empty", None)) else None
 
 
 def workflow_info(record: Any) -> dict[str, Any]:
@@ -193,14 +219,31 @@ def read_metadata(output: str, workdir: str) -> dict[str, Any] | None:
     when there is none (no output, ``--drop-metadata``, the database backend, a storage file)."""
     root = os.path.join(workdir, ".snakemake", "metadata")
     try:
-        path = _record_path(root, output)
-        if os.path.getsize(path) > METADATA_MAX_BYTES:
+        # Raw system calls, and no stat first: this runs on Snakemake's listener thread at every job's end, where a
+        # buffered text file cost about a third more.
+        fd = os.open(_record_path(root, output), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            raw = _read_at_most(fd, METADATA_MAX_BYTES + 1)
+        finally:
+            os.close(fd)
+        if len(raw) > METADATA_MAX_BYTES:
             return None
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+        data = json.loads(raw)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = os.read(fd, limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def rule_params(metadata: Mapping[str, Any] | None) -> list[Any] | None:

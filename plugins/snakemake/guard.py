@@ -28,6 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from metatrail.logsafe import log_once
 
@@ -49,6 +50,11 @@ class RecordClock(logging.Filter):
         self.logged = 0
         self.processed_seq = 0
         self.listener_thread: int | None = None
+        # Threads waiting on ``cv`` for ``processed_seq`` (the temp-file guard); counted under ``cv`` before they
+        # look at ``processed_seq``, so that ``processed`` takes the lock and notifies only when someone waits.
+        self.waiters = 0
+        # Set to end the handler's rest on the listener thread (see handler.LISTENER_REST_S) when a thread waits
+        self.wake = threading.Event()
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Number the record. Always True."""
@@ -59,13 +65,18 @@ class RecordClock(logging.Filter):
         return True
 
     def processed(self, record: logging.LogRecord) -> None:
-        """Called by the handler (on the listener thread) after it handled ``record``."""
+        """Called by the handler (on the listener thread) after it handled ``record``.
+
+        Lock-free unless a thread waits: only the listener thread writes ``processed_seq`` (an int, assigned whole),
+        and it reads ``waiters`` after that write, while a waiter counts itself before it reads ``processed_seq``;
+        so a waiter either sees the new number or is seen and notified."""
         seq = getattr(record, SEQ_ATTRIBUTE, None)
-        with self.cv:
-            self.listener_thread = threading.get_ident()
-            if isinstance(seq, int) and seq > self.processed_seq:
-                self.processed_seq = seq
-                self.cv.notify_all()
+        self.listener_thread = threading.get_ident()
+        if isinstance(seq, int) and seq > self.processed_seq:
+            self.processed_seq = seq
+            if self.waiters:
+                with self.cv:
+                    self.cv.notify_all()
 
     def position(self) -> tuple[int, int]:
         """``(logged, processed)``: the number of the last record logged and of the last one the handler is done
@@ -83,16 +94,33 @@ class WorkdirStamp(logging.Filter):
     moment (the handler sees the record later, on another thread). Installed with the :class:`RecordClock`; it only
     adds an attribute."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # event -> whether it is WORKFLOW_STARTED: this runs on Snakemake's own thread for every record it logs, and
+        # an enum's ``value`` is a property
+        self._is_start: dict[Any, bool] = {}
+
     def filter(self, record: logging.LogRecord) -> bool:
         """Stamp a ``WORKFLOW_STARTED`` record. Always True."""
         try:
             event = getattr(record, "event", None)
-            if event is not None and str(getattr(event, "value", event)).lower() == "workflow_started":
+            if event is not None and self._starts_workflow(event):
                 setattr(record, WORKDIR_ATTRIBUTE, os.getcwd())
         except Exception as exc:  # never between Snakemake and its logger; the tracker reads the directory itself
             log_once(f"snakemake-workdir:{type(exc).__name__}", "metatrail: cannot note the workflow's directory "
                      "(%s: %s)", type(exc).__name__, exc)
         return True
+
+    def _starts_workflow(self, event: Any) -> bool:
+        try:
+            return self._is_start[event]
+        except KeyError:
+            starts = str(getattr(event, "value", event)).lower() == "workflow_started"
+            if len(self._is_start) < 256:  # Snakemake has ~20 events; ever new event objects do not grow this
+                self._is_start[event] = starts
+            return starts
+        except TypeError:  # an unhashable event: never remembered
+            return str(getattr(event, "value", event)).lower() == "workflow_started"
 
 
 class TempFileGuard(logging.Filter):
@@ -133,12 +161,17 @@ class TempFileGuard(logging.Filter):
         self.waits += 1
         clock = self._clock
         with clock.cv:
-            while clock.processed_seq < seq - 1 and not self.gave_up:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    self._timed_out()
-                    return
-                clock.cv.wait(remaining)
+            clock.waiters += 1  # before reading processed_seq: see RecordClock.processed
+            clock.wake.set()
+            try:
+                while clock.processed_seq < seq - 1 and not self.gave_up:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self._timed_out()
+                        return
+                    clock.cv.wait(remaining)
+            finally:
+                clock.waiters -= 1
         if not self.gave_up and not self._wait_hashed(message, deadline):
             self._timed_out()
 

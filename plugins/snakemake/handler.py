@@ -10,7 +10,9 @@ Boundary rules (the host is never disturbed):
 * ``emit`` never raises: an error is logged once per kind on the ``metatrail`` logger (not Snakemake's, whose records
   would come back here) and the record is dropped;
 * ``emit`` only enqueues: hashing and store writes run on the Recorder's writer thread (in batches, see
-  :data:`WRITE_LINGER_S`);
+  :data:`WRITE_LINGER_S`); records the tracker does not use (:func:`~metatrail.plugins.snakemake.tracker.
+  record_matters`) only have their time noted; once Snakemake's listener has delivered every queued record,
+  ``emit`` rests a moment (:data:`LISTENER_REST_S`) rather than have the listener woken for every record;
 * dry runs record nothing, and ``METATRAIL_DISABLED=1`` makes every record return at once, without I/O;
 * ``close`` (Snakemake calls it twice) ends the pipeline run once and waits at most ``flush_timeout`` seconds for
   pending records to be stored;
@@ -30,7 +32,7 @@ from metatrail.config import Settings, is_disabled
 from metatrail.logsafe import log_once
 from metatrail.plugins.snakemake import compat
 from metatrail.plugins.snakemake.guard import RecordClock, TempFileGuard, WorkdirStamp
-from metatrail.plugins.snakemake.tracker import DEFAULT_NAMESPACE, WorkflowTracker
+from metatrail.plugins.snakemake.tracker import DEFAULT_NAMESPACE, WorkflowTracker, record_matters
 
 # How long the Recorder's writer waits for more events before it stores a batch. Snakemake ends a few dozen jobs a
 # second at most, so with the Recorder's default (5 ms) nearly every batch held one event, and each batch costs a
@@ -38,6 +40,15 @@ from metatrail.plugins.snakemake.tracker import DEFAULT_NAMESPACE, WorkflowTrack
 # recording's CPU time. Nothing waits for the linger: ``close`` flushes, and the temp-file guard flushes when it
 # must wait (a run killed with SIGKILL loses at most this much more of its last events).
 WRITE_LINGER_S = 0.5
+
+# How long Snakemake's log-listener thread rests in ``emit`` once it has delivered every queued record, before it
+# goes back to wait on the queue. While the listener waits there, every record Snakemake puts (~6 a job) wakes it,
+# and each wake-up costs the listener a condition wait and a GIL hand-back; resting instead, it finds the records of
+# a few jobs queued and delivers them in one go. Measured (600 no-op jobs, --cores 2, 3 runs each, rest 0 against
+# 20 ms): the listener's CPU time per job 0.79 -> 0.63 ms; Snakemake's main thread no change beyond the noise.
+# Only while this handler is the listener's only handler (other plugins' output is never delayed); a record is at
+# most this much later in the store; the temp-file guard and ``close`` end the rest at once.
+LISTENER_REST_S = 0.02
 
 
 class LogHandler(LogHandlerBase):
@@ -59,6 +70,8 @@ class LogHandler(LogHandlerBase):
         self._guard_tried = False
         self._closed = False
         self._inert = bool(getattr(self.common_settings, "dryrun", False))
+        self._rest_thread: int | None = None  # the thread _rest_queue was looked up for
+        self._rest_queue: Any = None
         # Numbering starts before the first job is logged: the job-process tracking and the temp-file guard need
         # to know which records logged so far the listener thread has not delivered yet.
         self._clock = RecordClock()
@@ -98,7 +111,43 @@ class LogHandler(LogHandlerBase):
 
     # -- logging.Handler ----------------------------------------------------------------------------------------
     def emit(self, record: logging.LogRecord) -> None:
-        """Hand one record to the tracker; never raises, never blocks on I/O."""
+        """Hand one record to the tracker; never raises, never blocks on I/O (it may rest, see
+        :data:`LISTENER_REST_S`)."""
+        try:
+            matters = record_matters(record)
+        except Exception:  # a record too odd to classify: the full path below copes with it (and says so once)
+            matters = True
+        if matters:
+            self._handle(record)
+        else:
+            # Most records (progress, shell commands, most messages) need only their time noted; this runs on the
+            # thread that delivers every record of the run to every plugin, so nothing more is done for them.
+            tracker = self._tracker
+            if tracker is not None and not self._closed:
+                tracker.saw(record)
+            self._clock.processed(record)
+        self._rest()
+
+    def _rest(self) -> None:
+        """Rest on Snakemake's listener thread once it has delivered every record (see :data:`LISTENER_REST_S`)."""
+        try:
+            ident = threading.get_ident()
+            if self._rest_thread != ident:
+                self._rest_thread = ident
+                self._rest_queue = compat.listener_queue(self)
+            queue = self._rest_queue
+            if queue is None or self._inert or self._closed or self._clock.waiters or not queue.empty() \
+                    or is_disabled():
+                return
+            wake = self._clock.wake
+            wake.wait(LISTENER_REST_S)
+            wake.clear()
+        except Exception as exc:  # never in the way: the listener simply does not rest
+            self._rest_queue = None
+            log_once(f"snakemake-rest:{type(exc).__name__}", "metatrail: Snakemake's log listener will not rest "
+                     "between records (%s: %s); the workflow is not affected", type(exc).__name__, exc)
+
+    def _handle(self, record: logging.LogRecord) -> None:
         if self._inert or self._closed or is_disabled():
             if self._guard is not None:
                 self._guard.release()
@@ -125,6 +174,7 @@ class LogHandler(LogHandlerBase):
             first = not self._closed
             self._closed = True
         if first:
+            self._clock.wake.set()  # a listener resting in emit delivers what is left at once
             if self._guard is not None:
                 self._guard.release()
             logger = compat.snakemake_logger()

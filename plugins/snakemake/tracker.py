@@ -51,6 +51,25 @@ _EXTERNAL_ID = (
     re.compile(r"^Submitted (?P<group>group )?job (?P<jobid>\S+) with external jobid '(?P<ext>[^']*)'"),
     re.compile(r"^Job (?P<jobid>\S+) has been submitted with SLURM jobid (?P<ext>\S+)"),
 )
+_MESSAGE_PREFIXES = ("Trying to restart", TEMP_REMOVED)
+
+
+# The events :meth:`WorkflowTracker.handle` acts on; others (progress, shell commands, run and resource summaries)
+# only move the run's last-seen time.
+HANDLED_EVENTS = frozenset({"job_info", "job_finished", "job_error", "error", "group_info", "job_started",
+                            "workflow_started"})
+
+
+def record_matters(record: Any) -> bool:
+    """Whether :meth:`WorkflowTracker.handle` may act on ``record`` beyond noting its time (:meth:`~WorkflowTracker.
+    saw`): one of :data:`HANDLED_EVENTS`, or a plain message that :meth:`WorkflowTracker._message` reads. Cheap, as
+    it runs first for every record Snakemake logs, and most are neither."""
+    event = compat.event_name(record)
+    if event is not None:
+        return event in HANDLED_EVENTS
+    msg = getattr(record, "msg", None)
+    # "ubmitted": both of _EXTERNAL_ID's spellings ("Submitted job ...", "... has been submitted ...")
+    return isinstance(msg, str) and ("ubmitted" in msg or msg.startswith(_MESSAGE_PREFIXES) or _USER_INTERRUPT in msg)
 
 
 @dataclass
@@ -152,6 +171,15 @@ class WorkflowTracker:
                 if self._state is not None:
                     self._finish_locked(None)
                 self._start_run(record, compat.workflow_info(record))
+
+    def saw(self, record: Any) -> None:
+        """Note the time of a record :func:`record_matters` says needs no handling (the run ends no earlier than its
+        last record). Only Snakemake's listener thread calls this; no lock: a float assigned whole."""
+        state = self._state
+        if state is not None:
+            created = getattr(record, "created", None)
+            if isinstance(created, float | int) and created > state.last_seen:
+                state.last_seen = float(created)
 
     def finish(self, at: float | None = None) -> None:
         """End the pipeline run: jobs still open are completed (quiet mode) or aborted; safe to call twice."""

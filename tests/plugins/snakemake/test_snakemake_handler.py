@@ -5,7 +5,9 @@ store. End-to-end behaviour with the real Snakemake is in the other test files."
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
+import queue
 import subprocess
 import sys
 import threading
@@ -21,11 +23,13 @@ from snakemake_interface_logger_plugins.common import LogEvent
 
 from metatrail import logsafe
 from metatrail.config import load_settings
+from metatrail.openlineage.events import iso_time
 from metatrail.plugins.snakemake import compat
-from metatrail.plugins.snakemake.guard import TEMP_REMOVED
+from metatrail.plugins.snakemake import handler as handler_module
+from metatrail.plugins.snakemake.guard import TEMP_REMOVED, RecordClock, TempFileGuard
 from metatrail.plugins.snakemake.handler import WRITE_LINGER_S, LogHandler
 from metatrail.plugins.snakemake.settings import LogHandlerSettings
-from metatrail.plugins.snakemake.tracker import WorkflowTracker
+from metatrail.plugins.snakemake.tracker import WorkflowTracker, record_matters
 from metatrail.recorder import Recorder
 from metatrail.store import open_store
 
@@ -127,6 +131,124 @@ def test_a_temp_file_deletion_does_not_wait_for_the_writers_linger(tmp_path: Pat
         recorder.close(10)
 
 
+def test_records_of_no_interest_still_end_the_run_no_earlier_than_they_came(tmp_path: Path) -> None:
+    """Progress records and plain messages are dropped at the top of ``emit``, but the run still ends at the last
+    record Snakemake logged (as when every record went through the tracker)."""
+    handler = LogHandler(_common(), LogHandlerSettings(pipeline="unit"))
+    records = _workflow_records(tmp_path)
+    last = records[-1].created + 5.0
+    progress = _record(LogEvent.PROGRESS, done=1, total=1)
+    progress.created = last - 1.0
+    message = _record(None, "Complete log(s): .snakemake/log/x.log")
+    message.created = last
+    assert not record_matters(progress) and not record_matters(message)
+    for record in [*records, progress, message]:
+        handler.emit(record)
+    handler.close()
+    run_end = [e for e in read_events() if e["job"]["name"] == "unit" and e["eventType"] == "COMPLETE"]
+    assert [e["eventTime"] for e in run_end] == [iso_time(last)]
+
+
+def test_record_matters_keeps_every_record_the_tracker_acts_on() -> None:
+    kept = [
+        *(_record(event) for event in (LogEvent.WORKFLOW_STARTED, LogEvent.JOB_INFO, LogEvent.JOB_STARTED,
+                                       LogEvent.JOB_FINISHED, LogEvent.JOB_ERROR, LogEvent.ERROR, LogEvent.GROUP_INFO)),
+        _record(None, "Submitted job 3 with external jobid 'slurm-12'."),
+        _record(None, "Submitted group job abc with external jobid '12'."),
+        _record(None, "Job 3 has been submitted with SLURM jobid 12 (log: x)."),
+        _record(None, "Trying to restart job 3."),
+        _record(None, f"{TEMP_REMOVED}tmp.txt."),
+        _record(None, "Terminating processes on user request, this might take some time."),
+    ]
+    dropped = [_record(LogEvent.PROGRESS, done=1, total=2), _record(LogEvent.SHELLCMD, shellcmd="true"),
+               _record(LogEvent.RUN_INFO), _record(LogEvent.RESOURCES_INFO), _record(None, "Select jobs to execute..."),
+               _record(None, ""), _record(None, {"not": "text"})]
+    assert [record_matters(r) for r in kept] == [True] * len(kept)
+    assert [record_matters(r) for r in dropped] == [False] * len(dropped)
+
+
+def _listen(handler: logging.Handler, *others: logging.Handler) -> tuple[queue.Queue[Any],
+                                                                         logging.handlers.QueueListener]:
+    """Deliver records to ``handler`` as Snakemake 9 does: through a QueueListener thread."""
+    records: queue.Queue[Any] = queue.Queue(-1)
+    listener = logging.handlers.QueueListener(records, handler, *others, respect_handler_level=True)
+    listener.start()
+    return records, listener
+
+
+def _delivered(records: queue.Queue[Any], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while records.unfinished_tasks and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not records.unfinished_tasks
+
+
+def test_the_listener_rests_once_it_delivered_every_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once the queue is empty the handler rests on the listener thread instead of letting it wait on the queue
+    (where every record Snakemake puts would wake it): records put meanwhile wait, and ``close`` ends the rest."""
+    monkeypatch.setattr(handler_module, "LISTENER_REST_S", 60.0)
+    handler = LogHandler(_common(), LogHandlerSettings(pipeline="unit"))
+    records, listener = _listen(handler)
+    try:
+        for record in _workflow_records(tmp_path):
+            records.put_nowait(record)
+        deadline = time.monotonic() + 10
+        while not records.empty() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        records.put_nowait(_record(LogEvent.PROGRESS, done=1, total=1))
+        time.sleep(0.3)
+        assert records.qsize() == 1  # not taken: the listener rests after the last record of the burst
+    finally:
+        started = time.monotonic()
+        handler.close()
+        listener.stop()
+    assert time.monotonic() - started < 30  # close ended the rest (60 s)
+    assert [(e["job"]["name"], e["eventType"]) for e in read_events()] == [
+        ("unit", "START"), ("unit.one", "START"), ("unit.one", "COMPLETE"), ("unit", "COMPLETE")]
+
+
+def test_the_listener_does_not_rest_when_it_serves_other_handlers(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another plugin on the same listener (a console one, say) must get its records without delay."""
+    monkeypatch.setattr(handler_module, "LISTENER_REST_S", 60.0)
+    handler = LogHandler(_common(), None)
+    records, listener = _listen(handler, logging.NullHandler())
+    try:
+        for record in _workflow_records(tmp_path):
+            records.put_nowait(record)
+        assert _delivered(records)
+        records.put_nowait(_record(LogEvent.PROGRESS, done=1, total=1))
+        assert _delivered(records)
+    finally:
+        handler.close()
+        listener.stop()
+
+
+def test_the_temp_file_guard_wakes_a_resting_listener() -> None:
+    """Before a temp file is deleted the guard waits until the earlier records were handled; a listener resting in
+    ``emit`` (see LISTENER_REST_S) is woken for that, rather than the deletion waiting out its rest."""
+    clock = RecordClock()
+    guard = TempFileGuard(clock, lambda message, deadline: True, timeout=5.0)
+    earlier, removal = _record(LogEvent.JOB_FINISHED, job_id=1), _record(None, f"{TEMP_REMOVED}tmp.txt.")
+
+    def resting_listener() -> None:
+        clock.wake.wait(60.0)
+        clock.processed(earlier)
+
+    clock.filter(earlier)
+    listener = threading.Thread(target=resting_listener)
+    listener.start()
+    try:
+        clock.filter(removal)
+        guard.filter(removal)  # on Snakemake's thread, before it deletes the file
+        assert (guard.waits, guard.timeouts) == (1, 0)  # woken and notified, not timed out (5 s) behind the rest
+        assert clock.position() == (2, 1)
+    finally:
+        clock.wake.set()
+        listener.join(10)
+
+
 def test_malformed_records_never_raise(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     handler = LogHandler(_common(), None)
     bad_args = _record(None, "%s %s")
@@ -214,6 +336,22 @@ def test_compat_helpers() -> None:
     assert compat.exit_code("Command 'x' returned non-zero exit status 3.") == 3
     assert compat.exit_code("no status here") is None
     assert compat.read_metadata("missing.txt", "/nonexistent") is None
+
+
+def test_read_metadata_reads_a_persistence_record_of_bounded_size(tmp_path: Path) -> None:
+    root = tmp_path / ".snakemake" / "metadata"
+    root.mkdir(parents=True)
+
+    def write(key: str, text: str) -> None:
+        Path(compat._record_path(str(root), key)).write_text(text, encoding="utf-8")
+
+    write("out/a.txt", '{"params": ["x", "\u00e9"], "rule": "one"}')
+    write("out/big.txt", '{"params": [], "pad": "' + "x" * compat.METADATA_MAX_BYTES + '"}')
+    write("out/list.txt", "[1, 2]")
+    write("out/bad.txt", "{not json")
+    assert compat.rule_params(compat.read_metadata("out/a.txt", str(tmp_path))) == ["x", "\u00e9"]
+    assert [compat.read_metadata(key, str(tmp_path)) for key in ("out/big.txt", "out/list.txt", "out/bad.txt",
+                                                                  "out/none.txt")] == [None] * 4
 
 
 def test_import_metatrail_stays_free_of_snakemake() -> None:

@@ -2,8 +2,9 @@
 
 ``METATRAIL_TEST_FAULT`` picks the fault (nothing happens without it):
 
-* ``slow_store``: the store the Recorder opens sleeps ``METATRAIL_TEST_STORE_DELAY`` seconds (default 3) before
-  every ``ingest``, then stores for real: a store that cannot keep up.
+* ``slow_store``: the store the Recorder opens (``open_store`` or, for its writer, ``open_writer``) sleeps
+  ``METATRAIL_TEST_STORE_DELAY`` seconds (default 3) before every ``ingest``, then stores for real: a store that
+  cannot keep up.
 * ``no_handler``: importing ``metatrail.plugins.snakemake.handler`` fails (a plugin with a broken dependency).
 * ``no_metatrail``: importing anything under ``metatrail`` fails (a broken installation).
 
@@ -40,6 +41,11 @@ class _SlowStore:
         return getattr(self._inner, name)
 
 
+# module -> its function that opens the store: the Recorder's writer (thread or process) opens it with
+# sqlite_writer.open_writer (an embedded store, without SQLAlchemy), which falls back to metatrail.store.open_store
+_OPENERS = {"metatrail.store": "open_store", "metatrail.store.sqlite_writer": "open_writer"}
+
+
 class _Loader(importlib.abc.Loader):
     def __init__(self, inner: importlib.abc.Loader) -> None:
         self._inner = inner
@@ -49,9 +55,15 @@ class _Loader(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         self._inner.exec_module(module)
-        real_open = module.open_store
+        opener = _OPENERS[module.__name__]
+        real_open = getattr(module, opener)
         delay = float(os.environ.get("METATRAIL_TEST_STORE_DELAY", "3"))
-        module.open_store = lambda url: _SlowStore(real_open(url), delay)
+
+        def slow_open(url: str) -> Any:
+            store = real_open(url)  # open_writer may fall back to open_store, already slowed
+            return store if isinstance(store, _SlowStore) else _SlowStore(store, delay)
+
+        setattr(module, opener, slow_open)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
@@ -60,7 +72,7 @@ class _Finder(importlib.abc.MetaPathFinder):
             raise ImportError(f"injected fault: {name} cannot be imported")
         if FAULT == "no_metatrail" and (name == "metatrail" or name.startswith("metatrail.")):
             raise ImportError(f"injected fault: {name} cannot be imported")
-        if FAULT == "slow_store" and name == "metatrail.store":
+        if FAULT == "slow_store" and name in _OPENERS:
             for finder in sys.meta_path:
                 if finder is self or not hasattr(finder, "find_spec"):
                     continue
