@@ -13,6 +13,7 @@ name is ``<pipeline>``), dataset = artifact (namespace + name, content hash in `
 from __future__ import annotations
 
 import enum
+import hashlib
 import os
 import random
 import time
@@ -171,8 +172,6 @@ def uuid7_from(unix_ts: float, key: str) -> str:
     Hosts use it to derive stable run ids from their own identity (dag_id + run_id + task_id + try), so that the same
     task try always maps to the same execution, even when recorded from two processes.
     """
-    import hashlib
-
     ms = int(unix_ts * 1000) & ((1 << 48) - 1)
     rand = int.from_bytes(hashlib.sha256(key.encode()).digest()[:10], "big")
     value = ms << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62 | (rand & ((1 << 62) - 1))
