@@ -49,7 +49,7 @@ def is_disabled() -> bool:
         raw = _ENVIRON_DATA.get(_DISABLED_KEY)
         if raw is None:
             return False
-        return os.environ.decodevalue(raw).strip().lower() in TRUE_WORDS  # type: ignore[attr-defined]
+        return os.environ.decodevalue(raw).strip().lower() in TRUE_WORDS
     return os.environ.get("METATRAIL_DISABLED", "").strip().lower() in TRUE_WORDS
 
 
