@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from eventgen import artifact, execution_events
 
 from metatrail.errors import CorruptStoreError, StoreError
 from metatrail.model import uuid7_from
@@ -21,7 +22,6 @@ from metatrail.store import ingest, open_store
 from metatrail.store.schema import CURRENT_VERSION, MIGRATIONS, edges, events, runs
 from metatrail.store.sql import SqlStore
 from metatrail.store.sqlite_writer import SCHEMA_VERSION, SqliteWriter, open_writer
-from tests.eventgen import artifact, execution_events
 
 
 def _batch(runs: int, seed: int) -> list[dict[str, Any]]:
