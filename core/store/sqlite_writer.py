@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -132,19 +132,8 @@ class SqliteWriter:
                 conn = self._conn
                 if conn is None:
                     raise StoreError(f"store {self.url} is closed")
-                cur = conn.cursor()
-                try:
-                    cur.execute("BEGIN IMMEDIATE")
-                    try:
-                        result = ingest.ingest_prepared(cur, "sqlite", prepared, len(events))
-                        cur.execute("COMMIT")
-                    except BaseException:
-                        with contextlib.suppress(sqlite3.Error):
-                            cur.execute("ROLLBACK")
-                        raise
-                finally:
-                    cur.close()
-                return result
+                with _write_transaction(conn) as cur:
+                    return ingest.ingest_prepared(cur, "sqlite", prepared, len(events))
 
         try:
             return _retrying(run)
@@ -180,23 +169,32 @@ def _schema(conn: sqlite3.Connection, path: Path) -> bool:
     version = _version(conn)
     if version is not None:
         return version == SCHEMA_VERSION
+    with _write_transaction(conn) as cur:
+        version = _version(conn)
+        if version is None:
+            names = [r[0] for r in cur.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            if names:
+                raise CorruptStoreError(f"{path} holds tables ({', '.join(sorted(names)[:5])}) but is not a "
+                                        "metatrail store; nothing was changed")
+            cur.execute(_VERSION_TABLE)
+            for statement in SCHEMA:
+                cur.execute(statement)
+            now = time.time()
+            cur.executemany("INSERT INTO metatrail_schema (version, applied_at) VALUES (?, ?)",
+                            [(v, now) for v in range(1, SCHEMA_VERSION + 1)])
+            version = SCHEMA_VERSION
+    return version == SCHEMA_VERSION
+
+
+@contextlib.contextmanager
+def _write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Cursor]:
+    """A transaction that holds the write lock from its start (``BEGIN IMMEDIATE``, as the SQL store's engines
+    begin theirs), committed on success and rolled back on any error."""
     cur = conn.cursor()
     try:
         cur.execute("BEGIN IMMEDIATE")
         try:
-            version = _version(conn)
-            if version is None:
-                names = [r[0] for r in cur.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-                if names:
-                    raise CorruptStoreError(f"{path} holds tables ({', '.join(sorted(names)[:5])}) but is not a "
-                                            "metatrail store; nothing was changed")
-                cur.execute(_VERSION_TABLE)
-                for statement in SCHEMA:
-                    cur.execute(statement)
-                now = time.time()
-                cur.executemany("INSERT INTO metatrail_schema (version, applied_at) VALUES (?, ?)",
-                                [(v, now) for v in range(1, SCHEMA_VERSION + 1)])
-                version = SCHEMA_VERSION
+            yield cur
             cur.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -204,7 +202,6 @@ def _schema(conn: sqlite3.Connection, path: Path) -> bool:
             raise
     finally:
         cur.close()
-    return version == SCHEMA_VERSION
 
 
 def _version(conn: sqlite3.Connection) -> int | None:
