@@ -5,9 +5,9 @@
   creation. Comparison is constant-time.
 * Scopes: ``read`` (queries, pull), ``write`` (ingest, push), ``admin`` (tokens, peers; implies read and write).
   ``pipelines`` restricts what a token may read (selective sharing with a peer); None = every pipeline. Such a
-  token also writes only into those pipelines (:func:`refuse_foreign_pipelines`, and the writer for the runs already
-  stored: :class:`~metatrail.server.writer.PipelineForbidden`): a run's pipeline follows its latest event, so a write
-  elsewhere could relabel a run it may not read into one it may.
+  token also writes only into those pipelines (:func:`refuse_foreign_pipelines`, and the store, inside the write's
+  transaction, for the runs already stored: :class:`~metatrail.errors.ForeignRunError`): a run's pipeline follows its
+  latest event, so a write elsewhere could relabel a run it may not read into one it may.
 * A token writes as its own site: a request claiming another site (``X-Metatrail-Site``) is refused with 403
   unless the token is an admin token.
 * Every route declares its policy with :func:`policy` (``public``, ``read``, ``write``, ``admin``). Routes are built
@@ -255,10 +255,10 @@ def current(request: Request) -> Principal:
 def refuse_foreign_pipelines(request: Request, events: Sequence[Mapping[str, Any]]) -> frozenset[str] | None:
     """403 (nothing stored) when a token that may read only some pipelines writes an event into another pipeline;
     return those pipelines (None for an unrestricted token), which the writer then holds the events' stored runs to
-    (:class:`~metatrail.server.writer.PipelineForbidden`). A run's pipeline follows its latest event, so a write
-    into another pipeline's run could otherwise move a run the token cannot read into one it can, and then read it.
-    The runs are looked at by the writer, in the same serialised step as the write: a look here, before the hand-over,
-    could be overtaken by another writer's commit. Unrestricted tokens pass at no cost: no lookup, no query (the
+    (:class:`~metatrail.errors.ForeignRunError`). A run's pipeline follows its latest event, so a write into another
+    pipeline's run could otherwise move a run the token cannot read into one it can, and then read it. The runs are
+    looked at by the store inside the write's transaction, under its locks: a look here, before the hand-over, could
+    be overtaken by another writer's commit. Unrestricted tokens pass at no cost: no lookup, no query (the
     single-event POST is the hot path)."""
     principal = current(request)
     if principal.pipelines is not None:

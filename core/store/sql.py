@@ -203,15 +203,6 @@ class SqlStore(EventStore):
         run["children"] = [dict(c._mapping) for c in children]
         return run
 
-    def run_pipelines(self, run_ids: Sequence[str]) -> dict[str, str]:
-        """The pipeline of each of ``run_ids`` that is stored (the server's write checks for restricted tokens)."""
-        found: dict[str, str] = {}
-        with dialect.reading(self._engine) as conn:
-            for part in _chunks(sorted(set(run_ids))):
-                rows = conn.execute(select(runs.c.run_id, runs.c.pipeline).where(runs.c.run_id.in_(part)))
-                found.update((r.run_id, r.pipeline) for r in rows)
-        return found
-
     def list_pipelines(self) -> list[dict[str, Any]]:
         stmt = (select(runs.c.pipeline, runs.c.namespace, func.count().label("runs"),
                        func.max(runs.c.started_at).label("last_started_at"))
