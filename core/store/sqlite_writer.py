@@ -91,9 +91,10 @@ class SqliteWriter:
             os.register_at_fork(after_in_child=_leave_to_parent)
 
     @classmethod
-    def open(cls, url: str) -> SqliteWriter | None:
+    def open(cls, url: str, *, wal_autocheckpoint: int = sqlitefile.WAL_AUTOCHECKPOINT) -> SqliteWriter | None:
         """A writer on the SQLite file of ``url``, creating the store if the file is new; None when the store has
-        another schema version (SQLAlchemy's migrations handle it) or the URL names no file."""
+        another schema version (SQLAlchemy's migrations handle it) or the URL names no file. ``wal_autocheckpoint``:
+        as :func:`metatrail.store.sqlitefile.configure`."""
         if not url.startswith("sqlite:///"):
             return None
         path = Path(url[len("sqlite:///") :])
@@ -106,7 +107,7 @@ class SqliteWriter:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {url}: {exc}") from None
         try:
-            sqlitefile.configure(conn)
+            sqlitefile.configure(conn, wal_autocheckpoint)
             current = _retrying(lambda: _schema(conn, path))
         except BaseException as exc:
             conn.close()
@@ -121,8 +122,11 @@ class SqliteWriter:
         return cls(url, path, conn)
 
     def ingest(self, events: Sequence[Mapping[str, Any]], *, site: str | None = None,
-               sites: Sequence[str | None] | None = None) -> IngestResult:
-        """Store ``events`` and their runs' projections in one transaction (see ``EventStore.ingest``)."""
+               sites: Sequence[str | None] | None = None,
+               allowed_pipelines: frozenset[str] | None = None) -> IngestResult:
+        """Store ``events`` and their runs' projections in one transaction (see ``EventStore.ingest``; with
+        ``allowed_pipelines`` as :meth:`metatrail.store.sql.SqlStore.ingest`: nothing is stored,
+        :class:`~metatrail.errors.ForeignRunError`, when a run of the events is stored under another pipeline)."""
         prepared = ingest.prepare_batch(events, site, sites)
         if not prepared:
             return IngestResult(received=len(events), inserted=0)
@@ -133,7 +137,8 @@ class SqliteWriter:
                 if conn is None:
                     raise StoreError(f"store {self.url} is closed")
                 with _write_transaction(conn) as cur:
-                    return ingest.ingest_prepared(cur, "sqlite", prepared, len(events))
+                    return ingest.ingest_prepared(cur, "sqlite", prepared, len(events),
+                                                  allowed_pipelines=allowed_pipelines)
 
         try:
             return _retrying(run)
@@ -143,6 +148,11 @@ class SqliteWriter:
             if ingest.is_data_error(exc):
                 raise EventError(f"the store cannot hold a value of these events: {str(exc)[:200]}") from None
             raise
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close` (and in a forked child, which leaves the connection to its parent)."""
+        return self._conn is None
 
     def close(self) -> None:
         with self._lock:

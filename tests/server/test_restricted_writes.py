@@ -169,7 +169,8 @@ def test_a_run_another_process_is_storing_is_not_joined(client: AsgiClient, conf
             stored = ingest.ingest_prepared(cur, name, ingest.prepare_batch(secret, "other", None), len(secret))
             assert stored.inserted == 2
             racer = _Post(client, "/api/v1/lineage/batch", planted, limited)
-            _until(lambda: writer.pending == 2 and _a_thread_in(SqlStore.ingest),
+            ingest_of_writer = type(writer.store).ingest  # SQLite: the writer's own sqlite3 connection's
+            _until(lambda: writer.pending == 2 and _a_thread_in(ingest_of_writer),
                    "the server's writer waits inside the store's ingest for the other transaction")
         refused = racer.result()
         assert refused.status_code == 403 and refused.json()["error"] == "pipeline_forbidden", refused.text

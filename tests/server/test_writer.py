@@ -201,3 +201,82 @@ def test_pipelined_transfer_keeps_the_cursor_behind_what_is_stored(tmp_path: Pat
         sink.close()
         src.close()
         dst.close()
+
+
+def test_a_sqlite_server_writes_through_its_own_connection_in_every_lifespan(tmp_path: Path) -> None:
+    """On SQLite the server's writer ingests through a ``sqlite3`` connection of its own (no pool checkout and reset
+    per request); the rows are the SQL store's, and an app whose lifespan runs again (as test clients run it) opens
+    a new one rather than writing through the closed one."""
+    from srvkit import AsgiClient, auth, make_token
+
+    from metatrail.server.app import create_app
+    from metatrail.server.config import ServerConfig
+    from metatrail.store.sqlite_writer import SqliteWriter
+
+    url = f"sqlite:///{tmp_path / 'server.db'}"
+    app = create_app(ServerConfig(store=url))
+    token = make_token(url)
+    events = bulk_events(2, pipeline="own-connection")
+    for lifespan, part in enumerate((events[:2], events[2:])):
+        client = AsgiClient(app)
+        try:
+            writer_store = app.state.services.writer.store
+            assert isinstance(writer_store, SqliteWriter) and not writer_store.closed, lifespan
+            for event in part:
+                answer = client.post("/api/v1/lineage", json=event, headers=auth(token))
+                assert answer.status_code == 201 and answer.json()["stored"] is True, answer.text
+        finally:
+            client.close()
+        assert writer_store.closed  # released with the lifespan
+    assert _held(url) == ids_of(events)
+    store = open_store(url)
+    try:
+        runs = store.list_runs(pipeline="own-connection")
+        assert sorted(r["state"] for r in runs) == ["completed", "completed"]
+        assert all(r["event_count"] == 2 for r in runs)
+    finally:
+        store.close()
+
+
+def test_a_checkpoint_overtaken_by_commits_is_finished_so_the_wal_starts_over(tmp_path: Path) -> None:
+    """Under a steady stream of writes a passive checkpoint never copies the whole WAL (commits land while it
+    copies), so SQLite never starts the WAL over and it grows by every commit. A checkpoint overtaken by a commit is
+    finished with the writer held; the next commit then starts the WAL over."""
+    import sqlite3
+
+    from metatrail.store.sql import SqlStore
+    from metatrail.store.sqlite_writer import SqliteWriter
+
+    db = tmp_path / "s.db"
+    url = f"sqlite:///{db}"
+    store = SqlStore(url, wal_autocheckpoint=1_000_000)  # no commit checkpoints on its own here
+    own = SqliteWriter.open(url, wal_autocheckpoint=1_000_000)
+    assert own is not None
+    events = bulk_events(12)
+    passes: list[tuple[int, int] | None] = []
+    writer: IngestWriter
+
+    def checkpoint() -> tuple[int, int] | None:
+        result = store.checkpoint()
+        passes.append(result)
+        if len(passes) == 1:  # a commit lands while the first pass copies
+            assert writer.submit(events[20:22], "hub").result(30).inserted == 2
+        return result
+
+    writer = IngestWriter(own, checkpoint=checkpoint)
+    assert writer.checkpointer is not None
+    writer.checkpointer.close()  # its thread stays out: this test runs the checkpoint itself, at the moment it wants
+    try:
+        assert writer.submit(events[:20], "hub").result(30).inserted == 20
+        writer.checkpointer.checkpoint()  # what the thread runs
+        assert len(passes) == 2  # the commit that overtook the first pass was copied by a second
+        assert writer.submit(events[22:], "hub").result(30).inserted == 2
+        with sqlite3.connect(db) as probe:
+            _busy, frames, _copied = probe.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        # Only the last commit's frames: the WAL started over after the second pass (it held 22 events' before).
+        assert 0 < frames < passes[0][0] / 2  # type: ignore[index]
+        assert _held(url) == ids_of(events)
+    finally:
+        writer.close()
+        own.close()
+        store.close()
