@@ -42,7 +42,7 @@ def test_marquez_fixtures(client: AsgiClient, tokens: Tokens, store_url: str) ->
     posted = []
     for path in ACCEPTED:
         body = json.loads(path.read_text())
-        r = client.post("/api/v1/lineage", json=body, headers=auth(tokens.write))
+        r = client.post("/api/v1/lineage", json=body, headers={**auth(tokens.write), "Accept": "application/json"})
         assert r.status_code == 201, (path.name, r.text)
         assert r.json()["id"] == event_id(body)
         posted.append(body)
@@ -58,7 +58,7 @@ def test_dataset_and_job_events_are_stored_not_projected(client: AsgiClient, tok
     kinds = []
     for name in ("event_dataset_event.json", "event_job_event.json"):
         r = client.post("/api/v1/lineage", content=(FIXTURES / "accepted" / name).read_bytes(),
-                        headers=auth(tokens.write))
+                        headers={**auth(tokens.write), "Accept": "application/json"})
         assert r.status_code == 201
         kinds.append(r.json()["kind"])
     assert kinds == ["DatasetEvent", "JobEvent"]
@@ -80,7 +80,8 @@ def test_idempotent_and_out_of_order(client: AsgiClient, tokens: Tokens, store_u
     runs = client.get("/api/v1/runs?limit=100", headers=auth(tokens.read)).json()["runs"]
     assert len(runs) == 20 and {r["state"] for r in runs} == {"completed"}
     assert all(r["event_count"] == 2 for r in runs)
-    again = client.post("/api/v1/lineage", json=events[0], headers=auth(tokens.write)).json()
+    again = client.post("/api/v1/lineage", json=events[0],
+                        headers={**auth(tokens.write), "Accept": "application/json"}).json()
     assert again["stored"] is False
 
 

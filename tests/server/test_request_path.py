@@ -38,7 +38,7 @@ def test_only_request_only_handlers_returning_a_response_are_called_directly(con
 
 
 def test_direct_handlers_answer_as_before(client: AsgiClient, tokens: object) -> None:
-    write = auth(tokens.write)  # type: ignore[attr-defined]
+    write = {**auth(tokens.write), "Accept": "application/json"}  # type: ignore[attr-defined]
     event = bulk_events(1)[0]
     first = client.post("/api/v1/lineage", json=event, headers=write)
     assert first.status_code == 201 and first.json()["stored"] is True and first.json()["kind"] == "RunEvent"
@@ -46,6 +46,10 @@ def test_direct_handlers_answer_as_before(client: AsgiClient, tokens: object) ->
     assert again.status_code == 201 and again.json() == {**first.json(), "stored": False}
     assert client.post("/api/v1/lineage", json={**event, "run": {}}, headers=write).status_code == 422
     assert client.post("/api/v1/lineage", content=b"{", headers=write).status_code == 400
+    # As Marquez answers, and what OpenLineage producers (which ask for no JSON) get: 201 and no body.
+    plain = client.post("/api/v1/lineage", json=bulk_events(1, tag="plain")[0],
+                        headers={**auth(tokens.write), "Accept": "*/*"})  # type: ignore[attr-defined]
+    assert plain.status_code == 201 and plain.content == b""
     assert client.post("/api/v1/lineage", json=event).status_code == 401
     assert client.post("/api/v1/lineage", json=event, headers=auth(tokens.read)).status_code == 403  # type: ignore[attr-defined]
     batch = client.post("/api/v1/lineage/batch", json=bulk_events(2, tag="b"), headers=write)

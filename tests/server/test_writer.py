@@ -223,7 +223,8 @@ def test_a_sqlite_server_writes_through_its_own_connection_in_every_lifespan(tmp
             writer_store = app.state.services.writer.store
             assert isinstance(writer_store, SqliteWriter) and not writer_store.closed, lifespan
             for event in part:
-                answer = client.post("/api/v1/lineage", json=event, headers=auth(token))
+                answer = client.post("/api/v1/lineage", json=event,
+                                     headers={**auth(token), "Accept": "application/json"})
                 assert answer.status_code == 201 and answer.json()["stored"] is True, answer.text
         finally:
             client.close()
