@@ -8,7 +8,10 @@ Every figure comes from this one run, so ratios compare like with like on a shar
   interleaved (off, on, off, on, ...), median ratio reported (target <= 1.03);
 * time spent in the plugin's hooks per task-instance try (``on_task_instance_running`` + ``_success``, the bounded
   flush that makes a try's events durable included), read from the listener's own ``timings`` in the recorded runs,
-  p50/p99; and the same hooks' cost with ``METATRAIL_DISABLED=1`` (the baseline runs).
+  p50/p99; and the same hooks' cost with ``METATRAIL_DISABLED=1`` (the baseline runs);
+* CPU time of each thread of the ``dags test`` process (read from ``/proc/self/task`` at exit), per kind: what the
+  plugin's own threads (hook, Recorder writer, energy sampler) cost, and how much Airflow's threads change; the rest
+  of the CPU difference is the Recorder's writer process.
 
 Baseline: the plugin is installed through its entry point and so is always loaded; the baseline runs set
 ``METATRAIL_DISABLED=1``, so each hook returns after one environment lookup (its cost is reported too). The bench
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -39,10 +43,31 @@ import atexit, json, os
 from datetime import datetime
 from airflow.sdk import dag, task
 
+def _thread_cpu():
+    # CPU seconds of each thread still alive at exit, by Python thread name (threads that ended are not listed).
+    import threading
+    names = {{t.native_id: t.name for t in threading.enumerate()}}
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {{}}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{{tid}}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = names.get(int(tid), "other")
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
 def _dump_timings():
     path = os.environ.get("MT_BENCH_TIMINGS")
     if not path:
         return
+    try:
+        with open(path + ".threads", "w") as fh:
+            json.dump(_thread_cpu(), fh)
+    except Exception:
+        pass
     try:
         from metatrail.plugins.airflow.plugin import LISTENER
         timings = list(LISTENER.timings)
@@ -99,6 +124,32 @@ def _per_try(timings: list[list[Any]]) -> tuple[list[float], dict[str, list[floa
 KINDS = ("baseline", "recorded", "recorded+flush")
 
 
+def _thread_group(name: str) -> str:
+    # "Thread-193 (_handle_socket_comms)": one of many short-lived threads of the same function.
+    match = re.fullmatch(r"Thread-\d+ \((.*)\)", name)
+    return match.group(1) if match else name
+
+
+def _thread_rows(runs: dict[str, list[dict[str, Any]]], tasks: int) -> list[str]:
+    """Per thread (grouped by name), the median CPU seconds per kind, and the recorded kinds' difference per task:
+    where the plugin's CPU goes (its own threads, or Airflow's threads made slower)."""
+    per_kind: dict[str, dict[str, list[float]]] = {}
+    for kind in KINDS:
+        for r in runs[kind]:
+            grouped: dict[str, float] = {}
+            for name, seconds in r.get("threads", {}).items():
+                grouped[_thread_group(name)] = grouped.get(_thread_group(name), 0.0) + seconds
+            for name, seconds in grouped.items():
+                per_kind.setdefault(name, {}).setdefault(kind, []).append(seconds)
+    rows = []
+    for name in sorted(per_kind, key=lambda n: -max(statistics.median(v) for v in per_kind[n].values())):
+        medians = {kind: statistics.median(per_kind[name][kind]) if per_kind[name].get(kind) else 0.0
+                   for kind in KINDS}
+        deltas = ", ".join(f"{(medians[kind] - medians['baseline']) / tasks * 1000:+.2f}" for kind in KINDS[1:])
+        rows.append(f"  {name[:40]:<40}" + "".join(f"{medians[kind]:16.2f}" for kind in KINDS) + f"   {deltas}")
+    return rows
+
+
 def _run(home: Path, dag_file: Path, day: int, kind: str, work: Path) -> dict[str, Any]:
     timings = work / f"timings-{day}.json"
     store = work / f"store-{day}" / "metatrail.db"
@@ -130,7 +181,9 @@ def _run(home: Path, dag_file: Path, day: int, kind: str, work: Path) -> dict[st
 
         with open_store(f"sqlite:///{store}") as s:
             events = s.stats()["events"]
+    threads = Path(f"{timings}.threads")
     return {"wall": wall, "cpu": cpu, "timings": json.loads(timings.read_text()) if timings.exists() else [],
+            "threads": json.loads(threads.read_text()) if threads.exists() else {},
             "events": events, "load": os.getloadavg()[0]}
 
 
@@ -235,6 +288,7 @@ def main() -> int:
     paired = {kind: statistics.median(w / b for w, b in zip(walls[kind], walls["baseline"], strict=True))
               for kind in KINDS[1:]}
     cpu_ratios = {kind: statistics.median(cpus[kind]) / statistics.median(cpus["baseline"]) for kind in KINDS[1:]}
+    thread_rows = _thread_rows(runs, args.tasks)
     per_try: dict[str, list[float]] = {}
     hooks_by_kind: dict[str, dict[str, list[float]]] = {}
     for kind in KINDS:
@@ -283,6 +337,10 @@ def main() -> int:
         + ", ".join(f"{r['load']:.1f}" for kind in KINDS for r in runs[kind]),
         "  events stored per recorded run: "
         + ", ".join(str(r["events"]) for kind in KINDS[1:] for r in runs[kind]) + f" (expected {2 * args.tasks + 2})",
+        "",
+        "  CPU time by thread of the `airflow dags test` process (s, median of runs; threads alive at exit)",
+        f"  {'thread':<40}" + "".join(f"{kind:>16}" for kind in KINDS) + "   ms per task against the baseline",
+        *thread_rows,
         "",
         "(b) time in the plugin's hooks (ms)                  p50       p90       p99       max      mean       n",
     ]
