@@ -42,6 +42,7 @@ from metatrail.errors import ConfigError, StoreError
 from metatrail.store import dialect
 from metatrail.store.base import EventStore
 from metatrail.store.schema import events, runs, sync_cursors
+from metatrail.store.sql import readable_run
 
 PAGE = 2000
 FETCH_CHUNK = 1000
@@ -192,7 +193,10 @@ class SyncLog:
 
     def _where(self, stmt: Any, filt: Filter) -> Any:
         if filt.pipelines is not None:
-            allowed = select(runs.c.run_id).where(runs.c.pipeline.in_(sorted(filt.pipelines)))
+            # A run every event of which names one of the pipelines: a run's pipeline follows its latest event, so
+            # a run under a selected pipeline may hold another pipeline's events (see SqlStore's readable_run).
+            allowed = select(runs.c.run_id).where(runs.c.pipeline.in_(sorted(filt.pipelines)),
+                                                  readable_run(runs.c.run_id, filt.pipelines))
             stmt = stmt.where(events.c.run_id.in_(allowed))
         if filt.pipeline is not None:
             stmt = stmt.where(events.c.run_id.in_(select(runs.c.run_id).where(runs.c.pipeline == filt.pipeline)))

@@ -7,7 +7,10 @@
   ``pipelines`` restricts what a token may read (selective sharing with a peer); None = every pipeline. Such a
   token also writes only into those pipelines (:func:`refuse_foreign_pipelines`, and the store, inside the write's
   transaction, for the runs already stored: :class:`~metatrail.errors.ForeignRunError`): a run's pipeline follows its
-  latest event, so a write elsewhere could relabel a run it may not read into one it may.
+  latest event, so a write elsewhere could relabel a run it may not read into one it may. It reads a run only when
+  every event of the run names one of its pipelines (the store's ``readable_run`` rule, applied by the query and sync
+  routes): an event of its own planted with a future time in a run id it can predict keeps that run under its
+  pipeline, but no longer opens the owner's events of the run to it.
 * A token writes as its own site: a request claiming another site (``X-Metatrail-Site``) is refused with 403
   unless the token is an admin token.
 * Every route declares its policy with :func:`policy` (``public``, ``read``, ``write``, ``admin``). Routes are built

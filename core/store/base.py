@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,6 +159,26 @@ class EventStore(abc.ABC):
         artifact is listed under to those that runs of readable pipelines used: the paths other pipelines gave the
         same bytes are theirs. A remote store leaves it to the server, which applies the rule of its own token.
         """
+
+    # -- reads for a reader limited to some pipelines ---------------------------------------------------------------
+    # Such a reader reads a run only when every event of the run names one of its pipelines: a run's pipeline follows
+    # its latest event, and a writer that plants a far-future event in a run it can predict keeps the run under its
+    # own pipeline, the owner's events included. A store that cannot tell answers nothing (deny by default).
+    def readable_runs(self, run_ids: Collection[str], pipelines: frozenset[str]) -> set[str]:
+        """Those of ``run_ids`` a reader limited to ``pipelines`` may read."""
+        return set()
+
+    def list_readable_runs(self, pipelines: frozenset[str], *, pipeline: str | None = None, state: str | None = None,
+                           kind: str | None = None, since: float | None = None, until: float | None = None,
+                           limit: int = 100) -> list[dict[str, Any]]:
+        """:meth:`list_runs` of the runs a reader limited to ``pipelines`` may read."""
+        return []
+
+    def readable_lineage(self, artifact_keys: Sequence[str], pipelines: frozenset[str], *, direction: str = "upstream",
+                         depth: int = 10) -> dict[str, Any]:
+        """:meth:`lineage` for a reader limited to ``pipelines``: the runs it may not read are marked
+        ``"readable": False`` (the caller cuts them out), and artifact names come only from runs it may read."""
+        return {"roots": list(artifact_keys), "nodes": [], "edges": []}
 
     @abc.abstractmethod
     def stats(self) -> dict[str, Any]:

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, func, or_, select
+from sqlalchemy import ColumnElement, Connection, Text, and_, exists, false, func, literal, not_, or_, select
 from sqlalchemy.exc import DatabaseError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from metatrail.errors import CorruptStoreError, EventError, StoreError
 from metatrail.store import dialect, ingest
@@ -21,6 +24,64 @@ from metatrail.store.base import EventStore, IngestResult, StoredEvent
 from metatrail.store.ingest import chunks as _chunks
 from metatrail.store.projection import EventRecord, project_run
 from metatrail.store.schema import CURRENT_VERSION, MIGRATIONS, edges, events, runs, schema_version
+
+
+class _EventPipeline(FunctionElement[str]):
+    """The pipeline one stored event names, by :func:`~metatrail.store.projection.event_pipeline`'s rule, computed
+    from its body: our facet's pipeline (a non-empty string), else the parent job's name (likewise), else the job's
+    name. Arguments: the event's ``body`` and ``job_name`` columns."""
+
+    type = Text()
+    name = "metatrail_event_pipeline"
+    inherit_cache = True
+
+
+_OURS = ("run", "facets", "metatrail_execution", "pipeline")
+_PARENT = ("run", "facets", "parent", "job", "name")
+
+
+@compiles(_EventPipeline, "sqlite")
+def _event_pipeline_sqlite(element: _EventPipeline, compiler: SQLCompiler, **kw: Any) -> str:
+    body, job = (compiler.process(c, **kw) for c in element.clauses)
+
+    def text_at(path: tuple[str, ...]) -> tuple[str, str]:
+        where = "'$." + ".".join(path) + "'"
+        value = f"json_extract({body}, {where})"
+        return f"json_type({body}, {where}) = 'text' AND {value} <> ''", value
+
+    (ours_ok, ours), (parent_ok, parent) = text_at(_OURS), text_at(_PARENT)
+    return f"(CASE WHEN {ours_ok} THEN {ours} WHEN {parent_ok} THEN {parent} ELSE {job} END)"
+
+
+@compiles(_EventPipeline, "postgresql")
+def _event_pipeline_postgresql(element: _EventPipeline, compiler: SQLCompiler, **kw: Any) -> str:
+    body, job = (compiler.process(c, **kw) for c in element.clauses)
+
+    def text_at(path: tuple[str, ...]) -> tuple[str, str]:
+        where = "'{" + ",".join(path) + "}'"
+        return f"jsonb_typeof(mt_j.j #> {where}) = 'string' AND mt_j.j #>> {where} <> ''", f"mt_j.j #>> {where}"
+
+    (ours_ok, ours), (parent_ok, parent) = text_at(_OURS), text_at(_PARENT)
+    # The body is text: parse it once per event (each CAST in the CASE would parse it again).
+    return (f"(SELECT CASE WHEN {ours_ok} THEN {ours} WHEN {parent_ok} THEN {parent} ELSE {job} END "
+            f"FROM (SELECT CAST({body} AS jsonb) AS j) AS mt_j)")
+
+
+def readable_run(run_id: Any, pipelines: frozenset[str]) -> ColumnElement[bool]:
+    """Whether a reader limited to ``pipelines`` may read the run ``run_id`` (a column of the enclosing query): every
+    stored event of the run names one of them. A run's pipeline follows its latest event, so a writer that plants a
+    far-future event in a run it can predict keeps the run under its own pipeline; the owner's events of that run
+    name the owner's pipeline and hide the run from it. Correlated ``NOT EXISTS`` over the events of the one run
+    (the ``run_id`` index); an event without a derivable pipeline counts as foreign (deny by default)."""
+    other = events.alias("readable_ev")
+    named = _EventPipeline(other.c.body, other.c.job_name)
+    # OFFSET 0 keeps PostgreSQL from turning the NOT EXISTS into an anti-join, which read and parsed every stored
+    # event (all of them, before any LIMIT); as a correlated subplan it looks only at the runs the query reaches,
+    # through the run_id index.
+    # One evaluation of the name per event (NULL, no pipeline: not readable).
+    readable_name = func.coalesce(named.in_(sorted(pipelines)), false())
+    foreign = select(literal(1)).where(other.c.run_id == run_id, not_(readable_name)).offset(0)
+    return ~exists(foreign)
 
 
 class SqlStore(EventStore):
@@ -165,8 +226,27 @@ class SqlStore(EventStore):
 
     def list_runs(self, *, pipeline: str | None = None, state: str | None = None, kind: str | None = None,
                   since: float | None = None, until: float | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        return self._list_runs([], pipeline=pipeline, state=state, kind=kind, since=since, until=until, limit=limit)
+
+    def list_readable_runs(self, pipelines: frozenset[str], *, pipeline: str | None = None, state: str | None = None,
+                           kind: str | None = None, since: float | None = None, until: float | None = None,
+                           limit: int = 100) -> list[dict[str, Any]]:
+        conds = [runs.c.pipeline.in_(sorted(pipelines)), readable_run(runs.c.run_id, pipelines)]
+        return self._list_runs(conds, pipeline=pipeline, state=state, kind=kind, since=since, until=until,
+                               limit=limit)
+
+    def readable_runs(self, run_ids: Collection[str], pipelines: frozenset[str]) -> set[str]:
+        found: set[str] = set()
+        with dialect.reading(self._engine) as conn:
+            for part in _chunks(sorted(set(run_ids))):
+                found.update(conn.execute(select(runs.c.run_id).where(
+                    runs.c.run_id.in_(part), runs.c.pipeline.in_(sorted(pipelines)),
+                    readable_run(runs.c.run_id, pipelines))).scalars())
+        return found
+
+    def _list_runs(self, conds: list[Any], *, pipeline: str | None, state: str | None, kind: str | None,
+                   since: float | None, until: float | None, limit: int) -> list[dict[str, Any]]:
         stmt = select(runs)
-        conds = []
         if pipeline is not None:
             conds.append(runs.c.pipeline == pipeline)
         if state is not None:
@@ -234,6 +314,15 @@ class SqlStore(EventStore):
 
     def lineage(self, artifact_keys: Sequence[str], *, direction: str = "upstream", depth: int = 10,
                 may_read: Callable[[str | None], bool] | None = None) -> dict[str, Any]:
+        return self._lineage(artifact_keys, direction=direction, depth=depth, may_read=may_read, pipelines=None)
+
+    def readable_lineage(self, artifact_keys: Sequence[str], pipelines: frozenset[str], *, direction: str = "upstream",
+                         depth: int = 10) -> dict[str, Any]:
+        return self._lineage(artifact_keys, direction=direction, depth=depth, may_read=None, pipelines=pipelines)
+
+    def _lineage(self, artifact_keys: Sequence[str], *, direction: str, depth: int,
+                 may_read: Callable[[str | None], bool] | None,
+                 pipelines: frozenset[str] | None) -> dict[str, Any]:
         if direction not in ("upstream", "downstream", "both"):
             raise ValueError("direction must be upstream, downstream or both")
         nodes: dict[str, dict[str, Any]] = {}
@@ -242,8 +331,16 @@ class SqlStore(EventStore):
         with dialect.reading(self._engine) as conn:
             for d in (("upstream", "downstream") if direction == "both" else (direction,)):
                 self._walk(conn, list(artifact_keys), d, depth, nodes, graph_edges, named)
+        readable: set[str] | None = None
+        if pipelines is not None:
+            readable = self.readable_runs([n["run_id"] for n in nodes.values() if n["type"] == "run"], pipelines)
+            for n in nodes.values():
+                if n["type"] == "run":
+                    n["readable"] = n["run_id"] in readable
 
         def shown(run_id: str) -> bool:
+            if readable is not None:
+                return run_id in readable
             run = nodes.get(f"run:{run_id}")
             return may_read is None or (run is not None and may_read(run.get("pipeline")))
 

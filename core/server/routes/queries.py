@@ -1,8 +1,10 @@
 """Queries: pipelines, runs (by pipeline/state/kind/time), one run with its inputs, outputs and parameters, the
 lineage graph around artifacts or a run, artifacts by key or content hash, and store statistics.
 
-A token restricted to some pipelines sees only those: other runs are absent (404 for one run), and lineage graphs
-are cut where they would cross into a pipeline it may not read.
+A token restricted to some pipelines sees only the runs whose every event names one of those pipelines: other runs
+are absent (404 for one run), and lineage graphs are cut where they would cross such a run. A run's pipeline follows
+its latest event, so a run under a readable pipeline may still hold another pipeline's events (a writer that planted
+a far-future event in a run id it could predict): the rule on every event keeps those out of its reach.
 """
 
 from __future__ import annotations
@@ -45,38 +47,55 @@ async def list_runs(request: Request, pipeline: str | None = Query(None, max_len
     principal = current(request)
     store = services(request).store
 
-    def query(p: str | None) -> list[dict[str, Any]]:
-        return store.list_runs(pipeline=p, state=state, kind=kind, since=since, until=until, limit=limit)
+    allowed = principal.pipelines
 
-    if principal.pipelines is None:
+    def query(p: str | None) -> list[dict[str, Any]]:
+        if allowed is None:
+            return store.list_runs(pipeline=p, state=state, kind=kind, since=since, until=until, limit=limit)
+        return store.list_readable_runs(allowed, pipeline=p, state=state, kind=kind, since=since, until=until,
+                                        limit=limit)
+
+    if allowed is None:
         runs = await run_in_threadpool(query, pipeline)
     elif pipeline is not None:
         runs = await run_in_threadpool(query, pipeline) if principal.may_read(pipeline) else []
     else:
-        per = [await run_in_threadpool(query, p) for p in sorted(principal.pipelines)]
+        per = [await run_in_threadpool(query, p) for p in sorted(allowed)]
         runs = list(heapq.merge(*per, key=lambda r: (-(r["started_at"] or 0), r["run_id"])))[:limit]
     return {"runs": runs}
+
+
+async def _readable_run(request: Request, run_id: str) -> dict[str, Any]:
+    """The run with its details, or 404 when there is none or the token may not read it (the same answer, so a
+    restricted token cannot tell a hidden run from an absent one). Its child runs the token may not read are left
+    out: their ids, stages and states are not its business either."""
+    store = services(request).store
+    run = await run_in_threadpool(store.get_run, run_id)
+    principal = current(request)
+    if run is None or not principal.may_read(run.get("pipeline")):
+        raise ApiError(404, "not_found", f"no run {run_id}")
+    if principal.pipelines is not None:
+        children = run.get("children", [])
+        ids = [run_id] + [c["run_id"] for c in children if isinstance(c.get("run_id"), str)]
+        readable = await run_in_threadpool(store.readable_runs, ids, principal.pipelines)
+        if run_id not in readable:
+            raise ApiError(404, "not_found", f"no run {run_id}")
+        run["children"] = [c for c in children if c.get("run_id") in readable]
+    return run
 
 
 @router.get("/api/v1/runs/{run_id}", tags=["queries"], responses={404: {"description": "no such run"}})
 @policy(READ)
 async def get_run(request: Request, run_id: str = Path(pattern=UUID_PATTERN)) -> dict[str, Any]:
     """One run with its inputs, outputs, parameters, facets and child runs."""
-    run = await run_in_threadpool(services(request).store.get_run, run_id)
-    principal = current(request)
-    if run is None or not principal.may_read(run.get("pipeline")):
-        raise ApiError(404, "not_found", f"no run {run_id}")
-    if principal.pipelines is not None:
-        # A run's steps may belong to pipelines this token cannot read: their ids, stages and states are not its
-        # business either. A child listed without its pipeline counts as unreadable (fail closed).
-        run["children"] = [c for c in run.get("children", []) if principal.may_read(c.get("pipeline"))]
-    return run
+    return await _readable_run(request, run_id)
 
 
 def _cut(graph: dict[str, Any], principal: Principal) -> dict[str, Any]:
     if principal.pipelines is None:
         return graph
-    hidden = {n["id"] for n in graph["nodes"] if n["type"] == "run" and not principal.may_read(n.get("pipeline"))}
+    # ``readable`` is the store's verdict on every event of the run (absent: hidden, deny by default).
+    hidden = {n["id"] for n in graph["nodes"] if n["type"] == "run" and not n.pop("readable", False)}
     edges = [e for e in graph["edges"] if e["from"] not in hidden and e["to"] not in hidden]
     linked = {e["from"] for e in edges} | {e["to"] for e in edges}
     roots = {f"artifact:{k}" for k in graph.get("roots", [])}
@@ -100,9 +119,7 @@ async def lineage(request: Request, key: list[str] | None = Query(None, max_leng
     if any(not re.match(KEY_PATTERN, k) for k in keys):
         raise ApiError(422, "invalid_key", "artifact keys look like md5:<hash> or <namespace>:<name>")
     if run_id is not None:
-        run = await run_in_threadpool(svc.store.get_run, run_id)
-        if run is None or not current(request).may_read(run.get("pipeline")):
-            raise ApiError(404, "not_found", f"no run {run_id}")
+        run = await _readable_run(request, run_id)
         side = "inputs" if direction == "upstream" else "outputs" if direction == "downstream" else None
         for edge in (run[side] if side else run["inputs"] + run["outputs"]):
             keys.append(edge["artifact_key"])
@@ -111,9 +128,12 @@ async def lineage(request: Request, key: list[str] | None = Query(None, max_leng
     if not keys:
         raise ApiError(422, "no_node", "give key=<artifact key> (repeatable) or run_id=<uuid>")
     principal = current(request)
-    may_read = principal.may_read if principal.pipelines is not None else None
-    graph = await run_in_threadpool(lambda: svc.store.lineage(keys, direction=direction, depth=depth,
-                                                              may_read=may_read))
+    allowed = principal.pipelines
+    if allowed is None:
+        graph = await run_in_threadpool(lambda: svc.store.lineage(keys, direction=direction, depth=depth))
+    else:
+        graph = await run_in_threadpool(lambda: svc.store.readable_lineage(keys, allowed, direction=direction,
+                                                                           depth=depth))
     return _cut(graph, principal)
 
 
@@ -129,8 +149,7 @@ async def find_artifacts(request: Request, key: str | None = Query(None, max_len
     svc = services(request)
     rows = await run_in_threadpool(lambda: svc.store.find_artifacts(key=key, hash=hash, namespace=namespace,
                                                                      name=name))
-    principal = current(request)
-    return {"artifacts": [r for r in rows if principal.may_read(r.get("pipeline"))]}
+    return {"artifacts": await _readable_rows(request, rows)}
 
 
 @router.get("/api/v1/artifacts/{hash}", tags=["queries"])
@@ -139,12 +158,22 @@ async def artifact_by_hash(request: Request, hash: str = Path(pattern=HASH_PATTE
     """Every occurrence of the artifact with this content hash: the runs that produced and consumed it."""
     svc = services(request)
     rows = await run_in_threadpool(lambda: svc.store.find_artifacts(hash=hash))
-    principal = current(request)
-    rows = [r for r in rows if principal.may_read(r.get("pipeline"))]
+    rows = await _readable_rows(request, rows)
     if not rows:
         raise ApiError(404, "not_found", f"no artifact with hash {hash}")
     return {"hash": hash, "producers": [r for r in rows if r["direction"] == "OUTPUT"],
             "consumers": [r for r in rows if r["direction"] == "INPUT"]}
+
+
+async def _readable_rows(request: Request, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The artifact occurrences (one run each) of runs the token may read."""
+    principal = current(request)
+    if principal.pipelines is None:
+        return rows
+    rows = [r for r in rows if principal.may_read(r.get("pipeline"))]
+    readable = await run_in_threadpool(services(request).store.readable_runs, {r["run_id"] for r in rows},
+                                       principal.pipelines)
+    return [r for r in rows if r["run_id"] in readable]
 
 
 @router.get("/api/v1/stats", tags=["queries"])
