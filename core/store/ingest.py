@@ -38,7 +38,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "events": ("id", "run_id", "event_type", "event_time", "job_namespace", "job_name", "site", "ingested_at",
                "body"),
     "runs": ("run_id", "namespace", "job_name", "pipeline", "stage", "kind", "parent_run_id", "state", "started_at",
-             "ended_at", "integration", "site", "error", "event_count", "facets"),
+             "ended_at", "integration", "site", "error", "event_count", "facets", "mixed"),
     "io_edges": ("run_id", "direction", "namespace", "name", "version", "artifact_key", "hash", "algorithm", "size",
                  "hash_error"),
 }

@@ -186,6 +186,8 @@ def project_run(run_id: str, events: Iterable[EventRecord]) -> RunProjection:
         "error": error,
         "event_count": len(ordered),
         "facets": facets,
+        # Whether a reader limited to some pipelines must look at the run's events (metatrail.store.sql).
+        "mixed": int(any(event_pipeline(e.body) != str(pipeline) for e in ordered)),
     }
     edges: dict[tuple[str, str, str], dict[str, Any]] = {}
     for e in ordered:

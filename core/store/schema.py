@@ -70,6 +70,9 @@ runs = Table(
     Column("error", Text, nullable=True),
     Column("event_count", Integer, nullable=False),
     Column("facets", Text, nullable=False),
+    # Version 4: 1 when an event of the run names a pipeline other than the run's (or none), so that a reader limited
+    # to some pipelines must look at the run's events (metatrail.store.sql.readable_run); 0 spares it that look.
+    Column("mixed", Integer, nullable=False, server_default="1"),
 )
 Index("ix_runs_pipeline", runs.c.pipeline, runs.c.started_at)
 Index("ix_runs_parent", runs.c.parent_run_id)
@@ -160,5 +163,18 @@ def _v3(conn: Connection) -> None:
             conn.execute(text(f"ALTER TABLE sync_cursors ADD COLUMN {column} {kind}"))
 
 
-MIGRATIONS: list[tuple[int, Migration]] = [(1, _v1), (2, _v2), (3, _v3)]
+def _v4(conn: Connection) -> None:
+    # A version-3 store's runs lack ``mixed``; a store created at version 4 has it already (``_v1`` creates the table
+    # from its current definition). Existing runs are marked by what their stored events name, as ingest marks them.
+    from sqlalchemy import inspect
+
+    if "mixed" in {c["name"] for c in inspect(conn).get_columns("runs")}:
+        return
+    conn.execute(text("ALTER TABLE runs ADD COLUMN mixed INTEGER DEFAULT '1' NOT NULL"))
+    from metatrail.store.sql import mark_unmixed_runs
+
+    mark_unmixed_runs(conn)
+
+
+MIGRATIONS: list[tuple[int, Migration]] = [(1, _v1), (2, _v2), (3, _v3), (4, _v4)]
 CURRENT_VERSION = MIGRATIONS[-1][0]

@@ -81,7 +81,19 @@ def readable_run(run_id: Any, pipelines: frozenset[str]) -> ColumnElement[bool]:
     # One evaluation of the name per event (NULL, no pipeline: not readable).
     readable_name = func.coalesce(named.in_(sorted(pipelines)), false())
     foreign = select(literal(1)).where(other.c.run_id == run_id, not_(readable_name)).offset(0)
-    return ~exists(foreign)
+    # A run whose events all name its own pipeline (``runs.mixed`` 0, kept by ingest) needs no look at its events:
+    # its pipeline is among ``pipelines`` wherever this is used. Only mixed runs pay for parsing event bodies.
+    return or_(runs.c.mixed == 0, ~exists(foreign))
+
+
+def mark_unmixed_runs(conn: Connection) -> None:
+    """Set ``runs.mixed`` to 0 for every run whose stored events all name its pipeline (the version-4 migration;
+    the column's default, 1, makes a reader limited to some pipelines look at a run's events)."""
+    other = events.alias("mixed_ev")
+    named = _EventPipeline(other.c.body, other.c.job_name)
+    foreign = select(literal(1)).where(other.c.run_id == runs.c.run_id,
+                                       not_(func.coalesce(named == runs.c.pipeline, false()))).offset(0)
+    conn.execute(runs.update().where(~exists(foreign)).values(mixed=0))
 
 
 class SqlStore(EventStore):
@@ -216,6 +228,7 @@ class SqlStore(EventStore):
     @staticmethod
     def _run_dict(row: Any) -> dict[str, Any]:
         d = dict(row._mapping)
+        d.pop("mixed", None)  # the store's own bookkeeping (see readable_run)
         facets = orjson.loads(d.pop("facets"))
         ours = facets.get("metatrail_execution") or {}
         d["params"] = ours.get("params", {})

@@ -30,7 +30,7 @@ from metatrail.store import ingest, sqlitefile
 from metatrail.store.base import IngestResult
 
 T = TypeVar("T")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # The schema of version SCHEMA_VERSION as SQLAlchemy's migrations create it on SQLite (metatrail.store.schema).
 SCHEMA: tuple[str, ...] = (
@@ -42,7 +42,8 @@ SCHEMA: tuple[str, ...] = (
     "CREATE TABLE runs (\n\trun_id VARCHAR(64) NOT NULL, \n\tnamespace TEXT NOT NULL, \n\tjob_name TEXT NOT NULL, \n\t"
     "pipeline TEXT NOT NULL, \n\tstage TEXT, \n\tkind VARCHAR(16) NOT NULL, \n\tparent_run_id VARCHAR(64), \n\t"
     "state VARCHAR(16) NOT NULL, \n\tstarted_at FLOAT, \n\tended_at FLOAT, \n\tintegration TEXT, \n\tsite TEXT, \n\t"
-    "error TEXT, \n\tevent_count INTEGER NOT NULL, \n\tfacets TEXT NOT NULL, \n\tPRIMARY KEY (run_id)\n)",
+    "error TEXT, \n\tevent_count INTEGER NOT NULL, \n\tfacets TEXT NOT NULL, \n\tmixed INTEGER DEFAULT '1' NOT NULL, "
+    "\n\tPRIMARY KEY (run_id)\n)",
     "CREATE INDEX ix_runs_pipeline ON runs (pipeline, started_at)",
     "CREATE INDEX ix_runs_parent ON runs (parent_run_id)",
     "CREATE TABLE io_edges (\n\trun_id VARCHAR(64) NOT NULL, \n\tdirection VARCHAR(8) NOT NULL, \n\t"
