@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,14 +150,13 @@ class EventStore(abc.ABC):
         """Artifact occurrences (edges) by key, content hash, or dataset identity."""
 
     @abc.abstractmethod
-    def lineage(self, artifact_keys: Sequence[str], *, direction: str = "upstream", depth: int = 10,
-                may_read: Callable[[str | None], bool] | None = None) -> dict[str, Any]:
+    def lineage(self, artifact_keys: Sequence[str], *, direction: str = "upstream",
+                depth: int = 10) -> dict[str, Any]:
         """The lineage graph around artifacts: ``{"nodes": [...], "edges": [...]}``.
 
         ``direction`` is ``upstream`` (what produced it), ``downstream`` (what consumed it) or ``both``; ``depth``
-        counts run hops. ``may_read`` (a pipeline → bool rule; a server applies its token's) limits the names an
-        artifact is listed under to those that runs of readable pipelines used: the paths other pipelines gave the
-        same bytes are theirs. A remote store leaves it to the server, which applies the rule of its own token.
+        counts run hops. For a reader limited to some pipelines, :meth:`readable_lineage`. A remote store's graph is
+        what the server's token may read.
         """
 
     # -- reads for a reader limited to some pipelines ---------------------------------------------------------------

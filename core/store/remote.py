@@ -28,7 +28,7 @@ import ssl
 import threading
 import tomllib
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from metatrail.errors import ConfigError, StoreError
@@ -305,8 +305,8 @@ class RemoteStore(EventStore):
         artifacts: list[dict[str, Any]] = reply["artifacts"]
         return artifacts
 
-    def lineage(self, artifact_keys: Sequence[str], *, direction: str = "upstream", depth: int = 10,
-                may_read: Callable[[str | None], bool] | None = None) -> dict[str, Any]:
+    def lineage(self, artifact_keys: Sequence[str], *, direction: str = "upstream",
+                depth: int = 10) -> dict[str, Any]:
         graph: dict[str, Any] = self._client.request("GET", "/api/v1/lineage", params={
             "key": list(artifact_keys), "direction": direction, "depth": depth})
         return graph

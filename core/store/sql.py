@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -325,17 +325,19 @@ class SqlStore(EventStore):
         with dialect.reading(self._engine) as conn:
             return [dict(r._mapping) for r in conn.execute(stmt.order_by(runs.c.started_at.desc()).limit(1000))]
 
-    def lineage(self, artifact_keys: Sequence[str], *, direction: str = "upstream", depth: int = 10,
-                may_read: Callable[[str | None], bool] | None = None) -> dict[str, Any]:
-        return self._lineage(artifact_keys, direction=direction, depth=depth, may_read=may_read, pipelines=None)
+    def lineage(self, artifact_keys: Sequence[str], *, direction: str = "upstream",
+                depth: int = 10) -> dict[str, Any]:
+        return self._lineage(artifact_keys, direction=direction, depth=depth, pipelines=None)
 
     def readable_lineage(self, artifact_keys: Sequence[str], pipelines: frozenset[str], *, direction: str = "upstream",
                          depth: int = 10) -> dict[str, Any]:
-        return self._lineage(artifact_keys, direction=direction, depth=depth, may_read=None, pipelines=pipelines)
+        return self._lineage(artifact_keys, direction=direction, depth=depth, pipelines=pipelines)
 
     def _lineage(self, artifact_keys: Sequence[str], *, direction: str, depth: int,
-                 may_read: Callable[[str | None], bool] | None,
                  pipelines: frozenset[str] | None) -> dict[str, Any]:
+        """The graph; with ``pipelines`` (a reader limited to them), each run node says whether the reader may read
+        it (``readable``), and an artifact is listed only under the names readable runs gave it: the paths other
+        pipelines gave the same bytes are theirs."""
         if direction not in ("upstream", "downstream", "both"):
             raise ValueError("direction must be upstream, downstream or both")
         nodes: dict[str, dict[str, Any]] = {}
@@ -352,10 +354,7 @@ class SqlStore(EventStore):
                     n["readable"] = n["run_id"] in readable
 
         def shown(run_id: str) -> bool:
-            if readable is not None:
-                return run_id in readable
-            run = nodes.get(f"run:{run_id}")
-            return may_read is None or (run is not None and may_read(run.get("pipeline")))
+            return readable is None or run_id in readable
 
         for node_id, names in named.items():
             nodes[node_id]["names"] = sorted(n for n, run_ids in names.items() if any(map(shown, run_ids)))
