@@ -195,8 +195,7 @@ class SyncLog:
         if filt.pipelines is not None:
             # A run every event of which names one of the pipelines: a run's pipeline follows its latest event, so
             # a run under a selected pipeline may hold another pipeline's events (see SqlStore's readable_run).
-            allowed = select(runs.c.run_id).where(runs.c.pipeline.in_(sorted(filt.pipelines)),
-                                                  readable_run(runs.c.run_id, filt.pipelines))
+            allowed = select(runs.c.run_id).where(readable_run(filt.pipelines))
             stmt = stmt.where(events.c.run_id.in_(allowed))
         if filt.pipeline is not None:
             stmt = stmt.where(events.c.run_id.in_(select(runs.c.run_id).where(runs.c.pipeline == filt.pipeline)))

@@ -67,12 +67,13 @@ def _event_pipeline_postgresql(element: _EventPipeline, compiler: SQLCompiler, *
             f"FROM (SELECT CAST({body} AS jsonb) AS j) AS mt_j)")
 
 
-def readable_run(run_id: Any, pipelines: frozenset[str]) -> ColumnElement[bool]:
-    """Whether a reader limited to ``pipelines`` may read the run ``run_id`` (a column of the enclosing query): every
-    stored event of the run names one of them. A run's pipeline follows its latest event, so a writer that plants a
-    far-future event in a run it can predict keeps the run under its own pipeline; the owner's events of that run
-    name the owner's pipeline and hide the run from it. Correlated ``NOT EXISTS`` over the events of the one run
-    (the ``run_id`` index); an event without a derivable pipeline counts as foreign (deny by default)."""
+def readable_run(pipelines: frozenset[str]) -> ColumnElement[bool]:
+    """Whether a reader limited to ``pipelines`` may read a run (a row of ``runs`` in the enclosing query): its
+    pipeline is one of them and every stored event of the run names one of them. A run's pipeline follows its latest
+    event, so a writer that plants a far-future event in a run it can predict keeps the run under its own pipeline;
+    the owner's events of that run name the owner's pipeline and hide the run from it. Correlated ``NOT EXISTS`` over
+    the events of the one run (the ``run_id`` index); an event without a derivable pipeline counts as foreign (deny
+    by default)."""
     other = events.alias("readable_ev")
     named = _EventPipeline(other.c.body, other.c.job_name)
     # OFFSET 0 keeps PostgreSQL from turning the NOT EXISTS into an anti-join, which read and parsed every stored
@@ -80,10 +81,10 @@ def readable_run(run_id: Any, pipelines: frozenset[str]) -> ColumnElement[bool]:
     # through the run_id index.
     # One evaluation of the name per event (NULL, no pipeline: not readable).
     readable_name = func.coalesce(named.in_(sorted(pipelines)), false())
-    foreign = select(literal(1)).where(other.c.run_id == run_id, not_(readable_name)).offset(0)
-    # A run whose events all name its own pipeline (``runs.mixed`` 0, kept by ingest) needs no look at its events:
-    # its pipeline is among ``pipelines`` wherever this is used. Only mixed runs pay for parsing event bodies.
-    return or_(runs.c.mixed == 0, ~exists(foreign))
+    foreign = select(literal(1)).where(other.c.run_id == runs.c.run_id, not_(readable_name)).offset(0)
+    # A run whose events all name its own pipeline (``runs.mixed`` 0, kept by ingest) needs no look at its events
+    # once its pipeline is one of ``pipelines``. Only mixed runs pay for parsing event bodies.
+    return and_(runs.c.pipeline.in_(sorted(pipelines)), or_(runs.c.mixed == 0, ~exists(foreign)))
 
 
 def mark_unmixed_runs(conn: Connection) -> None:
@@ -244,7 +245,7 @@ class SqlStore(EventStore):
     def list_readable_runs(self, pipelines: frozenset[str], *, pipeline: str | None = None, state: str | None = None,
                            kind: str | None = None, since: float | None = None, until: float | None = None,
                            limit: int = 100) -> list[dict[str, Any]]:
-        conds = [runs.c.pipeline.in_(sorted(pipelines)), readable_run(runs.c.run_id, pipelines)]
+        conds = [readable_run(pipelines)]
         return self._list_runs(conds, pipeline=pipeline, state=state, kind=kind, since=since, until=until,
                                limit=limit)
 
@@ -253,8 +254,7 @@ class SqlStore(EventStore):
         with dialect.reading(self._engine) as conn:
             for part in _chunks(sorted(set(run_ids))):
                 found.update(conn.execute(select(runs.c.run_id).where(
-                    runs.c.run_id.in_(part), runs.c.pipeline.in_(sorted(pipelines)),
-                    readable_run(runs.c.run_id, pipelines))).scalars())
+                    runs.c.run_id.in_(part), readable_run(pipelines))).scalars())
         return found
 
     def _list_runs(self, conds: list[Any], *, pipeline: str | None, state: str | None, kind: str | None,
