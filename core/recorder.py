@@ -591,7 +591,10 @@ class Recorder:
             self._guard("writer start-up", self._import_writer_modules, None)
         while True:
             with self._cv:
-                while not self._queue and not self._closed:
+                # After close, the thread stays while the writer process still holds batches: were it to die, they
+                # come back to the queue for this thread; and a flush (the exit flush after a close that ran out of
+                # time) waits only on a live writer.
+                while not self._queue and not (self._closed and self._submitted == self._done):
                     self._cv.wait(1.0)
                 if not self._queue and self._closed:
                     return

@@ -606,6 +606,7 @@ def test_what_a_process_ending_with_os_exit_hands_off_is_stored_after_it(tmp_pat
 
 _CLOSES_SHORT = """
 import sys
+import time
 from metatrail.recorder import Recorder
 big = sys.argv[1]
 with open(big, "wb") as f:
@@ -613,6 +614,7 @@ with open(big, "wb") as f:
 recorder = Recorder()
 recorder.execution_finished(recorder.execution_started("p", "big"), outputs=[big])
 recorder.close(timeout=0.2)  # a host that closes with a short timeout, then exits normally
+time.sleep(1)  # after more work of its own: the writer thread has long had nothing left in its queue
 """
 
 
