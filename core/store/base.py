@@ -173,6 +173,11 @@ class EventStore(abc.ABC):
         """:meth:`list_runs` of the runs a reader limited to ``pipelines`` may read."""
         return []
 
+    def list_readable_pipelines(self, pipelines: frozenset[str]) -> list[dict[str, Any]]:
+        """:meth:`list_pipelines` counting only the runs a reader limited to ``pipelines`` may read (its stages, run
+        counts and last run time come from those runs alone)."""
+        return []
+
     def readable_lineage(self, artifact_keys: Sequence[str], pipelines: frozenset[str], *, direction: str = "upstream",
                          depth: int = 10) -> dict[str, Any]:
         """:meth:`lineage` for a reader limited to ``pipelines``: the runs it may not read are marked

@@ -297,10 +297,18 @@ class SqlStore(EventStore):
         return run
 
     def list_pipelines(self) -> list[dict[str, Any]]:
+        return self._list_pipelines(None)
+
+    def list_readable_pipelines(self, pipelines: frozenset[str]) -> list[dict[str, Any]]:
+        return self._list_pipelines(readable_run(pipelines))
+
+    def _list_pipelines(self, cond: ColumnElement[bool] | None) -> list[dict[str, Any]]:
         stmt = (select(runs.c.pipeline, runs.c.namespace, func.count().label("runs"),
                        func.max(runs.c.started_at).label("last_started_at"))
                 .group_by(runs.c.pipeline, runs.c.namespace).order_by(runs.c.pipeline))
         stages = select(runs.c.pipeline, runs.c.stage).where(runs.c.stage.is_not(None)).distinct()
+        if cond is not None:
+            stmt, stages = stmt.where(cond), stages.where(cond)
         with dialect.reading(self._engine) as conn:
             rows = [dict(r._mapping) for r in conn.execute(stmt)]
             by_pipeline: dict[str, list[str]] = defaultdict(list)

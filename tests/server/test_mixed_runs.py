@@ -84,8 +84,12 @@ def _sees_run(url: str, token: str, s: dict[str, Any]) -> dict[str, bool]:
     consumed = httpx.get(f"{url}/api/v1/artifacts/{s['r_in']}", headers=h, timeout=30)
     found = httpx.get(f"{url}/api/v1/artifacts", params={"hash": s["r_in"]}, headers=h, timeout=30).json()
     fetched = httpx.post(f"{url}/api/v1/sync/fetch", json={"ids": sorted(r_ids)}, headers=h, timeout=30).json()
+    pipelines = httpx.get(f"{url}/api/v1/pipelines", headers=h, timeout=30).json()["pipelines"]
     node = f"run:{s['R']}"
     return {
+        # R is the only run with stage "plant" or "train"; A's count without R is C's alone.
+        "pipelines": any({"plant", "train"} & set(p["stages"]) for p in pipelines)
+        or any(p["pipeline"] == "A" and p["runs"] != 1 for p in pipelines),
         "runs": any(r["run_id"] == s["R"] for r in runs + runs_a),
         "run": detail.status_code == 200,
         "lineage_by_run": by_run.status_code == 200,
@@ -128,6 +132,8 @@ def test_a_planted_future_event_does_not_open_the_owners_run(store_url: str, tmp
         assert not any(seen.values()), seen
         h = auth(attacker)
         assert [r["run_id"] for r in httpx.get(f"{hub.url}/api/v1/runs", headers=h).json()["runs"]] == [s["C"]]
+        assert [(p["pipeline"], p["runs"], p["stages"]) for p in
+                httpx.get(f"{hub.url}/api/v1/pipelines", headers=h).json()["pipelines"]] == [("A", 1, ["use"])]
         assert httpx.get(f"{hub.url}/api/v1/runs/{s['R']}", headers=h).json()["error"] == \
             httpx.get(f"{hub.url}/api/v1/runs/{uuid7(T0 + 5)}", headers=h).json()["error"]  # as a foreign run
         # Lineage stops at R: upstream of C's output lies C, then R's output, which R produced.
