@@ -192,7 +192,15 @@ def _as_terminal_job(args: list[str], cwd: Path, signum: int) -> tuple[int, str]
     """Run ``args`` in a process group of its own, as a shell runs a foreground job, and send ``signum`` to the
     whole group once the command says it is ready, as the terminal does on Ctrl-C or Ctrl-\\."""
     env = {**os.environ, "METATRAIL_ENERGY": "0"}
-    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+
+    def as_foreground_job() -> None:
+        # A shell starts a foreground job with the terminal's signals at their defaults, even where the shell itself
+        # ignores them (a test run started as a background job of a script inherits SIGINT and SIGQUIT ignored).
+        for sig in (signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, signal.SIG_DFL)
+
+    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                            preexec_fn=as_foreground_job)
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     os.killpg(proc.pid, signum)
