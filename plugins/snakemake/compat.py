@@ -246,6 +246,17 @@ def _read_at_most(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def finished_since(metadata: Mapping[str, Any] | None, started_at: float) -> bool:
+    """Whether a persistence record says its job finished, in a try that started no earlier than ``started_at``
+    (the time of the job's record): not a record an earlier run left. Snakemake marks a job started just after it
+    logs the job (the record's ``starttime``; 9.0 takes it from the marker file's mtime, hence a little slack) and
+    sets ``incomplete`` to false when the job has finished."""
+    if not metadata or metadata.get("incomplete") is not False:
+        return False
+    start = metadata.get("starttime")
+    return isinstance(start, int | float) and not isinstance(start, bool) and start >= started_at - 0.5
+
+
 def rule_params(metadata: Mapping[str, Any] | None) -> list[Any] | None:
     """The rule's ``params`` from a persistence record: their values as Snakemake stored them, or None."""
     if not metadata:

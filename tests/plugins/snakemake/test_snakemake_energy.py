@@ -135,3 +135,21 @@ def test_cluster_jobs_without_accounting_are_null_with_a_reason(snakemake: Snake
         node = energy["domains"]["node"]
         assert node["value_j"] is None and energy["measured_j"] is None and energy["estimated_j"] is None
         assert node["reason"].startswith("not measured here"), node
+
+
+def test_under_quiet_a_finished_job_is_closed_when_the_next_one_starts(snakemake: Snakemake) -> None:
+    """Under ``--quiet`` Snakemake logs no JOB_FINISHED. A job nothing read used to stay open until the run ended:
+    its energy window ran on over the later jobs (and the energy monitor went through every such window at each
+    sample, a cost growing with the square of the jobs). Snakemake's persistence record now tells it finished, and
+    it is closed when the next job starts."""
+    wf = snakemake.workflow("quiet")
+    result = snakemake.run(wf, "--cores", "1", "--quiet")
+    events = clean_run_events(result)
+    jobs = by_job(events)
+    first_end = next(e for e in jobs["quiet.first"] if e["eventType"] == "COMPLETE")
+    second_end = next(e for e in jobs["quiet.second"] if e["eventType"] == "COMPLETE")
+    energy = _energy(first_end)
+    # "second" sleeps 2 s after "first" ended: a window closed at the run's end would span it.
+    assert energy["wall_s"] < 1.5, {k: v for k, v in energy.items() if k != "carbon"}
+    assert first_end["eventTime"] < second_end["eventTime"]
+    assert _energy(second_end)["wall_s"] >= 1.5
