@@ -391,7 +391,7 @@ class WorkflowTracker:
             metadata = compat.read_metadata(job.metadata_key, state.workdir)
             if not compat.finished_since(metadata, job.started_at):
                 continue
-            if self._complete_from_outputs(state, job, time.time()):
+            if self._complete_from_outputs(state, job, time.time(), metadata=metadata):
                 del state.jobs[jobid]
 
     def _complete_producers(self, state: _RunState, inputs: Iterable[str], now: float) -> None:
@@ -415,10 +415,13 @@ class WorkflowTracker:
         noticed = float(getattr(record, "created", time.time()))
         self._complete(state, job, _end_time(job, noticed))
 
-    def _complete(self, state: _RunState, job: _Job, ended: float) -> None:
+    def _complete(self, state: _RunState, job: _Job, ended: float, *,
+                  metadata: dict[str, Any] | None = None) -> None:
+        """Record the job's successful end; ``metadata``: its persistence record, when the caller read it already."""
         self._job_ending(job)
         execution = job.execution
-        metadata = compat.read_metadata(job.metadata_key, state.workdir) if job.metadata_key else None
+        if metadata is None and job.metadata_key:
+            metadata = compat.read_metadata(job.metadata_key, state.workdir)
         rule_params = compat.rule_params(metadata)
         if rule_params is not None:
             # A copy: the START event is built from the original handle on the writer thread, and must not race
@@ -429,14 +432,15 @@ class WorkflowTracker:
         self._recorder.execution_finished(execution, outputs=job.products, ended_at=ended)
         self._submitted(state, job.products)
 
-    def _complete_from_outputs(self, state: _RunState, job: _Job, end: float) -> bool:
+    def _complete_from_outputs(self, state: _RunState, job: _Job, end: float, *,
+                               metadata: dict[str, Any] | None = None) -> bool:
         # Ended well if every output is there, or was there until Snakemake removed it as temporary.
         outputs = [p for p in job.products if p not in job.logs]
         if not all(p in state.temp_removed or os.path.exists(p) for p in outputs):
             return False
         for path in job.products:
             state.producers.pop(path, None)
-        self._complete(state, job, _end_time(job, end))
+        self._complete(state, job, _end_time(job, end), metadata=metadata)
         return True
 
     def _job_failed(self, record: Any) -> None:
