@@ -210,6 +210,10 @@ def _print_energy(console: Any, energy: dict[str, Any]) -> None:
             console.print(f"  {domain:5} [dim]null[/]  {escape(str(entry.get('reason')))}")
     for domain, entry in sorted((energy.get("estimated") or {}).items()):
         console.print(f"  {domain:5} {joules(entry.get('value_j'))}  estimated: {escape(str(entry.get('model')))}")
+    backends = (energy.get("meter") or {}).get("backends")
+    for backend in backends if isinstance(backends, list) else ():
+        if isinstance(backend, dict) and backend.get("available") is False and backend.get("reason"):
+            console.print(f"  [dim]{escape(str(backend.get('name')))} unavailable:[/] {escape(str(backend['reason']))}")
     carbon = energy.get("carbon") or {}
     if carbon.get("co2e_g") is not None:
         console.print(f"  carbon {carbon['co2e_g']:.4g} g CO2e at {carbon.get('intensity_g_per_kwh')} g/kWh "

@@ -110,6 +110,19 @@ def test_runs_show_status_and_export(tmp_path: Path, pipeline: dict[str, str]) -
     assert "numbers" in table and "completed" in table
 
 
+def test_show_says_once_why_an_energy_meter_is_unavailable(tmp_path: Path) -> None:
+    env = {"METATRAIL_POWERCAP_ROOT": str(tmp_path / "no-powercap")}
+    mt("run", "--pipeline", "p", "--stage", "s", "--", sys.executable, "-c", "sum(range(10**6))", cwd=tmp_path,
+       env=env)
+    run_id = json.loads(mt("runs", "--json", cwd=tmp_path).stdout)[0]["run_id"]
+    energy = json.loads(mt("show", run_id, "--json", cwd=tmp_path).stdout)["facets"]["metatrail_energy"]
+    rapl = next(b for b in energy["meter"]["backends"] if b["name"] == "rapl")
+    assert rapl["available"] is False and "no-powercap" in rapl["reason"]
+    assert "rapl meter is unavailable" in energy["domains"]["cpu"]["reason"]
+    shown = mt("show", run_id, cwd=tmp_path).stdout
+    assert "rapl unavailable: no powercap tree" in shown and shown.count("no-powercap") == 1
+
+
 def test_hash_command_matches_md5(tmp_path: Path) -> None:
     (tmp_path / "a.bin").write_bytes(os.urandom(5000))
     out = json.loads(mt("hash", "a.bin", "--json", cwd=tmp_path).stdout)

@@ -82,6 +82,13 @@ REPORT_TIMEOUT_FLOOR_S = 1.0
 METER_NAME = "metatrail.energy"
 
 
+def _unmeasured_because(meter: str) -> str:
+    """A domain's reason when its meter is unavailable. The meter's own reason (what is missing, how to fix it: a
+    few hundred characters) is in the facet once, under ``meter.backends``; repeated in every domain and estimate
+    it made up a third of a task's facet."""
+    return f"not measured: the {meter} meter is unavailable here (meter.backends says why)"
+
+
 def _meter_version() -> str:
     try:
         from .. import __version__
@@ -716,13 +723,13 @@ class EnergyMonitor:
                 self._nvml = m if m.available else None
                 self.config_errors.extend(m.notes)
                 if not m.available:
-                    self._missing["gpu"] = m.unavailable_reason or "NVML unavailable"
+                    self._missing["gpu"] = _unmeasured_because(m.name)
             elif isinstance(m, CpuEstimateMeter):
                 self._estimate = m if m.available else None
                 self.config_errors.extend(m.notes)
             elif not m.available:
                 for domain in ("cpu", "dram"):
-                    self._missing.setdefault(domain, m.unavailable_reason or f"{m.name} unavailable")
+                    self._missing.setdefault(domain, _unmeasured_because(m.name))
         self.meters = [m for m in meters if m.available]
         self._shared_busy = self._estimate is not None and self._estimate.busy_source is self._busy_seconds
         for m in meters:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import pathlib
 import subprocess
@@ -149,10 +150,16 @@ def test_unreadable_energy_still_gives_a_payload_with_reasons(
     for domain in ("cpu", "dram", "gpu"):
         entry = payload["domains"][domain]
         assert entry["value_j"] is None and entry["reason"], domain
-    assert "libnvidia-ml" in payload["domains"]["gpu"]["reason"]
+    # Each domain names its meter; the meter's reason (what is missing, how to fix it) is given once.
+    backends = {b["name"]: b for b in payload["meter"]["backends"]}
+    assert [b["available"] for b in backends.values()] == [False, False]
+    assert "libnvidia-ml" in backends["nvml"]["reason"] and "powercap" in backends["rapl"]["reason"]
+    assert "nvml meter is unavailable" in payload["domains"]["gpu"]["reason"]
+    assert all("rapl meter is unavailable" in payload["domains"][d]["reason"] for d in ("cpu", "dram"))
     assert payload["measured_j"] is None and payload["estimated_j"] is None
     assert payload["carbon"]["co2e_g"] is None and payload["carbon"]["energy_basis"] == "none"
-    assert [b["available"] for b in payload["meter"]["backends"]] == [False, False]
+    serialised = json.dumps(payload)
+    assert serialised.count(backends["rapl"]["reason"]) == 1 and serialised.count(backends["nvml"]["reason"]) == 1
 
 
 def test_permission_denied_is_null_with_fix_and_estimate_kept_apart(
@@ -172,7 +179,9 @@ def test_permission_denied_is_null_with_fix_and_estimate_kept_apart(
     assert payload is not None
     validate_facet(payload)
     cpu = payload["domains"]["cpu"]
-    assert cpu["value_j"] is None and PERMISSION_FIX in cpu["reason"]
+    assert cpu["value_j"] is None and "rapl meter is unavailable" in cpu["reason"]
+    rapl = next(b for b in payload["meter"]["backends"] if b["name"] == "rapl")
+    assert PERMISSION_FIX in rapl["reason"]
     assert payload["measured_j"] is None
     assert payload["estimated"]["cpu"]["value_j"] > 0 and payload["estimated_j"] > 0
 
