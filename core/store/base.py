@@ -178,10 +178,17 @@ class EventStore(abc.ABC):
         counts and last run time come from those runs alone)."""
         return []
 
+    def find_readable_artifacts(self, pipelines: frozenset[str], *, key: str | None = None, hash: str | None = None,
+                                namespace: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
+        """:meth:`find_artifacts` among the runs a reader limited to ``pipelines`` may read."""
+        return []
+
     def readable_lineage(self, artifact_keys: Sequence[str], pipelines: frozenset[str], *, direction: str = "upstream",
                          depth: int = 10) -> dict[str, Any]:
-        """:meth:`lineage` for a reader limited to ``pipelines``: the runs it may not read are marked
-        ``"readable": False`` (the caller cuts them out), and artifact names come only from runs it may read."""
+        """:meth:`lineage` for a reader limited to ``pipelines``: every node says whether the reader may see it
+        (``"readable"``; the caller cuts out the others): a run it may read, an artifact a run it may read touches.
+        The walk does not go on through a run it may not read, and an artifact's names, hash and size come only from
+        runs it may read."""
         return {"roots": list(artifact_keys), "nodes": [], "edges": []}
 
     @abc.abstractmethod

@@ -320,8 +320,19 @@ class SqlStore(EventStore):
 
     def find_artifacts(self, *, key: str | None = None, hash: str | None = None,
                        namespace: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
+        return self._find_artifacts(None, key=key, hash=hash, namespace=namespace, name=name)
+
+    def find_readable_artifacts(self, pipelines: frozenset[str], *, key: str | None = None, hash: str | None = None,
+                                namespace: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
+        return self._find_artifacts(readable_run(pipelines), key=key, hash=hash, namespace=namespace, name=name)
+
+    def _find_artifacts(self, cond: ColumnElement[bool] | None, *, key: str | None, hash: str | None,
+                        namespace: str | None, name: str | None) -> list[dict[str, Any]]:
         stmt = select(edges, runs.c.pipeline, runs.c.stage, runs.c.started_at, runs.c.state).join(
             runs, runs.c.run_id == edges.c.run_id)
+        if cond is not None:
+            # In the query, before the limit: other pipelines' occurrences must not take the reader's places.
+            stmt = stmt.where(cond)
         if key is not None:
             stmt = stmt.where(edges.c.artifact_key == key)
         if hash is not None:
@@ -343,27 +354,46 @@ class SqlStore(EventStore):
 
     def _lineage(self, artifact_keys: Sequence[str], *, direction: str, depth: int,
                  pipelines: frozenset[str] | None) -> dict[str, Any]:
-        """The graph; with ``pipelines`` (a reader limited to them), each run node says whether the reader may read
-        it (``readable``), and an artifact is listed only under the names readable runs gave it: the paths other
-        pipelines gave the same bytes are theirs."""
+        """The graph; with ``pipelines`` (a reader limited to them), each node says whether the reader may see it
+        (``readable``). The walk does not go on through a run the reader may not read: what lies behind it would tell
+        that the run links the two. An artifact is shown only when a readable run touches it, listed only under the
+        names readable runs gave it (the paths other pipelines gave the same bytes are theirs), with what a readable
+        run's edge says of it (hash, algorithm, size)."""
         if direction not in ("upstream", "downstream", "both"):
             raise ValueError("direction must be upstream, downstream or both")
         nodes: dict[str, dict[str, Any]] = {}
         graph_edges: set[tuple[str, str, str]] = set()
         named: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))  # node -> name -> run ids
+        said: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)  # node -> run id -> what its edge says
+        readable: set[str] = set()
         with dialect.reading(self._engine) as conn:
             for d in (("upstream", "downstream") if direction == "both" else (direction,)):
-                self._walk(conn, list(artifact_keys), d, depth, nodes, graph_edges, named)
-        readable: set[str] | None = None
-        if pipelines is not None:
-            readable = self.readable_runs([n["run_id"] for n in nodes.values() if n["type"] == "run"], pipelines)
-            for n in nodes.values():
-                if n["type"] == "run":
-                    n["readable"] = n["run_id"] in readable
+                self._walk(conn, list(artifact_keys), d, depth, nodes, graph_edges, named, said, pipelines, readable)
+            if pipelines is not None:
+                # A walk sees one direction's edges of a root: the run that gave a run_id query its keys, or any
+                # readable run of the other direction, makes the root known to the reader all the same.
+                for part in _chunks(sorted(set(artifact_keys))):
+                    stmt = (select(edges.c.artifact_key, edges.c.run_id, edges.c.hash, edges.c.algorithm,
+                                   edges.c.size).join(runs, runs.c.run_id == edges.c.run_id)
+                            .where(edges.c.artifact_key.in_(part), readable_run(pipelines)))
+                    for e in conn.execute(stmt):
+                        said[f"artifact:{e.artifact_key}"].setdefault(
+                            e.run_id, {"hash": e.hash, "algorithm": e.algorithm, "size": e.size})
+                        readable.add(e.run_id)
 
         def shown(run_id: str) -> bool:
-            return readable is None or run_id in readable
+            return pipelines is None or run_id in readable
 
+        if pipelines is not None:
+            for node_id, n in nodes.items():
+                if n["type"] == "run":
+                    n["readable"] = n["run_id"] in readable
+                    continue
+                # Nothing a foreign run's edge says reaches the reader: not that the artifact is stored, nor its size.
+                ours = [v for run_id, v in said[node_id].items() if shown(run_id)]
+                n["readable"] = bool(ours)
+                if ours:
+                    n.update(ours[0])
         for node_id, names in named.items():
             nodes[node_id]["names"] = sorted(n for n, run_ids in names.items() if any(map(shown, run_ids)))
         return {
@@ -374,8 +404,11 @@ class SqlStore(EventStore):
 
     def _walk(self, conn: Connection, frontier: list[str], direction: str, depth: int,
               nodes: dict[str, dict[str, Any]], graph_edges: set[tuple[str, str, str]],
-              named: dict[str, dict[str, set[str]]]) -> None:
-        # upstream: artifact <-OUTPUT- run <-INPUT- artifact ...; downstream the mirror image.
+              named: dict[str, dict[str, set[str]]], said: dict[str, dict[str, dict[str, Any]]],
+              pipelines: frozenset[str] | None, readable: set[str]) -> None:
+        # upstream: artifact <-OUTPUT- run <-INPUT- artifact ...; downstream the mirror image. With ``pipelines``,
+        # ``readable`` collects the runs reached that a reader limited to them may read; the walk goes on only
+        # through those.
         seen_art: set[str] = set()
         seen_runs: set[str] = set()
         first_dir, second_dir = ("OUTPUT", "INPUT") if direction == "upstream" else ("INPUT", "OUTPUT")
@@ -388,7 +421,7 @@ class SqlStore(EventStore):
             for part in _chunks(frontier):
                 for e in conn.execute(select(edges).where(and_(edges.c.artifact_key.in_(part),
                                                                edges.c.direction == first_dir))):
-                    self._add_artifact(nodes, e, named)
+                    self._add_artifact(nodes, e, named, said)
                     run_ids.add(e.run_id)
             run_ids -= seen_runs
             if not run_ids:
@@ -400,20 +433,25 @@ class SqlStore(EventStore):
                     nodes[f"run:{r.run_id}"] = {"type": "run", "id": f"run:{r.run_id}", "run_id": r.run_id,
                                                 "pipeline": r.pipeline, "stage": r.stage, "state": r.state,
                                                 "started_at": r.started_at, "site": r.site}
+                if pipelines is not None:
+                    readable.update(conn.execute(select(runs.c.run_id).where(
+                        runs.c.run_id.in_(part), readable_run(pipelines))).scalars())
                 for e in conn.execute(select(edges).where(edges.c.run_id.in_(part))):
-                    self._add_artifact(nodes, e, named)
+                    self._add_artifact(nodes, e, named, said)
                     art, run = f"artifact:{e.artifact_key}", f"run:{e.run_id}"
                     graph_edges.add((art, run, "input") if e.direction == "INPUT" else (run, art, "output"))
-                    if e.direction == second_dir:
+                    if e.direction == second_dir and (pipelines is None or e.run_id in readable):
                         nxt.append(e.artifact_key)
             frontier = nxt
 
     @staticmethod
-    def _add_artifact(nodes: dict[str, dict[str, Any]], e: Any, named: dict[str, dict[str, set[str]]]) -> None:
+    def _add_artifact(nodes: dict[str, dict[str, Any]], e: Any, named: dict[str, dict[str, set[str]]],
+                      said: dict[str, dict[str, dict[str, Any]]]) -> None:
         node_id = f"artifact:{e.artifact_key}"
         nodes.setdefault(node_id, {"type": "artifact", "id": node_id, "key": e.artifact_key,
                                    "hash": e.hash, "algorithm": e.algorithm, "size": e.size, "names": []})
         named[node_id][f"{e.namespace}:{e.name}" if e.namespace != "file" else e.name].add(e.run_id)
+        said[node_id].setdefault(e.run_id, {"hash": e.hash, "algorithm": e.algorithm, "size": e.size})
 
     def stats(self) -> dict[str, Any]:
         with dialect.reading(self._engine) as conn:

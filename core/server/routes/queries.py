@@ -98,8 +98,9 @@ async def get_run(request: Request, run_id: str = Path(pattern=UUID_PATTERN)) ->
 def _cut(graph: dict[str, Any], principal: Principal) -> dict[str, Any]:
     if principal.pipelines is None:
         return graph
-    # ``readable`` is the store's verdict on every event of the run (absent: hidden, deny by default).
-    hidden = {n["id"] for n in graph["nodes"] if n["type"] == "run" and not n.pop("readable", False)}
+    # ``readable`` is the store's verdict on every node: on every event of a run, and on an artifact whether a run the
+    # token may read touches it (absent: hidden, deny by default).
+    hidden = {n["id"] for n in graph["nodes"] if not n.pop("readable", False)}
     edges = [e for e in graph["edges"] if e["from"] not in hidden and e["to"] not in hidden]
     linked = {e["from"] for e in edges} | {e["to"] for e in edges}
     roots = {f"artifact:{k}" for k in graph.get("roots", [])}
@@ -150,34 +151,28 @@ async def find_artifacts(request: Request, key: str | None = Query(None, max_len
     """Where artifacts occur (inputs and outputs of runs), by key, content hash or dataset identity."""
     if key is None and hash is None and namespace is None and name is None:
         raise ApiError(422, "no_filter", "give key, hash, namespace or name")
-    svc = services(request)
-    rows = await run_in_threadpool(lambda: svc.store.find_artifacts(key=key, hash=hash, namespace=namespace,
-                                                                     name=name))
-    return {"artifacts": await _readable_rows(request, rows)}
+    return {"artifacts": await _readable_artifacts(request, key=key, hash=hash, namespace=namespace, name=name)}
 
 
 @router.get("/api/v1/artifacts/{hash}", tags=["queries"])
 @policy(READ)
 async def artifact_by_hash(request: Request, hash: str = Path(pattern=HASH_PATTERN)) -> dict[str, Any]:
     """Every occurrence of the artifact with this content hash: the runs that produced and consumed it."""
-    svc = services(request)
-    rows = await run_in_threadpool(lambda: svc.store.find_artifacts(hash=hash))
-    rows = await _readable_rows(request, rows)
+    rows = await _readable_artifacts(request, hash=hash)
     if not rows:
         raise ApiError(404, "not_found", f"no artifact with hash {hash}")
     return {"hash": hash, "producers": [r for r in rows if r["direction"] == "OUTPUT"],
             "consumers": [r for r in rows if r["direction"] == "INPUT"]}
 
 
-async def _readable_rows(request: Request, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The artifact occurrences (one run each) of runs the token may read."""
-    principal = current(request)
-    if principal.pipelines is None:
-        return rows
-    rows = [r for r in rows if principal.may_read(r.get("pipeline"))]
-    readable = await run_in_threadpool(services(request).store.readable_runs, {r["run_id"] for r in rows},
-                                       principal.pipelines)
-    return [r for r in rows if r["run_id"] in readable]
+async def _readable_artifacts(request: Request, **where: str | None) -> list[dict[str, Any]]:
+    """The artifact occurrences (one run each) of runs the token may read. Chosen in the store's query, before its
+    bound on the answer: other pipelines' occurrences filtered out afterwards could leave none of the token's."""
+    store = services(request).store
+    allowed = current(request).pipelines
+    if allowed is None:
+        return await run_in_threadpool(lambda: store.find_artifacts(**where))
+    return await run_in_threadpool(lambda: store.find_readable_artifacts(allowed, **where))
 
 
 @router.get("/api/v1/stats", tags=["queries"])
