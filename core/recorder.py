@@ -29,6 +29,7 @@ import atexit
 # raises once the interpreter has begun shutting down, and a thread that Python waits for at exit may record its
 # first event then. The writer's lazy imports (the store's) would import it too.
 import concurrent.futures.thread  # noqa: F401
+import contextlib
 import json
 import logging
 import math
@@ -240,6 +241,7 @@ class Recorder:
         self._done = 0
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._close_seen = 0  # events submitted when close() began: it waited for these; the exit flush, the rest
         self._flushing = 0
         self._exit_seen: int | None = None  # events submitted when the first exit flush began
         self._exit_ok = True  # no exit flush has run out of time
@@ -332,7 +334,7 @@ class Recorder:
                              extra: Mapping[str, Any] | None = None) -> PipelineRun:
         """Record the start of a pipeline run (the parent of its executions); returns its handle."""
         at = started_at if started_at is not None else time.time()
-        fallback = PipelineRun(id=run_id or uuid7(at), pipeline=pipeline, namespace=namespace or "default",
+        fallback = PipelineRun(id=run_id or _id_at(at), pipeline=pipeline, namespace=namespace or "default",
                                integration=integration, started_at=at)
         if is_disabled():
             return fallback
@@ -378,7 +380,7 @@ class Recorder:
         """
         at = started_at if started_at is not None else time.time()
         ns = namespace or (pipeline_run.namespace if pipeline_run else None)
-        handle = Execution(id=execution_id or uuid7(at), pipeline=pipeline, stage=stage, namespace=ns or "default",
+        handle = Execution(id=execution_id or _id_at(at), pipeline=pipeline, stage=stage, namespace=ns or "default",
                            integration=integration, pipeline_run_id=pipeline_run.id if pipeline_run else None,
                            started_at=at, try_number=try_number, host_version=integration_version)
         if is_disabled():
@@ -518,17 +520,24 @@ class Recorder:
     def close(self, timeout: float | None = None) -> None:
         """Flush and stop the writer; the store is closed. Safe to call twice."""
         limit = timeout if timeout is not None else self.settings.flush_timeout if self._settings else 5.0
+        if not self._closed:
+            self._close_seen = self._submitted  # what this close waits for; the exit flush waits for the rest
         if not self._closed and not is_disabled() and not self._flush_wait(limit):
             log.warning("metatrail: %d events were not stored before exit (flush timeout %.0fs)", self.pending, limit)
             self._close_waited = limit
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+            # A writer still at work (a close that ran out of time) is in, or about to be in, a write to the store:
+            # closing it here would wait for that write (a store another process holds locked: minutes). The
+            # writer closes it when it ends.
+            store = None
+            if self._submitted == self._done or self._thread is None or not self._thread.is_alive():
+                store, self._store = self._store, None
         if self._process is not None:
             self._process.close()
-        if self._store is not None:
-            self._guard("close", self._store.close, None)
-            self._store = None
+        if store is not None:
+            self._guard("close", store.close, None)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def _after_fork(self) -> None:
@@ -538,7 +547,7 @@ class Recorder:
         self._cv = threading.Condition(self._lock)
         self._queue = deque()
         self._inflight = []
-        self._submitted = self._done = 0
+        self._submitted = self._done = self._close_seen = 0
         self._flushing = 0
         self._exit_seen, self._exit_ok = None, True
         self._thread = None
@@ -558,11 +567,14 @@ class Recorder:
         if self._closed and self._close_waited is not None and not is_disabled() and self.pending:
             budget = self._settings.flush_timeout if self._settings else 30.0
             rest, self._close_waited = budget - self._close_waited, None
-            if rest > 0 and not self._flush_wait(rest):
+            self._exit_seen = self._submitted  # all of it, including what was recorded after the close
+            self._exit_ok = rest > 0 and self._flush_wait(rest)
+            if rest > 0 and not self._exit_ok:
                 log.warning("metatrail: %d events were not stored before exit (flush timeout %.0fs)", self.pending,
                             budget)
             return
-        if self._closed or is_disabled() or not self._exit_ok:
+        # What was recorded after close() (a late hook) had no flush yet: the exit flush waits for it.
+        if (self._closed and self._submitted <= self._close_seen) or is_disabled() or not self._exit_ok:
             return
         self._exit_seen = self._submitted
         if self._submitted > self._done:
@@ -572,7 +584,8 @@ class Recorder:
         # Only for what was recorded after the first exit flush began (threads Python joins at exit), and not when
         # that flush ran out of time: a second full wait would only double the exit of a process whose store is
         # stuck.
-        if self._closed or is_disabled() or not self._exit_ok or self._submitted <= (self._exit_seen or 0):
+        if (self._closed and self._submitted <= self._close_seen) or is_disabled() or not self._exit_ok or \
+                self._submitted <= (self._exit_seen or 0):
             return
         self._exit_flush()
 
@@ -597,7 +610,11 @@ class Recorder:
                 while not self._queue and not (self._closed and self._submitted == self._done):
                     self._cv.wait(1.0)
                 if not self._queue and self._closed:
-                    return
+                    # Still alive until it has returned: an event recorded from now on must start a new writer.
+                    if self._thread is threading.current_thread():
+                        self._thread = None
+                    store, self._store = self._store, None  # left by a close that ran out of time, or reopened
+                    break
                 # Linger briefly so that a burst of events shares one transaction (a commit costs far more than an
                 # event); a flush or close does not wait for the linger.
                 deadline = time.monotonic() + self.linger_s
@@ -621,11 +638,16 @@ class Recorder:
                 self._done += len(batch)
                 self._inflight = []
                 self._cv.notify_all()
+        if store is not None:
+            self._guard("close", store.close, None)
 
     def _import_writer_modules(self) -> None:
+        # The shipper looks up its settings there after the first write (on this thread, or the writer process's
+        # acknowledging thread): imported here, under the lock fork waits for, not halfway when a fork comes.
+        import metatrail.store.remote
+
         if not self._store_given and self.settings.writer == "process":
             import metatrail.writerproc  # the writer process builds and stores
-
             return
         import metatrail.codeversion
         import metatrail.hashing
@@ -658,8 +680,11 @@ class Recorder:
             mode = self.settings.writer
             if mode == "thread" or (mode == "auto" and self._submitted < PROCESS_AFTER_EVENTS):
                 return False
-            from metatrail.writerproc import WriterProcess
+            with _writer_imports.held():  # as the writer's first imports: a fork must not catch them half done
+                from metatrail.writerproc import WriterProcess
 
+                with contextlib.suppress(Exception):  # starting one imports it (its pid is kept out of task energy)
+                    import metatrail.energy.cputime  # noqa: F401
             self._process = WriterProcess.start(self.settings, self._process_done, self._process_lost)
             if self._process is None:
                 self._process_refused = True
@@ -763,7 +788,11 @@ class Recorder:
         delay = 0.05
         for attempt in range(attempts):
             try:
-                self._get_store().ingest(events)
+                # Not forked in the middle: a child would inherit SQLite's in-process state of this transaction
+                # (its locks on the file, held by a connection the child cannot finish), and its own connection to
+                # the same file would wait on them until its exit flush gave up (events lost).
+                with _store_writes.held():
+                    self._get_store().ingest(events)
             except EventError:
                 raise
             except Exception as exc:
@@ -927,6 +956,15 @@ def _event_builders() -> tuple[Callable[..., dict[str, Any]], Callable[..., Any]
 
         _builders = (build_run_event, execution_facet)
     return _builders
+
+
+def _id_at(at: Any) -> str:
+    """A new id whose time part is ``at``; made before a public method's boundary, so it never raises: a time that
+    is not a finite number (NaN, a datetime) gets an id of now (its events fail to build, and are counted)."""
+    try:
+        return uuid7(at)
+    except Exception:
+        return uuid7()
 
 
 def _snapshot(subject: S) -> S:
@@ -1095,9 +1133,8 @@ def _weakly(recorder: Recorder, method: Callable[[Recorder], None]) -> Callable[
 class _ForkWaits:
     """A lock that ``os.fork`` waits for (a bounded time) before it forks; see ``Recorder._writer``."""
 
-    WAIT_S = 10.0
-
-    def __init__(self) -> None:
+    def __init__(self, wait_s: float = 10.0) -> None:
+        self.wait_s = wait_s
         self._lock = threading.Lock()
         self._forking = False
 
@@ -1105,7 +1142,7 @@ class _ForkWaits:
         return self._lock
 
     def before_fork(self) -> None:
-        self._forking = self._lock.acquire(timeout=self.WAIT_S)
+        self._forking = self._lock.acquire(timeout=self.wait_s)
 
     def after_fork_in_parent(self) -> None:
         if self._forking:
@@ -1118,9 +1155,13 @@ class _ForkWaits:
 
 
 _writer_imports = _ForkWaits()
+# A store transaction takes milliseconds; one waiting on another process's lock on the store can take much longer,
+# and a host that forks must not wait that long: a fork then goes ahead after a second, as before.
+_store_writes = _ForkWaits(wait_s=1.0)
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_writer_imports.before_fork, after_in_parent=_writer_imports.after_fork_in_parent,
-                        after_in_child=_writer_imports.after_fork_in_child)
+    for _waits in (_writer_imports, _store_writes):
+        os.register_at_fork(before=_waits.before_fork, after_in_parent=_waits.after_fork_in_parent,
+                            after_in_child=_waits.after_fork_in_child)
 
 class _FlushOnSigterm:
     """In a child process of ``multiprocessing``, store what was recorded before SIGTERM ends the process.
@@ -1179,6 +1220,16 @@ _flush_on_sigterm = _FlushOnSigterm()
 
 _recorder: Recorder | None = None
 _recorder_lock = threading.Lock()
+
+
+def _recorder_lock_after_fork() -> None:
+    # A thread of the parent may have held it, creating the Recorder: it does not exist here to release it.
+    global _recorder_lock
+    _recorder_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_recorder_lock_after_fork)
 
 
 def get_recorder() -> Recorder:

@@ -187,7 +187,7 @@ def test_children_forked_while_the_writer_imports_record_their_events(tmp_path: 
     assert "ImportError" not in done.stderr and "partially initialized" not in done.stderr, done.stderr
     with open_store(env["METATRAIL_STORE"]) as store:
         names = sorted(e.body["job"]["name"] for e in store.iter_events())
-    assert names == sorted([f"p.{s}" for s in ("parent", "child0", "child1", "child2", "child3")] * 2)
+    assert names == sorted([f"p.{s}" for s in ("parent", "child0", "child1", "child2", "child3")] * 2), done.stderr
 
 
 def test_pending_events_are_flushed_at_exit(tmp_path: Path) -> None:
