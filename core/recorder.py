@@ -15,7 +15,8 @@ Guarantees (tests hold us to each):
   (:mod:`metatrail.writerproc`; by default once a process has recorded many events), so that a busy host's GIL is
   not shared with this work; the thread then only hands batches over.
 * **Thread- and process-safe.** Any number of threads may call one Recorder; after ``fork`` the child starts a fresh
-  writer; many processes write one store (the store serialises them).
+  writer; many processes write one store (the store serialises them). A fork waits, a bounded time, while the
+  writer thread imports its modules or is inside a store transaction: a child must not inherit either half done.
 
 Large outputs never stretch a task's critical path: outputs are hashed on the writer thread, and the COMPLETE event
 (carrying the task's real end time) is written once their hashes are known.
