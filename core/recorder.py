@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
 
-from metatrail import __version__
+from metatrail import __version__, forkwaits
 from metatrail.config import Settings, is_disabled, load_settings
 from metatrail.errors import EventError
 from metatrail.exithook import at_exit
@@ -601,7 +601,7 @@ class Recorder:
         # The writer's first imports (a store on a server or PostgreSQL imports SQLAlchemy: a second or more on a slow
         # machine) run under a lock that fork waits for: a child forked while another thread is halfway through
         # importing a module inherits it half made, and every build and store call in the child then fails on it.
-        with _writer_imports.held():
+        with forkwaits.IMPORTS.held():
             self._guard("writer start-up", self._import_writer_modules, None)
         while True:
             with self._cv:
@@ -681,7 +681,7 @@ class Recorder:
             mode = self.settings.writer
             if mode == "thread" or (mode == "auto" and self._submitted < PROCESS_AFTER_EVENTS):
                 return False
-            with _writer_imports.held():  # as the writer's first imports: a fork must not catch them half done
+            with forkwaits.IMPORTS.held():  # as the writer's first imports: a fork must not catch them half done
                 from metatrail.writerproc import WriterProcess
 
                 with contextlib.suppress(Exception):  # starting one imports it (its pid is kept out of task energy)
@@ -792,7 +792,7 @@ class Recorder:
                 # Not forked in the middle: a child would inherit SQLite's in-process state of this transaction
                 # (its locks on the file, held by a connection the child cannot finish), and its own connection to
                 # the same file would wait on them until its exit flush gave up (events lost).
-                with _store_writes.held():
+                with forkwaits.STORE_WRITES.held():
                     self._get_store().ingest(events)
             except EventError:
                 raise
@@ -1130,39 +1130,6 @@ def _weakly(recorder: Recorder, method: Callable[[Recorder], None]) -> Callable[
 
     return hook
 
-
-class _ForkWaits:
-    """A lock that ``os.fork`` waits for (a bounded time) before it forks; see ``Recorder._writer``."""
-
-    def __init__(self, wait_s: float = 10.0) -> None:
-        self.wait_s = wait_s
-        self._lock = threading.Lock()
-        self._forking = False
-
-    def held(self) -> threading.Lock:
-        return self._lock
-
-    def before_fork(self) -> None:
-        self._forking = self._lock.acquire(timeout=self.wait_s)
-
-    def after_fork_in_parent(self) -> None:
-        if self._forking:
-            self._forking = False
-            self._lock.release()
-
-    def after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()  # the parent's holder does not exist here
-        self._forking = False
-
-
-_writer_imports = _ForkWaits()
-# A store transaction takes milliseconds; one waiting on another process's lock on the store can take much longer,
-# and a host that forks must not wait that long: a fork then goes ahead after a second, as before.
-_store_writes = _ForkWaits(wait_s=1.0)
-if hasattr(os, "register_at_fork"):
-    for _waits in (_writer_imports, _store_writes):
-        os.register_at_fork(before=_waits.before_fork, after_in_parent=_waits.after_fork_in_parent,
-                            after_in_child=_waits.after_fork_in_child)
 
 class _FlushOnSigterm:
     """In a child process of ``multiprocessing``, store what was recorded before SIGTERM ends the process.

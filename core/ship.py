@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from metatrail import exithook
+from metatrail import exithook, forkwaits
 from metatrail.config import is_disabled
 from metatrail.logsafe import log_once
 
@@ -158,12 +158,15 @@ class Shipper:
     # -- the shipper thread ---------------------------------------------------------------------------------------
     def _open(self) -> tuple[Any, Any, Any, Any]:
         if self._parts is None:
-            from metatrail.store import open_store
-            from metatrail.store.remote import ServerClient
-            from metatrail.sync import HttpEndpoint, LocalEndpoint, SyncLog
+            # The first opening imports the SQL store (SQLAlchemy, its dialect) on this thread: a fork must not catch
+            # it halfway (see metatrail.forkwaits).
+            with forkwaits.IMPORTS.held():
+                from metatrail.store import open_store
+                from metatrail.store.remote import ServerClient
+                from metatrail.sync import HttpEndpoint, LocalEndpoint, SyncLog
 
-            store = open_store(self.store_url)
-            log_ = SyncLog(store.url)
+                store = open_store(self.store_url)
+                log_ = SyncLog(store.url)
             client = ServerClient(self.server_url, self.token, timeout=self.timeout,
                                   connect_timeout=self.connect_timeout, ca_bundle=self.ca_bundle)
             self._parts = (store, log_, LocalEndpoint(store, log_, validate=False), _Isolating(HttpEndpoint(client),
