@@ -521,6 +521,7 @@ class Recorder:
     def close(self, timeout: float | None = None) -> None:
         """Flush and stop the writer; the store is closed. Safe to call twice."""
         limit = timeout if timeout is not None else self.settings.flush_timeout if self._settings else 5.0
+        deadline = time.monotonic() + limit
         if not self._closed:
             self._close_seen = self._submitted  # what this close waits for; the exit flush waits for the rest
         if not self._closed and not is_disabled() and not self._flush_wait(limit):
@@ -539,6 +540,12 @@ class Recorder:
             self._process.close()
         if store is not None:
             self._guard("close", store.close, None)
+        # The shipper gets what is left of the time (at most its exit drain's bound) to ship what this Recorder
+        # stored, then stops its thread: one Recorder after another in a process (a Parsl DFK each) must not leave
+        # one idle thread, store connection and HTTP client each. Events recorded after close start it again.
+        close_shipper = getattr(self._shipper, "close", None)
+        if close_shipper is not None:
+            self._guard("stop shipping", lambda: close_shipper(max(deadline - time.monotonic(), 0.0)), None)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def _after_fork(self) -> None:
@@ -641,6 +648,12 @@ class Recorder:
                 self._cv.notify_all()
         if store is not None:
             self._guard("close", store.close, None)
+        # The shipper gets what is left of the time (at most its exit drain's bound) to ship what this Recorder
+        # stored, then stops its thread: one Recorder after another in a process (a Parsl DFK each) must not leave
+        # one idle thread, store connection and HTTP client each. Events recorded after close start it again.
+        close_shipper = getattr(self._shipper, "close", None)
+        if close_shipper is not None:
+            self._guard("stop shipping", lambda: close_shipper(max(deadline - time.monotonic(), 0.0)), None)
 
     def _import_writer_modules(self) -> None:
         # The shipper looks up its settings there after the first write (on this thread, or the writer process's

@@ -9,7 +9,9 @@ then pushes what the server lacks with the same missing-events transfer as ``met
   (``Retry-After`` honoured, capped); the cursor does not move until the server acknowledged a page.
 * **Survives exit and restarts.** At exit the shipper gets a short, bounded drain (``METATRAIL_SHIP_EXIT_TIMEOUT``,
   default 2 s; it gives up at once when the server is unreachable). What is left stays in the store and is picked
-  up by the next process's shipper or by ``metatrail push``.
+  up by the next process's shipper or by ``metatrail push``. ``Recorder.close`` does the same bounded drain, then
+  stops the thread and releases its connections (a process that runs one workflow after another keeps none of them
+  per run); events recorded after it start the thread again.
 * **Bounded.** Memory holds one page. When the backlog grows past ``METATRAIL_SHIP_MAX_BACKLOG`` events (default
   1,000,000) the shipper skips RUNNING/OTHER and run-less events in the excess and counts them in ``dropped``;
   START/COMPLETE/FAIL/ABORT are never skipped. Skipped events stay in the local store; the shared cursor has moved
@@ -102,9 +104,7 @@ class Shipper:
             return
         with self._cv:
             self._wanted += 1
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="metatrail-shipper", daemon=True)
-                self._thread.start()
+            self._ensure_thread()
             self._cv.notify_all()
 
     def drain(self, timeout: float, *, give_up_on_failure: bool = True) -> bool:
@@ -114,8 +114,7 @@ class Shipper:
         with self._cv:
             if self._thread is None or not self._thread.is_alive():
                 self._wanted += 1
-                self._thread = threading.Thread(target=self._run, name="metatrail-shipper", daemon=True)
-                self._thread.start()
+            self._ensure_thread()
             target = self._wanted
             failures = self._failures
             self._urgent = give_up_on_failure
@@ -138,15 +137,26 @@ class Shipper:
                      self.server_url)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Drain up to ``timeout`` seconds, then stop the thread and release connections."""
-        self.drain(timeout)
+        """Ship what is pending, then stop the thread and release its connections, all within ``timeout`` seconds;
+        the drain gives up at the first failure, as at exit. A thread still busy when the time is up (a hanging
+        server) stops, and releases its connections, when its request ends. Events notified after ``close`` start
+        the thread again."""
+        deadline = time.monotonic() + max(timeout, 0.0)
+        with self._cv:
+            pending = self._wanted > self._served
+        if pending and not is_disabled():
+            self.drain(max(deadline - time.monotonic(), 0.0))
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
             thread = self._thread
         if thread is not None:
-            thread.join(timeout)
-        self._release()
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        with self._cv:
+            # Not when a notify meanwhile started a new thread: that one owns the connections now.
+            idle = self._thread is thread and (thread is None or not thread.is_alive())
+        if idle:
+            self._release()
 
     def stats(self) -> dict[str, Any]:
         """Counters: sent, acked (new to the server), retried, rejected, dropped, pending notifications, last error."""
@@ -156,6 +166,14 @@ class Shipper:
                 "dropped": self.dropped, "pending": pending, "last_error": self.last_error}
 
     # -- the shipper thread ---------------------------------------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        # Under self._cv. New work cancels a stop that close() asked for: a thread that has not yet seen the stop goes
+        # on, one that ended is replaced.
+        self._stopping = False
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="metatrail-shipper", daemon=True)
+            self._thread.start()
+
     def _open(self) -> tuple[Any, Any, Any, Any]:
         if self._parts is None:
             # The first opening imports the SQL store (SQLAlchemy, its dialect) on this thread: a fork must not catch
@@ -211,6 +229,7 @@ class Shipper:
                     if self._wanted == self._served:
                         self._wanted += 1  # poll now and then: another process may have left a backlog
                 if self._stopping:
+                    self._release()
                     return
                 target = self._wanted
             try:
@@ -356,6 +375,19 @@ class LazyShipper:
         except Exception as exc:
             log_once(f"ship-notify:{type(exc).__name__}", "metatrail: shipping disabled (%s: %s)",
                      type(exc).__name__, exc)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the shipper's thread and release its connections (see :meth:`Shipper.close`), shipping what is
+        pending within ``timeout`` seconds, at most the exit drain's ``METATRAIL_SHIP_EXIT_TIMEOUT``; never raises.
+        A later notify (events recorded after the Recorder's close) starts it again."""
+        shipper = self._shipper
+        if shipper is None:
+            return
+        limit = shipper.exit_timeout if timeout is None else min(timeout, shipper.exit_timeout)
+        try:
+            shipper.close(limit)
+        except Exception as exc:
+            log_once(f"ship-close:{type(exc).__name__}", "metatrail: stopping the shipper failed: %s", exc)
 
     def _resolve(self) -> None:
         from metatrail.store.remote import client_settings

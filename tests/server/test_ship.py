@@ -240,3 +240,77 @@ def test_lazy_shipper_without_server_is_a_no_op(monkeypatch: pytest.MonkeyPatch)
     other = LazyShipper(load_settings)
     other.notify()
     assert other.shipper is None  # the kill switch is checked before any configuration is read
+
+
+def _shipper_threads() -> list[Any]:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "metatrail-shipper" and t.is_alive()]
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_closing_a_recorder_ships_its_events_and_stops_its_shipper(
+        config: ServerConfig, tokens: Tokens, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str) -> None:
+    """One Recorder after another in a process (a Parsl DFK each) each ship what they stored by the time their close
+    returns, and leave no shipper thread (nor its store connection and HTTP client) behind."""
+    monkeypatch.setenv("METATRAIL_ENERGY", "0")
+    monkeypatch.setenv("METATRAIL_WRITER", writer)
+    monkeypatch.setenv("METATRAIL_TOKEN", tokens.write)
+    local = f"sqlite:///{tmp_path / 'client' / 'metatrail.db'}"
+    before = len(_shipper_threads())
+    with live(config) as server:
+        monkeypatch.setenv("METATRAIL_SERVER", server.url)
+        recorded: list[str] = []
+        for round_ in range(3):
+            recorder = Recorder(load_settings(store=local))
+            for i in range(5):
+                ex = recorder.execution_started("closing", "step", params={"round": round_, "i": i})
+                recorder.execution_finished(ex)
+                recorded.append(ex.id)
+            recorder.close(10)
+            assert set(_server_runs(config.store)) == set(recorded)  # shipped by the time close returned
+            assert len(_shipper_threads()) == before
+            assert recorder._shipper.shipper is not None and recorder._shipper.shipper._parts is None
+
+
+def test_a_closed_shipper_ships_again_when_notified(tmp_path: Path) -> None:
+    """Events recorded after the Recorder's close (late hooks) are still shipped: a notify restarts the thread."""
+    from srvkit import bulk_events, ids_of, make_token
+
+    config = ServerConfig(store=f"sqlite:///{tmp_path / 'server.db'}", auth_cache_ttl=0)
+    token = make_token(config.store, "write")
+    local = f"sqlite:///{tmp_path / 'client.db'}"
+    first, late = bulk_events(3), bulk_events(4, t0=1.9e9)
+    with open_store(local) as store:
+        store.ingest(first)
+    with live(config) as server:
+        shipper = Shipper(local, server.url, token, base_delay=0.05, max_delay=0.2)
+        shipper.notify()
+        shipper.close(30)
+        assert shipper._thread is not None and not shipper._thread.is_alive() and shipper._parts is None
+        with open_store(local) as store:
+            store.ingest(late)
+        shipper.notify()
+        assert shipper.drain(30)
+        shipper.close(5)
+    with open_store(config.store) as held:
+        assert {e.id for e in held.iter_events()} == ids_of(first) | ids_of(late)
+
+
+def test_closing_a_shipper_whose_server_is_down_keeps_to_its_time(tmp_path: Path) -> None:
+    """A server that refuses connections costs close at most its timeout; the events stay in the local store."""
+    from srvkit import bulk_events
+
+    local = f"sqlite:///{tmp_path / 'client.db'}"
+    with open_store(local) as store:
+        store.ingest(bulk_events(5))
+    shipper = Shipper(local, "http://127.0.0.1:9", "token", base_delay=5, max_delay=5, connect_timeout=1.0)
+    shipper.notify()
+    started = time.monotonic()
+    shipper.close(2)
+    assert time.monotonic() - started < 4
+    assert shipper._thread is not None
+    shipper._thread.join(5)  # it was waiting out its backoff: the stop ends that wait
+    assert not shipper._thread.is_alive() and shipper._parts is None
+    assert shipper.stats()["pending"] > 0 and shipper.stats()["retried"] >= 1
