@@ -130,20 +130,32 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
+    from metatrail.abandoned import find_abandoned
+
+    state = "running" if args.state == "abandoned" else args.state
     with _store(args) as store:
-        rows = store.list_runs(pipeline=args.pipeline, state=args.state, kind=args.kind,
+        rows = store.list_runs(pipeline=args.pipeline, state=state, kind=args.kind,
                                since=_parse_time(args.since) if args.since else None, limit=args.limit)
+        abandoned = find_abandoned(rows, store.get_run) if any(r["state"] == "running" for r in rows) else {}
+    if args.state == "abandoned":
+        rows = [r for r in rows if r["run_id"] in abandoned]
+    for r in rows:
+        r["abandoned"] = abandoned.get(r["run_id"])
     if args.json:
         _print_json(rows)
         return 0
     from rich.table import Table
 
     table = Table(title=f"runs ({len(rows)})")
+    if any(r["abandoned"] for r in rows):
+        table.caption = ("abandoned: recorded as running, but the process that recorded it has ended without "
+                         "finishing it (metatrail show RUN says why; metatrail abort --abandoned records their end)")
     for col in ("run id", "pipeline", "stage", "state", "started (UTC)", "duration", "site"):
         table.add_column(col, no_wrap=col in ("run id", "started (UTC)"))
-    colours = {"completed": "green", "failed": "red", "running": "yellow"}
+    colours = {"completed": "green", "failed": "red", "running": "yellow", "abandoned": "magenta"}
     for r in rows:
-        state = f"[{colours.get(r['state'], 'white')}]{r['state']}[/]"
+        shown = "abandoned" if r["abandoned"] else r["state"]
+        state = f"[{colours.get(shown, 'white')}]{shown}[/]"
         table.add_row(r["run_id"], r["pipeline"], r["stage"] or f"({r['kind']})", state, _ts(r["started_at"]),
                       _dur(r["duration_s"]), r["site"] or "-")
     _console().print(table)
@@ -151,10 +163,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from metatrail.abandoned import find_abandoned, is_abandoned_record
+
     with _store(args) as store:
         run = store.get_run(args.run_id)
-    if run is None:
-        raise ConfigError(f"no run {args.run_id!r} in the store")
+        if run is None:
+            raise ConfigError(f"no run {args.run_id!r} in the store")
+        run["abandoned"] = find_abandoned([run], store.get_run).get(run["run_id"])
     if args.json:
         _print_json(run)
         return 0
@@ -162,8 +177,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     console = _console()
     console.print(f"[bold]{run['pipeline']}[/] / {run['stage'] or run['kind']}  run {run['run_id']}")
-    console.print(f"state {run['state']}   started {_ts(run['started_at'])}   ended {_ts(run['ended_at'])}   "
+    ended = _ts(run["ended_at"])
+    if is_abandoned_record(run):
+        ended = f"at an unknown moment after {ended}"
+    console.print(f"state {run['state']}   started {_ts(run['started_at'])}   ended {ended}   "
                   f"duration {_dur(run['duration_s'])}")
+    if run["abandoned"]:
+        console.print(f"[magenta]abandoned[/]: {run['abandoned']}; nothing will finish this run "
+                      f"(metatrail abort {run['run_id']} records its end)")
     if run["parent_run_id"]:
         console.print(f"pipeline run {run['parent_run_id']}")
     if run["error"]:
@@ -431,6 +452,68 @@ def _pipeline_finish(args: argparse.Namespace, run_id: str) -> int:
     return 0
 
 
+def cmd_abort(args: argparse.Namespace) -> int:
+    """``abort``: record the end of runs that nothing will finish, as ABORT events (see :mod:`metatrail.abandoned`).
+    A named run must be running; one whose recording process is alive on this host is refused (stop it first)."""
+    from metatrail.abandoned import abort_events, find_abandoned, recorder_alive, recorder_gone
+    from metatrail.config import is_disabled
+
+    if not args.run_ids and not args.abandoned:
+        raise ConfigError("name the runs to abort, or give --abandoned (the runs 'metatrail runs' calls abandoned)")
+    if is_disabled():
+        return 0
+    with _store(args) as store:
+        reasons: dict[str, str] = {}
+        if args.abandoned:
+            rows = store.list_runs(state="running", pipeline=args.pipeline, limit=1_000_000)
+            reasons.update(find_abandoned(rows, store.get_run))
+        for run_id in args.run_ids:
+            run = store.get_run(run_id)
+            if run is None:
+                raise NotFound(f"no run {run_id!r} in the store")
+            if run["state"] != "running":
+                raise ConfigError(f"run {run_id} is not running (it is {run['state']}): there is nothing to abort")
+            host, pid = run.get("host"), run.get("pid")
+            if recorder_alive(host, pid, run["started_at"]):
+                raise ConfigError(f"run {run_id} is still being recorded by process {pid} on this host: stop that "
+                                  "process (its own end is then recorded) rather than abort the run")
+            reasons[run_id] = (find_abandoned([run], store.get_run).get(run_id)
+                               or recorder_gone(host, pid, run["started_at"]) or "ended by hand")
+        if args.reason:
+            reasons = {run_id: f"{args.reason} ({why})" for run_id, why in reasons.items()}
+        events = abort_events(store, reasons, by="metatrail abort")
+        if events and not args.dry_run:
+            store.ingest(events)
+    done = [{"run_id": e["run"]["runId"], "job": e["job"].get("name"), "last_seen": e["eventTime"],
+             "reason": reasons[e["run"]["runId"]]} for e in events]
+    if events and not args.dry_run:
+        _ship_now(args)
+    if args.json:
+        _print_json(done)
+        return 0
+    verb = "would abort" if args.dry_run else "aborted"
+    for d in done:
+        print(f"{verb} {d['run_id']} {d['job']} (last seen {d['last_seen']}): {d['reason']}")
+    if not done:
+        print("no run to abort")
+    return 0
+
+
+def _ship_now(args: argparse.Namespace) -> None:
+    """Ship what was just stored when a server is configured (bounded as at exit; what is left goes with the next
+    shipper or ``metatrail push``)."""
+    from metatrail.config import load_settings
+    from metatrail.ship import LazyShipper
+
+    try:
+        settings = load_settings(store=getattr(args, "store", None))
+        shipper = LazyShipper(lambda: settings)
+        shipper.notify()
+        shipper.close()
+    except Exception as exc:
+        _warn(f"not shipped to the server now ({exc}); metatrail push sends it")
+
+
 def _read_metrics(path: str) -> dict[str, Any] | None:
     """The JSON object of result metrics a command wrote; a missing or bad file is reported, never fatal."""
     try:
@@ -688,10 +771,18 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "what the store holds")
     p = add("runs", cmd_runs, "list runs, newest first")
     p.add_argument("--pipeline")
-    p.add_argument("--state", choices=["running", "completed", "failed", "aborted", "unknown"])
+    p.add_argument("--state", choices=["running", "completed", "failed", "aborted", "unknown", "abandoned"],
+                   help="abandoned: running, but the process that recorded it has ended (see metatrail abort)")
     p.add_argument("--kind", choices=["execution", "pipeline_run", "run"])
     p.add_argument("--since", help="ISO time or age (2h, 7d)")
     p.add_argument("--limit", type=_non_negative_int, default=50)
+    p = add("abort", cmd_abort, "record the end of runs that nothing will finish (abandoned, or named)")
+    p.add_argument("run_ids", nargs="*", metavar="RUN_ID", help="runs to end (they must be running)")
+    p.add_argument("--abandoned", action="store_true",
+                   help="every run whose recording process on this host has ended without finishing it")
+    p.add_argument("--pipeline", help="with --abandoned: only this pipeline's runs")
+    p.add_argument("--reason", help="said in each ABORT event, before what was found")
+    p.add_argument("--dry-run", action="store_true", help="say what would be aborted; record nothing")
     p = add("show", cmd_show, "one run with its inputs, outputs, parameters")
     p.add_argument("run_id")
     p = add("lineage", cmd_lineage, "lineage of an artifact (a path, URL or content hash)")

@@ -19,6 +19,9 @@ from metatrail.errors import EventError
 _RANK = {"COMPLETE": 2, "FAIL": 2, "ABORT": 2, "START": 1, "RUNNING": 1}
 _STATE = {"COMPLETE": "completed", "FAIL": "failed", "ABORT": "aborted", "START": "running", "RUNNING": "running"}
 PIPELINE_JOB_TYPES = frozenset({"DAG", "FLOW", "WORKFLOW", "PIPELINE"})
+# The error message that starts an ABORT event recorded for a run nothing will finish (metatrail.abandoned): such a
+# run ended at an unknown moment after that event's time, so no duration is given for it.
+ABANDONED_PREFIX = "abandoned: "
 
 
 def parse_event_time(value: Any) -> float:

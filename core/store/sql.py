@@ -22,7 +22,7 @@ from metatrail.errors import CorruptStoreError, EventError, StoreError
 from metatrail.store import dialect, ingest
 from metatrail.store.base import EventStore, IngestResult, StoredEvent
 from metatrail.store.ingest import chunks as _chunks
-from metatrail.store.projection import EventRecord, project_run
+from metatrail.store.projection import ABANDONED_PREFIX, EventRecord, project_run
 from metatrail.store.schema import CURRENT_VERSION, MIGRATIONS, edges, events, runs, schema_version
 
 
@@ -235,7 +235,12 @@ class SqlStore(EventStore):
         d["params"] = ours.get("params", {})
         d["metrics"] = ours.get("metrics", {})
         d["energy"] = facets.get("metatrail_energy")
-        d["duration_s"] = (d["ended_at"] - d["started_at"]) if d["ended_at"] and d["started_at"] else None
+        # The process that recorded the run (metatrail.abandoned tells from them whether it has ended).
+        d["host"], d["pid"] = ours.get("host"), ours.get("pid")
+        if d["state"] == "aborted" and str(d["error"] or "").startswith(ABANDONED_PREFIX):
+            d["duration_s"] = None  # ended at an unknown moment after ended_at (metatrail.abandoned)
+        else:
+            d["duration_s"] = (d["ended_at"] - d["started_at"]) if d["ended_at"] and d["started_at"] else None
         return d
 
     def list_runs(self, *, pipeline: str | None = None, state: str | None = None, kind: str | None = None,
