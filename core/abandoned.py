@@ -12,8 +12,8 @@ told when the store is read, from facts about this machine:
   controller that recorded its start (Snakemake ends a job's run when its record arrives, which ``--quiet`` can defer
   to the end of the workflow). So a run with a parent (pipeline) run is abandoned only when its parent has ended too,
   or is itself abandoned; a parent that is not in the store, or recorded on another host, leaves the question open;
-* a run with no facet (another OpenLineage producer's), or recorded elsewhere, is never called abandoned: it is not
-  known here.
+* a run with no facet (another OpenLineage producer's), recorded on another host, or from another site (pulled from a
+  peer, whose host names may be the same as ours) is never called abandoned: it is not known here.
 
 Looking writes nothing: ``metatrail runs`` and ``metatrail show`` say *abandoned* and why. ``metatrail abort``
 records the end (:func:`abort_event`): an ABORT event at the run's last known moment, with the reason, and with the
@@ -82,9 +82,11 @@ def _identity(run: Mapping[str, Any]) -> tuple[Any, Any]:
 
 
 def find_abandoned(runs: Iterable[Mapping[str, Any]], get_run: Callable[[str], Mapping[str, Any] | None], *,
-                   this_host: str | None = None) -> dict[str, str]:
+                   site: str | None = None, this_host: str | None = None) -> dict[str, str]:
     """Of ``runs`` (rows as ``Store.list_runs`` gives them), those that are abandoned, by run id, with the reason.
-    ``get_run`` looks up a parent run that is not among them (``Store.get_run``)."""
+    ``get_run`` looks up a parent run that is not among them (``Store.get_run``). With ``site`` (this machine's
+    configured site), a run from another site (pulled from a peer) is never judged: its host name may be the same
+    as this one's, its pids are not this machine's."""
     known: dict[str, Mapping[str, Any] | None] = {r["run_id"]: r for r in runs}
     verdicts: dict[str, str | None] = {}
 
@@ -99,6 +101,8 @@ def find_abandoned(runs: Iterable[Mapping[str, Any]], get_run: Callable[[str], M
             return verdicts[run_id]
         verdicts[run_id] = None  # a parent cycle (a malformed store) ends here, undecided
         if run.get("state") not in OPEN_STATES or depth > 16:
+            return None
+        if site is not None and run.get("site") not in (None, site):
             return None
         host, pid = _identity(run)
         gone = recorder_gone(host, pid, run.get("started_at"), this_host=this_host)

@@ -37,6 +37,13 @@ def _store(args: argparse.Namespace) -> Any:
     return open_store(load_settings(store=getattr(args, "store", None)).store)
 
 
+def _site(args: argparse.Namespace) -> str:
+    """This machine's configured site (``METATRAIL_SITE``)."""
+    from metatrail.config import load_settings
+
+    return load_settings(store=getattr(args, "store", None)).site
+
+
 def _print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False) + "\n")
 
@@ -136,7 +143,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     with _store(args) as store:
         rows = store.list_runs(pipeline=args.pipeline, state=state, kind=args.kind,
                                since=_parse_time(args.since) if args.since else None, limit=args.limit)
-        abandoned = find_abandoned(rows, store.get_run) if any(r["state"] == "running" for r in rows) else {}
+        abandoned = (find_abandoned(rows, store.get_run, site=_site(args))
+                     if any(r["state"] == "running" for r in rows) else {})
     if args.state == "abandoned":
         rows = [r for r in rows if r["run_id"] in abandoned]
     for r in rows:
@@ -169,7 +177,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         run = store.get_run(args.run_id)
         if run is None:
             raise ConfigError(f"no run {args.run_id!r} in the store")
-        run["abandoned"] = find_abandoned([run], store.get_run).get(run["run_id"])
+        run["abandoned"] = find_abandoned([run], store.get_run, site=_site(args)).get(run["run_id"])
     if args.json:
         _print_json(run)
         return 0
@@ -466,7 +474,7 @@ def cmd_abort(args: argparse.Namespace) -> int:
         reasons: dict[str, str] = {}
         if args.abandoned:
             rows = store.list_runs(state="running", pipeline=args.pipeline, limit=1_000_000)
-            reasons.update(find_abandoned(rows, store.get_run))
+            reasons.update(find_abandoned(rows, store.get_run, site=_site(args)))
         for run_id in args.run_ids:
             run = store.get_run(run_id)
             if run is None:
@@ -477,7 +485,7 @@ def cmd_abort(args: argparse.Namespace) -> int:
             if recorder_alive(host, pid, run["started_at"]):
                 raise ConfigError(f"run {run_id} is still being recorded by process {pid} on this host: stop that "
                                   "process (its own end is then recorded) rather than abort the run")
-            reasons[run_id] = (find_abandoned([run], store.get_run).get(run_id)
+            reasons[run_id] = (find_abandoned([run], store.get_run, site=_site(args)).get(run_id)
                                or recorder_gone(host, pid, run["started_at"]) or "ended by hand")
         if args.reason:
             reasons = {run_id: f"{args.reason} ({why})" for run_id, why in reasons.items()}

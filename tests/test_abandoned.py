@@ -180,6 +180,9 @@ def test_when_a_recording_process_counts_as_ended() -> None:
     assert find_abandoned([{**gone, "parent_run_id": "p"}, elsewhere], lambda run_id: None) == {}
     assert set(find_abandoned([{**gone, "parent_run_id": "p"}, {**elsewhere, "state": "completed"}],
                               lambda run_id: None)) == {"e"}
+    # A run pulled from another site is not this machine's to judge, whatever its host is called there.
+    assert find_abandoned([{**gone, "site": "lab2"}], lambda run_id: None, site="local") == {}
+    assert set(find_abandoned([{**gone, "site": "local"}], lambda run_id: None, site="local")) == {"e"}
 
 
 def test_another_producers_run_is_never_called_abandoned_but_can_be_aborted_by_name(tmp_path: Path) -> None:
