@@ -6,8 +6,9 @@ can say so (every event is a fact someone recorded, and merging sites must not d
 told when the store is read, from facts about this machine:
 
 * a run's execution facet names the host and the pid of the process that recorded it. Only on that host is the run
-  looked at: when no process has that pid, or the process that has it now started after the run did (the pid was
-  reused; a reboot does the same), the process that recorded the run has ended;
+  looked at: when no process has that pid, or the process that has it now started after the run's latest event that
+  names it (the pid was reused; a reboot does the same), the process that recorded the run has ended. (Not after the
+  run's start: a deferred Airflow task resumes in a new process, whose START names the new pid);
 * that alone does not make a run abandoned: an execution whose job process has ended is finished by the
   controller that recorded its start (Snakemake ends a job's run when its record arrives, which ``--quiet`` can defer
   to the end of the workflow). So a run with a parent (pipeline) run is abandoned only when its parent has ended too,
@@ -39,38 +40,56 @@ REUSE_SLACK_S = 2.0
 OPEN_STATES = frozenset({"running"})
 
 
-def recorder_gone(host: Any, pid: Any, started_at: float | None, *, this_host: str | None = None) -> str | None:
-    """Why the process that recorded a run (``host``, ``pid``; the run started at ``started_at``) has ended, or None
-    when it is alive or this machine cannot tell (another host, no pid, no permission to look)."""
+def recorder_gone(host: Any, pid: Any, alive_at: float | None, *, this_host: str | None = None) -> str | None:
+    """Why the process that recorded a run (``host``, ``pid``; known alive at ``alive_at``, the time of an event it
+    recorded) has ended, or None when it is alive or this machine cannot tell (another host, no pid, no permission
+    to look)."""
+    return _fate(host, pid, alive_at, this_host)[1]
+
+
+def _fate(host: Any, pid: Any, alive_at: float | None, this_host: str | None) -> tuple[str, str | None]:
+    """("alive" | "gone" | "unknown", why gone)."""
     import psutil
 
     here = this_host if this_host is not None else socket.gethostname()
     if not isinstance(host, str) or host != here or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return None
+        return "unknown", None
+    ended = f"the process that recorded it (pid {pid} on {host}) has ended"
     try:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:
-            return f"the process that recorded it (pid {pid} on {host}) has ended"
+            return "gone", ended
         created = process.create_time()
     except psutil.NoSuchProcess:
-        return f"the process that recorded it (pid {pid} on {host}) has ended"
+        return "gone", ended
     except Exception:  # no permission to look, or no process table here: cannot tell
-        return None
-    if started_at is not None and created > started_at + REUSE_SLACK_S:
-        return (f"the process that recorded it (pid {pid} on {host}) has ended: the pid now belongs to a process "
-                "started later")
-    return None
+        return "unknown", None
+    if alive_at is not None and created > alive_at + REUSE_SLACK_S:
+        return "gone", f"{ended}: the pid now belongs to a process started later"
+    return "alive", None
 
 
-def recorder_alive(host: Any, pid: Any, started_at: float | None, *, this_host: str | None = None) -> bool:
-    """Whether the process that recorded a run is known to be alive: on this host, with that pid, and not a later
-    process that reused it."""
-    import psutil
+def _named_at(run: Mapping[str, Any], pid: Any, events_of: Callable[[str], Iterable[Any]] | None) -> float | None:
+    """The last moment the run's recording process ``pid`` is known alive: its latest event that names that pid (a
+    deferred Airflow task resumes in a new process, so the run's first START may be older than its process). Without
+    ``events_of``, the run's start."""
+    started = run.get("started_at")
+    if events_of is None:
+        return started if isinstance(started, (int, float)) else None
+    from metatrail.store.projection import parse_event_time
 
-    here = this_host if this_host is not None else socket.gethostname()
-    if host != here or not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return False
-    return recorder_gone(host, pid, started_at, this_host=here) is None and psutil.pid_exists(pid)
+    latest: float | None = None
+    for stored in events_of(run["run_id"]):
+        body = stored.body
+        facet = ((body.get("run") or {}).get("facets") or {}).get("metatrail_execution") or {}
+        if (body.get("run") or {}).get("runId") != run["run_id"] or facet.get("pid") != pid:
+            continue
+        try:
+            moment = parse_event_time(body.get("eventTime"))
+        except Exception:
+            continue
+        latest = moment if latest is None else max(latest, moment)
+    return latest if latest is not None else (started if isinstance(started, (int, float)) else None)
 
 
 def _identity(run: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -81,10 +100,26 @@ def _identity(run: Mapping[str, Any]) -> tuple[Any, Any]:
     return ours.get("host"), ours.get("pid")
 
 
+def recording_process(run: Mapping[str, Any], events_of: Callable[[str], Iterable[Any]] | None = None, *,
+                      this_host: str | None = None) -> tuple[str, str | None]:
+    """Whether the process that recorded ``run`` (a row of ``list_runs`` or a ``get_run``) is "alive", "gone" (with
+    why) or "unknown" here. ``events_of(run_id)`` (``Store.iter_events``) lets a pid that now belongs to a process
+    started after the run began be told apart from the run's own later process."""
+    host, pid = _identity(run)
+    fate = _fate(host, pid, run.get("started_at"), this_host)
+    if fate[0] == "gone" and fate[1] and fate[1].endswith("started later"):
+        # Reused, or the run's own process of a later event (a resumed task)? Compare with that event's time.
+        fate = _fate(host, pid, _named_at(run, pid, events_of), this_host) if events_of is not None \
+            else ("unknown", None)
+    return fate
+
+
 def find_abandoned(runs: Iterable[Mapping[str, Any]], get_run: Callable[[str], Mapping[str, Any] | None], *,
-                   site: str | None = None, this_host: str | None = None) -> dict[str, str]:
+                   events_of: Callable[[str], Iterable[Any]] | None = None, site: str | None = None,
+                   this_host: str | None = None) -> dict[str, str]:
     """Of ``runs`` (rows as ``Store.list_runs`` gives them), those that are abandoned, by run id, with the reason.
-    ``get_run`` looks up a parent run that is not among them (``Store.get_run``). With ``site`` (this machine's
+    ``get_run`` looks up a parent run that is not among them (``Store.get_run``); ``events_of`` as for
+    :func:`recording_process` (without it, a reused-looking pid leaves the run undecided). With ``site`` (this machine's
     configured site), a run from another site (pulled from a peer) is never judged: its host name may be the same
     as this one's, its pids are not this machine's."""
     known: dict[str, Mapping[str, Any] | None] = {r["run_id"]: r for r in runs}
@@ -104,8 +139,7 @@ def find_abandoned(runs: Iterable[Mapping[str, Any]], get_run: Callable[[str], M
             return None
         if site is not None and run.get("site") not in (None, site):
             return None
-        host, pid = _identity(run)
-        gone = recorder_gone(host, pid, run.get("started_at"), this_host=this_host)
+        gone = recording_process(run, events_of, this_host=this_host)[1]
         if gone is None:
             return None
         parent_id = run.get("parent_run_id")
@@ -185,4 +219,4 @@ def is_abandoned_record(run: Mapping[str, Any]) -> bool:
     return run.get("state") == "aborted" and str(run.get("error") or "").startswith(ABANDONED_PREFIX)
 
 
-__all__ = ["abort_event", "abort_events", "find_abandoned", "is_abandoned_record", "recorder_alive", "recorder_gone"]
+__all__ = ["abort_event", "abort_events", "find_abandoned", "is_abandoned_record", "recorder_gone", "recording_process"]

@@ -44,6 +44,11 @@ def _site(args: argparse.Namespace) -> str:
     return load_settings(store=getattr(args, "store", None)).site
 
 
+def _events_of(store: Any) -> Any:
+    """A run's events (with its child runs'), for metatrail.abandoned."""
+    return lambda run_id: store.iter_events(run_id=run_id)
+
+
 def _print_json(value: Any) -> None:
     sys.stdout.write(json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False) + "\n")
 
@@ -143,7 +148,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     with _store(args) as store:
         rows = store.list_runs(pipeline=args.pipeline, state=state, kind=args.kind,
                                since=_parse_time(args.since) if args.since else None, limit=args.limit)
-        abandoned = (find_abandoned(rows, store.get_run, site=_site(args))
+        abandoned = (find_abandoned(rows, store.get_run, events_of=_events_of(store), site=_site(args))
                      if any(r["state"] == "running" for r in rows) else {})
     if args.state == "abandoned":
         rows = [r for r in rows if r["run_id"] in abandoned]
@@ -177,7 +182,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         run = store.get_run(args.run_id)
         if run is None:
             raise ConfigError(f"no run {args.run_id!r} in the store")
-        run["abandoned"] = find_abandoned([run], store.get_run, site=_site(args)).get(run["run_id"])
+        run["abandoned"] = find_abandoned([run], store.get_run, events_of=_events_of(store),
+                                          site=_site(args)).get(run["run_id"])
     if args.json:
         _print_json(run)
         return 0
@@ -463,7 +469,7 @@ def _pipeline_finish(args: argparse.Namespace, run_id: str) -> int:
 def cmd_abort(args: argparse.Namespace) -> int:
     """``abort``: record the end of runs that nothing will finish, as ABORT events (see :mod:`metatrail.abandoned`).
     A named run must be running; one whose recording process is alive on this host is refused (stop it first)."""
-    from metatrail.abandoned import abort_events, find_abandoned, recorder_alive, recorder_gone
+    from metatrail.abandoned import abort_events, find_abandoned, recording_process
     from metatrail.config import is_disabled
 
     if not args.run_ids and not args.abandoned:
@@ -474,19 +480,19 @@ def cmd_abort(args: argparse.Namespace) -> int:
         reasons: dict[str, str] = {}
         if args.abandoned:
             rows = store.list_runs(state="running", pipeline=args.pipeline, limit=1_000_000)
-            reasons.update(find_abandoned(rows, store.get_run, site=_site(args)))
+            reasons.update(find_abandoned(rows, store.get_run, events_of=_events_of(store), site=_site(args)))
         for run_id in args.run_ids:
             run = store.get_run(run_id)
             if run is None:
                 raise NotFound(f"no run {run_id!r} in the store")
             if run["state"] != "running":
                 raise ConfigError(f"run {run_id} is not running (it is {run['state']}): there is nothing to abort")
-            host, pid = run.get("host"), run.get("pid")
-            if recorder_alive(host, pid, run["started_at"]):
-                raise ConfigError(f"run {run_id} is still being recorded by process {pid} on this host: stop that "
-                                  "process (its own end is then recorded) rather than abort the run")
-            reasons[run_id] = (find_abandoned([run], store.get_run, site=_site(args)).get(run_id)
-                               or recorder_gone(host, pid, run["started_at"]) or "ended by hand")
+            fate, gone = recording_process(run, _events_of(store))
+            if fate == "alive":
+                raise ConfigError(f"run {run_id} is still being recorded by process {run.get('pid')} on this host: "
+                                  "stop that process (its own end is then recorded) rather than abort the run")
+            reasons[run_id] = (find_abandoned([run], store.get_run, events_of=_events_of(store),
+                                              site=_site(args)).get(run_id) or gone or "ended by hand")
         if args.reason:
             reasons = {run_id: f"{args.reason} ({why})" for run_id, why in reasons.items()}
         events = abort_events(store, reasons, by="metatrail abort")

@@ -185,6 +185,28 @@ def test_when_a_recording_process_counts_as_ended() -> None:
     assert set(find_abandoned([{**gone, "site": "local"}], lambda run_id: None, site="local")) == {"e"}
 
 
+def test_a_pid_started_after_the_run_is_judged_by_the_runs_latest_event_that_names_it() -> None:
+    """A deferred Airflow task resumes in a new process: its run began before that process did, yet the process is
+    the run's own. A pid is taken as reused only when its process started after the run's latest event naming it."""
+    from types import SimpleNamespace
+
+    from metatrail.openlineage.events import iso_time
+
+    here, me = socket.gethostname(), os.getpid()
+    created = psutil.Process(me).create_time()
+    run = {"run_id": "r", "state": "running", "host": here, "pid": me, "started_at": created - 100}
+
+    def event(at: float) -> Any:
+        return SimpleNamespace(body={"eventTime": iso_time(at), "run": {
+            "runId": "r", "facets": {"metatrail_execution": {"pid": me, "host": here}}}})
+
+    resumed = [event(created - 100), event(created + 1)]
+    assert find_abandoned([run], lambda run_id: None, events_of=lambda run_id: resumed) == {}
+    reused = [event(created - 100)]
+    assert "started later" in find_abandoned([run], lambda run_id: None, events_of=lambda run_id: reused)["r"]
+    assert find_abandoned([run], lambda run_id: None) == {}  # without the events it cannot tell
+
+
 def test_another_producers_run_is_never_called_abandoned_but_can_be_aborted_by_name(tmp_path: Path) -> None:
     run_id = str(uuid.uuid4())
     start = {"eventType": "START", "eventTime": "2026-11-01T10:00:00Z", "producer": "https://example.com/etl",
