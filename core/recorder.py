@@ -234,7 +234,8 @@ class Recorder:
         self._energy_monitor = energy_monitor
         self._process: Any = None  # the WriterProcess, once started
         self._process_refused = False
-        self._lock = threading.Lock()
+        # Reentrant for the SIGTERM handler (see _drain_before_death), which may interrupt the main thread inside it.
+        self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
         self._queue: deque[_Item] = deque()
         self._inflight: list[_Item] = []  # the batch the writer thread is building and storing
@@ -496,21 +497,28 @@ class Recorder:
     def _drain_before_death(self, deadline: float) -> None:
         """Wait until what was submitted is done, or ``deadline``; for a signal handler about to end the process.
 
-        The handler runs on the main thread between two of its bytecodes, maybe inside this Recorder's lock, which
-        is not reentrant: nothing here blocks on it. Counters are read without it; the writer is woken from its
-        linger only if the lock can be had at once; a writer that needs the lock the interrupted thread holds makes
-        no progress, and the wait ends at ``deadline``."""
+        The handler runs on the main thread between two of its bytecodes, maybe inside this Recorder's lock: an
+        exit flush holds it between its waits, and a pool worker that got the pool's sentinel is in its exit flush
+        when ``terminate()`` comes. The lock is reentrant, and waiting on the condition lets go of it however often
+        this thread holds it, so the writer can store meanwhile (it used to wait for the interrupted code, and all
+        was lost). Should another thread hold it longer than a moment, the wait is a poll of the counters."""
         target = self._submitted
         if self._done >= target or self._thread is None or not self._thread.is_alive():
             return
-        if self._cv.acquire(timeout=0.05):
-            try:
-                self._flushing += 1  # never taken back: the process ends
-                self._cv.notify_all()
-            finally:
-                self._cv.release()
-        while self._done < target and time.monotonic() < deadline:
-            time.sleep(0.005)
+        if not self._cv.acquire(timeout=0.05):
+            while self._done < target and time.monotonic() < deadline:
+                time.sleep(0.005)
+            return
+        try:
+            self._flushing += 1  # never taken back: the process ends
+            self._cv.notify_all()
+            while self._done < target and self._thread is not None and self._thread.is_alive():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cv.wait(remaining)
+        finally:
+            self._cv.release()
 
     @property
     def pending(self) -> int:
@@ -551,7 +559,7 @@ class Recorder:
     def _after_fork(self) -> None:
         # The parent's pending items are the parent's to write; the child starts clean with its own thread and
         # its own database connections.
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._cv = threading.Condition(self._lock)
         self._queue = deque()
         self._inflight = []
