@@ -441,6 +441,14 @@ class Recorder:
 
         self._guard("execution_finished", go, None)
 
+    def execution_set_aside(self, execution: Execution) -> None:
+        """This process records no end for ``execution`` (a deferred task, or a sensor rescheduled, resumes as a new
+        pass with the same id, maybe in this very process): stop metering its energy. Records nothing; never
+        raises."""
+        token = execution.extra.pop("_energy_token", None) if execution.extra else None
+        if token is not None:
+            self._guard("energy stop", lambda: self._energy().task_stopped(token), None)
+
     def execution_failed(self, execution: Execution, *, error: BaseException | ErrorText | str | None,
                          outputs: Iterable[PathLike] = (), ended_at: float | None = None,
                          exit_code: int | None = None) -> None:

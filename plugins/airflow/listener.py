@@ -192,12 +192,25 @@ class MetatrailListener:
             return
         started = time.perf_counter()
         try:
+            if not self._in_task_runner():
+                self._set_aside_passes_that_left()
             if not _is_task_runner(component) or self._in_task_runner():
                 self._flush(plugin_config())
         except Exception as exc:
             log_once(f"before_stopping:{type(exc).__name__}", "metatrail: flush at stop failed: %s", exc)
         finally:
             self.timings.append(("before_stopping", time.perf_counter() - started))
+
+    def _set_aside_passes_that_left(self) -> None:
+        """Under ``airflow dags test``: a try still open when its pass stops left without an end hook (deferred, or a
+        sensor rescheduled) and comes back later in this process. Its energy metering ends now, so that tasks run
+        meanwhile do not share their CPU time with it; its record stays, for the resumed pass's start. (A task
+        runner's process ends instead.)"""
+        recorder = self._recorder
+        with self._lock:
+            left = list(self._tries.values())
+        for record in left:
+            recorder.execution_set_aside(record.execution)
 
     def _in_task_runner(self) -> bool:
         """True in a task-runner process (one task try, may end with ``os._exit``); false under ``dags test``,
@@ -268,11 +281,21 @@ class MetatrailListener:
         inputs = adapter.declared_artifacts(getattr(task, "inlets", None))
         if decorated:
             inputs = adapter.dedupe([*inputs, *adapter.local_paths(adapter.call_arguments(task))])
+        started_at = adapter.timestamp(ti.start_date)
         recorder = self._recorder_for(cfg)
+        with self._lock:
+            earlier = self._tries.pop(self._key(ti), None)
+        if earlier is not None:
+            # This try already started in this process and left without ending (deferred, or a sensor rescheduled):
+            # it resumes here (`airflow dags test` runs every pass in its one process). Still one execution, started
+            # when its first pass did; the first pass's energy registration ends here, as its process would.
+            started_at = earlier.execution.started_at
+            self._release(earlier)
+            recorder.execution_set_aside(earlier.execution)
         execution = recorder.execution_started(
             ti.dag_id, ti.task_id, pipeline_run=self._pipeline_run(cfg, ti.dag_id, ti.run_id, dag_run),
             execution_id=self._execution_id(ti, dag_run), inputs=inputs, params=params,
-            integration=adapter.INTEGRATION, namespace=cfg.namespace, started_at=adapter.timestamp(ti.start_date),
+            integration=adapter.INTEGRATION, namespace=cfg.namespace, started_at=started_at,
             try_number=int(ti.try_number), integration_version=compat.airflow_version(),
             extra=self._extra(ti, task, dag_run), pid=os.getpid())
         record = _Try(execution=execution, inputs=inputs, task=task, marks=self._lineage_marks_now())
