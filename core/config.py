@@ -195,3 +195,33 @@ def load_settings(**overrides: Any) -> Settings:
             cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "metatrail" / "hashcache.db"
         settings = replace(settings, hash_cache=str(cache))
     return settings
+
+
+def client_settings(url: str | None = None, token: str | None = None) -> tuple[str | None, str | None, str | None]:
+    """The metatrail server a client talks to: ``(server URL, token, CA bundle)`` with the project's precedence:
+    arguments > config file > environment. (Here, not with the HTTP client: the Recorder's writer reads it after
+    its first write, and needs no HTTP or TLS module when no server is configured.)
+
+    The config file is ``$METATRAIL_CONFIG`` or ``.metatrail/config.toml`` (keys ``server``, ``token``,
+    ``ca_bundle`` under ``[metatrail]``); the environment ``METATRAIL_SERVER``, ``METATRAIL_TOKEN``,
+    ``METATRAIL_CA_BUNDLE``.
+    """
+    values = {"server": os.environ.get("METATRAIL_SERVER") or None, "token": os.environ.get("METATRAIL_TOKEN") or None,
+              "ca_bundle": os.environ.get("METATRAIL_CA_BUNDLE") or None}
+    path = os.environ.get("METATRAIL_CONFIG")
+    store_dir = None if path else find_store_dir()
+    config_file = path or (str(store_dir / "config.toml") if store_dir else None)
+    if config_file and os.path.isfile(config_file):
+        try:
+            with open(config_file, "rb") as fh:
+                data = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+        section = data.get("metatrail", data)
+        if isinstance(section, dict):
+            values.update({k: str(section[k]) for k in values if section.get(k)})
+    if url:
+        values["server"] = url
+    if token:
+        values["token"] = token
+    return values["server"], values["token"], values["ca_bundle"]

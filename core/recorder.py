@@ -672,10 +672,9 @@ class Recorder:
             self._guard("stop shipping", lambda: close_shipper(max(deadline - time.monotonic(), 0.0)), None)
 
     def _import_writer_modules(self) -> None:
-        # The shipper looks up its settings there after the first write (on this thread, or the writer process's
-        # acknowledging thread): imported here, under the lock fork waits for, not halfway when a fork comes.
-        import metatrail.store.remote
-
+        # Imported here, under the lock fork waits for, not halfway when a fork comes. (The shipper's settings, read
+        # after the first write, come from metatrail.config; its HTTP client is imported by its own thread, under
+        # the same lock, only when a server is configured.)
         if not self._store_given and self.settings.writer == "process":
             import metatrail.writerproc  # the writer process builds and stores
             return

@@ -390,7 +390,7 @@ class LazyShipper:
             log_once(f"ship-close:{type(exc).__name__}", "metatrail: stopping the shipper failed: %s", exc)
 
     def _resolve(self) -> None:
-        from metatrail.store.remote import client_settings
+        from metatrail.config import client_settings
 
         with self._lock:
             if self._resolved:

@@ -22,15 +22,14 @@ import gzip
 import http.client
 import ipaddress
 import json
-import os
 import socket
 import ssl
 import threading
-import tomllib
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from metatrail.config import client_settings
 from metatrail.errors import ConfigError, StoreError
 from metatrail.store.base import EventStore, IngestResult, StoredEvent
 
@@ -56,36 +55,6 @@ class RemoteUnavailable(RemoteError):
 
 class RemoteRejected(RemoteError):
     """The server refused the request itself (4xx other than 408/429); retrying the same request will not help."""
-
-
-def client_settings(url: str | None = None, token: str | None = None) -> tuple[str | None, str | None, str | None]:
-    """``(server URL, token, CA bundle)`` with the project's precedence: arguments > config file > environment.
-
-    The config file is ``$METATRAIL_CONFIG`` or ``.metatrail/config.toml`` (keys ``server``, ``token``,
-    ``ca_bundle`` under ``[metatrail]``); the environment ``METATRAIL_SERVER``, ``METATRAIL_TOKEN``,
-    ``METATRAIL_CA_BUNDLE``.
-    """
-    from metatrail.config import find_store_dir
-
-    values = {"server": os.environ.get("METATRAIL_SERVER") or None, "token": os.environ.get("METATRAIL_TOKEN") or None,
-              "ca_bundle": os.environ.get("METATRAIL_CA_BUNDLE") or None}
-    path = os.environ.get("METATRAIL_CONFIG")
-    store_dir = None if path else find_store_dir()
-    config_file = path or (str(store_dir / "config.toml") if store_dir else None)
-    if config_file and os.path.isfile(config_file):
-        try:
-            with open(config_file, "rb") as fh:
-                data = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
-        section = data.get("metatrail", data)
-        if isinstance(section, dict):
-            values.update({k: str(section[k]) for k in values if section.get(k)})
-    if url:
-        values["server"] = url
-    if token:
-        values["token"] = token
-    return values["server"], values["token"], values["ca_bundle"]
 
 
 def is_loopback(host: str) -> bool:

@@ -314,3 +314,34 @@ def test_closing_a_shipper_whose_server_is_down_keeps_to_its_time(tmp_path: Path
     shipper._thread.join(5)  # it was waiting out its backoff: the stop ends that wait
     assert not shipper._thread.is_alive() and shipper._parts is None
     assert shipper.stats()["pending"] > 0 and shipper.stats()["retried"] >= 1
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_recording_without_a_server_loads_no_http_client(tmp_path: Path, writer: str) -> None:
+    """The writer reads the shipper's settings after its first write; with no server configured it must not pay for
+    the HTTP client and TLS modules (a third of a short-lived process's first flush), nor hold them under the lock a
+    fork waits for. With a server, the shipper's own thread loads them."""
+    script = textwrap.dedent("""
+        import json, sys
+        from metatrail.recorder import Recorder
+        rec = Recorder()
+        rec.execution_finished(rec.execution_started("light", "step"))
+        assert rec.flush(60)
+        shipper = rec._shipper.shipper
+        if shipper is not None:
+            shipper.drain(30)
+        print(json.dumps([m for m in ("metatrail.store.remote", "ssl", "http.client") if m in sys.modules]))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METATRAIL_")}
+    env.update(METATRAIL_STORE=f"sqlite:///{tmp_path / 'store.db'}", METATRAIL_ENERGY="0", METATRAIL_WRITER=writer,
+               METATRAIL_HASH_CACHE=str(tmp_path / "hc.db"), METATRAIL_CONFIG=str(tmp_path / "none.toml"))
+
+    def loaded(**extra: str) -> list[str]:
+        done = subprocess.run([sys.executable, "-c", script], env={**env, **extra}, capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        modules: list[str] = json.loads(done.stdout.strip().splitlines()[-1])
+        return modules
+
+    assert loaded() == []
+    assert "metatrail.store.remote" in loaded(METATRAIL_SERVER="http://127.0.0.1:9", METATRAIL_SHIP_EXIT_TIMEOUT="0")
