@@ -63,48 +63,73 @@ def _dag_run_state(db: Path) -> str | None:
     return row[0] if row and row[0] in ("success", "failed") else None
 
 
+class Components:
+    """Airflow components of one deployment, started as subprocesses (each its own process group, logging to a file
+    of its own in ``work``), over the metatrail store ``work/store/metatrail.db`` and the DAGs' data folder
+    ``work/data``; ``env`` adds to or replaces Airflow's settings."""
+
+    def __init__(self, airflow_home: AirflowHome, work: Path, **env: str) -> None:
+        self.work, self.data, self.store = work, work / "data", work / "store" / "metatrail.db"
+        self.data.mkdir()
+        self.store.parent.mkdir()
+        self.port = _free_port()
+        self.env = {**airflow_home.env,
+                    "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+                    "AIRFLOW__CORE__PARALLELISM": "2",
+                    "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{self.port}/execution/",
+                    "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+                    "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                    "METATRAIL_STORE": f"sqlite:///{self.store}",
+                    "METATRAIL_HASH_CACHE": str(self.store.parent / "hashcache.db"),
+                    "MT_TEST_DATA": str(self.data), **env}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs: list[Path] = []
+
+    def start(self, name: str, *args: str) -> None:
+        log = self.work / f"{name}.log"
+        self.logs.append(log)
+        with log.open("wb") as fh:
+            self.procs[name] = subprocess.Popen([AIRFLOW, *args], env=self.env, cwd=self.work, stdout=fh,
+                                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start_api_server(self) -> None:
+        self.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(self.port))
+
+    def wait(self, what: str, check: Any, timeout: float) -> Any:
+        return _wait(what, check, timeout, self.logs)
+
+    def wait_for_the_end_event(self, dag_id: str) -> None:
+        """The scheduler stores its DAG-run events from its writer thread: wait for them before stopping it."""
+        self.wait("the DAG run's end event", lambda: any(
+            e["job"]["name"] == dag_id and e["eventType"] in ("COMPLETE", "FAIL") for e in read_events(self.store)),
+            60)
+
+    def stop(self) -> dict[str, int]:
+        """Stop every component; their pids by name."""
+        pids = {name: p.pid for name, p in self.procs.items()}
+        _stop(list(self.procs.values()))
+        return pids
+
+    def result(self, state: Any, pids: dict[str, int]) -> dict[str, Any]:
+        return {"state": state, "store": self.store, "data": self.data, "pids": pids, "logs": self.logs}
+
+
 @pytest.fixture(scope="module")
 def deployed(airflow_home: AirflowHome, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Start the three components, wait for the DAG run to finish and its events to be stored, stop them."""
-    work = tmp_path_factory.mktemp("deployed")
-    data, store = work / "data", work / "store" / "metatrail.db"
-    data.mkdir()
-    store.parent.mkdir()
-    port = _free_port()
-    env = {**airflow_home.env,
-           "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-           "AIRFLOW__CORE__PARALLELISM": "2",
-           "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-           "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
-           "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-           "METATRAIL_STORE": f"sqlite:///{store}",
-           "METATRAIL_HASH_CACHE": str(store.parent / "hashcache.db"),
-           "MT_TEST_DATA": str(data)}
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    logs: list[Path] = []
-
-    def start(name: str, *args: str) -> None:
-        log = work / f"{name}.log"
-        logs.append(log)
-        with log.open("wb") as fh:
-            procs[name] = subprocess.Popen([AIRFLOW, *args], env=env, cwd=work, stdout=fh, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
-
+    airflow = Components(airflow_home, tmp_path_factory.mktemp("deployed"))
+    state = None
     try:
-        start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(port))
-        start("dag-processor", "dag-processor")
+        airflow.start_api_server()
+        airflow.start("dag-processor", "dag-processor")
         # The scheduler starts once the API server answers: a task launched before that fails to start.
-        _wait("the API server", lambda: _healthy(port), STARTUP_S, logs)
-        start("scheduler", "scheduler", "--skip-serve-logs")
-        state = _wait("the DAG run to finish", lambda: _dag_run_state(airflow_home.db), STARTUP_S + RUN_S, logs)
-        # The scheduler stores its DAG-run events from its writer thread; wait for them before stopping it.
-        _wait("the DAG run's end event", lambda: any(
-            e["job"]["name"] == "mt_deployed" and e["eventType"] in ("COMPLETE", "FAIL") for e in read_events(store)),
-            60, logs)
+        airflow.wait("the API server", lambda: _healthy(airflow.port), STARTUP_S)
+        airflow.start("scheduler", "scheduler", "--skip-serve-logs")
+        state = airflow.wait("the DAG run to finish", lambda: _dag_run_state(airflow_home.db), STARTUP_S + RUN_S)
+        airflow.wait_for_the_end_event("mt_deployed")
     finally:
-        pids = {name: p.pid for name, p in procs.items()}
-        _stop(list(procs.values()))
-    return {"state": state, "store": store, "data": data, "pids": pids, "logs": logs}
+        pids = airflow.stop()
+    return airflow.result(state, pids)
 
 
 def _jobs(deployed: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:

@@ -22,7 +22,7 @@ pytest.importorskip("airflow", reason="Airflow tests run in the Airflow environm
 
 from airflow_support import AIRFLOW, HERE, AirflowHome, DagRun, by_job, dags_test, facet, read_events
 from olspec import assert_valid
-from test_deployed import RUN_S, STARTUP_S, _free_port, _healthy, _stop, _wait
+from test_deployed import RUN_S, STARTUP_S, Components, _healthy
 
 from metatrail.model import uuid7_from
 from metatrail.store.projection import parse_event_time
@@ -149,54 +149,30 @@ def _parsed_since(db: Path, since: dt.datetime) -> bool:
 def deployed_resume(airflow_home: AirflowHome, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """API server, dag-processor, triggerer and scheduler (LocalExecutor) over a DAG folder holding only
     ``mt_resume``; one triggered run, waited for until its events are stored."""
-    work = tmp_path_factory.mktemp("deployed_resume")
-    data, store = work / "data", work / "store" / "metatrail.db"
-    data.mkdir()
-    store.parent.mkdir()
-    port = _free_port()
-    env = {**airflow_home.env,
-           "AIRFLOW__CORE__DAGS_FOLDER": str(DAGFILE.parent),
-           "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-           "AIRFLOW__CORE__PARALLELISM": "2",
-           "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-           "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
-           "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-           "METATRAIL_STORE": f"sqlite:///{store}",
-           "METATRAIL_HASH_CACHE": str(store.parent / "hashcache.db"),
-           "MT_TEST_DATA": str(data)}
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    logs: list[Path] = []
-
-    def start(name: str, *args: str) -> None:
-        log = work / f"{name}.log"
-        logs.append(log)
-        with log.open("wb") as fh:
-            procs[name] = subprocess.Popen([AIRFLOW, *args], env=env, cwd=work, stdout=fh, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
+    airflow = Components(airflow_home, tmp_path_factory.mktemp("deployed_resume"),
+                         AIRFLOW__CORE__DAGS_FOLDER=str(DAGFILE.parent))
 
     def cli(*args: str) -> None:
-        done = subprocess.run([AIRFLOW, *args], env=env, cwd=work, capture_output=True, text=True, timeout=300,
-                              check=False)
+        done = subprocess.run([AIRFLOW, *args], env=airflow.env, cwd=airflow.work, capture_output=True, text=True,
+                              timeout=300, check=False)
         assert done.returncode == 0, f"airflow {' '.join(args)}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
 
     began = dt.datetime.now(dt.UTC)
+    state = None
     try:
-        start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(port))
-        start("dag-processor", "dag-processor")
-        start("triggerer", "triggerer", "--skip-serve-logs")
-        _wait("the API server", lambda: _healthy(port), STARTUP_S, logs)
-        _wait("mt_resume to be parsed", lambda: _parsed_since(airflow_home.db, began), STARTUP_S, logs)
-        start("scheduler", "scheduler", "--skip-serve-logs")
+        airflow.start_api_server()
+        airflow.start("dag-processor", "dag-processor")
+        airflow.start("triggerer", "triggerer", "--skip-serve-logs")
+        airflow.wait("the API server", lambda: _healthy(airflow.port), STARTUP_S)
+        airflow.wait("mt_resume to be parsed", lambda: _parsed_since(airflow_home.db, began), STARTUP_S)
+        airflow.start("scheduler", "scheduler", "--skip-serve-logs")
         cli("dags", "unpause", "mt_resume")
         cli("dags", "trigger", "mt_resume", "--run-id", DEPLOYED_RUN_ID, "--logical-date", DEPLOYED_LOGICAL)
-        state = _wait("the DAG run to finish", lambda: _run_state(airflow_home.db), RUN_S, logs)
-        _wait("the DAG run's end event", lambda: any(
-            e["job"]["name"] == "mt_resume" and e["eventType"] in ("COMPLETE", "FAIL") for e in read_events(store)),
-            60, logs)
+        state = airflow.wait("the DAG run to finish", lambda: _run_state(airflow_home.db), RUN_S)
+        airflow.wait_for_the_end_event("mt_resume")
     finally:
-        pids = {name: p.pid for name, p in procs.items()}
-        _stop(list(procs.values()))
-    return {"state": state, "store": store, "data": data, "pids": pids, "logs": logs}
+        pids = airflow.stop()
+    return airflow.result(state, pids)
 
 
 def test_deployed_passes_run_in_processes_of_their_own(deployed_resume: dict[str, Any]) -> None:
