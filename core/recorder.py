@@ -664,12 +664,6 @@ class Recorder:
                 self._cv.notify_all()
         if store is not None:
             self._guard("close", store.close, None)
-        # The shipper gets what is left of the time (at most its exit drain's bound) to ship what this Recorder
-        # stored, then stops its thread: one Recorder after another in a process (a Parsl DFK each) must not leave
-        # one idle thread, store connection and HTTP client each. Events recorded after close start it again.
-        close_shipper = getattr(self._shipper, "close", None)
-        if close_shipper is not None:
-            self._guard("stop shipping", lambda: close_shipper(max(deadline - time.monotonic(), 0.0)), None)
 
     def _import_writer_modules(self) -> None:
         # Imported here, under the lock fork waits for, not halfway when a fork comes. (The shipper's settings, read
