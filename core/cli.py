@@ -144,14 +144,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from metatrail.abandoned import find_abandoned
 
-    state = "running" if args.state == "abandoned" else args.state
+    # Abandoned runs are running runs told apart here: all running ones are looked at, then the limit applies.
+    only_abandoned = args.state == "abandoned"
     with _store(args) as store:
-        rows = store.list_runs(pipeline=args.pipeline, state=state, kind=args.kind,
-                               since=_parse_time(args.since) if args.since else None, limit=args.limit)
+        rows = store.list_runs(pipeline=args.pipeline, state="running" if only_abandoned else args.state,
+                               kind=args.kind, since=_parse_time(args.since) if args.since else None,
+                               limit=1_000_000 if only_abandoned else args.limit)
         abandoned = (find_abandoned(rows, store.get_run, events_of=_events_of(store), site=_site(args))
                      if any(r["state"] == "running" for r in rows) else {})
-    if args.state == "abandoned":
-        rows = [r for r in rows if r["run_id"] in abandoned]
+    if only_abandoned:
+        rows = [r for r in rows if r["run_id"] in abandoned][: args.limit]
     for r in rows:
         r["abandoned"] = abandoned.get(r["run_id"])
     if args.json:
@@ -476,23 +478,25 @@ def cmd_abort(args: argparse.Namespace) -> int:
         raise ConfigError("name the runs to abort, or give --abandoned (the runs 'metatrail runs' calls abandoned)")
     if is_disabled():
         return 0
+    site = _site(args)
     with _store(args) as store:
+        events_of = _events_of(store)
         reasons: dict[str, str] = {}
         if args.abandoned:
             rows = store.list_runs(state="running", pipeline=args.pipeline, limit=1_000_000)
-            reasons.update(find_abandoned(rows, store.get_run, events_of=_events_of(store), site=_site(args)))
+            reasons.update(find_abandoned(rows, store.get_run, events_of=events_of, site=site))
         for run_id in args.run_ids:
             run = store.get_run(run_id)
             if run is None:
                 raise NotFound(f"no run {run_id!r} in the store")
             if run["state"] != "running":
                 raise ConfigError(f"run {run_id} is not running (it is {run['state']}): there is nothing to abort")
-            fate, gone = recording_process(run, _events_of(store))
+            fate, gone = recording_process(run, events_of)
             if fate == "alive":
                 raise ConfigError(f"run {run_id} is still being recorded by process {run.get('pid')} on this host: "
                                   "stop that process (its own end is then recorded) rather than abort the run")
-            reasons[run_id] = (find_abandoned([run], store.get_run, events_of=_events_of(store),
-                                              site=_site(args)).get(run_id) or gone or "ended by hand")
+            reasons[run_id] = (find_abandoned([run], store.get_run, events_of=events_of, site=site).get(run_id)
+                               or gone or "ended by hand")
         if args.reason:
             reasons = {run_id: f"{args.reason} ({why})" for run_id, why in reasons.items()}
         events = abort_events(store, reasons, by="metatrail abort")
