@@ -14,7 +14,9 @@ told when the store is read, from facts about this machine:
   to the end of the workflow). So a run with a parent (pipeline) run is abandoned only when its parent has ended too,
   or is itself abandoned; a parent that is not in the store, or recorded on another host, leaves the question open;
 * a run with no facet (another OpenLineage producer's), recorded on another host, or from another site (pulled from a
-  peer, whose host names may be the same as ours) is never called abandoned: it is not known here.
+  peer, whose host names may be the same as ours) is never called abandoned: it is not known here. Nor is a run
+  whose recording process does not own it (:data:`UNOWNED_PIPELINE_RUNS`: an Airflow DAG run outlives scheduler
+  restarts); ``metatrail pipeline start`` records the pid of the script that called it, whose run it is.
 
 Looking writes nothing: ``metatrail runs`` and ``metatrail show`` say *abandoned* and why. ``metatrail abort``
 records the end (:func:`abort_event`): an ABORT event at the run's last known moment, with the reason, and with the
@@ -38,6 +40,11 @@ from metatrail.store.projection import ABANDONED_PREFIX
 REUSE_SLACK_S = 2.0
 
 OPEN_STATES = frozenset({"running"})
+
+# Hosts whose pipeline runs are not owned by the process that recorded their start: an Airflow DAG run is started by
+# a scheduler, which may restart (or hand over to another) while the run goes on, and ended by whichever is running
+# then. Such runs are never judged here, and their executions only once the run has ended.
+UNOWNED_PIPELINE_RUNS = frozenset({"AIRFLOW"})
 
 
 def recorder_gone(host: Any, pid: Any, alive_at: float | None, *, this_host: str | None = None) -> str | None:
@@ -105,6 +112,8 @@ def recording_process(run: Mapping[str, Any], events_of: Callable[[str], Iterabl
     """Whether the process that recorded ``run`` (a row of ``list_runs`` or a ``get_run``) is "alive", "gone" (with
     why) or "unknown" here. ``events_of(run_id)`` (``Store.iter_events``) lets a pid that now belongs to a process
     started after the run began be told apart from the run's own later process."""
+    if run.get("kind") == "pipeline_run" and str(run.get("integration") or "").upper() in UNOWNED_PIPELINE_RUNS:
+        return "unknown", None
     host, pid = _identity(run)
     fate = _fate(host, pid, run.get("started_at"), this_host)
     if fate[0] == "gone" and fate[1] and fate[1].endswith("started later"):

@@ -437,7 +437,9 @@ def _pipeline_start(args: argparse.Namespace, params: dict[str, Any]) -> int:
     if rec is None:
         print(uuid7())
         return 0
-    run = rec.pipeline_run_started(args.pipeline, params=params, namespace=args.namespace, integration="SHELL")
+    # The run lasts as long as the script that started it (this process ends at once): its pid is the script's.
+    run = rec.pipeline_run_started(args.pipeline, params=params, namespace=args.namespace, integration="SHELL",
+                                   pid=os.getppid())
     if not rec.flush(rec.settings.flush_timeout):
         _warn(f"the start of pipeline run {run.id} was not stored (see above); its executions are recorded "
               "without it and 'pipeline finish' will not find it")

@@ -333,8 +333,10 @@ class Recorder:
     def pipeline_run_started(self, pipeline: str, *, namespace: str | None = None, integration: str = "PYTHON",
                              run_id: str | None = None, params: Mapping[str, Any] | None = None,
                              integration_version: str | None = None, started_at: float | None = None,
-                             extra: Mapping[str, Any] | None = None) -> PipelineRun:
-        """Record the start of a pipeline run (the parent of its executions); returns its handle."""
+                             extra: Mapping[str, Any] | None = None, pid: int | None = None) -> PipelineRun:
+        """Record the start of a pipeline run (the parent of its executions); returns its handle. ``pid``: the
+        process whose life bounds the run, when not this one (``metatrail pipeline start`` names the script that
+        called it; :mod:`metatrail.abandoned` looks at it)."""
         at = started_at if started_at is not None else time.time()
         fallback = PipelineRun(id=run_id or _id_at(at), pipeline=pipeline, namespace=namespace or "default",
                                integration=integration, started_at=at)
@@ -346,7 +348,7 @@ class Recorder:
             run = PipelineRun(id=fallback.id, pipeline=pipeline, namespace=namespace or self.settings.namespace,
                               integration=integration, started_at=at, params=safe_params(params, warnings),
                               host_version=integration_version, extra=dict(extra or {}))
-            self._submit(_Item("pipeline_start", _snapshot(run), at, warnings=warnings))
+            self._submit(_Item("pipeline_start", _snapshot(run), at, warnings=warnings, pid=pid))
             return run
 
         return self._guard("pipeline_run_started", go, fallback)

@@ -164,6 +164,23 @@ def test_an_execution_whose_worker_ended_waits_for_its_pipeline_runs_process(tmp
     assert f"pid {worker.pid} " in reason and "its pipeline run is abandoned too" in reason
 
 
+def test_a_shell_pipeline_run_lasts_as_long_as_the_script_that_started_it(tmp_path: Path) -> None:
+    """``metatrail pipeline start`` ends at once; the run is the calling script's, and abandoned only when that ends
+    without ``pipeline finish``."""
+    script = (f'RUN=$("{sys.executable}" -m metatrail.cli pipeline start shellpipe) || exit 1\n'
+              'echo "$RUN"\nsleep 600\n')
+    shell = subprocess.Popen(["bash", "-c", script], env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert shell.stdout is not None
+        run_id = shell.stdout.readline().strip()
+        run = _runs(tmp_path)[run_id]
+        assert (run["state"], run["pid"], run["abandoned"]) == ("running", shell.pid, None)
+    finally:
+        _kill(shell)
+    assert f"pid {shell.pid} " in _runs(tmp_path)[run_id]["abandoned"]
+
+
 def test_when_a_recording_process_counts_as_ended() -> None:
     here, me = socket.gethostname(), os.getpid()
     created = psutil.Process(me).create_time()
@@ -180,6 +197,11 @@ def test_when_a_recording_process_counts_as_ended() -> None:
     assert find_abandoned([{**gone, "parent_run_id": "p"}, elsewhere], lambda run_id: None) == {}
     assert set(find_abandoned([{**gone, "parent_run_id": "p"}, {**elsewhere, "state": "completed"}],
                               lambda run_id: None)) == {"e"}
+    # An Airflow DAG run outlives the scheduler that started it (restarts, hand-overs): never judged by its pid.
+    dag_run = {**gone, "kind": "pipeline_run", "integration": "AIRFLOW"}
+    assert find_abandoned([dag_run], lambda run_id: None) == {}
+    assert find_abandoned([{**gone, "run_id": "t", "parent_run_id": "e"}, dag_run], lambda run_id: None) == {}
+    assert set(find_abandoned([{**dag_run, "kind": "execution"}], lambda run_id: None)) == {"e"}
     # A run pulled from another site is not this machine's to judge, whatever its host is called there.
     assert find_abandoned([{**gone, "site": "lab2"}], lambda run_id: None, site="local") == {}
     assert set(find_abandoned([{**gone, "site": "local"}], lambda run_id: None, site="local")) == {"e"}
