@@ -225,8 +225,7 @@ class Shipper:
         while True:
             with self._cv:
                 while self._wanted == self._served and not self._stopping:
-                    self._cv.wait(IDLE_POLL_S)
-                    if self._wanted == self._served:
+                    if not self._cv.wait(IDLE_POLL_S) and self._wanted == self._served and not self._stopping:
                         self._wanted += 1  # poll now and then: another process may have left a backlog
                 if self._stopping:
                     self._release()

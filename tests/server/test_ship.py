@@ -272,6 +272,7 @@ def test_closing_a_recorder_ships_its_events_and_stops_its_shipper(
             assert set(_server_runs(config.store)) == set(recorded)  # shipped by the time close returned
             assert len(_shipper_threads()) == before
             assert recorder._shipper.shipper is not None and recorder._shipper.shipper._parts is None
+            assert recorder._shipper.shipper.stats()["pending"] == 0  # nothing left for the exit step to try
 
 
 def test_a_closed_shipper_ships_again_when_notified(tmp_path: Path) -> None:
