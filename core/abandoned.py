@@ -33,7 +33,7 @@ from typing import Any
 
 from metatrail.openlineage.events import iso_time
 from metatrail.openlineage.names import PRODUCER, spec_facet_url
-from metatrail.store.projection import ABANDONED_PREFIX
+from metatrail.store.projection import ABANDONED_PREFIX, parse_event_time
 
 # A pid's present process must have started this much later than the run for the pid to count as reused: clocks of
 # the process table and of the recorded event differ by rounding, and a process records its START after it started.
@@ -55,7 +55,7 @@ def recorder_gone(host: Any, pid: Any, alive_at: float | None, *, this_host: str
 
 
 def _fate(host: Any, pid: Any, alive_at: float | None, this_host: str | None) -> tuple[str, str | None]:
-    """("alive" | "gone" | "unknown", why gone)."""
+    """("alive" | "gone" | "reused" | "unknown", why gone); "reused": the pid's process started after ``alive_at``."""
     import psutil
 
     here = this_host if this_host is not None else socket.gethostname()
@@ -72,7 +72,7 @@ def _fate(host: Any, pid: Any, alive_at: float | None, this_host: str | None) ->
     except Exception:  # no permission to look, or no process table here: cannot tell
         return "unknown", None
     if alive_at is not None and created > alive_at + REUSE_SLACK_S:
-        return "gone", f"{ended}: the pid now belongs to a process started later"
+        return "reused", f"{ended}: the pid now belongs to a process started later"
     return "alive", None
 
 
@@ -83,8 +83,6 @@ def _named_at(run: Mapping[str, Any], pid: Any, events_of: Callable[[str], Itera
     started = run.get("started_at")
     if events_of is None:
         return started if isinstance(started, (int, float)) else None
-    from metatrail.store.projection import parse_event_time
-
     latest: float | None = None
     for stored in events_of(run["run_id"]):
         body = stored.body
@@ -116,11 +114,11 @@ def recording_process(run: Mapping[str, Any], events_of: Callable[[str], Iterabl
         return "unknown", None
     host, pid = _identity(run)
     fate = _fate(host, pid, run.get("started_at"), this_host)
-    if fate[0] == "gone" and fate[1] and fate[1].endswith("started later"):
+    if fate[0] == "reused":
         # Reused, or the run's own process of a later event (a resumed task)? Compare with that event's time.
         fate = _fate(host, pid, _named_at(run, pid, events_of), this_host) if events_of is not None \
             else ("unknown", None)
-    return fate
+    return ("gone", fate[1]) if fate[0] == "reused" else fate
 
 
 def find_abandoned(runs: Iterable[Mapping[str, Any]], get_run: Callable[[str], Mapping[str, Any] | None], *,
@@ -177,8 +175,6 @@ def abort_events(store: Any, reasons: Mapping[str, str], *, by: str, now: float 
     """The ABORT events (:func:`abort_event`) that end the runs of ``reasons`` (run id -> reason) in ``store``: each at
     its run's last known moment, the latest time of its own events and its child runs' events. A run with no event
     in the store is left out."""
-    from metatrail.store.projection import parse_event_time
-
     out = []
     for run_id, reason in reasons.items():
         seen: float | None = None

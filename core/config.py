@@ -212,14 +212,8 @@ def client_settings(url: str | None = None, token: str | None = None) -> tuple[s
     store_dir = None if path else find_store_dir()
     config_file = path or (str(store_dir / "config.toml") if store_dir else None)
     if config_file and os.path.isfile(config_file):
-        try:
-            with open(config_file, "rb") as fh:
-                data = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
-        section = data.get("metatrail", data)
-        if isinstance(section, dict):
-            values.update({k: str(section[k]) for k in values if section.get(k)})
+        section = _read_file(Path(config_file))
+        values.update({k: str(section[k]) for k in values if section.get(k)})
     if url:
         values["server"] = url
     if token:
