@@ -125,9 +125,25 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+# status looks at this many running runs at most to tell the abandoned ones apart (each costs a read of its events)
+STATUS_ABANDONED_LOOK = 10_000
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    from metatrail.abandoned import find_abandoned
+
     with _store(args) as store:
         stats = store.stats()
+        # Abandoned runs are stored as running: say how many of the running ones are (what `runs` calls them).
+        running = stats["states"].get("running", 0)
+        if running:
+            rows = store.list_runs(state="running", limit=STATUS_ABANDONED_LOOK)
+            stats["abandoned"] = len(find_abandoned(rows, store.get_run, events_of=_events_of(store),
+                                                    site=_site(args)))
+            if running > len(rows):
+                stats["abandoned_looked_at"] = len(rows)
+        else:
+            stats["abandoned"] = 0
     if args.json:
         _print_json(stats)
         return 0
@@ -135,8 +151,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(f"store      {stats['url']}")
     console.print(f"events     {stats['events']}")
     console.print(f"pipelines  {stats['pipelines']}")
-    console.print(f"runs       {stats['runs']} ({stats['executions']} executions)  "
-                  + "  ".join(f"{k}: {v}" for k, v in sorted(stats["states"].items())))
+    states = []
+    for state, count in sorted(stats["states"].items()):
+        text = f"{state}: {count}"
+        if state == "running" and stats["abandoned"]:
+            looked = stats.get("abandoned_looked_at")
+            of = f" of the {looked} newest" if looked else ""
+            text += f" ({stats['abandoned']}{of} abandoned: metatrail runs --state abandoned)"
+        states.append(text)
+    console.print(f"runs       {stats['runs']} ({stats['executions']} executions)  " + "  ".join(states))
     console.print(f"artifacts  {stats['artifacts']}")
     return 0
 

@@ -96,12 +96,17 @@ def _events(tmp_path: Path) -> list[dict[str, Any]]:
         return [e.body for e in store.iter_events()]
 
 
+def _status(tmp_path: Path) -> dict[str, Any]:
+    return dict(json.loads(mt(tmp_path, "status", "--json").stdout))
+
+
 def test_a_killed_controllers_runs_are_abandoned_and_abort_ends_them(tmp_path: Path) -> None:
     controller, ids = _start(tmp_path, "controller")
     try:
         runs = _runs(tmp_path)
         assert {r["state"] for r in runs.values()} == {"running", "completed"}
         assert all(r["abandoned"] is None for r in runs.values())  # its process is alive
+        assert _status(tmp_path)["abandoned"] == 0
         refused = mt(tmp_path, "abort", ids["open"], check=False)
         assert refused.returncode == 2 and f"process {controller.pid} on this host" in refused.stderr
     finally:
@@ -116,6 +121,9 @@ def test_a_killed_controllers_runs_are_abandoned_and_abort_ends_them(tmp_path: P
     shown = json.loads(mt(tmp_path, "show", ids["open"], "--json").stdout)
     assert shown["abandoned"] == runs[ids["open"]]["abandoned"]
     assert "abandoned" in mt(tmp_path, "runs").stdout
+    status = _status(tmp_path)
+    assert (status["states"]["running"], status["abandoned"]) == (2, 2)
+    assert "running: 2 (2 abandoned: metatrail runs --state abandoned)" in mt(tmp_path, "status").stdout
 
     planned = json.loads(mt(tmp_path, "abort", "--abandoned", "--dry-run", "--json").stdout)
     assert {p["run_id"] for p in planned} == {ids["run"], ids["open"]}
@@ -145,6 +153,8 @@ def test_a_killed_controllers_runs_are_abandoned_and_abort_ends_them(tmp_path: P
     assert execution["job"]["name"] == "crashy.train"
     assert execution["run"]["facets"]["parent"]["run"]["runId"] == ids["run"]  # still under its pipeline run
     assert mt(tmp_path, "abort", "--abandoned").stdout.strip() == "no run to abort"
+    status = _status(tmp_path)
+    assert (status["states"].get("running", 0), status["states"]["aborted"], status["abandoned"]) == (0, 2, 0)
     assert "ended at an unknown moment after" in mt(tmp_path, "show", ids["run"]).stdout
 
 
