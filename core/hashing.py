@@ -40,6 +40,7 @@ from typing import TypeVar
 from urllib.parse import unquote, urlsplit
 
 from metatrail.errors import HashError
+from metatrail.fstype import network_filesystem
 from metatrail.model import ArtifactRef, HashInfo
 
 __all__ = [
@@ -247,8 +248,9 @@ class HashCache:
 
     Many processes on one node may share the file: writers wait up to a busy timeout, a locked database is
     retried with backoff, and any cache failure (locked too long, corrupt file, unwritable directory) degrades
-    to "not cached" with a log line instead of an exception. Keep the file on node-local storage: SQLite's WAL
-    mode needs shared memory, which network filesystems (NFS, Lustre) do not give. ``path=None`` keeps the
+    to "not cached" with a log line instead of an exception. Node-local storage suits it best: SQLite's WAL
+    mode needs shared memory, which network filesystems (NFS, Lustre) do not give, so there the cache uses a
+    rollback journal (:mod:`metatrail.fstype`), and readers and writers take turns. ``path=None`` keeps the
     cache in memory.
 
     Paths are stored as their file-system bytes, so names that are not valid UTF-8 are cached too. A
@@ -355,8 +357,14 @@ class HashCache:
         conn = sqlite3.connect(target, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False)
         try:
             if self.path is not None:
-                # WAL lets readers proceed while one process writes; NORMAL sync is enough for a cache.
-                conn.execute("PRAGMA journal_mode = WAL")
+                # WAL lets readers proceed while one process writes; NORMAL sync is enough for a cache. On a network
+                # filesystem WAL cannot work (metatrail.fstype): a rollback journal there, in which a switch from WAL
+                # that finds another process holding the file simply fails (busy), and WAL stays until one can.
+                if network_filesystem(self.path) is None:
+                    conn.execute("PRAGMA journal_mode = WAL")
+                else:
+                    with contextlib.suppress(sqlite3.OperationalError):
+                        conn.execute("PRAGMA journal_mode = TRUNCATE")
                 conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute(_SCHEMA)
         except BaseException:

@@ -39,7 +39,8 @@ def make_engine(url: str, *, wal_autocheckpoint: int = WAL_AUTOCHECKPOINT) -> En
     background (:func:`checkpoint`) raises it to a safety net."""
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///") :])
-        if str(path) not in ("", ":memory:"):
+        file_path = path if str(path) not in ("", ":memory:") else None
+        if file_path is not None:
             sqlitefile.check_file(path)
             sqlitefile.make_parent(path)
         # A small pool of long-lived connections: opening one per transaction costs the PRAGMAs, and closing the
@@ -67,7 +68,7 @@ def make_engine(url: str, *, wal_autocheckpoint: int = WAL_AUTOCHECKPOINT) -> En
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-            sqlitefile.configure(dbapi_conn, wal_autocheckpoint)
+            sqlitefile.configure(dbapi_conn, wal_autocheckpoint, path=file_path)
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:

@@ -108,7 +108,7 @@ class SqliteWriter:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {url}: {exc}") from None
         try:
-            sqlitefile.configure(conn, wal_autocheckpoint)
+            sqlitefile.configure(conn, wal_autocheckpoint, path=path)
             current = _retrying(lambda: _schema(conn, path))
         except BaseException as exc:
             conn.close()

@@ -5,37 +5,73 @@ Shared by the SQLAlchemy engines of :mod:`metatrail.store.dialect` and the Recor
 
 * WAL journal, ``synchronous=NORMAL`` (durable across process crashes; an OS crash may lose the last commits, never
   corrupt), a long ``busy_timeout`` so that concurrent writers queue instead of failing.
+* On a network or cluster filesystem (NFS, Lustre, GPFS …; :mod:`metatrail.fstype`) a rollback journal instead
+  (``TRUNCATE``): WAL's shared-memory index cannot be shared there, between hosts or at all. Readers and the writer
+  then take turns, and writers on several hosts rely on the filesystem's own locks: the warning logged once says that
+  a metatrail server is the safe store for them.
 * A file is looked at only through SQLite (see :func:`check_file`).
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from metatrail.errors import CorruptStoreError, StoreError
+from metatrail.fstype import network_filesystem
+from metatrail.logsafe import log_once
 
 BUSY_TIMEOUT_MS = 60_000
+# How long a connection to a store in WAL mode on a network filesystem tries to switch it to a rollback journal; the
+# switch needs the file to itself, and another process holding it is no reason to wait (the next connection tries).
+SWITCH_TIMEOUT_MS = 200
 
 # Checkpoint the WAL every ~40 MB rather than every 4 MB: a burst of large events then pays for fewer checkpoints
 # (each an fsync of the database file).
 WAL_AUTOCHECKPOINT = 10_000
 
 
-def configure(dbapi_conn: Any, wal_autocheckpoint: int = WAL_AUTOCHECKPOINT) -> None:
-    """Settings of every connection to a store file; the connection is left in autocommit mode (its users issue
-    ``BEGIN`` themselves)."""
+def configure(dbapi_conn: Any, wal_autocheckpoint: int = WAL_AUTOCHECKPOINT, *,
+              path: str | os.PathLike[str] | None = None) -> None:
+    """Settings of every connection to a store file (at ``path``: its filesystem chooses the journal, see the module
+    docstring); the connection is left in autocommit mode (its users issue ``BEGIN`` themselves)."""
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     try:
-        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        cur.execute("PRAGMA journal_mode=WAL")
+        network = network_filesystem(path) if path is not None else None
+        if path is None or network is None:
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            cur.execute("PRAGMA journal_mode=WAL")
+        else:
+            _use_rollback_journal(cur, Path(path), network)
+            cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
         cur.execute("PRAGMA foreign_keys=ON")
     finally:
         cur.close()
+
+
+def _use_rollback_journal(cur: Any, path: Path, network: str) -> None:
+    """A rollback journal for this connection (a per-connection setting, unlike WAL, which the file keeps): leaves a
+    file in WAL mode, with a warning, when another process holds it."""
+    log_once(f"store-network-fs:{path}", "metatrail: store %s is on a %s filesystem, where SQLite's write-ahead "
+             "log cannot work; it uses a rollback journal (slower, and safe for writers on several hosts only as far "
+             "as the filesystem's locks are). Where many hosts record, point METATRAIL_STORE at a metatrail server, "
+             "or at a node-local disk", path, network)
+    cur.execute(f"PRAGMA busy_timeout={SWITCH_TIMEOUT_MS}")
+    try:
+        mode = cur.execute("PRAGMA journal_mode=TRUNCATE").fetchone()[0]
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            raise
+        mode = "wal"
+    if str(mode).lower() == "wal":
+        log_once(f"store-network-fs-wal:{path}", "metatrail: store %s is in WAL mode on a %s filesystem and another "
+                 "process holds it, so it stays in WAL mode for now; it switches to a rollback journal when a process "
+                 "opens it alone", path, network)
 
 
 def make_parent(path: Path) -> None:
