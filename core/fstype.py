@@ -11,7 +11,7 @@ and the hash cache (:mod:`metatrail.hashing`) ask :func:`network_filesystem` and
 Contract: :func:`network_filesystem` never raises and does no I/O besides reading the mount table once per directory
 asked about (cached for the life of the process: mounts under a running workflow do not move). It returns the
 filesystem's type name (as the kernel names it, e.g. ``nfs4``, ``lustre``, ``fuse.sshfs``) when the path lies on a
-network, cluster or user-space (FUSE) filesystem, and ``None`` on a local one, or when it cannot tell (not Linux, the
+network or cluster filesystem (a FUSE one included), and ``None`` on a local one, or when it cannot tell (not Linux, the
 mount table unreadable): then nothing changes from before.
 
 Linux only, from ``/proc/self/mountinfo`` (the mount table as this process sees it, bind mounts and mount namespaces
@@ -34,9 +34,13 @@ NETWORK_TYPES = frozenset({
     "nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "afs", "coda", "ncpfs",
     "9p", "vboxsf", "panfs", "pvfs2", "orangefs", "wekafs", "ocfs2", "gfs2", "davfs",
 })
-# FUSE filesystems are named ``fuse.<name>`` (``fuseblk`` is a local block device, ntfs-3g and the like). Nearly all
-# of them are network filesystems (sshfs, s3fs, rclone, gcsfuse, ceph-fuse, juicefs …), and a FUSE mount gives a
-# shared memory mapping only in some modes, so every one counts.
+# FUSE filesystems are named ``fuse.<name>`` (or plain ``fuse``; ``fuseblk`` is a local block device, ntfs-3g and the
+# like). Those that reach other hosts count; a local one (bindfs, say) gives WAL what it needs: a bindfs mount of a
+# local directory held a WAL database that a second connection read.
+NETWORK_FUSE = frozenset({
+    "sshfs", "s3fs", "rclone", "gcsfuse", "goofys", "ceph-fuse", "cephfs", "glusterfs", "juicefs", "davfs2",
+    "lizardfs", "mfs", "moosefs", "quobyte", "gvfsd-fuse", "blobfuse", "blobfuse2", "cvmfs2", "beegfs", "lustre",
+})
 FUSE_PREFIX = "fuse."
 
 _ESCAPE = re.compile(r"\\([0-7]{3})")
@@ -71,8 +75,11 @@ def filesystem_of(path: str, table: list[tuple[str, str]]) -> str | None:
 
 
 def is_network_type(fstype: str) -> bool:
-    """Whether a filesystem of this type is one that SQLite's WAL cannot work on (see :data:`NETWORK_TYPES`)."""
-    return fstype in NETWORK_TYPES or fstype.startswith(FUSE_PREFIX)
+    """Whether a filesystem of this type is one that SQLite's WAL cannot work on (see :data:`NETWORK_TYPES` and
+    :data:`NETWORK_FUSE`)."""
+    if fstype.startswith(FUSE_PREFIX):
+        return fstype[len(FUSE_PREFIX):] in NETWORK_FUSE
+    return fstype in NETWORK_TYPES
 
 
 def network_filesystem(path: str | os.PathLike[str]) -> str | None:

@@ -86,9 +86,9 @@ def test_the_mount_table_is_read_as_the_kernel_writes_it(tmp_path: Path) -> None
     # A later mount on the same point hides the earlier one.
     assert fstype.filesystem_of("/scratch/x", fstype.mount_table(text + LOCAL_ROOT.replace(" / / ", " / /scratch ")
                                                                  .replace("22 1", "300 22"))) == "ext4"
-    assert [t for t in ("nfs4", "lustre", "gpfs", "beegfs", "cifs", "ceph", "fuse.sshfs", "ext4", "xfs", "tmpfs",
-                        "fuseblk", "zfs") if fstype.is_network_type(t)] == \
-        ["nfs4", "lustre", "gpfs", "beegfs", "cifs", "ceph", "fuse.sshfs"]
+    assert [t for t in ("nfs4", "lustre", "gpfs", "beegfs", "cifs", "ceph", "fuse.sshfs", "fuse.s3fs", "ext4", "xfs",
+                        "tmpfs", "fuseblk", "fuse", "fuse.bindfs", "zfs") if fstype.is_network_type(t)] == \
+        ["nfs4", "lustre", "gpfs", "beegfs", "cifs", "ceph", "fuse.sshfs", "fuse.s3fs"]
 
 
 def test_a_path_is_judged_by_the_nearest_directory_that_exists(on_nfs: Path, tmp_path: Path,
