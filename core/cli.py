@@ -149,6 +149,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     console = _console()
     console.print(f"store      {stats['url']}")
+    if note := _journal_note(stats["url"]):
+        console.print(f"journal    {note}")
     console.print(f"events     {stats['events']}")
     console.print(f"pipelines  {stats['pipelines']}")
     states = []
@@ -162,6 +164,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(f"runs       {stats['runs']} ({stats['executions']} executions)  " + "  ".join(states))
     console.print(f"artifacts  {stats['artifacts']}")
     return 0
+
+
+def _journal_note(url: str) -> str:
+    """For an SQLite store on a network filesystem: that it uses a rollback journal, and why (see
+    metatrail.store.sqlitefile)."""
+    if not url.startswith("sqlite:///"):
+        return ""
+    from metatrail.fstype import network_filesystem
+
+    network = network_filesystem(url[len("sqlite:///"):])
+    return f"rollback (the store is on {network}, where SQLite's write-ahead log cannot work)" if network else ""
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

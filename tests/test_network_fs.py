@@ -205,3 +205,15 @@ def test_a_hash_cache_on_a_network_filesystem_uses_a_rollback_journal(on_nfs: Pa
     assert first.hash == again.hash and first.hash is not None
     assert _journal(on_nfs / "cache" / "hashcache.db") == "delete"
     assert not (on_nfs / "cache" / "hashcache.db-wal").exists()
+
+
+def test_status_says_a_store_on_a_network_filesystem_uses_a_rollback_journal(
+        on_nfs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from metatrail.cli import main
+
+    on_share = f"sqlite:///{on_nfs / 'metatrail.db'}"
+    assert main(["status", "--store", on_share]) == 0
+    said = " ".join(capsys.readouterr().out.split())  # as the console wrapped it
+    assert "journal rollback (the store is on nfs4, where SQLite's write-ahead log cannot work)" in said
+    assert main(["status", "--store", f"sqlite:///{tmp_path / 'local.db'}"]) == 0
+    assert "journal" not in capsys.readouterr().out
