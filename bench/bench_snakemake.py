@@ -5,8 +5,10 @@
 Every figure comes from this one run, so ratios compare like with like on a shared machine:
 
 * wall clock of ``snakemake`` (process start to exit, start-up and DAG building included) without the plugin and
-  with ``--logger metatrail``, runs interleaved (off, on, off, on, ...), ratio of medians (target <= 1.03); and the
-  CPU time of the same runs (Snakemake and its jobs), which a loaded machine disturbs less than the wall clock;
+  with ``--logger metatrail``, runs interleaved (off, do-nothing, on, off, ...), ratio of medians (target <= 1.03); and
+  the CPU time of the same runs (Snakemake and its jobs), which a loaded machine disturbs less than the wall clock;
+* the same for a logger plugin whose handler does nothing (``--logger benchnull``, written for the run): what
+  Snakemake's plugin machinery costs by itself, the floor under any logger plugin's ratio;
 * time in our code, from the recorded runs: per job, the plugin's ``emit`` on Snakemake's log-listener thread for
   the job's records (JOB_INFO, JOB_FINISHED) plus the record clock's and temp-file guard's filters on the thread
   that logs them (the only part on Snakemake's own path), p50/p99; records of no job (progress, job batches)
@@ -37,6 +39,51 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = "snakemake_logger_plugin_metatrail"
+NULL_PLUGIN = "snakemake_logger_plugin_benchnull"
+
+# A logger plugin whose handler does nothing: what Snakemake's plugin machinery alone costs (it formats and copies
+# every record onto a queue on its own thread, and a listener thread hands each to the plugin's handler).
+NULL_PLUGIN_SOURCE = """\
+import logging
+from dataclasses import dataclass
+
+from snakemake_interface_logger_plugins.base import LogHandlerBase
+from snakemake_interface_logger_plugins.settings import LogHandlerSettingsBase
+
+
+@dataclass
+class LogHandlerSettings(LogHandlerSettingsBase):
+    pass
+
+
+class LogHandler(LogHandlerBase):
+    def __post_init__(self):
+        if not hasattr(self, "filters"):
+            logging.Handler.__init__(self)
+
+    def emit(self, record):
+        pass
+
+    @property
+    def writes_to_stream(self):
+        return False
+
+    @property
+    def writes_to_file(self):
+        return False
+
+    @property
+    def has_filter(self):
+        return True
+
+    @property
+    def has_formatter(self):
+        return True
+
+    @property
+    def needs_rulegraph(self):
+        return False
+"""
 
 SNAKEFILE = """\
 rule all:
@@ -172,11 +219,13 @@ def _discovery_dir(work: Path) -> Path:
     site = work / "site"
     site.mkdir()
     (site / SHIM).symlink_to(ROOT / "plugins" / SHIM, target_is_directory=True)
+    (site / NULL_PLUGIN).mkdir()
+    (site / NULL_PLUGIN / "__init__.py").write_text(NULL_PLUGIN_SOURCE)
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     return site
 
 
-def _run(work: Path, site: Path, index: int, recorded: bool, jobs: int) -> dict[str, Any]:
+def _run(work: Path, site: Path, index: int, recorded: bool, jobs: int, *, null: bool = False) -> dict[str, Any]:
     wf = work / f"run{index}"
     wf.mkdir()
     (wf / "Snakefile").write_text(SNAKEFILE.format(n=jobs))
@@ -189,7 +238,8 @@ def _run(work: Path, site: Path, index: int, recorded: bool, jobs: int) -> dict[
     path = [p for p in (os.environ.get("MT_BENCH_PYTHONPATH"), str(site)) if p]
     env.update({"PYTHONPATH": os.pathsep.join(path), "METATRAIL_STORE": f"sqlite:///{store}",
                 "MT_BENCH_TIMINGS": str(timings), "MT_BENCH_WRITER_CPU": str(writer_cpu)})
-    args = ["--cores", "2", *(["--logger", "metatrail"] if recorded else [])]
+    logger = ["--logger", "metatrail"] if recorded else ["--logger", "benchnull"] if null else []
+    args = ["--cores", "2", *logger]
     load = os.getloadavg()[0]
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
@@ -244,21 +294,25 @@ def main() -> int:
     subreaper = _become_subreaper()
     load_start = os.getloadavg()
     runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    null_runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-snakemake-") as tmp:
         work = Path(tmp)
         site = _discovery_dir(work)
         index = 0
         for _ in range(args.rounds):
-            for recorded in (False, True):
+            for variant in ("baseline", "null", "recorded"):
                 index += 1
-                result = _run(work, site, index, recorded, args.jobs)
-                runs[recorded].append(result)
-                print(f"  {'recorded' if recorded else 'baseline'} run {len(runs[recorded])}: {result['wall']:.1f} s "
-                      f"(load {result['load']:.2f})", file=sys.stderr)
+                recorded = variant == "recorded"
+                result = _run(work, site, index, recorded, args.jobs, null=variant == "null")
+                (null_runs if variant == "null" else runs[recorded]).append(result)
+                print(f"  {variant} run {index}: {result['wall']:.1f} s (load {result['load']:.2f})", file=sys.stderr)
 
     on_walls = [r["wall"] for r in runs[True]]
     off_walls = [r["wall"] for r in runs[False]]
     ratio = statistics.median(on_walls) / statistics.median(off_walls)
+    null_walls = [r["wall"] for r in null_runs]
+    null_ratio = statistics.median(null_walls) / statistics.median(off_walls)
+    null_cpu = [r["cpu"] for r in null_runs]
     on_cpu = [r["cpu"] for r in runs[True]]
     off_cpu = [r["cpu"] for r in runs[False]]
     cpu_ratio = statistics.median(on_cpu) / statistics.median(off_cpu)
@@ -327,12 +381,18 @@ def main() -> int:
         "(a) wall clock of `snakemake` (s), start-up and DAG included; in brackets Snakemake's own 'Elapsed time'",
         "  baseline (no plugin)  " + ", ".join(f"{r['wall']:.1f} [{r['elapsed']:.1f}]" for r in runs[False]),
         "  --logger metatrail    " + ", ".join(f"{r['wall']:.1f} [{r['elapsed']:.1f}]" for r in runs[True]),
-        f"  ratio of medians recorded/baseline: {ratio:.3f} (target <= 1.03); 1-min loads at run starts: "
-        + ", ".join(f"{r['load']:.1f}" for rs in runs.values() for r in rs),
+        "  --logger benchnull    " + ", ".join(f"{r['wall']:.1f} [{r['elapsed']:.1f}]" for r in null_runs)
+        + "   (a logger plugin whose handler does nothing: Snakemake's plugin machinery alone)",
+        f"  ratio of medians recorded/baseline: {ratio:.3f} (target <= 1.03); do-nothing plugin/baseline: "
+        f"{null_ratio:.3f}; recorded/do-nothing plugin: {ratio / null_ratio:.3f}",
+        "  1-min loads at run starts: "
+        + ", ".join(f"{r['load']:.1f}" for rs in (*runs.values(), null_runs) for r in rs),
         "  CPU time (s, user+sys of Snakemake, its jobs and the writer process"
         + ("" if subreaper else ", which is missed when it outlives Snakemake: no subreaper here") + "): baseline "
         + ", ".join(f"{c:.1f}" for c in off_cpu) + "; recorded " + ", ".join(f"{c:.1f}" for c in on_cpu)
-        + f"; ratio of medians {cpu_ratio:.3f}, {cpu_per_job:.2f} ms more per job",
+        + f"; ratio of medians {cpu_ratio:.3f}, {cpu_per_job:.2f} ms more per job; do-nothing plugin "
+        + ", ".join(f"{c:.1f}" for c in null_cpu)
+        + f" ({(statistics.median(null_cpu) - statistics.median(off_cpu)) * 1000 / total_jobs:.2f} ms more per job)",
         f"  events stored per recorded run: {', '.join(str(r['events']) for r in runs[True])} "
         f"(expected {2 * total_jobs + 2}); plugin messages on stderr: "
         f"{', '.join(str(r['plugin_messages']) for r in runs[True])}",
