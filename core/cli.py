@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import re
 import signal
@@ -892,9 +893,19 @@ def _register_optional(sub: Any) -> None:
         mod.register(sub)
 
 
+# Commands that only read a store: the notice that an SQLite store on a network filesystem uses a rollback journal
+# (metatrail.store.sqlitefile) is for the processes that record into it, and `metatrail status` shows it; these
+# commands log it at INFO rather than repeat the warning at every query.
+READING_COMMANDS = frozenset({"status", "runs", "show", "lineage", "export", "energy", "hash"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command_name in READING_COMMANDS:
+        from metatrail.store import sqlitefile
+
+        sqlitefile.NETWORK_NOTICE_LEVEL = logging.INFO
     try:
         result: int = args.func(args)
         return result

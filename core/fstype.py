@@ -11,8 +11,8 @@ and the hash cache (:mod:`metatrail.hashing`) ask :func:`network_filesystem` and
 Contract: :func:`network_filesystem` never raises and does no I/O besides reading the mount table once per directory
 asked about (cached for the life of the process: mounts under a running workflow do not move). It returns the
 filesystem's type name (as the kernel names it, e.g. ``nfs4``, ``lustre``, ``fuse.sshfs``) when the path lies on a
-network or cluster filesystem (a FUSE one included), and ``None`` on a local one, or when it cannot tell (not Linux, the
-mount table unreadable): then nothing changes from before.
+network or cluster filesystem (a FUSE one that reaches other hosts included), and ``None`` on a local one, or when
+it cannot tell (not Linux, the mount table unreadable): then nothing changes from before.
 
 Linux only, from ``/proc/self/mountinfo`` (the mount table as this process sees it, bind mounts and mount namespaces
 included; ``/proc/mounts`` escapes the same way but lacks the mount ids). The file's format is documented in

@@ -22,7 +22,7 @@ from metatrail import fstype
 from metatrail.hashing import HashCache, hash_path
 from metatrail.model import uuid7_from
 from metatrail.recorder import Recorder
-from metatrail.store import open_store
+from metatrail.store import open_store, sqlitefile
 
 LOCAL_ROOT = "22 1 259:1 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p1 rw\n"
 
@@ -46,6 +46,8 @@ def on_nfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     shared = tmp_path / "shared project"  # a space: escaped as \040 in the table
     shared.mkdir()
     monkeypatch.setattr(fstype, "MOUNTINFO", str(_mountinfo(tmp_path, {str(shared.resolve()): "nfs4"})))
+    # A reading command run in this process (metatrail.cli.main) lowers the notice's level: each test starts afresh.
+    monkeypatch.setattr(sqlitefile, "NETWORK_NOTICE_LEVEL", logging.WARNING)
     return shared
 
 
@@ -208,12 +210,16 @@ def test_a_hash_cache_on_a_network_filesystem_uses_a_rollback_journal(on_nfs: Pa
 
 
 def test_status_says_a_store_on_a_network_filesystem_uses_a_rollback_journal(
-        on_nfs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        on_nfs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     from metatrail.cli import main
 
+    caplog.set_level(logging.INFO, logger="metatrail")
     on_share = f"sqlite:///{on_nfs / 'metatrail.db'}"
     assert main(["status", "--store", on_share]) == 0
     said = " ".join(capsys.readouterr().out.split())  # as the console wrapped it
     assert "journal rollback (the store is on nfs4, where SQLite's write-ahead log cannot work)" in said
+    # A command that only reads says it in its output; the notice is not repeated as a warning at every query.
+    notices = [r for r in caplog.records if "write-ahead log cannot work" in r.getMessage()]
+    assert [r.levelno for r in notices] == [logging.INFO]
     assert main(["status", "--store", f"sqlite:///{tmp_path / 'local.db'}"]) == 0
     assert "journal" not in capsys.readouterr().out

@@ -14,6 +14,7 @@ Shared by the SQLAlchemy engines of :mod:`metatrail.store.dialect` and the Recor
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from pathlib import Path
@@ -27,6 +28,9 @@ BUSY_TIMEOUT_MS = 60_000
 # How long a connection to a store in WAL mode on a network filesystem tries to switch it to a rollback journal; the
 # switch needs the file to itself, and another process holding it is no reason to wait (the next connection tries).
 SWITCH_TIMEOUT_MS = 200
+# The level of the notice that a store on a network filesystem uses a rollback journal: a warning where events are
+# recorded; the commands that only read a store lower it (metatrail.cli).
+NETWORK_NOTICE_LEVEL = logging.WARNING
 
 # Checkpoint the WAL every ~40 MB rather than every 4 MB: a burst of large events then pays for fewer checkpoints
 # (each an fsync of the database file).
@@ -60,7 +64,7 @@ def _use_rollback_journal(cur: Any, path: Path, network: str) -> None:
     log_once(f"store-network-fs:{path}", "metatrail: store %s is on a %s filesystem, where SQLite's write-ahead "
              "log cannot work; it uses a rollback journal (slower, and safe for writers on several hosts only as far "
              "as the filesystem's locks are). Where many hosts record, point METATRAIL_STORE at a metatrail server, "
-             "or at a node-local disk", path, network)
+             "or at a node-local disk", path, network, level=NETWORK_NOTICE_LEVEL)
     cur.execute(f"PRAGMA busy_timeout={SWITCH_TIMEOUT_MS}")
     try:
         mode = cur.execute("PRAGMA journal_mode=TRUNCATE").fetchone()[0]
