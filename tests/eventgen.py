@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from metatrail.model import ArtifactRef, HashInfo, uuid7
+from metatrail.model import ArtifactRef, HashInfo, uuid7, uuid7_from
 from metatrail.openlineage.events import build_run_event
 from metatrail.openlineage.facets import MetatrailExecutionRunFacet
 
@@ -43,3 +43,15 @@ def chain(pipeline: str, stages: int, *, t0: float = 1.8e9, seed: int = 0) -> li
                                    outputs=[artifact(f"/data/{pipeline}/a{i + 1}", f"{tag}{i + 1:024x}")],
                                    parent=parent)
     return events
+
+
+def pipeline_batch(runs: int, seed: int) -> list[dict[str, Any]]:
+    """START and COMPLETE of ``runs`` executions of one pipeline run, the same events for the same arguments."""
+    t0, parent = 1.8e9, uuid7_from(1.8e9, f"parent-{seed}")
+    out: list[dict[str, Any]] = []
+    for i in range(runs):
+        out += execution_events(f"p{seed}", f"s{i}", t0=t0 + 10 * i, parent=parent,
+                                run_id=uuid7_from(t0 + 10 * i, f"{seed}-{i}"),
+                                inputs=[artifact(f"/data/{seed}/a{i}", f"{seed:08x}{i:024x}")],
+                                outputs=[artifact(f"/data/{seed}/a{i + 1}", f"{seed:08x}{i + 1:024x}")])
+    return out

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from eventgen import artifact, execution_events
+from eventgen import pipeline_batch
 
 from metatrail import fstype
 from metatrail.hashing import HashCache, hash_path
-from metatrail.model import uuid7_from
 from metatrail.recorder import Recorder
 from metatrail.store import open_store, sqlitefile
 
@@ -49,17 +48,6 @@ def on_nfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     # A reading command run in this process (metatrail.cli.main) lowers the notice's level: each test starts afresh.
     monkeypatch.setattr(sqlitefile, "NETWORK_NOTICE_LEVEL", logging.WARNING)
     return shared
-
-
-def _events(runs: int, seed: int) -> list[dict[str, Any]]:
-    t0, parent = 1.8e9, uuid7_from(1.8e9, f"parent-{seed}")
-    out: list[dict[str, Any]] = []
-    for i in range(runs):
-        out += execution_events(f"p{seed}", f"s{i}", t0=t0 + 10 * i, parent=parent,
-                                run_id=uuid7_from(t0 + 10 * i, f"{seed}-{i}"),
-                                inputs=[artifact(f"/data/{seed}/a{i}", f"{seed:08x}{i:024x}")],
-                                outputs=[artifact(f"/data/{seed}/a{i + 1}", f"{seed:08x}{i + 1:024x}")])
-    return out
 
 
 def _journal(db: Path) -> str:
@@ -113,8 +101,8 @@ def test_a_store_on_a_network_filesystem_uses_a_rollback_journal_and_says_why_on
     db = on_nfs / ".metatrail" / "metatrail.db"
     caplog.set_level(logging.WARNING, logger="metatrail")
     with open_store(f"sqlite:///{db}") as store:
-        store.ingest(_events(20, 1))
-        store.ingest(_events(20, 2))
+        store.ingest(pipeline_batch(20, 1))
+        store.ingest(pipeline_batch(20, 2))
         assert len(store.list_runs(limit=100)) == 40
     assert _journal(db) == "delete"  # never switched to WAL
     assert not Path(f"{db}-wal").exists() and not Path(f"{db}-shm").exists()
@@ -153,7 +141,7 @@ def test_a_wal_store_moved_onto_a_network_filesystem_is_switched_when_no_one_els
     table = fstype.MOUNTINFO
     monkeypatch.setattr(fstype, "MOUNTINFO", str(tmp_path / "not read"))  # as on a machine where it looked local
     with open_store(f"sqlite:///{db}") as store:
-        store.ingest(_events(5, 1))
+        store.ingest(pipeline_batch(5, 1))
     assert _journal(db) == "wal"
 
     monkeypatch.setattr(fstype, "MOUNTINFO", table)
@@ -164,7 +152,7 @@ def test_a_wal_store_moved_onto_a_network_filesystem_is_switched_when_no_one_els
     try:
         began = time.monotonic()
         with open_store(f"sqlite:///{db}") as store:
-            store.ingest(_events(5, 2))  # still works, in WAL mode
+            store.ingest(pipeline_batch(5, 2))  # still works, in WAL mode
             assert len(store.list_runs(limit=100)) == 10
         assert time.monotonic() - began < 20  # a short try, not the store's minute-long busy wait
         assert _journal(db) == "wal"
@@ -179,7 +167,7 @@ def test_a_wal_store_moved_onto_a_network_filesystem_is_switched_when_no_one_els
 def _write_batches(url: str, seed: int) -> None:
     with open_store(url) as store:
         for part in range(5):
-            store.ingest(_events(20, seed * 10 + part))
+            store.ingest(pipeline_batch(20, seed * 10 + part))
 
 
 def test_writer_processes_share_a_store_on_a_network_filesystem(on_nfs: Path) -> None:

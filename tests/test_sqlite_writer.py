@@ -14,26 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from eventgen import artifact, execution_events
+from eventgen import pipeline_batch
 
 from metatrail.errors import CorruptStoreError, StoreError
-from metatrail.model import uuid7_from
 from metatrail.store import ingest, open_store
 from metatrail.store.schema import CURRENT_VERSION, MIGRATIONS, edges, events, runs
 from metatrail.store.sql import SqlStore
 from metatrail.store.sqlite_writer import SCHEMA_VERSION, SqliteWriter, open_writer
-
-
-def _batch(runs: int, seed: int) -> list[dict[str, Any]]:
-    """START and COMPLETE of ``runs`` executions of one pipeline run, the same events for the same arguments."""
-    t0, parent = 1.8e9, uuid7_from(1.8e9, f"parent-{seed}")
-    out: list[dict[str, Any]] = []
-    for i in range(runs):
-        out += execution_events(f"p{seed}", f"s{i}", t0=t0 + 10 * i, parent=parent,
-                                run_id=uuid7_from(t0 + 10 * i, f"{seed}-{i}"),
-                                inputs=[artifact(f"/data/{seed}/a{i}", f"{seed:08x}{i:024x}")],
-                                outputs=[artifact(f"/data/{seed}/a{i + 1}", f"{seed:08x}{i + 1:024x}")])
-    return out
 
 
 def _master(path: Path) -> set[tuple[str, str, str, str | None]]:
@@ -73,7 +60,7 @@ def _rows(path: Path) -> dict[str, list[tuple[object, ...]]]:
 
 
 def test_the_writer_stores_the_rows_the_sql_store_stores(tmp_path: Path) -> None:
-    batch = _batch(20, 3)
+    batch = pipeline_batch(20, 3)
     store = SqlStore(f"sqlite:///{tmp_path / 'a.db'}")
     writer = SqliteWriter.open(f"sqlite:///{tmp_path / 'b.db'}")
     assert writer is not None
@@ -114,7 +101,7 @@ def test_an_older_store_is_migrated_by_the_sql_store(tmp_path: Path) -> None:
     target = open_writer(f"sqlite:///{path}")
     try:
         assert isinstance(target, SqlStore)
-        assert target.ingest(_batch(2, 0)).inserted == 4
+        assert target.ingest(pipeline_batch(2, 0)).inserted == 4
     finally:
         target.close()
     assert _versions(path) == list(range(1, CURRENT_VERSION + 1))
@@ -150,7 +137,7 @@ def _first_writer(url: str, start: multiprocessing.synchronize.Event, index: int
     start.wait(30)
     target = open_writer(url) if index % 2 else SqlStore(url)  # writers and the SQL store race to create it
     try:
-        target.ingest(_batch(5, 100 + index))
+        target.ingest(pipeline_batch(5, 100 + index))
     finally:
         target.close()
 
@@ -167,7 +154,7 @@ def test_concurrent_first_writers_create_one_schema_and_lose_nothing(tmp_path: P
         p.join(120)
     assert [p.exitcode for p in procs] == [0] * 6
     assert _versions(tmp_path / "race.db") == [v for v, _ in MIGRATIONS]
-    expected = {e_id for i in range(6) for e_id in _ids(_batch(5, 100 + i))}
+    expected = {e_id for i in range(6) for e_id in _ids(pipeline_batch(5, 100 + i))}
     with sqlite3.connect(tmp_path / "race.db") as conn:
         assert {r[0] for r in conn.execute("SELECT id FROM events")} == expected
 
@@ -180,7 +167,7 @@ def test_a_forked_child_leaves_the_parents_connection_alone(tmp_path: Path) -> N
     url = f"sqlite:///{tmp_path / 'fork.db'}"
     writer = SqliteWriter.open(url)
     assert writer is not None
-    batch = _batch(6, 9)
+    batch = pipeline_batch(6, 9)
     writer.ingest(batch[:6])
     pid = os.fork()
     if pid == 0:  # the child drops what it inherited, as a Recorder's child does, and ends
@@ -237,4 +224,4 @@ def test_a_closed_writer_says_so(tmp_path: Path) -> None:
     writer.close()
     writer.close()  # twice is fine
     with pytest.raises(StoreError, match="closed"):
-        writer.ingest(_batch(1, 0))
+        writer.ingest(pipeline_batch(1, 0))
