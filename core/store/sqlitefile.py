@@ -23,6 +23,7 @@ from typing import Any
 from metatrail.errors import CorruptStoreError, StoreError
 from metatrail.fstype import network_filesystem
 from metatrail.logsafe import log_once
+from metatrail.store.ingest import is_transient
 
 BUSY_TIMEOUT_MS = 60_000
 # How long a connection to a store in WAL mode on a network filesystem tries to switch it to a rollback journal; the
@@ -69,7 +70,7 @@ def _use_rollback_journal(cur: Any, path: Path, network: str) -> None:
     try:
         mode = cur.execute("PRAGMA journal_mode=TRUNCATE").fetchone()[0]
     except sqlite3.OperationalError as exc:
-        if "locked" not in str(exc) and "busy" not in str(exc):
+        if not is_transient(exc):
             raise
         mode = "wal"
     if str(mode).lower() == "wal":
