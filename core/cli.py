@@ -32,10 +32,21 @@ HASH_LENGTHS = {"md5": 32, "sha256": 64}  # hex digits of a content hash by algo
 
 # -- helpers ------------------------------------------------------------------------------------------------------
 def _store(args: argparse.Namespace) -> Any:
+    """The store the command works on. An embedded store first takes in the segments that writers on other hosts
+    dropped beside it (:mod:`metatrail.store.drop`), so that what a command shows includes them."""
     from metatrail.config import load_settings
     from metatrail.store import open_store
+    from metatrail.store.drop import SCHEME, ingest_drops, pending_segments, store_path_of
 
-    return open_store(load_settings(store=getattr(args, "store", None)).store)
+    url = load_settings(store=getattr(args, "store", None)).store
+    if url.startswith(f"{SCHEME}:"):
+        raise ConfigError(f"{url} only takes events from writers; read the store it drops for: "
+                          f"sqlite:///{store_path_of(url)}")
+    store = open_store(url)
+    path = store_path_of(url)
+    if path is not None and pending_segments(path):
+        ingest_drops(store, path)
+    return store
 
 
 def _site(args: argparse.Namespace) -> str:
@@ -145,6 +156,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 stats["abandoned_looked_at"] = len(rows)
         else:
             stats["abandoned"] = 0
+        if drops := _drops_note(stats["url"]):
+            stats["drops"] = drops
     if args.json:
         _print_json(stats)
         return 0
@@ -164,7 +177,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         states.append(text)
     console.print(f"runs       {stats['runs']} ({stats['executions']} executions)  " + "  ".join(states))
     console.print(f"artifacts  {stats['artifacts']}")
+    if drops := stats.get("drops"):
+        line = f"drops      {drops['waiting']} segments waiting"
+        if drops["rejected"]:
+            line += f", {drops['rejected']} rejected (see {drops['rejected_dir']})"
+        console.print(line)
     return 0
+
+
+def _drops_note(url: str) -> dict[str, Any] | None:
+    """Segments left in the store's drop directory after the command took in what it could (metatrail.store.drop):
+    waiting (the store was busy) and rejected; None when there is no drop directory."""
+    from metatrail.store.drop import REJECTED, drop_dir, pending_segments, store_path_of
+
+    path = store_path_of(url)
+    if path is None or not drop_dir(path).is_dir():
+        return None
+    rejected = drop_dir(path) / REJECTED
+    try:
+        count = sum(1 for _ in rejected.iterdir()) if rejected.is_dir() else 0
+    except OSError:
+        count = 0
+    return {"waiting": len(pending_segments(path)), "rejected": count, "rejected_dir": str(rejected)}
 
 
 def _journal_note(url: str) -> str:

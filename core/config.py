@@ -88,8 +88,9 @@ class Settings:
     @property
     def store_dir(self) -> Path | None:
         """The directory of an SQLite store file, where side files (the hash cache) live."""
-        if self.store.startswith("sqlite:///"):
-            return Path(self.store[len("sqlite:///") :]).parent
+        for prefix in ("sqlite:///", "drop:///"):  # a drop store's side files are its store's
+            if self.store.startswith(prefix):
+                return Path(self.store[len(prefix) :]).parent
         return None
 
 
@@ -158,10 +159,12 @@ def _from_file(name: str, value: Any, root: Path | None) -> Any:
     file belongs to a project, and the same store must be found from any working directory in it."""
     if root is None or not isinstance(value, str):
         return value
-    if name == "store" and value.startswith("sqlite:///"):
-        path = value[len("sqlite:///") :]
-        if path and path != ":memory:" and not os.path.isabs(path):
-            return f"sqlite:///{root / path}"
+    for scheme in ("sqlite", "drop"):
+        prefix = f"{scheme}:///"
+        if name == "store" and value.startswith(prefix):
+            path = value[len(prefix) :]
+            if path and path != ":memory:" and not os.path.isabs(path):
+                return f"{prefix}{root / path}"
     if name == "hash_cache" and value and not os.path.isabs(os.path.expanduser(value)):
         return str(root / value)
     return value

@@ -17,26 +17,12 @@ from typing import Any
 
 import pytest
 from eventgen import pipeline_batch
+from mounts import LOCAL_ROOT, fake_mountinfo
 
 from metatrail import fstype
 from metatrail.hashing import HashCache, hash_path
 from metatrail.recorder import Recorder
 from metatrail.store import open_store, sqlitefile
-
-LOCAL_ROOT = "22 1 259:1 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p1 rw\n"
-
-
-def _mountinfo(tmp_path: Path, mounts: dict[str, str]) -> Path:
-    """A mountinfo file: an ext4 root, then ``mounts`` (mount point -> filesystem type), each a line as the kernel
-    writes it (octal escapes in paths, optional fields, the source and super options after the separator)."""
-    lines = [LOCAL_ROOT]
-    for i, (point, fstype_name) in enumerate(mounts.items()):
-        escaped = point.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
-        lines.append(f"{100 + i} 22 0:{50 + i} / {escaped} rw,relatime shared:{10 + i} master:3 - {fstype_name} "
-                     f"fileserver:/export/{i} rw,vers=4.2,hard,proto=tcp\n")
-    path = tmp_path / "mountinfo"
-    path.write_text("".join(lines))
-    return path
 
 
 @pytest.fixture
@@ -44,7 +30,7 @@ def on_nfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A directory that the (faked) mount table says is on NFS 4."""
     shared = tmp_path / "shared project"  # a space: escaped as \040 in the table
     shared.mkdir()
-    monkeypatch.setattr(fstype, "MOUNTINFO", str(_mountinfo(tmp_path, {str(shared.resolve()): "nfs4"})))
+    monkeypatch.setattr(fstype, "MOUNTINFO", str(fake_mountinfo(tmp_path, {str(shared.resolve()): "nfs4"})))
     # A reading command run in this process (metatrail.cli.main) lowers the notice's level: each test starts afresh.
     monkeypatch.setattr(sqlitefile, "NETWORK_NOTICE_LEVEL", logging.WARNING)
     return shared
@@ -64,8 +50,8 @@ def _journal(db: Path) -> str:
 
 
 def test_the_mount_table_is_read_as_the_kernel_writes_it(tmp_path: Path) -> None:
-    text = _mountinfo(tmp_path, {"/scratch": "lustre", "/home/a b": "nfs", "/home/a b/local": "ext4",
-                                 "/mnt/sshfs": "fuse.sshfs", "/boot": "vfat"}).read_text()
+    text = fake_mountinfo(tmp_path, {"/scratch": "lustre", "/home/a b": "nfs", "/home/a b/local": "ext4",
+                                     "/mnt/sshfs": "fuse.sshfs", "/boot": "vfat"}).read_text()
     text += "garbage line without the separator\n"
     table = fstype.mount_table(text)
     assert ("/home/a b", "nfs") in table and len(table) == 6  # escapes undone, the bad line skipped

@@ -1,12 +1,13 @@
 """Stores, chosen by URL scheme: ``sqlite:///path`` (embedded default), ``postgresql://…`` (servers),
-``http(s)://…`` (a remote metatrail server, with the ``server`` extra)."""
+``http(s)://…`` (a remote metatrail server, with the ``server`` extra), ``drop:///path/to/metatrail.db`` (write only:
+segment files beside an embedded store on a shared filesystem, for its owner to ingest; :mod:`metatrail.store.drop`)."""
 
 from __future__ import annotations
 
 from metatrail.errors import ConfigError
 from metatrail.store.base import EventStore, IngestResult, StoredEvent
 
-SCHEMES = ("sqlite", "postgresql", "http", "https")
+SCHEMES = ("sqlite", "postgresql", "http", "https", "drop")
 
 __all__ = ["SCHEMES", "EventStore", "IngestResult", "StoredEvent", "open_store"]
 
@@ -25,4 +26,8 @@ def open_store(url: str) -> EventStore:
 
         store: EventStore = RemoteStore(url)
         return store
+    if scheme == "drop":
+        from metatrail.store.drop import DropStore
+
+        return DropStore(url)  # type: ignore[return-value]  # the write side only: ingest and close
     raise ConfigError(f"unknown store URL {url!r}; valid schemes: {', '.join(SCHEMES)}")

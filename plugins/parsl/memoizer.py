@@ -43,6 +43,7 @@ from metatrail.plugins.parsl.worker import (
     tracked,
     with_warnings,
 )
+from metatrail.store.drop import DropIngester, url_for_workers
 
 INTEGRATION = "PARSL"
 STALL_SECONDS = 10.0  # cleanup stops waiting for worker records after this long without a new one
@@ -86,6 +87,9 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         self._reset()
 
     def _reset(self) -> None:
+        leftover = getattr(self, "_drops", None)  # a DFK that never reached cleanup: its ingester stops here
+        if leftover is not None:
+            leftover.stop(0)
         self._recorder: Any = None
         self._settings: Settings | None = None
         self._run: PipelineRun | None = None
@@ -102,6 +106,7 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         # at cleanup are not waited for: their workers record ABORTED when Parsl terminates them
         self._ended = 0
         self._remote_tries = False  # some try ran in another process: its events come from there
+        self._drops: DropIngester | None = None  # takes in the segments that workers drop (see _open_run)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in ("_inner", "_configured"):
@@ -204,8 +209,14 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
                 extra={"parsl_run_id": self._parsl_run_id, "run_dir": getattr(dfk, "run_dir", self._run_dir)})
             self._dfk = dfk
             register_local_recorder(self._run.id, self._recorder)
+            # Workers may run on other hosts: on a shared filesystem they drop their events beside the store
+            # (metatrail.store.drop) rather than share SQLite's locks across hosts; _wait_for_workers takes them in.
+            workers_store = url_for_workers(self._settings.store)
             self._ctx_common = {"run": self._run.id, "pipeline": name, "namespace": namespace, "version": version,
-                                "store": self._settings.store, "hash_cache": self._settings.hash_cache}
+                                "store": workers_store, "hash_cache": self._settings.hash_cache}
+            if workers_store != self._settings.store:
+                self._drops = DropIngester(self._settings.store)
+                self._drops.start()
             return self._run
 
     def _on_launch(self, task: Any, memo: Future[Any] | None) -> None:
@@ -342,6 +353,9 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         if rec is None or settings is None:
             return
         deadline = time.monotonic() + settings.flush_timeout
+        if self._drops is not None:
+            self._drops.stop(min(settings.timeout, settings.flush_timeout))  # _wait_for_workers takes in the rest
+            self._drops = None
         try:
             if self._run is not None:
                 failed, done = compat.failed_task_count(self._dfk)
@@ -365,12 +379,19 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         store here, while the workers are still alive, instead of losing the last tasks' records.
         """
         from metatrail.store import open_store
+        from metatrail.store.drop import ingest_drops, store_path_of
 
         assert self._settings is not None
+        if store_path_of(self._settings.store) is not None and not self._settings.store.startswith("sqlite:"):
+            return  # this process drops its own events too (a drop:/// store): whoever owns the store takes them in
         last_progress, seen = time.monotonic(), -1
         store = open_store(self._settings.store)
+        # Segments that workers on other hosts dropped beside the store (see _open_run) are taken in on each look.
+        drops = store_path_of(self._settings.store) if self._ctx_common.get("store") != self._settings.store else None
         try:
             while True:
+                if drops is not None:
+                    ingest_drops(store, drops, deadline=deadline)
                 run = store.get_run(run_id) or {}
                 ended = sum(1 for c in run.get("children", []) if c.get("state") in _TERMINAL)
                 now = time.monotonic()

@@ -48,6 +48,9 @@ SIGTERM_FLUSH_SECONDS = 0.5  # HTEX's manager sends SIGKILL one second after SIG
 # running sub-millisecond tasks committed every ~3 tasks, and the transactions cost it more CPU than the events
 # (measured: 0.41 vs 0.12-0.16 ms of writer CPU per task, 2 HTEX workers on 2 cores). flush() never waits for it.
 WORKER_LINGER_S = 0.05
+# A worker that drops its events beside a store on a cluster filesystem (metatrail.store.drop) writes a file per batch:
+# gathered longer, a busy worker makes two files a second, not twenty, for the filesystem's metadata server.
+DROP_LINGER_S = 0.5
 _OWN_KWARGS = frozenset({"inputs", "outputs"})
 
 log = logging.getLogger("metatrail.parsl")
@@ -346,8 +349,8 @@ def _recorder_for(ctx: Mapping[str, Any]) -> Any:
     local = _LOCAL_RECORDERS.get(ctx["run"])
     if local is not None:
         return local
-    # A worker process: the DFK's store unless this worker's environment names one (a remote worker may have to
-    # reach the store by another URL than the DFK's path).
+    # A worker process: the DFK's store unless this worker's environment names another one (a remote worker may have
+    # to reach the store by another URL than the DFK's path); see _use_dfk_store.
     key = (str(ctx.get("store") or ""), str(ctx.get("hash_cache") or ""))
     rec = _worker_recorders.get(key)  # every task after a worker's first: no lock needed to read a dict
     if rec is not None:
@@ -362,17 +365,34 @@ def _recorder_for(ctx: Mapping[str, Any]) -> Any:
                 from metatrail.recorder import Recorder
 
                 overrides: dict[str, Any] = {}
-                if not os.environ.get("METATRAIL_STORE") and key[0]:
+                if key[0] and _use_dfk_store(os.environ.get("METATRAIL_STORE"), key[0]):
                     overrides["store"] = key[0]
                     if not os.environ.get("METATRAIL_HASH_CACHE") and key[1]:
                         overrides["hash_cache"] = key[1]
-                rec = _worker_recorders[key] = Recorder(worker_settings(load_settings(**overrides)),
-                                                        linger_s=WORKER_LINGER_S)
+                settings = worker_settings(load_settings(**overrides))
+                dropping = settings.store.startswith("drop:")
+                rec = _worker_recorders[key] = Recorder(settings,
+                                                        linger_s=DROP_LINGER_S if dropping else WORKER_LINGER_S)
             except Exception:
                 _unavailable.add(key)  # a broken install or config: say it once (caller logs), then run untracked
                 raise
     _install_sigterm_flush()
     return rec
+
+
+def _use_dfk_store(own: str | None, given: str) -> bool:
+    """Whether a worker records to ``given``, the store URL the DFK handed over, rather than ``own``, its
+    ``METATRAIL_STORE``: when it has none, and when ``given`` drops events beside the very store file ``own``
+    names (an environment inherited from the DFK's, on a shared filesystem: see
+    :func:`metatrail.store.drop.url_for_workers`)."""
+    if not own:
+        return True
+    from metatrail.store.drop import SCHEME, store_path_of
+
+    if not given.startswith(f"{SCHEME}:"):
+        return False
+    own_path, given_path = store_path_of(own), store_path_of(given)
+    return own_path is not None and given_path is not None and os.path.abspath(own_path) == os.path.abspath(given_path)
 
 
 class _Core:

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from golden import assert_golden
+from mounts import fake_mountinfo
 from olspec import assert_valid
 from parsl_helpers import EXPECTED_RESULTS, golden_view, outcome, run_pipeline, store_url, stored_events
 
 from metatrail.hashing import hash_path
+from metatrail.store.drop import drop_dir, pending_segments
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -55,8 +57,8 @@ def _assert_lineage_chain(work: Path) -> None:
     }
 
 
-def _check_run(tmp_path: Path, executor: str) -> list[dict[str, Any]]:
-    results = run_pipeline(tmp_path / "work", executor, "track")
+def _check_run(tmp_path: Path, executor: str, **how: Any) -> list[dict[str, Any]]:
+    results = run_pipeline(tmp_path / "work", executor, "track", **how)
     assert outcome(results) == EXPECTED_RESULTS
     events = stored_events()
     for event in events:
@@ -82,6 +84,17 @@ def test_htex_events_match_golden_and_are_recorded_on_workers(tmp_path: Path) ->
     # start and end were taken in the worker processes (the energy monitor watched those pids, too)
     assert all(e["run"]["facets"]["metatrail_execution"]["pid"] != dfk_pid for e in on_workers)
     assert all("metatrail_energy" in e["run"]["facets"] for e in on_workers if e["eventType"] != "START")
+
+
+def test_htex_workers_drop_their_events_beside_a_store_on_a_network_filesystem(tmp_path: Path) -> None:
+    """The store on (faked) NFS: the workers, which could be on other nodes, write segment files instead of sharing
+    SQLite's locks, and the DFK takes them in before it ends. The events are the reviewed ones all the same."""
+    db = Path(store_url()[len("sqlite:///"):])
+    mountinfo = fake_mountinfo(tmp_path, {str(tmp_path.resolve()): "nfs4"})
+    _check_run(tmp_path, "htex", prefix=[str(Path(__file__).parent / "workflows" / "on_network_fs.py")],
+               env={"METATRAIL_TEST_MOUNTINFO": str(mountinfo)})
+    assert drop_dir(db).is_dir()  # made by the workers' first segment
+    assert pending_segments(db) == [] and not (drop_dir(db) / "rejected").exists()
 
 
 def test_rerun_from_checkpoint_is_recorded_as_memo_hit(tmp_path: Path) -> None:

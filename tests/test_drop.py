@@ -1,0 +1,229 @@
+"""Drop directories (metatrail.store.drop): writers on other hosts drop segment files beside an embedded store on a
+shared filesystem, and the store's owner takes them in. Real files, real stores, real writer processes; only the
+kernel's mount table is faked (tests/mounts.py), since no test machine mounts NFS.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from eventgen import pipeline_batch
+from mounts import fake_mountinfo
+
+from metatrail import fstype
+from metatrail.cli import main
+from metatrail.errors import ConfigError
+from metatrail.model import Status
+from metatrail.recorder import Recorder
+from metatrail.store import drop as drop_mod
+from metatrail.store import open_store
+from metatrail.store.drop import DropIngester, DropStore, drop_dir, ingest_drops, pending_segments, url_for_workers
+from metatrail.store.sqlite_writer import SqliteWriter
+
+
+def _segments(db: Path) -> list[str]:
+    return pending_segments(db)
+
+
+def _count(db: Path) -> int:
+    with open_store(f"sqlite:///{db}") as store:
+        return int(store.stats()["events"])
+
+
+def test_a_recorder_on_a_drop_url_writes_whole_segments_that_a_reading_command_takes_in(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "shared" / ".metatrail" / "metatrail.db"
+    rec = Recorder(store=None, settings=_settings(f"drop:///{db}"))
+    run = rec.pipeline_run_started("sim", namespace="cluster")
+    ex = rec.execution_started("sim", "step", pipeline_run=run, params={"n": 3})
+    rec.execution_finished(ex)
+    rec.pipeline_run_finished(run, status=Status.COMPLETED)
+    assert rec.flush(10)
+    rec.close()
+    assert rec.written == 4 and rec.failed_writes == 0
+    assert not db.exists()  # nothing touched the SQLite file: the writer only dropped segments
+    names = _segments(db)
+    assert names and all(n.endswith(".jsonl") for n in names)
+    assert [p.name for p in drop_dir(db).iterdir() if p.name.startswith(".")] == []  # no half-written files left
+    assert f"-{os.getpid()}-" in names[0]
+
+    assert main(["runs", "--store", f"sqlite:///{db}", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {r["run_id"] for r in listed} == {run.id, ex.id}
+    assert _segments(db) == []  # taken in and removed
+    assert _count(db) == 4
+
+
+def test_ingest_is_idempotent_and_a_segment_taken_in_twice_is_stored_once(tmp_path: Path) -> None:
+    db = tmp_path / "metatrail.db"
+    DropStore(f"drop:///{db}").ingest(pipeline_batch(5, seed=1))
+    DropStore(f"drop:///{db}").ingest(pipeline_batch(3, seed=2))
+    first = _segments(db)
+    kept = tmp_path / "copy.jsonl"
+    shutil.copy(drop_dir(db) / first[0], kept)
+    with open_store(f"sqlite:///{db}") as store:
+        done = ingest_drops(store, db)
+        assert (done.segments, done.events, done.inserted, done.rejected) == (2, 16, 16, [])
+        # A crash between the commit and the removal, or a second ingester: the same segment again.
+        shutil.copy(kept, drop_dir(db) / first[0])
+        again = ingest_drops(store, db)
+        assert (again.segments, again.events, again.inserted) == (1, 10, 0)
+    assert _count(db) == 16 and _segments(db) == []
+
+
+def test_a_segment_that_cannot_be_stored_is_moved_aside_and_the_others_are_stored(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "metatrail.db"
+    good = DropStore(f"drop:///{db}")
+    good.ingest(pipeline_batch(2, seed=1))
+    directory = drop_dir(db)
+    (directory / "00000000000000000001-h-1-00000001.jsonl").write_bytes(b'{"eventType": "START"\n')  # cut short
+    (directory / "00000000000000000002-h-1-00000002.jsonl").write_bytes(b'{"eventType": "START"}\n')  # not an event
+    good.ingest(pipeline_batch(2, seed=2))
+    with open_store(f"sqlite:///{db}") as store:
+        done = ingest_drops(store, db)
+    assert sorted(done.rejected) == ["00000000000000000001-h-1-00000001.jsonl",
+                                     "00000000000000000002-h-1-00000002.jsonl"]
+    assert done.segments == 2 and _count(db) == 8
+    assert sorted(p.name for p in (directory / "rejected").iterdir()) == sorted(done.rejected)
+    assert _segments(db) == []
+    assert main(["status", "--store", f"sqlite:///{db}", "--json"]) == 0
+    drops = json.loads(capsys.readouterr().out)["drops"]
+    assert (drops["waiting"], drops["rejected"]) == (0, 2)
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "line 1 is not JSON" in messages and "nothing of it was stored" in messages
+
+
+def test_segments_wait_while_the_store_fails_and_are_taken_in_later(tmp_path: Path) -> None:
+    db = tmp_path / "metatrail.db"
+    DropStore(f"drop:///{db}").ingest(pipeline_batch(3, seed=1))
+    DropStore(f"drop:///{db}").ingest(pipeline_batch(2, seed=2))
+    failing = SqliteWriter.open(f"sqlite:///{db}")  # the Recorder's own writer, closed: every ingest fails
+    assert failing is not None
+    failing.close()
+    done = ingest_drops(failing, db)
+    assert (done.segments, done.left) == (0, 2) and "closed" in str(done.error)
+    assert len(_segments(db)) == 2 and _count(db) == 0
+    writer = SqliteWriter.open(f"sqlite:///{db}")
+    assert writer is not None
+    try:
+        done = ingest_drops(writer, db)
+    finally:
+        writer.close()
+    assert (done.segments, done.events) == (2, 10) and _count(db) == 10 and _segments(db) == []
+
+
+def _drop_from_process(url: str, seed: int, batches: int) -> None:
+    store = DropStore(url)
+    for b in range(batches):
+        store.ingest(pipeline_batch(10, seed=seed * 1000 + b))
+
+
+def test_writers_in_many_processes_lose_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "metatrail.db"
+    url = f"drop:///{db}"
+    ctx = multiprocessing.get_context("forkserver")
+    procs = [ctx.Process(target=_drop_from_process, args=(url, seed, 10)) for seed in range(1, 5)]
+    for p in procs:
+        p.start()
+    with open_store(f"sqlite:///{db}") as store:
+        while any(p.is_alive() for p in procs):
+            ingest_drops(store, db)  # taking in while the writers still write
+            time.sleep(0.05)
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0
+        ingest_drops(store, db)
+    assert _count(db) == 4 * 10 * 20 and _segments(db) == []
+
+
+def test_stale_temporary_files_are_removed_and_fresh_ones_left_alone(tmp_path: Path) -> None:
+    db = tmp_path / "metatrail.db"
+    directory = drop_dir(db)
+    directory.mkdir()
+    stale, fresh = directory / ".a.jsonl.tmp", directory / ".b.jsonl.tmp"
+    for p in (stale, fresh):
+        p.write_bytes(b'{"eventType": "ST')
+    old = time.time() - drop_mod.STALE_TEMP_S - 60
+    os.utime(stale, (old, old))
+    with open_store(f"sqlite:///{db}") as store:
+        done = ingest_drops(store, db)
+    assert done.segments == 0 and done.rejected == []
+    assert not stale.exists() and fresh.exists()
+
+
+def test_an_ingester_takes_in_segments_as_they_come_while_the_workflow_runs(tmp_path: Path) -> None:
+    db = tmp_path / "metatrail.db"
+    ingester = DropIngester(f"sqlite:///{db}", interval_s=0.05)
+    ingester.start()
+    try:
+        writer = DropStore(f"drop:///{db}")
+        for seed in range(1, 6):
+            writer.ingest(pipeline_batch(2, seed=seed))
+            deadline = time.monotonic() + 30
+            while _segments(db) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert _segments(db) == []
+        assert (ingester.taken.segments, ingester.taken.events, ingester.taken.inserted) == (5, 20, 20)
+    finally:
+        ingester.stop()
+    assert not any(t.name == "metatrail-drops" and t.is_alive() for t in threading.enumerate())
+    assert _count(db) == 20
+
+
+def test_workers_get_a_drop_url_only_for_a_store_on_a_network_filesystem(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared, local = tmp_path / "lustre", tmp_path / "local"
+    shared.mkdir()
+    local.mkdir()
+    monkeypatch.setattr(fstype, "MOUNTINFO", str(fake_mountinfo(tmp_path, {str(shared.resolve()): "lustre"})))
+    on_shared = f"sqlite:///{shared / '.metatrail' / 'metatrail.db'}"
+    assert url_for_workers(on_shared) == f"drop:///{shared / '.metatrail' / 'metatrail.db'}"
+    assert url_for_workers(f"sqlite:///{local / 'metatrail.db'}") == f"sqlite:///{local / 'metatrail.db'}"
+    assert url_for_workers("http://127.0.0.1:8642") == "http://127.0.0.1:8642"
+    assert url_for_workers("sqlite:///:memory:") == "sqlite:///:memory:"
+
+
+def test_a_drop_store_is_write_only_and_says_what_to_read_instead(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "metatrail.db"
+    assert main(["runs", "--store", f"drop:///{db}"]) != 0
+    err = capsys.readouterr().err
+    assert f"sqlite:///{db}" in err
+    with pytest.raises(ConfigError):
+        DropStore("drop:///")
+    with pytest.raises(ConfigError):
+        DropStore(f"drop:///{db}").ingest(pipeline_batch(1, seed=1), site="elsewhere")
+    assert not drop_dir(db).exists()
+
+
+def test_an_unwritable_drop_directory_is_a_store_error_the_recorder_counts(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # root writes through permissions: a file where the directory should be stops it as well
+        blocked = tmp_path / "metatrail.db.drop"
+        blocked.write_text("not a directory")
+    else:
+        tmp_path.chmod(0o500)
+    try:
+        rec = Recorder(settings=_settings(f"drop:///{tmp_path / 'metatrail.db'}"))
+        run = rec.pipeline_run_started("p")
+        rec.pipeline_run_finished(run)
+        rec.flush(10)
+        rec.close()
+        assert rec.written == 0 and rec.failed_writes == 2
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def _settings(store: str) -> Any:
+    from metatrail.config import load_settings
+
+    return load_settings(store=store, energy=False)
