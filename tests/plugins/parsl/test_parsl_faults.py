@@ -11,6 +11,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from olspec import assert_valid
 from parsl_helpers import EXPECTED_RESULTS, HERE, outcome, run_pipeline, run_script, stored_events
 
 from metatrail.store import open_store
@@ -42,7 +43,12 @@ def test_store_locked_by_another_writer_hits_the_caps(tmp_path: Path) -> None:
         holder.close()
     assert outcome(results) == EXPECTED_RESULTS
     assert "not stored before exit" in results["_stderr"]  # the exit flush gave up at its cap instead of hanging
-    assert stored_events(f"sqlite:///{path}") == []  # and the store is intact, just without this run
+    # The store is intact. The run's events need not be missing from it: a writer process the Recorder started
+    # outlives the workflow and stores what it was handed once the lock is gone (on a loaded machine, before this
+    # look). Whatever is there is whole and this run's.
+    for event in stored_events(f"sqlite:///{path}"):
+        assert_valid(event)
+        assert event["job"]["namespace"] == "parsl"
 
 
 @pytest.mark.parametrize(("executor", "broken"), [
