@@ -64,8 +64,9 @@ def _use_rollback_journal(cur: Any, path: Path, network: str) -> None:
     file in WAL mode, with a warning, when another process holds it."""
     log_once(f"store-network-fs:{path}", "metatrail: store %s is on a %s filesystem, where SQLite's write-ahead "
              "log cannot work; it uses a rollback journal (slower, and safe for writers on several hosts only as far "
-             "as the filesystem's locks are). Where many hosts record, point METATRAIL_STORE at a metatrail server, "
-             "or at a node-local disk", path, network, level=NETWORK_NOTICE_LEVEL)
+             "as the filesystem's locks are). Parsl workers drop their events beside it instead; other writers on "
+             "other hosts can too (METATRAIL_STORE=drop:///%s), or record to a metatrail server", path, network, path,
+             level=NETWORK_NOTICE_LEVEL)
     cur.execute(f"PRAGMA busy_timeout={SWITCH_TIMEOUT_MS}")
     try:
         mode = cur.execute("PRAGMA journal_mode=TRUNCATE").fetchone()[0]
