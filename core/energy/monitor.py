@@ -829,9 +829,13 @@ class EnergyMonitor:
         return bool(stopping or unsampled)
 
     def _cpu_count(self) -> int:
-        import psutil
+        if not self._n_cpus:
+            # Asked once: the node's logical CPUs do not change under a running workflow, and asking at every
+            # sample was about a twentieth of the sample's cost.
+            import psutil
 
-        return self._n_cpus or psutil.cpu_count() or os.cpu_count() or 1
+            self._n_cpus = psutil.cpu_count() or os.cpu_count() or 1
+        return int(self._n_cpus)
 
     def _abandon(self, task: TrackedTask) -> None:
         with self._lock:
