@@ -20,7 +20,7 @@ from mounts import fake_mountinfo
 
 from metatrail import fstype
 from metatrail.cli import main
-from metatrail.errors import ConfigError
+from metatrail.errors import ConfigError, StoreError
 from metatrail.model import Status
 from metatrail.recorder import Recorder
 from metatrail.store import drop as drop_mod
@@ -41,6 +41,7 @@ def _count(db: Path) -> int:
 def test_a_recorder_on_a_drop_url_writes_whole_segments_that_a_reading_command_takes_in(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = tmp_path / "shared" / ".metatrail" / "metatrail.db"
+    db.parent.mkdir(parents=True)  # the store's owner made it (the Parsl DFK opens the store first)
     rec = Recorder(store=None, settings=_settings(f"drop:///{db}"))
     run = rec.pipeline_run_started("sim", namespace="cluster")
     ex = rec.execution_started("sim", "step", pipeline_run=run, params={"n": 3})
@@ -221,6 +222,21 @@ def test_an_unwritable_drop_directory_is_a_store_error_the_recorder_counts(tmp_p
         assert rec.written == 0 and rec.failed_writes == 2
     finally:
         tmp_path.chmod(0o700)
+
+
+def test_a_store_directory_missing_on_this_host_is_an_error_not_a_local_copy(tmp_path: Path) -> None:
+    """A node that mounts the shared filesystem elsewhere: the path does not exist there, and making it would put the
+    segments on the node's own disk, where the store's owner never looks."""
+    missing = tmp_path / "mnt" / "project" / ".metatrail" / "metatrail.db"
+    rec = Recorder(settings=_settings(f"drop:///{missing}"))
+    run = rec.pipeline_run_started("p")
+    rec.pipeline_run_finished(run)
+    rec.flush(10)
+    rec.close()
+    assert rec.written == 0 and rec.failed_writes == 2
+    with pytest.raises(StoreError, match="is the shared filesystem mounted at the same path here"):
+        DropStore(f"drop:///{missing}").ingest(pipeline_batch(1, seed=1))
+    assert not (tmp_path / "mnt").exists()
 
 
 def _settings(store: str) -> Any:

@@ -124,7 +124,10 @@ class DropStore:
         temp = self.directory / f".{name}.tmp"
         try:
             with self._lock:
-                self.directory.mkdir(parents=True, exist_ok=True)
+                # Only the drop directory is made, never the store's: on a node that mounts the shared filesystem
+                # elsewhere (or not at all), making the path would put the segments on its local disk, where the
+                # store's owner never looks.
+                self.directory.mkdir(exist_ok=True)
                 fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
                 try:
                     view = memoryview(payload)
@@ -138,6 +141,10 @@ class DropStore:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
+            if not self.directory.parent.is_dir():
+                raise StoreError(f"the store's directory {self.directory.parent} does not exist on this host: is the "
+                                 "shared filesystem mounted at the same path here? (METATRAIL_STORE names it for "
+                                 "this host)") from None
             raise StoreError(f"cannot write a segment into {self.directory}: {exc}") from None
         return IngestResult(received=len(events), inserted=len(events))
 
