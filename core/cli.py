@@ -36,7 +36,7 @@ def _store(args: argparse.Namespace) -> Any:
     dropped beside it (:mod:`metatrail.store.drop`), so that what a command shows includes them."""
     from metatrail.config import load_settings
     from metatrail.store import open_store
-    from metatrail.store.drop import SCHEME, ingest_drops, pending_segments, store_path_of
+    from metatrail.store.drop import SCHEME, ingest_drops, ingester_elsewhere, pending_segments, store_path_of
 
     url = load_settings(store=getattr(args, "store", None)).store
     if url.startswith(f"{SCHEME}:"):
@@ -44,8 +44,8 @@ def _store(args: argparse.Namespace) -> Any:
                           f"sqlite:///{store_path_of(url)}")
     store = open_store(url)
     path = store_path_of(url)
-    if path is not None and pending_segments(path):
-        ingest_drops(store, path)
+    if path is not None and pending_segments(path) and ingester_elsewhere(path) is None:
+        ingest_drops(store, path)  # not while a workflow on another host takes them in: one host writes the file
     return store
 
 
@@ -179,6 +179,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(f"artifacts  {stats['artifacts']}")
     if drops := stats.get("drops"):
         line = f"drops      {drops['waiting']} segments waiting"
+        if drops["taken_in_by"]:
+            line += f" (taken in by the workflow on {drops['taken_in_by']})"
         if drops["rejected"]:
             line += f", {drops['rejected']} rejected (see {drops['rejected_dir']})"
         console.print(line)
@@ -188,7 +190,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _drops_note(url: str) -> dict[str, Any] | None:
     """Segments left in the store's drop directory after the command took in what it could (metatrail.store.drop):
     waiting (the store was busy) and rejected; None when there is no drop directory."""
-    from metatrail.store.drop import REJECTED, drop_dir, pending_segments, store_path_of
+    from metatrail.store.drop import REJECTED, drop_dir, ingester_elsewhere, pending_segments, store_path_of
 
     path = store_path_of(url)
     if path is None or not drop_dir(path).is_dir():
@@ -198,7 +200,8 @@ def _drops_note(url: str) -> dict[str, Any] | None:
         count = sum(1 for _ in rejected.iterdir()) if rejected.is_dir() else 0
     except OSError:
         count = 0
-    return {"waiting": len(pending_segments(path)), "rejected": count, "rejected_dir": str(rejected)}
+    return {"waiting": len(pending_segments(path)), "rejected": count, "rejected_dir": str(rejected),
+            "taken_in_by": ingester_elsewhere(path)}
 
 
 def _journal_note(url: str) -> str:

@@ -5,6 +5,7 @@ kernel's mount table is faked (tests/mounts.py), since no test machine mounts NF
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -101,6 +102,94 @@ def test_a_segment_that_cannot_be_stored_is_moved_aside_and_the_others_are_store
     assert (drops["waiting"], drops["rejected"]) == (0, 2)
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "line 1 is not JSON" in messages and "nothing of it was stored" in messages
+
+
+def test_an_event_the_store_refuses_is_set_aside_alone_and_its_neighbours_are_stored(tmp_path: Path) -> None:
+    db = tmp_path / "metatrail.db"
+    events = pipeline_batch(3, seed=1)
+    events[2] = {**events[2], "eventTime": "not a time"}  # one event of the batch that no store takes
+    DropStore(f"drop:///{db}").ingest(events)
+    DropStore(f"drop:///{db}").ingest(pipeline_batch(1, seed=2))  # and a good segment in the same transaction
+    name = _segments(db)[0]
+    with open_store(f"sqlite:///{db}") as store:
+        done = ingest_drops(store, db)
+    assert done.rejected == [name] and done.segments == 2 and done.events == 7
+    assert _count(db) == 7 and _segments(db) == []
+    kept = (drop_dir(db) / "rejected" / name).read_bytes().splitlines()
+    assert [json.loads(line)["eventTime"] for line in kept] == ["not a time"]  # only the refused event, as written
+
+
+def test_an_integer_beyond_64_bits_is_stored_exactly_as_a_direct_write_stores_it(tmp_path: Path) -> None:
+    event = pipeline_batch(1, seed=1)[0]
+    event["run"]["facets"]["metatrail_execution"]["params"] = {"seed": 2**70}
+    direct, dropped = tmp_path / "direct.db", tmp_path / "dropped.db"
+    with open_store(f"sqlite:///{direct}") as store:
+        store.ingest([event])
+        want = [(e.id, e.body) for e in store.iter_events()]
+    DropStore(f"drop:///{dropped}").ingest([event])
+    with open_store(f"sqlite:///{dropped}") as store:
+        ingest_drops(store, dropped)
+        got = [(e.id, e.body) for e in store.iter_events()]
+    assert got == want
+    assert got[0][1]["run"]["facets"]["metatrail_execution"]["params"]["seed"] == 2**70
+
+
+def test_a_segment_that_cannot_be_read_now_is_left_for_later_not_rejected(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "metatrail.db"
+    DropStore(f"drop:///{db}").ingest(pipeline_batch(2, seed=1))
+    real = Path.read_bytes
+
+    def stale_handle(self: Path) -> bytes:  # what NFS says when the server lost track of an open file
+        if self.suffix == ".jsonl":
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", stale_handle)
+    with open_store(f"sqlite:///{db}") as store:
+        done = ingest_drops(store, db)
+        assert (done.segments, done.left, done.rejected) == (0, 1, [])
+        monkeypatch.setattr(Path, "read_bytes", real)
+        assert ingest_drops(store, db).segments == 1
+    assert _count(db) == 4 and not (drop_dir(db) / "rejected").exists()
+
+
+def test_a_command_leaves_the_segments_to_a_workflow_on_another_host_that_takes_them_in(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "metatrail.db"
+    DropStore(f"drop:///{db}").ingest(pipeline_batch(2, seed=1))
+    mark = drop_dir(db) / drop_mod.INGESTER_FILE
+    mark.write_text(json.dumps({"host": "node0042", "pid": 4242, "at": time.time()}))
+    assert main(["status", "--store", f"sqlite:///{db}", "--json"]) == 0
+    drops = json.loads(capsys.readouterr().out)["drops"]
+    assert drops["waiting"] == 1 and drops["taken_in_by"] == "node0042 (pid 4242)"
+    assert main(["status", "--store", f"sqlite:///{db}"]) == 0
+    assert "taken in by the workflow on node0042 (pid 4242)" in capsys.readouterr().out
+    # That workflow stopped looking long ago (killed): the command takes them in.
+    mark.write_text(json.dumps({"host": "node0042", "pid": 4242, "at": time.time() - drop_mod.INGESTER_FRESH_S - 5}))
+    assert main(["status", "--store", f"sqlite:///{db}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["drops"]["waiting"] == 0 and _count(db) == 4
+    # A mark of this host leaves the command free to take in: SQLite's locks work between its processes.
+    drop_mod.mark_ingester(db)
+    assert drop_mod.ingester_elsewhere(db) is None
+    drop_mod.unmark_ingester(db)
+    assert not mark.exists()
+
+
+def test_a_parsl_worker_drops_only_for_the_store_file_it_was_given(tmp_path: Path) -> None:
+    from metatrail.plugins.parsl.worker import _use_dfk_store
+
+    db = tmp_path / "project" / ".metatrail" / "metatrail.db"
+    db.parent.mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "project")
+    given = f"drop:///{db}"
+    assert _use_dfk_store(None, given)  # no store of its own: the DFK's
+    assert _use_dfk_store(f"sqlite:///{db}", given)  # its environment names the same file: it drops
+    assert _use_dfk_store(f"sqlite:///{link / '.metatrail' / 'metatrail.db'}", given)  # also through a symlink
+    assert not _use_dfk_store(f"sqlite:///{tmp_path / 'other.db'}", given)  # another store: it writes there
+    assert not _use_dfk_store("https://metadata.example.org", given)
+    assert not _use_dfk_store(f"sqlite:///{tmp_path / 'other.db'}", f"sqlite:///{db}")
 
 
 def test_segments_wait_while_the_store_fails_and_are_taken_in_later(tmp_path: Path) -> None:

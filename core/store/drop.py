@@ -15,10 +15,14 @@ Contract:
   mid-write leaves a dot-file, which :func:`ingest_drops` removes once it is :data:`STALE_TEMP_S` old.
 * :func:`ingest_drops` stores every segment there is (oldest first, several per transaction) and removes a segment
   once the store has committed it. Idempotent: a segment ingested twice (two ingesters at once, or a crash between the
-  commit and the removal) is stored once, as any event is. A segment that cannot be stored (not UTF-8 JSON lines, an
-  event the store refuses, larger than :data:`MAX_SEGMENT_BYTES`) is moved to ``rejected/`` with the reason logged and
-  nothing of it stored; the other segments go on. A store that is busy or failing leaves every segment in place for
-  the next ingest.
+  commit and the removal) is stored once, as any event is; each event keeps the exact bytes its writer made, so its
+  identity is the one a direct write gives. A segment that is not ours (not UTF-8 JSON lines, larger than
+  :data:`MAX_SEGMENT_BYTES`) is moved to ``rejected/`` whole; of a segment the store refuses, only the events it
+  refuses go there, the others are stored. Reasons are logged. A store that is busy or failing, or a segment that
+  cannot be read now (a stale NFS handle), leaves the segments in place for the next ingest.
+* Who takes them in: a :class:`DropIngester` (the Parsl DFK's, every :data:`INGEST_INTERVAL_S`, and at its
+  cleanup), which marks the directory (:func:`mark_ingester`), and the ``metatrail`` commands that read the store,
+  unless a process on another host marked it recently (:func:`ingester_elsewhere`): one host writes the SQLite file.
 * Nothing here raises into a host: the write side raises :class:`~metatrail.errors.StoreError` to the Recorder, which
   retries and counts as for any store; :func:`ingest_drops` logs and returns what it did.
 """
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 import re
@@ -39,7 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from metatrail.errors import ConfigError, EventError, StoreError
-from metatrail.store.base import IngestResult
+from metatrail.logsafe import log_once
+from metatrail.store.base import CanonicalEvent, IngestResult
+from metatrail.store.ingest import is_transient
 
 log = logging.getLogger("metatrail")
 
@@ -128,7 +135,8 @@ class DropStore:
                 # elsewhere (or not at all), making the path would put the segments on its local disk, where the
                 # store's owner never looks.
                 self.directory.mkdir(exist_ok=True)
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+                fd = os.open(temp, flags, 0o644)
                 try:
                     view = memoryview(payload)
                     while view:
@@ -201,13 +209,18 @@ def ingest_drops(store: Any, store_path: str | os.PathLike[str], *, deadline: fl
     directory = drop_dir(store_path)
     names = pending_segments(store_path)
     _remove_stale_temps(directory)
-    batch: list[tuple[str, list[dict[str, Any]]]] = []
+    batch: list[tuple[str, list[CanonicalEvent]]] = []
     batch_events = 0
     for i, name in enumerate(names):
         if deadline is not None and time.monotonic() >= deadline:
             done.left += len(names) - i
             break
-        events, reason = _read_segment(directory / name)
+        try:
+            events, reason = _read_segment(directory / name)
+        except OSError as exc:  # a read that may pass later (EIO, ESTALE, out of file descriptors): not the content
+            done.left += 1
+            done.error = f"cannot read {name}: {exc}"
+            continue
         if events is None:
             if reason is not None:
                 _reject(directory, name, reason, done)
@@ -224,9 +237,18 @@ def ingest_drops(store: Any, store_path: str | os.PathLike[str], *, deadline: fl
     return done
 
 
-def _read_segment(path: Path) -> tuple[list[dict[str, Any]] | None, str | None]:
-    """(events, None); (None, reason) for a segment that is not ours to store; (None, None) when it is gone."""
+def _read_segment(path: Path) -> tuple[list[CanonicalEvent] | None, str | None]:
+    """(events, None); (None, reason) for a segment that is not ours to store; (None, None) when it is gone. Raises
+    ``OSError`` when the file exists but cannot be read now.
+
+    Each event keeps its line as its canonical bytes, so its identity and stored text are exactly what the writer
+    made (and what a direct write would have stored). A line whose parsed value does not write back the same (an
+    integer beyond 64 bits, which orjson reads as a float) is parsed again by the standard library, which keeps it."""
+    import json
+
     import orjson
+
+    from metatrail.openlineage.events import canonical_bytes
 
     try:
         size = path.stat().st_size
@@ -235,57 +257,100 @@ def _read_segment(path: Path) -> tuple[list[dict[str, Any]] | None, str | None]:
         data = path.read_bytes()
     except FileNotFoundError:
         return None, None
-    except OSError as exc:
-        return None, f"unreadable: {exc}"
-    events: list[dict[str, Any]] = []
+    events: list[CanonicalEvent] = []
     for number, line in enumerate(data.splitlines(), 1):
         if not line.strip():
             continue
         try:
             event = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
+            if isinstance(event, dict) and canonical_bytes(event) != line:
+                event = json.loads(line)
+        except (ValueError, TypeError) as exc:  # orjson.JSONDecodeError and UnicodeDecodeError are ValueErrors
             return None, f"line {number} is not JSON ({exc})"
         if not isinstance(event, dict):
             return None, f"line {number} is not an event object"
-        events.append(event)
+        events.append(CanonicalEvent(event, line))
     if not events:
         return None, "no events"
     return events, None
 
 
-def _store_batch(store: Any, directory: Path, batch: list[tuple[str, list[dict[str, Any]]]],
+def _store_batch(store: Any, directory: Path, batch: list[tuple[str, list[CanonicalEvent]]],
                  done: DropIngest) -> bool:
-    """Ingest the segments of ``batch`` in one transaction, then remove them; a batch the store refuses is retried
-    segment by segment so that only the bad segment is rejected. False when the store failed (the rest is left)."""
+    """Ingest the segments of ``batch`` in one transaction, then remove them. A batch the store refuses is tried
+    segment by segment, and a refused segment event by event, so that only the events that cannot be stored are set
+    aside. False when the store itself failed (busy, unreachable: the rest is left for the next ingest)."""
     try:
         result = store.ingest([e for _, events in batch for e in events])
-    except EventError as exc:
-        if len(batch) == 1:
-            _reject(directory, batch[0][0], str(exc), done)
-            return True
-        for i, one in enumerate(batch):
-            if not _store_batch(store, directory, [one], done):
-                done.left += len(batch) - i - 1
-                return False
-        return True
     except Exception as exc:
-        done.left += len(batch)
-        done.error = f"{type(exc).__name__}: {exc}"
-        log.warning("metatrail: %d dropped segments in %s could not be stored now (%s); they wait for the next "
-                    "ingest", len(batch), directory, done.error)
-        return False
+        if isinstance(exc, StoreError) or is_transient(exc):
+            done.left += len(batch)
+            done.error = f"{type(exc).__name__}: {exc}"
+            log_once(f"drops-failing:{directory}", "metatrail: %d dropped segments in %s could not be stored now "
+                     "(%s); they wait for the next ingest", len(batch), directory, done.error)
+            return False
+        if len(batch) > 1:
+            for i, one in enumerate(batch):
+                if not _store_batch(store, directory, [one], done):
+                    done.left += len(batch) - i - 1
+                    return False
+            return True
+        return _store_alone(store, directory, batch[0], done, exc)
     done.inserted += result.inserted
+    _remove(directory, batch, done)
+    return True
+
+
+def _store_alone(store: Any, directory: Path, segment: tuple[str, list[CanonicalEvent]], done: DropIngest,
+                 first: BaseException) -> bool:
+    """One segment the store refused as a whole: store its events one at a time; those refused go to ``rejected/``
+    (in a segment of their own, under the same name) with the reason."""
+    name, events = segment
+    refused: list[CanonicalEvent] = []
+    reason = f"{type(first).__name__}: {first}"
+    for event in events:
+        try:
+            done.inserted += store.ingest([event]).inserted
+        except Exception as exc:
+            if isinstance(exc, StoreError) or is_transient(exc):
+                done.left += 1
+                done.error = f"{type(exc).__name__}: {exc}"
+                return False  # the segment stays whole; events stored meanwhile are stored once when it comes again
+            refused.append(event)
+            reason = f"{type(exc).__name__}: {exc}"
+    if len(refused) == len(events):
+        _reject(directory, name, reason, done)
+        return True
+    if refused:
+        target = directory / REJECTED / name
+        try:
+            target.parent.mkdir(exist_ok=True)
+            target.write_bytes(b"".join(e.canonical + b"\n" for e in refused))
+        except OSError as exc:
+            log.error("metatrail: %d events of the dropped segment %s cannot be stored (%s) nor set aside (%s); the "
+                      "segment stays", len(refused), directory / name, reason, exc)
+            done.left += 1
+            return True
+        done.rejected.append(name)
+        log.error("metatrail: %d of the %d events of the dropped segment %s cannot be stored (%s); they were moved "
+                  "to %s, the others stored", len(refused), len(events), name, reason, target)
+    _remove(directory, [segment], done, stored=len(events) - len(refused))
+    return True
+
+
+def _remove(directory: Path, batch: list[tuple[str, list[CanonicalEvent]]], done: DropIngest, *,
+            stored: int | None = None) -> None:
+    """Remove the segments of ``batch``, which the store has committed."""
     for name, events in batch:
         try:
             os.unlink(directory / name)
         except FileNotFoundError:
             pass  # another ingester stored and removed it too (the store keeps one copy)
         except OSError as exc:
-            log.warning("metatrail: stored the dropped segment %s but cannot remove it (%s); storing it again is "
-                        "harmless", directory / name, exc)
+            log_once(f"drops-unlink:{directory}", "metatrail: stored the dropped segment %s but cannot remove it "
+                     "(%s); storing it again is harmless", directory / name, exc)
         done.segments += 1
-        done.events += len(events)
-    return True
+        done.events += len(events) if stored is None else stored
 
 
 def _reject(directory: Path, name: str, reason: str, done: DropIngest) -> None:
@@ -343,11 +408,14 @@ class DropIngester:
     def start(self) -> None:
         if self.path is None or self._thread is not None:
             return
+        mark_ingester(self.path)
         self._thread = threading.Thread(target=self._run, name="metatrail-drops", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        if self.path is not None:
+            unmark_ingester(self.path)
         thread = self._thread
         if thread is not None:
             thread.join(max(timeout, 0.0))
@@ -360,20 +428,23 @@ class DropIngester:
             try:
                 self._look()
             except Exception as exc:  # a thread of the host must not die noisily; the next look tries again
-                log.warning("metatrail: taking in dropped segments failed (%s: %s)", type(exc).__name__, exc)
+                log_once(f"drops-look:{type(exc).__name__}", "metatrail: taking in dropped segments failed (%s: %s); "
+                         "trying again every %.0f s", type(exc).__name__, exc, self.interval_s)
         self._close_writer()  # also when stop() gave up waiting for the last look
 
     def _look(self) -> None:
         assert self.path is not None
+        mark_ingester(self.path)
         if not pending_segments(self.path):
             return
         if self._writer is None:
             from metatrail.forkwaits import IMPORTS
-            from metatrail.store.sqlite_writer import open_writer
 
-            with IMPORTS.held():
-                self._writer = open_writer(self.url)
-        done = ingest_drops(_ForkSafe(self._writer), self.path)
+            with IMPORTS.held():  # the imports only: opening the store may wait on the filesystem
+                from metatrail.store.sqlite_writer import open_writer
+            self._writer = open_writer(self.url)
+        # Bounded, so that a stop() that gave up waiting is not followed by a long backlog on this thread.
+        done = ingest_drops(_ForkSafe(self._writer), self.path, deadline=time.monotonic() + self.interval_s)
         self.taken.segments += done.segments
         self.taken.events += done.events
         self.taken.inserted += done.inserted
@@ -384,6 +455,48 @@ class DropIngester:
         if writer is not None:
             with contextlib.suppress(Exception):
                 writer.close()
+
+
+INGESTER_FILE = ".ingester"  # in the drop directory: which process takes the segments in, and when it last looked
+INGESTER_FRESH_S = 3 * INGEST_INTERVAL_S
+
+
+def mark_ingester(store_path: str | os.PathLike[str]) -> None:
+    """Say, in the drop directory, that this process takes its segments in (a :class:`DropIngester` does at each
+    look), so that a ``metatrail`` command on another host leaves them to it (:func:`ingester_elsewhere`)."""
+    directory = drop_dir(store_path)
+    record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "at": time.time()})
+    temp = directory / f".{INGESTER_FILE}.{socket.gethostname()}.{os.getpid()}.tmp"
+    try:
+        directory.mkdir(exist_ok=True)
+        temp.write_text(record, encoding="utf-8")
+        os.replace(temp, directory / INGESTER_FILE)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+
+
+def unmark_ingester(store_path: str | os.PathLike[str]) -> None:
+    """Remove this process's mark (:func:`mark_ingester`), if it is still this process's."""
+    path = drop_dir(store_path) / INGESTER_FILE
+    with contextlib.suppress(OSError, ValueError):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("host") == socket.gethostname() and record.get("pid") == os.getpid():
+            path.unlink()
+
+
+def ingester_elsewhere(store_path: str | os.PathLike[str]) -> str | None:
+    """``"host (pid N)"`` when a process on another host takes the segments in and looked recently: a command here
+    then leaves them to it, since two hosts writing one SQLite file on a cluster filesystem is what drop directories
+    avoid. None otherwise (no mark, an old one, or one of this host: SQLite's locks work between its processes)."""
+    try:
+        record = json.loads((drop_dir(store_path) / INGESTER_FILE).read_text(encoding="utf-8"))
+        host, pid, at = str(record["host"]), int(record["pid"]), float(record["at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if host == socket.gethostname() or abs(time.time() - at) > INGESTER_FRESH_S:
+        return None
+    return f"{host} (pid {pid})"
 
 
 class _ForkSafe:

@@ -23,6 +23,8 @@ alike.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import pickle
 import threading
 import time
@@ -43,7 +45,7 @@ from metatrail.plugins.parsl.worker import (
     tracked,
     with_warnings,
 )
-from metatrail.store.drop import DropIngester, url_for_workers
+from metatrail.store.drop import DropIngester, drop_dir, url_for_workers
 
 INTEGRATION = "PARSL"
 STALL_SECONDS = 10.0  # cleanup stops waiting for worker records after this long without a new one
@@ -166,6 +168,9 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
             if self._active and not is_disabled():
                 self._guard("close", self._end)
             self._active = False
+            if self._drops is not None:  # _end did not run (metatrail disabled since the start): stop it all the same
+                self._drops.stop(0)
+                self._drops = None
 
     # -- recording ------------------------------------------------------------------------------------------------
     def _guard(self, what: str, fn: Any) -> None:
@@ -216,6 +221,12 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
                                 "store": workers_store, "hash_cache": self._settings.hash_cache}
             if workers_store != self._settings.store:
                 self._drops = DropIngester(self._settings.store)
+                if self._drops.path is not None:
+                    # Made here, before any task is out: a worker makes only the drop directory, never the store's
+                    # (see metatrail.store.drop.DropStore), and the DFK's writer makes that one at its first write.
+                    # If it cannot be made, the workers' writes fail and are counted there.
+                    with contextlib.suppress(OSError):
+                        drop_dir(self._drops.path).mkdir(parents=True, exist_ok=True)
                 self._drops.start()
             return self._run
 
@@ -353,8 +364,9 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         if rec is None or settings is None:
             return
         deadline = time.monotonic() + settings.flush_timeout
+        dropping = self._drops is not None
         if self._drops is not None:
-            self._drops.stop(min(settings.timeout, settings.flush_timeout))  # _wait_for_workers takes in the rest
+            self._drops.stop(min(settings.timeout, settings.flush_timeout))  # the rest is taken in below
             self._drops = None
         try:
             if self._run is not None:
@@ -364,10 +376,24 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
             rec.flush(min(settings.timeout, settings.flush_timeout))
             if self._remote_tries and self._run is not None and not rec.failed_writes:
                 self._wait_for_workers(self._run.id, deadline)
+            elif dropping:
+                self._take_in_drops(deadline)  # no waiting for workers, but what they dropped so far is stored
         finally:
             if self._run is not None:
                 release_local_recorder(self._run.id)
             rec.close(max(deadline - time.monotonic(), 0.0))
+
+    def _take_in_drops(self, deadline: float) -> None:
+        """Store the segments the workers dropped (one bounded pass), when cleanup does not wait for the workers."""
+        from metatrail.store import open_store
+        from metatrail.store.drop import ingest_drops, pending_segments, store_path_of
+
+        assert self._settings is not None
+        path = store_path_of(self._settings.store)
+        if path is None or not pending_segments(path):
+            return
+        with open_store(self._settings.store) as store:
+            ingest_drops(store, path, deadline=deadline)
 
     def _wait_for_workers(self, run_id: str, deadline: float) -> None:
         """Wait until the workers' events of this run are in the store: until ``deadline`` (``time.monotonic``), and
@@ -379,7 +405,7 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         store here, while the workers are still alive, instead of losing the last tasks' records.
         """
         from metatrail.store import open_store
-        from metatrail.store.drop import ingest_drops, store_path_of
+        from metatrail.store.drop import ingest_drops, mark_ingester, store_path_of, unmark_ingester
 
         assert self._settings is not None
         if store_path_of(self._settings.store) is not None and not self._settings.store.startswith("sqlite:"):
@@ -388,9 +414,13 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         store = open_store(self._settings.store)
         # Segments that workers on other hosts dropped beside the store (see _open_run) are taken in on each look.
         drops = store_path_of(self._settings.store) if self._ctx_common.get("store") != self._settings.store else None
+        marked = -math.inf
         try:
             while True:
                 if drops is not None:
+                    if time.monotonic() - marked >= 5.0:
+                        mark_ingester(drops)  # still this process's to take in (DropIngester.stop unmarked it)
+                        marked = time.monotonic()
                     ingest_drops(store, drops, deadline=deadline)
                 run = store.get_run(run_id) or {}
                 ended = sum(1 for c in run.get("children", []) if c.get("state") in _TERMINAL)
@@ -408,6 +438,8 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
                 time.sleep(0.1)
         finally:
             store.close()
+            if drops is not None:
+                unmark_ingester(drops)
 
 
 def _executor_facts(dfk: Any, label: str) -> tuple[bool, bool] | None:

@@ -392,7 +392,9 @@ def _use_dfk_store(own: str | None, given: str) -> bool:
     if not given.startswith(f"{SCHEME}:"):
         return False
     own_path, given_path = store_path_of(own), store_path_of(given)
-    return own_path is not None and given_path is not None and os.path.abspath(own_path) == os.path.abspath(given_path)
+    if own_path is None or given_path is None:
+        return False
+    return os.path.realpath(own_path) == os.path.realpath(given_path)  # the same file, also through a symlink
 
 
 class _Core:
