@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import pickle
+import socket
 import threading
 import time
 from concurrent.futures import Future
@@ -218,7 +219,8 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
             # (metatrail.store.drop) rather than share SQLite's locks across hosts; _wait_for_workers takes them in.
             workers_store = url_for_workers(self._settings.store)
             self._ctx_common = {"run": self._run.id, "pipeline": name, "namespace": namespace, "version": version,
-                                "store": workers_store, "hash_cache": self._settings.hash_cache}
+                                "store": workers_store, "hash_cache": self._settings.hash_cache,
+                                "host": socket.gethostname()}
             if workers_store != self._settings.store:
                 self._drops = DropIngester(self._settings.store)
                 if self._drops.path is not None:

@@ -366,6 +366,7 @@ def _recorder_for(ctx: Mapping[str, Any]) -> Any:
 
                 overrides: dict[str, Any] = {}
                 if key[0] and _use_dfk_store(os.environ.get("METATRAIL_STORE"), key[0]):
+                    _check_reachable(key[0], ctx.get("host"))
                     overrides["store"] = key[0]
                     if not os.environ.get("METATRAIL_HASH_CACHE") and key[1]:
                         overrides["hash_cache"] = key[1]
@@ -378,6 +379,24 @@ def _recorder_for(ctx: Mapping[str, Any]) -> Any:
                 raise
     _install_sigterm_flush()
     return rec
+
+
+def _check_reachable(url: str, dfk_host: Any) -> None:
+    """Raise ``ConfigError`` when this worker runs on another host than the DFK and the directory of the DFK's
+    embedded store does not exist here: the filesystem is not shared (or mounted elsewhere), and creating the path
+    would put this worker's records on this node's own disk, where nobody looks for them."""
+    import socket
+
+    from metatrail.errors import ConfigError
+    from metatrail.store.drop import store_path_of
+
+    path = store_path_of(url)
+    if path is None or not dfk_host or dfk_host == socket.gethostname() or os.path.isdir(os.path.dirname(path)):
+        return
+    raise ConfigError(f"the workflow's store {path} (on {dfk_host}) is not on a filesystem this worker's host "
+                      f"({socket.gethostname()}) shares: its directory does not exist here. Set METATRAIL_STORE "
+                      "in the workers' environment to a metatrail server, or to the store's path as this host mounts "
+                      "it; this worker's tasks run unrecorded")
 
 
 def _use_dfk_store(own: str | None, given: str) -> bool:

@@ -252,3 +252,29 @@ def test_importing_the_plugin_does_not_import_parsl() -> None:
             "print([m for m in ('parsl', 'sqlalchemy', 'openlineage') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_worker_on_another_host_does_not_write_the_dfks_store_path_on_its_own_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DFK's store on a disk this worker's node does not share: the worker says so and records nothing, rather
+    than create the path locally and keep its records where nobody looks."""
+    import socket
+
+    from metatrail.errors import ConfigError
+
+    monkeypatch.delenv("METATRAIL_STORE", raising=False)
+    unshared = tmp_path / "login-node-only" / ".metatrail" / "metatrail.db"
+    ctx = {"run": "0190f0e2-0000-7000-8000-00000000a001", "store": f"sqlite:///{unshared}", "hash_cache": "",
+           "host": "login01.elsewhere"}
+    with pytest.raises(ConfigError, match="not on a filesystem this worker's host"):
+        worker._recorder_for(ctx)
+    assert worker._recorder_for(ctx) is None  # said once; later tasks run unrecorded at once
+    assert not (tmp_path / "login-node-only").exists()
+    # On the DFK's own host (HTEX with a local provider) the path is the DFK's: it is made as before.
+    here = {**ctx, "host": socket.gethostname(), "store": f"sqlite:///{tmp_path / 'here' / 'metatrail.db'}"}
+    rec = worker._recorder_for(here)
+    try:
+        assert rec is not None
+    finally:
+        rec.close()
+        worker._worker_recorders.pop((here["store"], ""), None)
