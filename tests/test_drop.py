@@ -30,10 +30,6 @@ from metatrail.store.drop import DropIngester, DropStore, drop_dir, ingest_drops
 from metatrail.store.sqlite_writer import SqliteWriter
 
 
-def _segments(db: Path) -> list[str]:
-    return pending_segments(db)
-
-
 def _count(db: Path) -> int:
     with open_store(f"sqlite:///{db}") as store:
         return int(store.stats()["events"])
@@ -52,7 +48,7 @@ def test_a_recorder_on_a_drop_url_writes_whole_segments_that_a_reading_command_t
     rec.close()
     assert rec.written == 4 and rec.failed_writes == 0
     assert not db.exists()  # nothing touched the SQLite file: the writer only dropped segments
-    names = _segments(db)
+    names = pending_segments(db)
     assert names and all(n.endswith(".jsonl") for n in names)
     assert [p.name for p in drop_dir(db).iterdir() if p.name.startswith(".")] == []  # no half-written files left
     assert f"-{os.getpid()}-" in names[0]
@@ -60,7 +56,7 @@ def test_a_recorder_on_a_drop_url_writes_whole_segments_that_a_reading_command_t
     assert main(["runs", "--store", f"sqlite:///{db}", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert {r["run_id"] for r in listed} == {run.id, ex.id}
-    assert _segments(db) == []  # taken in and removed
+    assert pending_segments(db) == []  # taken in and removed
     assert _count(db) == 4
 
 
@@ -68,7 +64,7 @@ def test_ingest_is_idempotent_and_a_segment_taken_in_twice_is_stored_once(tmp_pa
     db = tmp_path / "metatrail.db"
     DropStore(f"drop:///{db}").ingest(pipeline_batch(5, seed=1))
     DropStore(f"drop:///{db}").ingest(pipeline_batch(3, seed=2))
-    first = _segments(db)
+    first = pending_segments(db)
     kept = tmp_path / "copy.jsonl"
     shutil.copy(drop_dir(db) / first[0], kept)
     with open_store(f"sqlite:///{db}") as store:
@@ -78,7 +74,7 @@ def test_ingest_is_idempotent_and_a_segment_taken_in_twice_is_stored_once(tmp_pa
         shutil.copy(kept, drop_dir(db) / first[0])
         again = ingest_drops(store, db)
         assert (again.segments, again.events, again.inserted) == (1, 10, 0)
-    assert _count(db) == 16 and _segments(db) == []
+    assert _count(db) == 16 and pending_segments(db) == []
 
 
 def test_a_segment_that_cannot_be_stored_is_moved_aside_and_the_others_are_stored(
@@ -96,7 +92,7 @@ def test_a_segment_that_cannot_be_stored_is_moved_aside_and_the_others_are_store
                                      "00000000000000000002-h-1-00000002.jsonl"]
     assert done.segments == 2 and _count(db) == 8
     assert sorted(p.name for p in (directory / "rejected").iterdir()) == sorted(done.rejected)
-    assert _segments(db) == []
+    assert pending_segments(db) == []
     assert main(["status", "--store", f"sqlite:///{db}", "--json"]) == 0
     drops = json.loads(capsys.readouterr().out)["drops"]
     assert (drops["waiting"], drops["rejected"]) == (0, 2)
@@ -110,11 +106,11 @@ def test_an_event_the_store_refuses_is_set_aside_alone_and_its_neighbours_are_st
     events[2] = {**events[2], "eventTime": "not a time"}  # one event of the batch that no store takes
     DropStore(f"drop:///{db}").ingest(events)
     DropStore(f"drop:///{db}").ingest(pipeline_batch(1, seed=2))  # and a good segment in the same transaction
-    name = _segments(db)[0]
+    name = pending_segments(db)[0]
     with open_store(f"sqlite:///{db}") as store:
         done = ingest_drops(store, db)
     assert done.rejected == [name] and done.segments == 2 and done.events == 7
-    assert _count(db) == 7 and _segments(db) == []
+    assert _count(db) == 7 and pending_segments(db) == []
     kept = (drop_dir(db) / "rejected" / name).read_bytes().splitlines()
     assert [json.loads(line)["eventTime"] for line in kept] == ["not a time"]  # only the refused event, as written
 
@@ -201,14 +197,14 @@ def test_segments_wait_while_the_store_fails_and_are_taken_in_later(tmp_path: Pa
     failing.close()
     done = ingest_drops(failing, db)
     assert (done.segments, done.left) == (0, 2) and "closed" in str(done.error)
-    assert len(_segments(db)) == 2 and _count(db) == 0
+    assert len(pending_segments(db)) == 2 and _count(db) == 0
     writer = SqliteWriter.open(f"sqlite:///{db}")
     assert writer is not None
     try:
         done = ingest_drops(writer, db)
     finally:
         writer.close()
-    assert (done.segments, done.events) == (2, 10) and _count(db) == 10 and _segments(db) == []
+    assert (done.segments, done.events) == (2, 10) and _count(db) == 10 and pending_segments(db) == []
 
 
 def _drop_from_process(url: str, seed: int, batches: int) -> None:
@@ -232,7 +228,7 @@ def test_writers_in_many_processes_lose_nothing(tmp_path: Path) -> None:
             p.join(60)
             assert p.exitcode == 0
         ingest_drops(store, db)
-    assert _count(db) == 4 * 10 * 20 and _segments(db) == []
+    assert _count(db) == 4 * 10 * 20 and pending_segments(db) == []
 
 
 def test_stale_temporary_files_are_removed_and_fresh_ones_left_alone(tmp_path: Path) -> None:
@@ -259,9 +255,9 @@ def test_an_ingester_takes_in_segments_as_they_come_while_the_workflow_runs(tmp_
         for seed in range(1, 6):
             writer.ingest(pipeline_batch(2, seed=seed))
             deadline = time.monotonic() + 30
-            while _segments(db) and time.monotonic() < deadline:
+            while pending_segments(db) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert _segments(db) == []
+            assert pending_segments(db) == []
         assert (ingester.taken.segments, ingester.taken.events, ingester.taken.inserted) == (5, 20, 20)
     finally:
         ingester.stop()
@@ -303,11 +299,7 @@ def test_an_unwritable_drop_directory_is_a_store_error_the_recorder_counts(tmp_p
     else:
         tmp_path.chmod(0o500)
     try:
-        rec = Recorder(settings=_settings(f"drop:///{tmp_path / 'metatrail.db'}"))
-        run = rec.pipeline_run_started("p")
-        rec.pipeline_run_finished(run)
-        rec.flush(10)
-        rec.close()
+        rec = _record_a_run(f"drop:///{tmp_path / 'metatrail.db'}")
         assert rec.written == 0 and rec.failed_writes == 2
     finally:
         tmp_path.chmod(0o700)
@@ -317,15 +309,20 @@ def test_a_store_directory_missing_on_this_host_is_an_error_not_a_local_copy(tmp
     """A node that mounts the shared filesystem elsewhere: the path does not exist there, and making it would put the
     segments on the node's own disk, where the store's owner never looks."""
     missing = tmp_path / "mnt" / "project" / ".metatrail" / "metatrail.db"
-    rec = Recorder(settings=_settings(f"drop:///{missing}"))
-    run = rec.pipeline_run_started("p")
-    rec.pipeline_run_finished(run)
-    rec.flush(10)
-    rec.close()
+    rec = _record_a_run(f"drop:///{missing}")
     assert rec.written == 0 and rec.failed_writes == 2
     with pytest.raises(StoreError, match="is the shared filesystem mounted at the same path here"):
         DropStore(f"drop:///{missing}").ingest(pipeline_batch(1, seed=1))
     assert not (tmp_path / "mnt").exists()
+
+
+def _record_a_run(store: str) -> Recorder:
+    """A pipeline run's START and COMPLETE recorded into ``store``, flushed; the closed Recorder, for its counts."""
+    rec = Recorder(settings=_settings(store))
+    rec.pipeline_run_finished(rec.pipeline_run_started("p"))
+    rec.flush(10)
+    rec.close()
+    return rec
 
 
 def _settings(store: str) -> Any:
