@@ -159,12 +159,12 @@ def _from_file(name: str, value: Any, root: Path | None) -> Any:
     file belongs to a project, and the same store must be found from any working directory in it."""
     if root is None or not isinstance(value, str):
         return value
-    for scheme in ("sqlite", "drop"):
-        prefix = f"{scheme}:///"
-        if name == "store" and value.startswith(prefix):
-            path = value[len(prefix) :]
-            if path and path != ":memory:" and not os.path.isabs(path):
-                return f"{prefix}{root / path}"
+    if name == "store":
+        for prefix in ("sqlite:///", "drop:///"):
+            if value.startswith(prefix):
+                path = value[len(prefix) :]
+                if path and path != ":memory:" and not os.path.isabs(path):
+                    return f"{prefix}{root / path}"
     if name == "hash_cache" and value and not os.path.isabs(os.path.expanduser(value)):
         return str(root / value)
     return value

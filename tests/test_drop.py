@@ -329,3 +329,19 @@ def _settings(store: str) -> Any:
     from metatrail.config import load_settings
 
     return load_settings(store=store, energy=False)
+
+
+def test_a_relative_drop_url_in_the_config_file_is_taken_from_the_project_root(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from metatrail.config import load_settings
+
+    project = tmp_path / "project"
+    (project / ".metatrail").mkdir(parents=True)
+    (project / ".metatrail" / "config.toml").write_text('[metatrail]\nstore = "drop:///shared/metatrail.db"\n')
+    (project / "sub").mkdir()
+    monkeypatch.chdir(project / "sub")
+    for var in ("METATRAIL_STORE", "METATRAIL_CONFIG", "METATRAIL_HASH_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    settings = load_settings()
+    assert settings.store == f"drop:///{project / 'shared' / 'metatrail.db'}"
+    assert settings.hash_cache == str(project / "shared" / "hashcache.db")  # beside the store it drops for
