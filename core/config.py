@@ -37,6 +37,9 @@ from typing import Any
 from metatrail.errors import ConfigError
 
 STORE_DIR_NAME = ".metatrail"
+# URL prefixes of the stores that are one file (an embedded SQLite store, and the drop directory beside one,
+# metatrail.store.drop): the path follows the third slash.
+FILE_STORE_PREFIXES = ("sqlite:///", "drop:///")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
@@ -88,7 +91,7 @@ class Settings:
     @property
     def store_dir(self) -> Path | None:
         """The directory of an SQLite store file, where side files (the hash cache) live."""
-        for prefix in ("sqlite:///", "drop:///"):  # a drop store's side files are its store's
+        for prefix in FILE_STORE_PREFIXES:  # a drop store's side files are its store's
             if self.store.startswith(prefix):
                 return Path(self.store[len(prefix) :]).parent
         return None
@@ -160,7 +163,7 @@ def _from_file(name: str, value: Any, root: Path | None) -> Any:
     if root is None or not isinstance(value, str):
         return value
     if name == "store":
-        for prefix in ("sqlite:///", "drop:///"):
+        for prefix in FILE_STORE_PREFIXES:
             if value.startswith(prefix):
                 path = value[len(prefix) :]
                 if path and path != ":memory:" and not os.path.isabs(path):

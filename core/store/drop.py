@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metatrail.config import FILE_STORE_PREFIXES
 from metatrail.errors import ConfigError, EventError, StoreError
 from metatrail.logsafe import log_once
 from metatrail.store.base import CanonicalEvent, IngestResult
@@ -69,7 +70,7 @@ def drop_dir(store_path: str | os.PathLike[str]) -> Path:
 
 def store_path_of(url: str) -> Path | None:
     """The store file a ``sqlite:///`` or ``drop:///`` URL names, None for other URLs (and in-memory SQLite)."""
-    for prefix in ("sqlite:///", f"{SCHEME}:///"):
+    for prefix in FILE_STORE_PREFIXES:
         if url.startswith(prefix):
             path = url[len(prefix):]
             if path in ("", ":memory:") or "?" in path:

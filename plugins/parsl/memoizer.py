@@ -30,6 +30,7 @@ import socket
 import threading
 import time
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 from metatrail.config import Settings, is_disabled, load_settings
@@ -366,7 +367,7 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         if rec is None or settings is None:
             return
         deadline = time.monotonic() + settings.flush_timeout
-        dropping = self._drops is not None
+        drops = self._drops.path if self._drops is not None else None  # the store whose segments workers drop
         if self._drops is not None:
             self._drops.stop(min(settings.timeout, settings.flush_timeout))  # the rest is taken in below
             self._drops = None
@@ -377,45 +378,44 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
                                           error=f"{failed} of {done} tasks failed" if failed else None)
             rec.flush(min(settings.timeout, settings.flush_timeout))
             if self._remote_tries and self._run is not None and not rec.failed_writes:
-                self._wait_for_workers(self._run.id, deadline)
-            elif dropping:
-                self._take_in_drops(deadline)  # no waiting for workers, but what they dropped so far is stored
+                self._wait_for_workers(self._run.id, deadline, drops)
+            elif drops is not None:
+                self._take_in_drops(drops, deadline)  # no waiting for workers, but what they dropped is stored
         finally:
             if self._run is not None:
                 release_local_recorder(self._run.id)
             rec.close(max(deadline - time.monotonic(), 0.0))
 
-    def _take_in_drops(self, deadline: float) -> None:
-        """Store the segments the workers dropped (one bounded pass), when cleanup does not wait for the workers."""
+    def _take_in_drops(self, drops: Path, deadline: float) -> None:
+        """Store the segments the workers dropped beside ``drops`` (one bounded pass), when cleanup does not wait
+        for the workers."""
         from metatrail.store import open_store
-        from metatrail.store.drop import ingest_drops, pending_segments, store_path_of
+        from metatrail.store.drop import ingest_drops, pending_segments
 
         assert self._settings is not None
-        path = store_path_of(self._settings.store)
-        if path is None or not pending_segments(path):
+        if not pending_segments(drops):
             return
         with open_store(self._settings.store) as store:
-            ingest_drops(store, path, deadline=deadline)
+            ingest_drops(store, drops, deadline=deadline)
 
-    def _wait_for_workers(self, run_id: str, deadline: float) -> None:
+    def _wait_for_workers(self, run_id: str, deadline: float, drops: Path | None = None) -> None:
         """Wait until the workers' events of this run are in the store: until ``deadline`` (``time.monotonic``), and
         no longer than :data:`STALL_SECONDS` without progress (workers that write to another store URL never show up
-        here).
+        here). ``drops``: the store file beside which the workers drop their segments (see _open_run), taken in on
+        each look.
 
         ``close`` runs before Parsl scales its blocks in, and HTEX then ends workers with SIGTERM, which skips their
         exit flush; a worker's first write also pays its imports (seconds on a busy node). So the DFK checks the
         store here, while the workers are still alive, instead of losing the last tasks' records.
         """
         from metatrail.store import open_store
-        from metatrail.store.drop import ingest_drops, mark_ingester, store_path_of, unmark_ingester
+        from metatrail.store.drop import SCHEME, ingest_drops, mark_ingester, unmark_ingester
 
         assert self._settings is not None
-        if store_path_of(self._settings.store) is not None and not self._settings.store.startswith("sqlite:"):
+        if self._settings.store.startswith(f"{SCHEME}:"):
             return  # this process drops its own events too (a drop:/// store): whoever owns the store takes them in
         last_progress, seen = time.monotonic(), -1
         store = open_store(self._settings.store)
-        # Segments that workers on other hosts dropped beside the store (see _open_run) are taken in on each look.
-        drops = store_path_of(self._settings.store) if self._ctx_common.get("store") != self._settings.store else None
         marked = -math.inf
         try:
             while True:
