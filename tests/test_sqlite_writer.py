@@ -225,3 +225,31 @@ def test_a_closed_writer_says_so(tmp_path: Path) -> None:
     writer.close()  # twice is fine
     with pytest.raises(StoreError, match="closed"):
         writer.ingest(pipeline_batch(1, 0))
+
+
+def _bytes_written() -> int:
+    """What this process has written with write(2) and pwrite(2) so far, by Linux's count (/proc/self/io)."""
+    io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return int(io["wchar"])
+
+
+@pytest.mark.parametrize("writer", ["sql-store", "recorder-writer"])
+def test_an_ingest_writes_its_log_and_no_statement_journal_file(tmp_path: Path, writer: str) -> None:
+    # One transaction of several multi-row INSERTs: each later statement changes pages an earlier one had changed
+    # (the table's last pages, the indexes), which SQLite keeps in a statement journal so that it can undo the
+    # statement alone. Written to a temporary file, that journal was a third of all an ingest wrote.
+    path = tmp_path / "s.db"
+    target = SqlStore(f"sqlite:///{path}") if writer == "sql-store" else SqliteWriter.open(f"sqlite:///{path}")
+    assert target is not None
+    try:
+        target.ingest(pipeline_batch(200, 1))
+        wal = path.with_name(path.name + "-wal")
+        wal_before, written_before = wal.stat().st_size, _bytes_written()
+        batch = pipeline_batch(1500, 2)
+        assert len(batch) > 4 * ingest.SQLITE_ROWS_PER_INSERT  # several statements per table
+        assert target.ingest(batch).inserted == len(batch)
+        written, logged = _bytes_written() - written_before, wal.stat().st_size - wal_before
+    finally:
+        target.close()
+    assert logged > 1_000_000  # no checkpoint ran: the log holds the transaction's pages
+    assert written < 1.1 * logged, f"wrote {written:,} bytes for {logged:,} bytes of log"
