@@ -36,9 +36,7 @@ import logging
 import math
 import os
 import reprlib
-import signal
 import socket
-import sys
 import threading
 import time
 import weakref
@@ -54,6 +52,7 @@ from metatrail.exithook import at_exit
 from metatrail.logsafe import log, log_once
 from metatrail.model import ArtifactRef, ErrorText, Execution, PipelineRun, Status, current_user, uuid7
 from metatrail.ship import Shipper
+from metatrail.sigterm import flush_on_sigterm
 
 T = TypeVar("T")
 S = TypeVar("S", Execution, PipelineRun)
@@ -325,7 +324,7 @@ class Recorder:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._writer, name="metatrail-writer", daemon=True)
                 self._thread.start()
-                _flush_on_sigterm.arm(self)
+                flush_on_sigterm.arm(self)
             if wake:
                 self._cv.notify()
 
@@ -505,7 +504,8 @@ class Recorder:
         return True
 
     def _drain_before_death(self, deadline: float) -> None:
-        """Wait until what was submitted is done, or ``deadline``; for a signal handler about to end the process.
+        """Wait until what was submitted is done, or ``deadline``; for a SIGTERM handler about to end the process
+        (:mod:`metatrail.sigterm`: on the main thread, or on its watch thread when the main thread cannot run it).
 
         The handler runs on the main thread between two of its bytecodes, maybe inside this Recorder's lock: an
         exit flush holds it between its waits, and a pool worker that got the pool's sentinel is in its exit flush
@@ -1154,61 +1154,6 @@ def _weakly(recorder: Recorder, method: Callable[[Recorder], None]) -> Callable[
 
     return hook
 
-
-class _FlushOnSigterm:
-    """In a child process of ``multiprocessing``, store what was recorded before SIGTERM ends the process.
-
-    ``multiprocessing.Pool`` ends its workers with SIGTERM when it is left as a context manager (and on
-    ``terminate()``); so do ``Process.terminate()`` and process-pool executors that shut down. Python's default action
-    ends the process at once, and the events its last tasks recorded, still queued for the writer, were lost. When a
-    Recorder first records in such a child, and the child's SIGTERM action is still the default and the recording
-    runs on its main thread (only it may set a handler), this handler is set: it waits at most
-    :data:`SIGTERM_FLUSH_S` for the writer, then restores the default action and sends the signal again, so the
-    process ends killed by SIGTERM, as it would have. A process with a SIGTERM handler of its own keeps it, and
-    processes other than multiprocessing children are left alone (a program's own way of ending on SIGTERM is its
-    business; a framework that chains to a previous handler must not find one that ends the process)."""
-
-    def __init__(self) -> None:
-        self._pid: int | None = None
-        self._recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
-
-    def arm(self, recorder: Recorder) -> None:
-        try:
-            pid = os.getpid()
-            if self._pid != pid:
-                self._pid = pid
-                self._recorders = weakref.WeakSet()
-                # A child of a child inherits the handler set in its parent: it is this process's now too.
-                if signal.getsignal(signal.SIGTERM) != self._on_sigterm:
-                    if not self._may_handle():
-                        return
-                    signal.signal(signal.SIGTERM, self._on_sigterm)
-            if signal.getsignal(signal.SIGTERM) == self._on_sigterm:
-                self._recorders.add(recorder)
-        except Exception as exc:  # never the host's problem
-            log_once("sigterm-arm", "metatrail: could not arrange to store events at SIGTERM (%s)", exc)
-
-    @staticmethod
-    def _may_handle() -> bool:
-        process = sys.modules.get("multiprocessing.process")
-        return (process is not None and process.parent_process() is not None
-                and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
-
-    def _on_sigterm(self, signum: int, _frame: Any) -> None:
-        try:
-            deadline = time.monotonic() + SIGTERM_FLUSH_S
-            for recorder in list(self._recorders):
-                recorder._drain_before_death(deadline)
-        except BaseException:
-            pass  # the process ends next, whatever happened here
-        finally:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
-SIGTERM_FLUSH_S = 2.0  # the longest a multiprocessing child's death by SIGTERM waits for its pending events
-_flush_on_sigterm = _FlushOnSigterm()
 
 _recorder: Recorder | None = None
 _recorder_lock = threading.Lock()

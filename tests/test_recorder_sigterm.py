@@ -25,7 +25,7 @@ rm._recorder = rm.Recorder(linger_s=30.0)
 
 def warm_up():
     # What a fresh process's writer does once before it stores anything: import the modules it builds and stores
-    # with, open the store (creating it). Done before the tasks, so the SIGTERM budget (rm.SIGTERM_FLUSH_S, for
+    # with, open the store (creating it). Done before the tasks, so the SIGTERM budget (SIGTERM_FLUSH_S, for
     # storing what was recorded) is not spent on a new interpreter's imports: on a loaded 2-core machine they alone
     # took 1.85 s of the 2 s in a worker that forkserver or spawn started.
     rm.get_recorder()._import_writer_modules()
@@ -87,6 +87,64 @@ if __name__ == "__main__":
     print(json.dumps({"exitcode": p.exitcode}))
 """
 
+# The child's main thread is where no Python signal handler can run: in C code that lets go of the GIL and runs
+# none (a numerical library, a database driver's wait; here a key derivation of minutes), or passed over by the
+# kernel for another thread while it waits for a lock (here it blocks SIGTERM itself, so the kernel must pass it
+# over; a pool's idle worker waited so for its next task, and the pool's terminate() waited for it for ever).
+STUCK = PRELUDE + """
+import hashlib
+
+def child(ready, how, held):
+    warm_up()
+    record(7)
+    if how == "c-code":
+        ready.set()
+        hashlib.pbkdf2_hmac("sha256", b"p", b"s", 2_000_000_000)  # minutes; C's int holds no more
+    else:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        ready.set()
+        held.acquire()
+
+if __name__ == "__main__":
+    ctx = mp.get_context("fork")
+    ready, held = ctx.Event(), ctx.Lock()
+    held.acquire()
+    p = ctx.Process(target=child, args=(ready, sys.argv[1], held))
+    p.start()
+    assert ready.wait(60)
+    p.terminate()
+    p.join(60)
+    if p.is_alive():
+        p.kill()
+    print(json.dumps({"exitcode": p.exitcode}))
+"""
+
+# A child that records forks a grandchild that does not; SIGTERM ends the grandchild and only it.
+GRANDCHILD = PRELUDE + """
+def grandchild():
+    time.sleep(60)
+
+def child(out):
+    warm_up()
+    record(7)
+    g = mp.get_context("fork").Process(target=grandchild)
+    g.start()
+    time.sleep(0.5)
+    g.terminate()
+    g.join(60)
+    time.sleep(1.0)  # what the child's SIGTERM watch would wait before it ended the child
+    out.put(g.exitcode)
+
+if __name__ == "__main__":
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    p = ctx.Process(target=child, args=(out,))
+    p.start()
+    grandchild_exit = out.get(timeout=60)
+    p.join(60)
+    print(json.dumps({"child": p.exitcode, "grandchild": grandchild_exit}))
+"""
+
 PLAIN = """
 import json, signal
 from metatrail.recorder import get_recorder
@@ -130,6 +188,18 @@ def test_a_terminated_child_stores_its_events_and_still_dies_of_sigterm(tmp_path
 
 def test_a_child_that_sigterm_catches_inside_the_recorders_lock_stores_its_events(tmp_path: Path) -> None:
     assert _run(tmp_path, IN_LOCK) == {"exitcode": -signal.SIGTERM}
+    assert _stored(tmp_path) == [("COMPLETE", "pool.square"), ("START", "pool.square")]
+
+
+@pytest.mark.parametrize("how", ["c-code", "signal-on-another-thread"])
+def test_a_child_whose_main_thread_cannot_run_the_handler_stores_its_events_and_dies_of_sigterm(
+        tmp_path: Path, how: str) -> None:
+    assert _run(tmp_path, STUCK, how) == {"exitcode": -signal.SIGTERM}
+    assert _stored(tmp_path) == [("COMPLETE", "pool.square"), ("START", "pool.square")]
+
+
+def test_sigterm_to_a_forked_grandchild_ends_it_and_not_the_child_that_forked_it(tmp_path: Path) -> None:
+    assert _run(tmp_path, GRANDCHILD) == {"child": 0, "grandchild": -signal.SIGTERM}
     assert _stored(tmp_path) == [("COMPLETE", "pool.square"), ("START", "pool.square")]
 
 
