@@ -1,8 +1,10 @@
-"""A load-test writer process: ``python writer_proc.py URL TOKEN CONNECTIONS EVENTS BATCH LEDGER``.
+"""A load-test writer process: ``python writer_proc.py URL TOKEN CONNECTIONS EVENTS BATCH LEDGER [GATE]``.
 
 Opens CONNECTIONS keep-alive connections (one thread each); each posts EVENTS OpenLineage events in batches of
 BATCH (1 = the single-event route), retrying a batch until acknowledged, and writes the ids of acknowledged events
-to LEDGER (one per line). Only the standard library, so hundreds start quickly.
+to LEDGER (one per line). With GATE (a directory), each connection, once open, says so with a file
+``GATE/ready-<pid>-<n>`` and posts nothing before ``GATE/go`` exists: the harness starts every writer, waits until
+all are connected, then lets them go at once. Only the standard library, so hundreds start quickly.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import sys
 import threading
 import time
@@ -31,17 +34,24 @@ def event_id(e: dict) -> str:
 
 def main() -> None:
     url, token, connections, per, batch, ledger = sys.argv[1:7]
+    gate = sys.argv[7] if len(sys.argv) > 7 else None
     host, port = url.replace("http://", "").split(":")
     acked: list[str] = []
     lock = threading.Lock()
 
-    def worker() -> None:
+    def worker(n: int) -> None:
         events = []
         while len(events) < int(per):
             rid = str(uuid.uuid4())
             events += [event(len(events), rid, "START"), event(len(events) + 1, rid, "COMPLETE")]
         events = events[: int(per)]
         conn = None
+        if gate is not None:
+            conn = http.client.HTTPConnection(host, int(port), timeout=60)
+            conn.connect()
+            open(os.path.join(gate, f"ready-{os.getpid()}-{n}"), "w").close()
+            while not os.path.exists(os.path.join(gate, "go")):
+                time.sleep(0.01)
         for i in range(0, len(events), int(batch)):
             chunk = events[i : i + int(batch)]
             path, body = ("/api/v1/lineage", chunk[0]) if int(batch) == 1 else ("/api/v1/lineage/batch", chunk)
@@ -63,7 +73,7 @@ def main() -> None:
             with lock:
                 acked.extend(event_id(e) for e in chunk)
 
-    threads = [threading.Thread(target=worker) for _ in range(int(connections))]
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(int(connections))]
     for t in threads:
         t.start()
     for t in threads:
