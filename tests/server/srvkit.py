@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -165,12 +166,13 @@ class ServerProcess:
     """``python -m metatrail.server server …`` as a subprocess (for kill -9 and the CLI)."""
 
     def __init__(self, store: str, *, port: int | None = None, extra: list[str] | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, tls: tuple[str, str] | None = None) -> None:
         self.store = store
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls = tls  # (certificate file, key file): served with --tls-cert/--tls-key
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "metatrail.server", "server", "--store", store, "--port", str(self.port),
-                     *(extra or [])]
+                     *(["--tls-cert", tls[0], "--tls-key", tls[1]] if tls else []), *(extra or [])]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -182,7 +184,12 @@ class ServerProcess:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 raise RuntimeError(f"server exited with {self.proc.returncode}: {err[-2000:]}")
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                if self.tls:
+                    trusting = ssl.create_default_context(cafile=self.tls[0])
+                    conn: http.client.HTTPConnection = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=1,
+                                                                                   context=trusting)
+                else:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
                 conn.request("GET", "/health")
                 if conn.getresponse().status == 200:
                     conn.close()
@@ -395,6 +402,33 @@ class FaultProxy:
 
     def close(self) -> None:
         self.down()
+
+
+def self_signed_certificate(directory: Path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 signed by its own key, and the key: (certificate file, key file) in ``directory``."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_file), str(key_file)
 
 
 def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> bool:

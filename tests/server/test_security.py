@@ -4,7 +4,6 @@ start-up refusal on public addresses, TLS, request size limits, path traversal."
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import re
 import time
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import Tokens
-from srvkit import AsgiClient, auth, bulk_events, live, make_token
+from srvkit import AsgiClient, auth, bulk_events, live, make_token, self_signed_certificate
 
 from metatrail.server import commands
 from metatrail.server.app import FRAMEWORK_ROUTES, create_app, route_table
@@ -230,33 +229,8 @@ def test_only_explicit_loopback_addresses_are_loopback() -> None:
     assert ServerClient("http://192.0.2.1:1")._compress is True
 
 
-def _self_signed(directory: Path) -> tuple[str, str]:
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return str(cert_file), str(key_file)
-
-
 def test_tls(config: ServerConfig, tokens: Tokens, tmp_path: Path) -> None:
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
     with live(config, ssl_certfile=cert, ssl_keyfile=key) as server:
         assert server.url.startswith("https://")
         client = ServerClient(server.url, tokens.write, ca_bundle=cert)
