@@ -41,7 +41,6 @@ def _server_runs(store_url: str) -> dict[str, dict[str, Any]]:
         store.close()
 
 
-@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 def test_thousand_events_survive_every_fault(config: ServerConfig, tokens: Tokens, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METATRAIL_ENERGY", "0")
@@ -60,15 +59,21 @@ def test_thousand_events_survive_every_fault(config: ServerConfig, tokens: Token
                 ledger.append(ex.id)
 
         try:
-            phases = [("down", lambda: proxy.down()), ("hang", lambda: setattr(proxy, "mode", "hang")),
-                      ("5xx", lambda: setattr(proxy, "statuses", [500, 502, 503, 504] * 3)),
-                      ("429", lambda: setattr(proxy, "statuses", [429] * 6)),
-                      ("slow", lambda: setattr(proxy, "delay", 0.3) or setattr(proxy, "mode", "slow"))]
-            for _name, fault in phases:
+            # Each phase: the fault, and how to tell that the shipper met it (a refused connection it retried, a
+            # request the proxy hung up or answered with an injected status, a request it served slowly).
+            phases = [("down", lambda: proxy.down(), lambda b: shipper.stats()["retried"] > b["retried"]),
+                      ("hang", lambda: setattr(proxy, "mode", "hang"), lambda b: proxy.faults > b["faults"]),
+                      ("5xx", lambda: setattr(proxy, "statuses", [500, 502, 503, 504] * 3),
+                       lambda b: proxy.faults >= b["faults"] + 4),
+                      ("429", lambda: setattr(proxy, "statuses", [429] * 6), lambda b: proxy.faults >= b["faults"] + 2),
+                      ("slow", lambda: setattr(proxy, "delay", 0.3) or setattr(proxy, "mode", "slow"),
+                       lambda b: proxy.requests > b["requests"])]
+            for name, fault, met in phases:
+                before = {"retried": shipper.stats()["retried"], "faults": proxy.faults, "requests": proxy.requests}
                 fault()
                 record(100)  # 200 events per phase, 1,000 in all
                 assert recorder.flush(30)
-                time.sleep(0.3)  # let the shipper meet the fault
+                assert wait_for(lambda b=before, m=met: m(b), 30), f"the shipper never met the {name} fault"
                 proxy.up()
                 proxy.mode, proxy.statuses, proxy.delay = "ok", [], 0.0
             assert recorder.flush(30)
