@@ -4,6 +4,10 @@ it resumable, selections filter, origins are recorded, and PostgreSQL log positi
 from __future__ import annotations
 
 import json
+import os
+import pty
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -113,6 +117,62 @@ def test_push_is_resumable_after_interruption(config: ServerConfig, tokens: Toke
             assert served.digest()["events"] == 5000
         finally:
             served.close()
+
+
+def test_pull_is_resumable_after_interruption(config: ServerConfig, tokens: Tokens, tmp_path: Path) -> None:
+    events = bulk_events(2500)
+    held = open_store(config.store)
+    try:
+        held.ingest(events)
+    finally:
+        held.close()
+    b = _local(tmp_path, "b")
+    with live(config) as server:
+        proxy = FaultProxy(server.url.replace("http://", ""))
+        try:
+            proxy.fail_after = 4  # the server becomes unavailable mid-pull (after the first pages' requests)
+            with pytest.raises(RemoteUnavailable):
+                pull(b, proxy.url, token=tokens.read, show_progress=False)
+            local = SyncLog(b)
+            got = local.digest()["events"]
+            local.close()
+            assert 0 < got < 5000  # what arrived is kept
+            proxy.fail_after = None
+            rest = pull(b, proxy.url, token=tokens.read, show_progress=False)
+            assert rest.inserted == 5000 - got  # only what the first pull did not bring
+            assert rest.scanned < 5000  # from the cursor the first pull left, not from the start
+        finally:
+            proxy.close()
+    local = SyncLog(b)
+    try:
+        assert local.missing(sorted(ids_of(events))) == []
+        assert local.digest()["events"] == 5000
+    finally:
+        local.close()
+
+
+def test_a_long_push_on_a_terminal_shows_its_progress(config: ServerConfig, tokens: Tokens, tmp_path: Path) -> None:
+    a = _local(tmp_path, "a", bulk_events(1500))  # 3,000 events: past the size that draws a bar
+    with live(config) as server:
+        terminal, child_end = pty.openpty()  # the command's output is a terminal, as a user's is
+        proc = subprocess.Popen([sys.executable, "-m", "metatrail.server", "push", "--store", a, "--to", server.url,
+                                 "--token", tokens.write], stdin=subprocess.DEVNULL, stdout=child_end,
+                                stderr=child_end, env={**os.environ, "TERM": "xterm", "COLUMNS": "120"})
+        os.close(child_end)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # EIO: the command has ended and closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+        os.close(terminal)
+        assert proc.wait(60) == 0
+    text = shown.decode(errors="replace")
+    assert f"push to {server.url}" in text and "/3000" in text  # the bar: what moves where, done of all
+    assert "pushed 3000 events" in text
 
 
 def test_cli_push_pull(config: ServerConfig, tokens: Tokens, tmp_path: Path,
