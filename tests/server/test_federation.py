@@ -110,6 +110,14 @@ def test_two_sites(store_url: str, tmp_path: Path, capsys: pytest.CaptureFixture
         origins = {e.body["run"]["facets"]["metatrail_execution"]["pipeline"]: e.site for e in served2.iter_events()}
         served2.close()
         assert origins == {"trackml": "site1", "refine": "site2"}  # relayed by site 2, first recorded at site 1
+        # The same on demand from the command line, where server 2's store is: a run recorded at site 1 since.
+        retrain = _record(c1, "site1", [("trackml", "retrain", [clean], [d1 / "model2.pt"])])
+        assert push(c1, server1.url, token=site1_write, show_progress=False).sent == 4
+        assert commands.main(["peer", "sync", "s1", "--direction", "pull", "--site", "site2", "--store",
+                              s2.store]) == 0
+        synced = json.loads(capsys.readouterr().out)
+        assert synced["pull"]["inserted"] == 4 and "push" not in synced
+        assert RemoteStore(server2.url, token=site2_read).get_run(retrain[0])["site"] == "site1"
 
         # Scheduled push to server 1: the peer shares only "refine".
         r = httpx.post(f"{server2.url}/api/v1/peers", headers=admin, timeout=30, json={
@@ -128,6 +136,10 @@ def test_two_sites(store_url: str, tmp_path: Path, capsys: pytest.CaptureFixture
         finally:
             served1.close()
         assert refine_sites == {"site2"} and private == 4
+        # The schedule pulls too: a run recorded at site 1 now reaches server 2 by itself.
+        scheduled = _record(c1, "site1", [("trackml", "again", [clean], [d1 / "model3.pt"])])
+        assert push(c1, server1.url, token=site1_write, show_progress=False).sent == 4
+        assert wait_for(lambda: RemoteStore(server2.url, token=site2_read).get_run(scheduled[0]) is not None, 30)
         # Nothing of site 1's private pipeline reached site 2.
         served2 = SyncLog(s2.store)
         try:
@@ -137,7 +149,6 @@ def test_two_sites(store_url: str, tmp_path: Path, capsys: pytest.CaptureFixture
         # A peer's token cannot do more than its scopes: the share token is read-only.
         assert httpx.post(f"{server1.url}/api/v1/lineage", json=bulk_events(1)[0],
                           headers=auth(site1_share)).status_code == 403
-        del site2_read
 
 
 def test_peer_routes_and_errors(client: AsgiClient, tokens: Tokens, tmp_path: Path) -> None:
