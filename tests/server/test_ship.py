@@ -94,6 +94,43 @@ def test_thousand_events_survive_every_fault(config: ServerConfig, tokens: Token
             proxy.close()
 
 
+def test_recording_goes_on_while_the_server_hangs(config: ServerConfig, tokens: Tokens, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # The shipper's request hangs (the server accepts it and never answers, for longer than this test lasts): tasks
+    # record and store all the same, each call on its own thread, and everything is delivered once the server
+    # answers again.
+    monkeypatch.setenv("METATRAIL_ENERGY", "0")
+    local = f"sqlite:///{tmp_path / 'client' / 'metatrail.db'}"
+    with live(config) as server:
+        proxy = FaultProxy(server.url.replace("http://", ""))
+        proxy.mode = "hang"
+        shipper = Shipper(local, proxy.url, tokens.write, timeout=120.0, connect_timeout=120.0, exit_timeout=0,
+                          base_delay=0.05, max_delay=0.2)
+        recorder = ShippingRecorder(load_settings(store=local), shipper=shipper)
+        try:
+            first = recorder.execution_started("held", "first")
+            recorder.execution_finished(first)
+            assert recorder.flush(30)
+            assert wait_for(lambda: proxy.faults >= 1, 30)  # the shipper is inside the request that hangs
+            ids = [first.id]
+            for i in range(200):
+                ex = recorder.execution_started("held", "step", params={"i": i})
+                recorder.execution_finished(ex)
+                ids.append(ex.id)
+            assert recorder.flush(30)  # all stored locally, the request still unanswered
+            assert shipper.stats()["sent"] == 0 and proxy.forwarded == 0
+            with open_store(local) as held:
+                assert held.stats()["events"] == 402
+            proxy.mode = "ok"
+            proxy._release.set()  # the hung request ends (its connection closed): the shipper tries again
+            assert shipper.drain(60, give_up_on_failure=False), shipper.stats()
+            assert set(_server_runs(config.store)) == set(ids)
+        finally:
+            recorder.close(10)
+            shipper.close(1)
+            proxy.close()
+
+
 def test_bad_events_are_isolated_and_counted(tmp_path: Path) -> None:
     from srvkit import bulk_events, make_token
 
@@ -185,6 +222,35 @@ def test_backlog_bound_drops_only_non_essential_events(tmp_path: Path) -> None:
         finally:
             log.close()
         assert push(local, server.url, token=token, show_progress=False, compare_all=True).sent == 0
+
+
+def test_a_backlog_of_essential_events_past_the_bound_is_shipped_whole(tmp_path: Path) -> None:
+    # The excess (45 past a bound of 5) is larger than what may be skipped (10 RUNNING events): those are skipped
+    # and counted, and every START and COMPLETE still goes.
+    from srvkit import bulk_events, ids_of, make_token
+
+    config = ServerConfig(store=f"sqlite:///{tmp_path / 'server.db'}", auth_cache_ttl=0)
+    token = make_token(config.store, "write")
+    local = f"sqlite:///{tmp_path / 'client.db'}"
+    events = bulk_events(20)
+    running = []
+    for e in events[::4]:
+        r = json.loads(json.dumps(e))
+        r["eventType"] = "RUNNING"
+        r["eventTime"] = r["eventTime"].replace(".000000", ".250000")
+        running.append(r)
+    store = open_store(local)
+    store.ingest(events + running)
+    store.close()
+    with live(config) as server:
+        shipper = Shipper(local, server.url, token, max_backlog=5, base_delay=0.05, max_delay=0.2)
+        shipper.notify()
+        assert shipper.drain(30, give_up_on_failure=False)
+        stats = shipper.stats()
+        shipper.close(1)
+    assert stats["dropped"] == len(running) == 10 and stats["acked"] == len(events) == 40
+    with open_store(config.store) as held:
+        assert {e.id for e in held.iter_events()} == ids_of(events)
 
 
 SCRIPT = textwrap.dedent("""
