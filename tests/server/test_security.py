@@ -117,9 +117,22 @@ def test_token_lifecycle_cli_and_hashing(config: ServerConfig, capsys: pytest.Ca
     listed = json.loads(capsys.readouterr().out)
     assert [(t["name"], t["scopes"], t["site"]) for t in listed] == [("ci", ["read", "write"], "lab")]
     assert "secret_sha256" not in listed[0]
-    # Stored hashed: the secret never appears in the database.
+    # Stored hashed: the secret never appears in the database (SQLite: anywhere in its file; PostgreSQL: in any
+    # text column of any table).
+    secret = text.split("_", 2)[2]
     if config.store.startswith("sqlite"):
-        assert text.split("_", 2)[2].encode() not in Path(config.store[len("sqlite:///"):]).read_bytes()
+        assert secret.encode() not in Path(config.store[len("sqlite:///"):]).read_bytes()
+    else:
+        import psycopg
+
+        with psycopg.connect(config.store) as conn:
+            columns = conn.execute("SELECT table_name, column_name FROM information_schema.columns WHERE "
+                                   "table_schema = 'public' AND data_type IN ('text', 'character varying')").fetchall()
+            assert ("tokens", "secret_sha256") in columns
+            for table, column in columns:
+                found = conn.execute(f'SELECT count(*) FROM "{table}" WHERE "{column}" LIKE %s',
+                                     [f"%{secret}%"]).fetchone()
+                assert found == (0,), (table, column)
     app = create_app(config)
     c = AsgiClient(app)
     try:
