@@ -1,5 +1,6 @@
 """Property tests (hypothesis) of merge = set union of events, then projections: commutative, associative,
-idempotent, and sites converge whatever order they sync in. Real SQLite stores; the real transfer code."""
+idempotent, and sites converge whatever order they sync in, on SQLite stores and between a SQLite site and a
+PostgreSQL one. Real stores; the real transfer code."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import random
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,7 +84,7 @@ def _union(picks: list[int]) -> set[str]:
     return {event_id(UNIVERSE[i]) for i in picks}
 
 
-COMMON = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+COMMON = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @COMMON
@@ -136,7 +138,7 @@ def test_merge_is_idempotent(a: list[int], b: list[int]) -> None:
         assert snapshot(x) == once
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(parts=st.lists(subsets, min_size=3, max_size=3),
        syncs=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 2)), max_size=8))
 def test_sites_converge_whatever_the_order(parts: list[list[int]], syncs: list[tuple[int, int]]) -> None:
@@ -153,3 +155,36 @@ def test_sites_converge_whatever_the_order(parts: list[list[int]], syncs: list[t
                     merge(sites[src], sites[dst])
         expected = snapshot(reference)
         assert all(snapshot(s) == expected for s in sites)
+
+
+@contextmanager
+def _postgresql_store(server: str) -> Iterator[EventStore]:
+    import psycopg
+
+    name = f"mt_merge_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    store = open_store(f"{server}/{name}")
+    try:
+        yield store
+    finally:
+        store.close()
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@given(a=subsets, b=subsets)
+def test_a_sqlite_site_and_a_postgresql_site_converge(pg_server: str, a: list[int], b: list[int]) -> None:
+    # Sites run either backend: after syncing both ways they hold the same events and project them alike.
+    with _stores(1) as (lite,), _postgresql_store(pg_server) as pg:
+        _fill(lite, a)
+        _fill(pg, b, seed=1)
+        merge(lite, pg)
+        merge(pg, lite)
+        assert snapshot(lite) == snapshot(pg)
+        log = SyncLog(pg.url)
+        try:
+            assert log.digest()["events"] == len(_union(a + b))
+        finally:
+            log.close()
