@@ -1,14 +1,17 @@
 """``metatrail server`` as users start it (a subprocess of the real command, real HTTP on loopback), fed by the
 real ``openlineage-python`` client as any OpenLineage producer feeds it: plain and gzip bodies, with TLS from
-``--tls-cert``/``--tls-key``, and on a public address only once an admin token exists."""
+``--tls-cert``/``--tls-key``, on a public address only once an admin token exists, forwarding as its
+``--forward-config`` file says."""
 
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +169,29 @@ def test_server_command_listens_on_every_interface_only_with_an_admin_token(tmp_
         conn.close()
     finally:
         server.stop()
+
+
+def test_server_command_forwards_as_its_forward_config_file_says(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'site.db'}"
+    out = tmp_path / "forwarded.jsonl"
+    config = tmp_path / "openlineage.yml"
+    config.write_text(f"transport:\n  type: file\n  log_file_path: {out}\n  append: true\n")
+    write = make_token(store, "write")
+    server = ServerProcess(store, extra=["--forward-config", str(config)]).start()
+    try:
+        events = _events(new_run_id())
+        client = _client(server.url, write)
+        for event in events:
+            client.emit(event)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (not out.exists() or len(out.read_text().splitlines()) < len(events)):
+            time.sleep(0.05)
+        forwarded = [json.loads(line) for line in out.read_text().splitlines()]
+        assert sorted(e["run"]["runId"] + e["eventType"] for e in forwarded) == \
+            sorted(e.run.runId + e.eventType.value for e in events)
+    finally:
+        server.stop()
+    broken = tmp_path / "broken.yml"
+    broken.write_text("transport: [file]\n")
+    refused = _command("server", "--store", store, "--forward-config", str(broken))
+    assert refused.returncode != 0 and "transport" in refused.stderr
