@@ -1,5 +1,6 @@
 """Soak: schemathesis against the server's OpenAPI description with ≥ 1,000 cases per operation, on SQLite and on
-PostgreSQL, asserting zero 5xx (the CI test ``tests/server/test_fuzz.py`` runs the same with 20 per operation).
+PostgreSQL, asserting zero 5xx (the CI tests ``tests/server/test_fuzz.py`` and ``test_fuzz_postgresql.py`` run the
+same with 100 per operation).
 
     python bench/soak_server.py                 # 1,000 cases per operation, SQLite then PostgreSQL
     python bench/soak_server.py --examples 200  # shorter
