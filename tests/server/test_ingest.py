@@ -49,6 +49,10 @@ def test_marquez_fixtures(client: AsgiClient, tokens: Tokens, store_url: str) ->
     stored = _stored(store_url)
     # Read back exactly what was posted (the facets too, as Marquez's round-trip test checks).
     assert sorted(map(event_id, stored)) == sorted(map(event_id, posted))
+    # And over the API: every event's whole body, as posted.
+    served = client.get("/api/v1/events?limit=1000", headers=auth(tokens.read)).json()["events"]
+    assert sorted(json.dumps(e["event"], sort_keys=True) for e in served) == \
+        sorted(json.dumps(b, sort_keys=True) for b in posted)
     kinds = {r["run_id"] for r in client.get("/api/v1/runs?limit=1000", headers=auth(tokens.read)).json()["runs"]}
     run_ids = {b["run"]["runId"] for b in posted if b.get("run")}
     assert kinds == run_ids  # projections hold the runs and skip the run-less dataset/job events
