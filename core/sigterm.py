@@ -19,9 +19,12 @@ cases; with only the handler, the process went on for as long as the C code ran,
 signal too: the handler's wake-up file descriptor (:func:`signal.set_wakeup_fd`), which Python writes from whichever
 thread the signal reached, tells it; when the main thread has not begun the handler within
 :data:`MAIN_THREAD_GRACE_S`, the watch thread stores what is pending and ends the process as SIGTERM does, from its
-own thread. (C code that keeps the GIL holds up every Python thread, this one too: the handler runs when it
-returns.) A program that has a wake-up descriptor of its own (an asyncio loop) keeps it, and only the handler acts
-there. A forked child leaves its parent's descriptor at once, so that a signal to the child never ends the parent.
+own thread (through the C library's ``signal()``; where that cannot be reached, with SIGKILL). C code that keeps the
+GIL holds up every Python thread, this one too: the handler runs when it returns. A program that has a wake-up
+descriptor of its own (an asyncio loop) keeps it, and only the handler acts there; one that sets a SIGTERM handler of
+its own later keeps that too (the watch thread then leaves SIGTERM alone). A forked child leaves its parent's
+descriptor at once, SIGTERM blocked in the forking thread until it has, so that a signal to the child never ends the
+parent.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class FlushOnSigterm:
         self._deadline: float | None = None
         self._wakeup: tuple[int, int] | None = None  # (read end, write end) of the wake-up pipe, set in this process
         self._default_action: Callable[[], None] | None = None
+        self._fork_mask: Any = None  # the forking thread's signal mask, while a fork is under way
 
     def arm(self, recorder: Drainable) -> None:
         """Have ``recorder`` drained before this process dies of SIGTERM, when this process may handle it."""
@@ -104,7 +108,7 @@ class FlushOnSigterm:
         try:
             os.set_blocking(write_fd, False)  # Python requires it: a full pipe must never block the signal
             previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        except (ValueError, OSError):
+        except Exception:  # no wake-up descriptor here (a platform without it): the handler alone
             os.close(read_fd)
             os.close(write_fd)
             return
@@ -126,25 +130,52 @@ class FlushOnSigterm:
                 data = os.read(read_fd, 64)  # a byte per signal, its number
                 if not data or os.getpid() != pid:
                     return
-                if int(signal.SIGTERM) in data:
+                # Python writes the byte whichever handler is set: one the program set since is the program's
+                # business, and SIGTERM is left to it.
+                if int(signal.SIGTERM) in data and self._ours():
                     break
-            if not self._main_started.wait(MAIN_THREAD_GRACE_S):
+            if not self._main_started.wait(MAIN_THREAD_GRACE_S) and self._ours():
                 self._end()
         except Exception as exc:  # the handler still does its part
             log_once("sigterm-watch", "metatrail: the SIGTERM watch thread stopped (%s: %s)", type(exc).__name__, exc)
 
+    def _ours(self) -> bool:
+        return bool(signal.getsignal(signal.SIGTERM) == self._on_sigterm)
+
+    # -- fork: a child must never signal through its parent's descriptor -----------------------------------------
+    # The child shares the parent's wake-up descriptor until after_fork_in_child drops it; a SIGTERM that reached it
+    # in between would wake the parent's watch thread, which would end the parent. So SIGTERM is blocked in the
+    # forking thread across the fork: the child receives it once the descriptor is dropped, the parent right after.
+    def before_fork(self) -> None:
+        self._fork_mask = None
+        if self._wakeup is not None and self._pid == os.getpid():
+            with contextlib.suppress(Exception):
+                self._fork_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def after_fork_in_parent(self) -> None:
+        self._restore_fork_mask()
+
     def after_fork_in_child(self) -> None:
         """Leave the parent's wake-up descriptor: the child's signals must not reach the parent's watch thread."""
         wakeup, self._wakeup = self._wakeup, None
-        if wakeup is None:
-            return
-        with contextlib.suppress(ValueError, OSError):
-            previous = signal.set_wakeup_fd(-1)
-            if previous not in (-1, wakeup[1]):
-                signal.set_wakeup_fd(previous)  # set by the program since: its own
-        for fd in wakeup:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        try:
+            if wakeup is None:
+                return
+            with contextlib.suppress(ValueError, OSError):
+                previous = signal.set_wakeup_fd(-1)
+                if previous not in (-1, wakeup[1]):
+                    signal.set_wakeup_fd(previous)  # set by the program since: its own
+            for fd in wakeup:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        finally:
+            self._restore_fork_mask()
+
+    def _restore_fork_mask(self) -> None:
+        mask, self._fork_mask = self._fork_mask, None
+        if mask is not None:
+            with contextlib.suppress(Exception):
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     # -- the end, from either thread -----------------------------------------------------------------------------
     def _end(self) -> None:
@@ -200,4 +231,5 @@ def _default_action_setter(signum: int) -> Callable[[], None] | None:
 flush_on_sigterm = FlushOnSigterm()
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=flush_on_sigterm.after_fork_in_child)
+    os.register_at_fork(before=flush_on_sigterm.before_fork, after_in_parent=flush_on_sigterm.after_fork_in_parent,
+                        after_in_child=flush_on_sigterm.after_fork_in_child)

@@ -45,20 +45,23 @@ if __name__ == "__main__":
 
 TERMINATED = PRELUDE + """
 def child(ready, own_handler, marker):
-    if own_handler:
-        def handler(signum, frame):
-            open(marker, "w").write("handled")
-            os._exit(3)
+    def handler(signum, frame):
+        open(marker, "w").write("handled")
+        time.sleep(0.5)  # longer than the watch thread would leave SIGTERM to the main thread
+        os._exit(3)
+    if own_handler == "own":
         signal.signal(signal.SIGTERM, handler)
     warm_up()
     record(7)
+    if own_handler == "own-later":  # set after metatrail set its own: the program's, from then on
+        signal.signal(signal.SIGTERM, handler)
     ready.set()
     time.sleep(60)
 
 if __name__ == "__main__":
     ctx = mp.get_context("fork")
     ready = ctx.Event()
-    p = ctx.Process(target=child, args=(ready, sys.argv[1] == "own", sys.argv[2]))
+    p = ctx.Process(target=child, args=(ready, sys.argv[1], sys.argv[2]))
     p.start()
     assert ready.wait(60)
     p.terminate()
@@ -119,7 +122,8 @@ if __name__ == "__main__":
     print(json.dumps({"exitcode": p.exitcode}))
 """
 
-# A child that records forks a grandchild that does not; SIGTERM ends the grandchild and only it.
+# A child that records forks grandchildren that do not; SIGTERM ends each grandchild and only it, also one that it
+# reaches while the fork is still under way (terminated at once).
 GRANDCHILD = PRELUDE + """
 def grandchild():
     time.sleep(60)
@@ -127,13 +131,16 @@ def grandchild():
 def child(out):
     warm_up()
     record(7)
-    g = mp.get_context("fork").Process(target=grandchild)
-    g.start()
-    time.sleep(0.5)
-    g.terminate()
-    g.join(60)
+    codes = []
+    for wait in (0.5, 0, 0, 0, 0, 0, 0, 0, 0, 0):
+        g = mp.get_context("fork").Process(target=grandchild)
+        g.start()
+        time.sleep(wait)
+        g.terminate()
+        g.join(60)
+        codes.append(g.exitcode)
     time.sleep(1.0)  # what the child's SIGTERM watch would wait before it ended the child
-    out.put(g.exitcode)
+    out.put(sorted(set(codes)))
 
 if __name__ == "__main__":
     ctx = mp.get_context("fork")
@@ -199,13 +206,14 @@ def test_a_child_whose_main_thread_cannot_run_the_handler_stores_its_events_and_
 
 
 def test_sigterm_to_a_forked_grandchild_ends_it_and_not_the_child_that_forked_it(tmp_path: Path) -> None:
-    assert _run(tmp_path, GRANDCHILD) == {"child": 0, "grandchild": -signal.SIGTERM}
+    assert _run(tmp_path, GRANDCHILD) == {"child": 0, "grandchild": [-signal.SIGTERM]}
     assert _stored(tmp_path) == [("COMPLETE", "pool.square"), ("START", "pool.square")]
 
 
-def test_a_childs_own_sigterm_handler_is_kept(tmp_path: Path) -> None:
+@pytest.mark.parametrize("when", ["own", "own-later"])
+def test_a_childs_own_sigterm_handler_is_kept(tmp_path: Path, when: str) -> None:
     marker = tmp_path / "marker"
-    assert _run(tmp_path, TERMINATED, "own", str(marker)) == {"exitcode": 3}
+    assert _run(tmp_path, TERMINATED, when, str(marker)) == {"exitcode": 3}
     assert marker.read_text() == "handled"
 
 
