@@ -228,8 +228,9 @@ def test_a_closed_writer_says_so(tmp_path: Path) -> None:
 
 
 def _bytes_written() -> int:
-    """What this process has written with write(2) and pwrite(2) so far, by Linux's count (/proc/self/io)."""
-    io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    """What this thread has written with write(2) and pwrite(2) so far, by Linux's count (an ingest writes on the
+    calling thread; other threads of the test process may write meanwhile)."""
+    io = dict(line.split(": ") for line in Path("/proc/thread-self/io").read_text().splitlines())
     return int(io["wchar"])
 
 
@@ -238,6 +239,7 @@ def test_an_ingest_writes_its_log_and_no_statement_journal_file(tmp_path: Path, 
     # One transaction of several multi-row INSERTs: each later statement changes pages an earlier one had changed
     # (the table's last pages, the indexes), which SQLite keeps in a statement journal so that it can undo the
     # statement alone. Written to a temporary file, that journal was a third of all an ingest wrote.
+    # (Queries keep their temporary files on disk: a sort over a large store must be able to spill.)
     path = tmp_path / "s.db"
     target = SqlStore(f"sqlite:///{path}") if writer == "sql-store" else SqliteWriter.open(f"sqlite:///{path}")
     assert target is not None
@@ -249,6 +251,12 @@ def test_an_ingest_writes_its_log_and_no_statement_journal_file(tmp_path: Path, 
         assert len(batch) > 4 * ingest.SQLITE_ROWS_PER_INSERT  # several statements per table
         assert target.ingest(batch).inserted == len(batch)
         written, logged = _bytes_written() - written_before, wal.stat().st_size - wal_before
+        if isinstance(target, SqlStore):  # the pooled connection the ingest used is back to files on disk
+            pooled = target._engine.raw_connection()
+            try:
+                assert pooled.cursor().execute("PRAGMA temp_store").fetchone()[0] == 0
+            finally:
+                pooled.close()
     finally:
         target.close()
     assert logged > 1_000_000  # no checkpoint ran: the log holds the transaction's pages

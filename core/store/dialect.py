@@ -119,15 +119,19 @@ def is_sqlite(engine: Engine) -> bool:
 
 
 @contextlib.contextmanager
-def raw_transaction(engine: Engine) -> Iterator[Any]:
+def raw_transaction(engine: Engine, *, journals_in_memory: bool = False) -> Iterator[Any]:
     """One transaction on a pooled connection, as a DBAPI cursor: ``BEGIN IMMEDIATE`` on SQLite (the writer lock up
     front, as the engine's ``begin`` hook takes it), committed on success, rolled back on error. A third of the cost
-    of ``engine.begin()`` for a one-event ingest."""
+    of ``engine.begin()`` for a one-event ingest. ``journals_in_memory`` (an ingest, SQLite): its statement journals
+    in memory, for this transaction only (:data:`metatrail.store.sqlitefile.JOURNALS_IN_MEMORY`)."""
     raw = engine.raw_connection()
+    in_memory = journals_in_memory and engine.dialect.name == "sqlite"
     try:
         cur = raw.cursor()
         try:
             if engine.dialect.name == "sqlite":
+                if in_memory:
+                    cur.execute(sqlitefile.JOURNALS_IN_MEMORY)  # outside a transaction: SQLite refuses it inside
                 cur.execute("BEGIN IMMEDIATE")
             yield cur
             raw.commit()
@@ -136,6 +140,9 @@ def raw_transaction(engine: Engine) -> Iterator[Any]:
                 raw.rollback()
             raise
         finally:
+            if in_memory:
+                with contextlib.suppress(Exception):
+                    cur.execute(sqlitefile.TEMPORARY_FILES_ON_DISK)
             with contextlib.suppress(Exception):
                 cur.close()
     finally:

@@ -149,7 +149,7 @@ class SqlStore(EventStore):
         name = self._engine.dialect.name
 
         def run() -> IngestResult:
-            with dialect.raw_transaction(self._engine) as cur:
+            with dialect.raw_transaction(self._engine, journals_in_memory=True) as cur:
                 return ingest.ingest_prepared(cur, name, prepared, len(events_in),
                                               allowed_pipelines=allowed_pipelines)
 

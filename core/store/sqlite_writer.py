@@ -109,6 +109,7 @@ class SqliteWriter:
             raise StoreError(f"cannot open store {url}: {exc}") from None
         try:
             sqlitefile.configure(conn, wal_autocheckpoint, path=path)
+            conn.execute(sqlitefile.JOURNALS_IN_MEMORY)  # this connection only ingests
             current = _retrying(lambda: _schema(conn, path))
         except BaseException as exc:
             conn.close()

@@ -4,8 +4,7 @@ Shared by the SQLAlchemy engines of :mod:`metatrail.store.dialect` and the Recor
 :mod:`metatrail.store.sqlite_writer`, so both open the file the same way; nothing here imports SQLAlchemy.
 
 * WAL journal, ``synchronous=NORMAL`` (durable across process crashes; an OS crash may lose the last commits, never
-  corrupt), a long ``busy_timeout`` so that concurrent writers queue instead of failing; temporary files (statement
-  journals) in memory.
+  corrupt), a long ``busy_timeout`` so that concurrent writers queue instead of failing.
 * On a network or cluster filesystem (NFS, Lustre, GPFS …; :mod:`metatrail.fstype`) a rollback journal instead
   (``TRUNCATE``): WAL's shared-memory index cannot be shared there, between hosts or at all. Readers and the writer
   then take turns, and writers on several hosts rely on the filesystem's own locks: the warning logged once says that
@@ -54,14 +53,19 @@ def configure(dbapi_conn: Any, wal_autocheckpoint: int = WAL_AUTOCHECKPOINT, *,
             _use_rollback_journal(cur, Path(path), network)
             cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cur.execute("PRAGMA synchronous=NORMAL")
-        # A multi-row INSERT (ingest's, see metatrail.store.ingest.bulk_insert) keeps a statement journal of the pages
-        # its transaction had already changed, so that it can be undone alone; in a temporary file, that journal was
-        # a third of all bytes an ingest wrote (100,000 events: 680 MB of 2.1 GB). In memory it costs no write.
-        cur.execute("PRAGMA temp_store=MEMORY")
         cur.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
         cur.execute("PRAGMA foreign_keys=ON")
     finally:
         cur.close()
+
+
+# A multi-row INSERT (ingest's, see metatrail.store.ingest.bulk_insert) keeps a statement journal of the pages its
+# transaction had already changed, so that it can be undone alone; in a temporary file, that journal was a third of all
+# bytes an ingest wrote (100,000 events: 680 MB of 2.1 GB). In memory it costs no write, and an ingest's is bounded by
+# its batch. Only ingests keep temporary files in memory: a query's sort or temporary table over a large store must
+# still spill to disk.
+JOURNALS_IN_MEMORY = "PRAGMA temp_store=MEMORY"
+TEMPORARY_FILES_ON_DISK = "PRAGMA temp_store=DEFAULT"
 
 
 def _use_rollback_journal(cur: Any, path: Path, network: str) -> None:
