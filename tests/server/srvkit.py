@@ -178,6 +178,14 @@ class ServerProcess:
 
     def start(self, timeout: float = 60.0) -> ServerProcess:
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            return self._wait_until_up(timeout)
+        except BaseException:
+            self.kill()  # a server that never answered must not outlive the test
+            raise
+
+    def _wait_until_up(self, timeout: float) -> ServerProcess:
+        assert self.proc is not None
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -127,15 +127,21 @@ def _run_writers(url: str, token: str, processes: int, connections: int, per: in
     gate = tmp_path / "gate"
     gate.mkdir()
     procs = [subprocess.Popen([sys.executable, str(WRITER), url, token, str(connections), str(per), str(batch),
-                               str(ledger), str(gate)]) for ledger in ledgers]
-    # Every writer connected before any posts: all of them are writing at once.
-    deadline = time.monotonic() + 300
-    while len(list(gate.glob("ready-*"))) < processes * connections:
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a writer did not connect"
-        time.sleep(0.05)
-    (gate / "go").touch()
-    for p in procs:
-        assert p.wait(300) == 0
+                               str(ledger), str(gate)], stdout=subprocess.DEVNULL) for ledger in ledgers]
+    try:
+        # Every writer connected before any posts: all of them are writing at once.
+        deadline = time.monotonic() + 300
+        while len(list(gate.glob("ready-*"))) < processes * connections:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a writer did not connect"
+            time.sleep(0.05)
+        (gate / "go").touch()
+        for p in procs:
+            assert p.wait(300) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
     acked: set[str] = set()
     for ledger in ledgers:
         lines = [line for line in ledger.read_text().splitlines() if line]

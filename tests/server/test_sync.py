@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import select
 import subprocess
 import sys
 import threading
@@ -160,16 +161,24 @@ def test_a_long_push_on_a_terminal_shows_its_progress(config: ServerConfig, toke
                                 stderr=child_end, env={**os.environ, "TERM": "xterm", "COLUMNS": "120"})
         os.close(child_end)
         shown = b""
-        while True:
-            try:
-                chunk = os.read(terminal, 65536)
-            except OSError:  # EIO: the command has ended and closed the terminal
-                break
-            if not chunk:
-                break
-            shown += chunk
-        os.close(terminal)
-        assert proc.wait(60) == 0
+        deadline = time.monotonic() + 120
+        try:
+            while time.monotonic() < deadline:
+                if not select.select([terminal], [], [], 1.0)[0]:
+                    continue
+                try:
+                    chunk = os.read(terminal, 65536)
+                except OSError:  # EIO: the command has ended and closed the terminal
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            assert proc.wait(60) == 0
+        finally:
+            os.close(terminal)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
     text = shown.decode(errors="replace")
     assert f"push to {server.url}" in text and "/3000" in text  # the bar: what moves where, done of all
     assert "pushed 3000 events" in text

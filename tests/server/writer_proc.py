@@ -50,7 +50,10 @@ def main() -> None:
             conn = http.client.HTTPConnection(host, int(port), timeout=60)
             conn.connect()
             open(os.path.join(gate, f"ready-{os.getpid()}-{n}"), "w").close()
+            deadline = time.monotonic() + 600  # a harness that died never says go: give up
             while not os.path.exists(os.path.join(gate, "go")):
+                if time.monotonic() > deadline:
+                    raise SystemExit("writer: no go from the harness")
                 time.sleep(0.01)
         for i in range(0, len(events), int(batch)):
             chunk = events[i : i + int(batch)]
