@@ -176,7 +176,9 @@ def test_events_outside_a_restricted_tokens_pipelines_do_not_stall_the_shipper(
         assert {e.id for e in held.iter_events()} == ids_of(wanted)
 
 
-def test_backlog_bound_drops_only_non_essential_events(tmp_path: Path) -> None:
+def _backlog(tmp_path: Path, running_every: int) -> tuple[ServerConfig, str, str, list[Any], list[Any]]:
+    """A server's config and write token, and a local store (its URL) holding 20 runs' START and COMPLETE plus a
+    RUNNING event (non-essential) for every ``running_every``-th of their events; those events."""
     from srvkit import bulk_events, make_token
 
     config = ServerConfig(store=f"sqlite:///{tmp_path / 'server.db'}", auth_cache_ttl=0)
@@ -184,14 +186,18 @@ def test_backlog_bound_drops_only_non_essential_events(tmp_path: Path) -> None:
     local = f"sqlite:///{tmp_path / 'client.db'}"
     events = bulk_events(20)
     running = []
-    for e in events[::2]:  # a RUNNING event per run: non-essential
+    for e in events[::running_every]:
         r = json.loads(json.dumps(e))
         r["eventType"] = "RUNNING"
         r["eventTime"] = r["eventTime"].replace(".000000", ".250000")
         running.append(r)
-    store = open_store(local)
-    store.ingest(events + running)
-    store.close()
+    with open_store(local) as store:
+        store.ingest(events + running)
+    return config, token, local, events, running
+
+
+def test_backlog_bound_drops_only_non_essential_events(tmp_path: Path) -> None:
+    config, token, local, _events, _running = _backlog(tmp_path, 2)  # a RUNNING event per run
     with live(config) as server:
         # The first push of the page fails after its events were chosen: they are skipped again at the next try
         # of the page, and counted once.
@@ -227,21 +233,9 @@ def test_backlog_bound_drops_only_non_essential_events(tmp_path: Path) -> None:
 def test_a_backlog_of_essential_events_past_the_bound_is_shipped_whole(tmp_path: Path) -> None:
     # The excess (45 past a bound of 5) is larger than what may be skipped (10 RUNNING events): those are skipped
     # and counted, and every START and COMPLETE still goes.
-    from srvkit import bulk_events, ids_of, make_token
+    from srvkit import ids_of
 
-    config = ServerConfig(store=f"sqlite:///{tmp_path / 'server.db'}", auth_cache_ttl=0)
-    token = make_token(config.store, "write")
-    local = f"sqlite:///{tmp_path / 'client.db'}"
-    events = bulk_events(20)
-    running = []
-    for e in events[::4]:
-        r = json.loads(json.dumps(e))
-        r["eventType"] = "RUNNING"
-        r["eventTime"] = r["eventTime"].replace(".000000", ".250000")
-        running.append(r)
-    store = open_store(local)
-    store.ingest(events + running)
-    store.close()
+    config, token, local, events, running = _backlog(tmp_path, 4)
     with live(config) as server:
         shipper = Shipper(local, server.url, token, max_backlog=5, base_delay=0.05, max_delay=0.2)
         shipper.notify()
