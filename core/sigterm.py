@@ -197,16 +197,14 @@ class FlushOnSigterm:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGTERM)
             return
-        try:
-            if self._default_action is None:
-                raise OSError("the C library's signal() is not at hand")
-            self._default_action()
-            with contextlib.suppress(Exception):
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(1.0)  # the signal ends every thread of the process, this one too
-        finally:
-            os.kill(os.getpid(), signal.SIGKILL)  # the action could not be reset: end all the same
+        with contextlib.suppress(Exception):
+            if self._default_action is not None:
+                self._default_action()
+                with contextlib.suppress(Exception):
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1.0)  # the signal ends every thread of the process, this one too
+        os.kill(os.getpid(), signal.SIGKILL)  # the action could not be reset: end all the same
 
 
 def _default_action_setter(signum: int) -> Callable[[], None] | None:

@@ -125,13 +125,14 @@ def raw_transaction(engine: Engine, *, journals_in_memory: bool = False) -> Iter
     of ``engine.begin()`` for a one-event ingest. ``journals_in_memory`` (an ingest, SQLite): its statement journals
     in memory, for this transaction only (:data:`metatrail.store.sqlitefile.JOURNALS_IN_MEMORY`)."""
     raw = engine.raw_connection()
-    in_memory = journals_in_memory and engine.dialect.name == "sqlite"
+    sqlite = engine.dialect.name == "sqlite"
+    in_memory = journals_in_memory and sqlite
     try:
         cur = raw.cursor()
         try:
-            if engine.dialect.name == "sqlite":
-                if in_memory:
-                    cur.execute(sqlitefile.JOURNALS_IN_MEMORY)  # outside a transaction: SQLite refuses it inside
+            if in_memory:
+                cur.execute(sqlitefile.JOURNALS_IN_MEMORY)  # outside a transaction: SQLite refuses it inside
+            if sqlite:
                 cur.execute("BEGIN IMMEDIATE")
             yield cur
             raw.commit()
