@@ -267,7 +267,16 @@ class IngestWriter:
                 return
             try:
                 self._write(jobs)
+            except Exception as exc:
+                # _write answers every job itself; this is for a fault of ours past that (a bug, memory running
+                # out): the thread must live on, and each request must be answered (503: ingest is idempotent, so
+                # the client's retry stores nothing twice), not left waiting for ever.
+                log.error("metatrail server: the writer failed on %d events: %s", sum(len(j.events) for j in jobs),
+                          exc, exc_info=exc)
             finally:
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(StoreError("the writer could not finish this write"))
                 with self._cv:
                     self._pending -= sum(len(j.events) for j in jobs)
                     self._busy = False

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from srvkit import bulk_events, ids_of
 
-from metatrail.errors import EventError
+from metatrail.errors import EventError, StoreError
 from metatrail.server.writer import IngestWriter
 from metatrail.store import open_store
 from metatrail.store.base import EventStore, IngestResult
@@ -114,6 +114,39 @@ def test_a_refused_event_fails_only_its_own_request(tmp_path: Path) -> None:
         assert _held(url) == ids_of(good)
     finally:
         gated.release.set()
+        writer.close()
+        store.close()
+
+
+def test_a_fault_after_the_commit_answers_the_request_and_the_writer_lives_on(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug of ours past the commit (here: working out which events were new, for fan-out) must neither leave the
+    request waiting for ever nor end the writer thread: the request fails (the client retries; ingest is
+    idempotent), the events stay committed, and the next request is written."""
+    import metatrail.server.writer as writer_module
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store = open_store(url)
+    forwarded: list[Any] = []
+    writer = IngestWriter(store, inline_max=0, on_inserted=lambda events, site: forwarded.extend(events))
+    events = bulk_events(4)
+    try:
+        def broken_event_id(event: Mapping[str, Any]) -> str:
+            raise RuntimeError("a bug past the commit")
+
+        monkeypatch.setattr(writer_module, "event_id", broken_event_id)
+        failed = writer.submit([dict(e) for e in events[:2]], "hub")  # plain dicts: their ids are worked out
+        with pytest.raises(StoreError):
+            failed.result(30)
+        assert ids_of(events[:2]) <= _held(url)  # committed before the fault
+        thread = writer._thread
+        monkeypatch.undo()
+        later = writer.submit([dict(e) for e in events[2:]], "hub")
+        assert later.result(30).inserted == len(events) - 2
+        assert writer._thread is thread and thread is not None and thread.is_alive()
+        assert ids_of(events) == _held(url)
+        assert len(forwarded) == len(events) - 2  # the later events were forwarded
+    finally:
         writer.close()
         store.close()
 
