@@ -251,13 +251,17 @@ class IngestWriter:
             self._busy = True
             jobs = [self._queue.popleft()]
             size = len(jobs[0].events)
-            if jobs[0].pipelines is not None:
-                return jobs  # checked and written alone (module docstring)
-            while (self._queue and self._queue[0].pipelines is None
-                   and size + len(self._queue[0].events) <= self.max_batch):
-                job = self._queue.popleft()
-                size += len(job.events)
-                jobs.append(job)
+            if jobs[0].pipelines is None:
+                while (self._queue and self._queue[0].pipelines is None
+                       and size + len(self._queue[0].events) <= self.max_batch):
+                    job = self._queue.popleft()
+                    size += len(job.events)
+                    jobs.append(job)
+            # From here on a request's future cannot be cancelled (a request task cancelled at shutdown, or by a
+            # client that went away, cancels the future it awaits): its events are written all the same (the
+            # client retries; ingest is idempotent), and only the writer resolves the futures it took.
+            for job in jobs:
+                job.future.set_running_or_notify_cancel()
             return jobs
 
     def _run(self) -> None:
@@ -274,13 +278,12 @@ class IngestWriter:
                 log.error("metatrail server: the writer failed on %d events: %s", sum(len(j.events) for j in jobs),
                           exc, exc_info=exc)
             finally:
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(StoreError("the writer could not finish this write"))
                 with self._cv:
                     self._pending -= sum(len(j.events) for j in jobs)
                     self._busy = False
                     self._wake_waiters()
+                for job in jobs:
+                    _fail(job, StoreError("the writer could not finish this write"))
 
     def _write(self, jobs: list[_Job]) -> None:
         try:
@@ -295,11 +298,11 @@ class IngestWriter:
                 result = self.store.ingest([e for j in jobs for e in j.events],
                                            sites=[s for j in jobs for s in j.event_sites()])
         except ForeignRunError as exc:
-            jobs[0].future.set_exception(exc)
+            _fail(jobs[0], exc)
             return
         except EventError as exc:
             if len(jobs) == 1:
-                jobs[0].future.set_exception(exc)
+                _fail(jobs[0], exc)
             else:
                 for job in jobs:  # isolate the request whose events the store refused
                     self._write([job])
@@ -312,8 +315,7 @@ class IngestWriter:
                 return
             log.warning("metatrail server: write of %d events failed: %s", sum(len(j.events) for j in jobs), exc)
             for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+                _fail(job, exc)
             return
         self.transactions += 1
         self.committed += result.inserted
@@ -322,7 +324,7 @@ class IngestWriter:
         new = set(result.inserted_ids)
         inserted_by_site: dict[str | None, list[Mapping[str, Any]]] = {}
         if len(jobs) == 1 and self.on_inserted is None:
-            jobs[0].future.set_result(result)  # the common case of a push or batch: no need to attribute ids
+            _answer(jobs[0], result)  # the common case of a push or batch: no need to attribute ids
             return
         for job in jobs:
             mine = 0
@@ -332,7 +334,7 @@ class IngestWriter:
                     new.discard(eid)  # an event sent twice in one batch counts once, for its first sender
                     mine += 1
                     inserted_by_site.setdefault(site, []).append(event)
-            job.future.set_result(IngestResult(received=len(job.events), inserted=mine))
+            _answer(job, IngestResult(received=len(job.events), inserted=mine))
         if self.on_inserted is not None:
             for site, inserted in inserted_by_site.items():
                 try:
@@ -340,3 +342,14 @@ class IngestWriter:
                 except Exception as exc:  # fan-out must never fail an ingest that is already committed
                     log.warning("metatrail server: fan-out hook failed: %s", exc)
 
+
+def _answer(job: _Job, result: IngestResult) -> None:
+    """Resolve a job's future unless it is resolved already (or was cancelled before the writer took it)."""
+    if not job.future.done():
+        job.future.set_result(result)
+
+
+def _fail(job: _Job, exc: BaseException) -> None:
+    """Fail a job's future unless it is resolved already (or was cancelled before the writer took it)."""
+    if not job.future.done():
+        job.future.set_exception(exc)

@@ -118,6 +118,37 @@ def test_a_refused_event_fails_only_its_own_request(tmp_path: Path) -> None:
         store.close()
 
 
+def test_a_request_cancelled_while_queued_spoils_no_other_request(tmp_path: Path) -> None:
+    """A request task cancelled while its job waits (uvicorn cancels them when a graceful shutdown runs out; so may
+    a framework when the client goes away) cancels the future it awaits. The job's events are still written, and
+    the other requests of the same transaction get their answers and are forwarded: a cancelled future once made
+    the writer fail them (503, though committed) and skip the fan-out of the whole transaction for good."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store = open_store(url)
+    gated = _Gated(store)
+    forwarded: list[Any] = []
+    writer = IngestWriter(gated, inline_max=0,  # type: ignore[arg-type]
+                          on_inserted=lambda events, site: forwarded.extend(events))
+    events = bulk_events(3)  # one job per event; each run's two events go to different jobs
+    try:
+        first = writer.submit([events[0]], "hub")
+        assert gated.entered.wait(30)  # the writer thread holds the first job
+        assert not first.cancel()  # a job the writer took can no longer be cancelled: it will be answered
+        queued = [writer.submit([e], "hub") for e in events[1:]]
+        assert queued[0].cancel()  # still waiting: cancelled, as asyncio.wrap_future does
+        gated.release.set()
+        assert first.result(30).inserted == 1
+        assert all(f.result(30).inserted == 1 for f in queued[1:])
+        assert queued[0].cancelled()
+        assert _held(url) == ids_of(events)  # the cancelled request's events were written all the same
+        assert ids_of(forwarded) == ids_of(events)
+        assert writer.pending == 0
+    finally:
+        gated.release.set()
+        writer.close()
+        store.close()
+
+
 def test_a_fault_after_the_commit_answers_the_request_and_the_writer_lives_on(tmp_path: Path,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A bug of ours past the commit (here: working out which events were new, for fan-out) must neither leave the
