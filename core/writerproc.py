@@ -91,8 +91,10 @@ class WriterProcess:
         if not usable_interpreter():
             return None
         try:
+            # -P: ``-m`` would put the working directory (the user's workflow, with its own ``logging.py`` or
+            # ``random.py`` perhaps) first on the child's path, where the host, a console script, never looks.
             proc = subprocess.Popen(
-                [sys.executable, "-m", "metatrail.writerproc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                [sys.executable, "-P", "-m", "metatrail.writerproc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                 stderr=None, close_fds=True, start_new_session=True)
         except OSError as exc:
             log_once("writerproc-spawn", "metatrail: cannot start the writer process (%s); writing in-process", exc)

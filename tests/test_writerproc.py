@@ -267,6 +267,27 @@ def test_relative_paths_resolve_where_the_host_is(tmp_path: Path, monkeypatch: p
     assert artifact["hash"] == hashlib.md5(b"the host's data\n").hexdigest()
 
 
+def test_the_writer_process_runs_none_of_the_workflow_directory_s_modules(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A workflow directory often holds modules named like the standard library's (``logging.py``, ``random.py``).
+    The host (a console script: ``snakemake``, ``airflow``) does not import from it, and neither may the writer
+    process: ``python -m`` would put the directory first on its path, run the user's module as a hidden side effect,
+    and the writer would die of it."""
+    marker = tmp_path / "ran.txt"
+    (tmp_path / "logging.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\nraise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("METATRAIL_WRITER", "process")
+    monkeypatch.setenv("METATRAIL_STORE", f"sqlite:///{tmp_path / 'store' / 'm.db'}")
+    recorder = Recorder()
+    _record(recorder, 40)
+    assert recorder.flush(60)
+    process = recorder._process
+    assert process is not None and process.alive  # it stored the batches and lives on
+    recorder.close()
+    assert not marker.exists()
+    assert len(_bodies(recorder.settings.store)) == 82
+
+
 def test_energy_reports_are_made_by_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """The energy report needs the host's meter: it is made before the item goes to the writer process."""
 
