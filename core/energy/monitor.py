@@ -200,6 +200,20 @@ class StoppedTask:
         return self.task.token.execution_id
 
 
+def _each_meter(meters: Iterable[EnergyMeter], action: str) -> None:
+    """Call ``suspend`` or ``resume`` on every meter; a meter that fails (NVML's power sampler cannot start its
+    thread on a node out of threads, say) is logged once and the others go on: the sampler thread must not die of
+    it, and a meter that did not resume is read on demand as before."""
+    for meter in meters:
+        try:
+            getattr(meter, action)()
+        except Exception as exc:
+            from ..logsafe import log_once
+
+            log_once(f"energy-{action}:{meter.name}:{type(exc).__name__}", "metatrail: energy meter %s could not "
+                     "%s (%s: %s)", meter.name, action, type(exc).__name__, exc)
+
+
 class EnergyMonitor:
     """Attributes node energy to concurrently running tasks (see the module docstring)."""
 
@@ -564,10 +578,12 @@ class EnergyMonitor:
 
     # -- sampler thread ------------------------------------------------------------------------------------
     def _ensure_thread(self) -> None:
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             return
         with self._start_lock:
-            if self._thread is None:
+            # A sampler that died (a fault of ours the loop let through) is started again: without one, every
+            # report would wait its whole timeout for a sample that never comes.
+            if self._thread is None or not self._thread.is_alive():
                 thread = threading.Thread(target=self._run, name="metatrail-energy", daemon=True)
                 thread.start()
                 self._thread = thread
@@ -605,15 +621,13 @@ class EnergyMonitor:
                     continue  # set by a start or stop the last sample already handled: no sample needed
             elif idle:
                 if not suspended:
-                    for m in self.meters:
-                        m.suspend()
+                    _each_meter(self.meters, "suspend")
                     suspended = True
                 self._wake.wait()
                 self._wake.clear()
             else:
                 if suspended:
-                    for m in self.meters:
-                        m.resume()
+                    _each_meter(self.meters, "resume")
                     suspended = False
                 self._wake.wait(self._max_wait())
                 self._wake.clear()

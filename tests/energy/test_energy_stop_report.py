@@ -333,3 +333,45 @@ def test_recorder_flush_hurries_the_energy_sampler(
         energy = next(r["energy"] for r in s.list_runs(kind="execution") if r["stage"] == "short")
     validate_facet(energy)
     assert energy["end_interpolation_s"] < gap / 2, energy
+
+
+def test_a_meter_that_fails_to_resume_does_not_end_the_sampler(monitors: Any, validate_facet: Validate) -> None:
+    """A meter's ``resume`` may fail (NVML's power sampler cannot start its thread on a node out of threads): the
+    sampler logs it and goes on. It once died of it, and every later report waited its whole timeout for a sample
+    that never came, then said the energy was not measured."""
+
+    class FailsToResumeOnce(EnergyMeter):
+        name = "flaky"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.resumes = 0
+
+        def _open(self) -> str | None:
+            return None
+
+        def read(self) -> dict[str, Reading]:
+            return {"cpu": Reading("cpu", time.monotonic() * 10.0, "rapl-counter")}
+
+        def resume(self) -> None:
+            self.resumes += 1
+            if self.resumes == 1:
+                raise RuntimeError("can't start new thread")
+
+    meter = FailsToResumeOnce()
+    mon = monitors([meter], interval_s=0.2, min_sample_gap_s=0.0, report_timeout_s=5.0)
+
+    def one_task(name: str) -> dict[str, Any]:
+        token = mon.task_started(name, pid=os.getpid())
+        time.sleep(0.05)
+        payload = mon.task_report(mon.task_stopped(token))
+        assert payload is not None
+        validate_facet(payload)
+        return payload
+
+    assert one_task("first")["domains"]["cpu"]["value_j"] is not None
+    time.sleep(1.5)  # idle past the linger: the sampler suspends the meters, and the next task resumes them
+    later = [one_task(f"later{i}") for i in range(3)]
+    assert meter.resumes == 1  # the failing resume happened (and no other was needed)
+    assert all(p["domains"]["cpu"]["value_j"] is not None for p in later), later
+    assert mon._thread is not None and mon._thread.is_alive()
