@@ -24,6 +24,7 @@ import logging
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,6 +64,7 @@ class BoundedCaller:
         self.overruns = 0
         self.skipped = 0
         self.queued = 0
+        _callers.add(self)
 
     def call(self, what: str, fn: Callable[[], None], timeout: float, when_busy: WhenBusy = WhenBusy.SKIP) -> bool:
         """Run ``fn`` with a cap of ``timeout`` seconds; True if it finished in time (raising or not).
@@ -165,3 +167,17 @@ class BoundedCaller:
                          exc_info=log.isEnabledFor(logging.DEBUG))
             finally:
                 job.done.set()
+
+
+# Every BoundedCaller, for the fork handler below.
+_callers: weakref.WeakSet[BoundedCaller] = weakref.WeakSet()
+
+
+def _renew_locks_in_child() -> None:
+    # A thread of the parent may have held a caller's lock at the fork (briefly, in call): the child's copy would
+    # stay locked for ever, and the child's first hook would wait on it with no cap.
+    for caller in list(_callers):
+        caller._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_locks_in_child)

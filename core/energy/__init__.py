@@ -38,6 +38,16 @@ _lock = threading.Lock()
 _monitor: TaskEnergyMonitor | None = None
 _monitor_pid: int | None = None
 
+
+def _renew_lock_in_child() -> None:
+    # A thread of the parent may have been creating the monitor at the fork (the lock held while it imports): the
+    # child's copy of the lock would stay locked for ever, and the child's first task start would hang on it.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_lock_in_child)
+
 _OFF = ("0", "false", "no", "off")
 
 
