@@ -28,6 +28,11 @@ class StoreError(MetatrailError):
     """The store could not be opened, read or written."""
 
 
+class StoreBusy(StoreError):
+    """Another connection holds the store's write lock, and the caller asked not to wait for it; nothing was
+    written."""
+
+
 class CorruptStoreError(StoreError):
     """The store exists but is damaged or is not a metatrail store; nothing was overwritten."""
 

@@ -11,6 +11,9 @@ them on the calling thread (the event loop) and returns a resolved future. A lon
 thread hand-over, which on a busy machine took longer than SQLite's commit. Only for SQLite, whose one-event commit
 takes a fraction of a millisecond; a PostgreSQL round trip must not block the event loop. While a write is in
 progress, inline or not, new jobs queue for the writer thread, so concurrent requests are still group-committed.
+An inline write never waits for the store's write lock: when another connection holds it (an admin rebuild, a command
+writing the same file), the store refuses at once (``wait=False``) and the job goes to the writer thread, which waits
+for the lock while the event loop goes on serving.
 
 SQLite's WAL checkpoints are taken off the request path too (``checkpoint``): a commit that finds the WAL past its
 autocheckpoint size copies it into the database file before it returns, some 130 ms every 640 single events with the
@@ -45,7 +48,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from metatrail.errors import EventError, ForeignRunError, StoreError
+from metatrail.errors import EventError, ForeignRunError, StoreBusy, StoreError
 from metatrail.openlineage.events import event_id
 from metatrail.store.base import CanonicalEvent, EventStore, IngestResult
 
@@ -169,18 +172,23 @@ class IngestWriter:
             if self._closed:
                 raise Overloaded("the server is shutting down")
             # A restricted job's look at the store is a query: not on the event loop, so never inline.
+            # Only into a store that can refuse to wait for its write lock (held by another connection: an admin
+            # rebuild, a command writing the same file): the event loop must never wait for it.
             inline = (len(events) <= self.inline_max and pipelines is None and not self._queue
-                      and not self._busy)
+                      and not self._busy and getattr(self.store, "can_refuse_to_wait", False))
             if inline:
                 self._busy = True
         if inline:
+            written = False
             try:
-                self._write([job])
+                written = self._write([job], wait=False)
             finally:
                 with self._cv:
                     self._busy = False
                     self._wake_waiters()
-            return job.future
+            if written:
+                return job.future
+            # The store's write lock is held elsewhere: the writer thread waits for it, not the caller.
         with self._cv:
             if self._closed:
                 raise Overloaded("the server is shutting down")
@@ -285,38 +293,45 @@ class IngestWriter:
                 for job in jobs:
                     _fail(job, StoreError("the writer could not finish this write"))
 
-    def _write(self, jobs: list[_Job]) -> None:
+    def _write(self, jobs: list[_Job], *, wait: bool = True) -> bool:
+        """Write ``jobs`` in one transaction and answer each; with ``wait=False`` (an inline write), return False,
+        nothing written or answered, when another connection holds the store's write lock."""
+        no_wait: dict[str, Any] = {} if wait else {"wait": False}
         try:
             if jobs[0].pipelines is not None:
                 assert len(jobs) == 1  # _take hands a restricted job over alone
                 # The store looks at the runs inside the write's transaction, under its locks (module docstring).
                 result = self.store.ingest(jobs[0].events, sites=jobs[0].event_sites(),
-                                           allowed_pipelines=jobs[0].pipelines)
+                                           allowed_pipelines=jobs[0].pipelines, **no_wait)
             elif all(j.sites is None and j.site == jobs[0].site for j in jobs):
-                result = self.store.ingest([e for j in jobs for e in j.events], site=jobs[0].site)
+                result = self.store.ingest([e for j in jobs for e in j.events], site=jobs[0].site, **no_wait)
             else:
                 result = self.store.ingest([e for j in jobs for e in j.events],
-                                           sites=[s for j in jobs for s in j.event_sites()])
+                                           sites=[s for j in jobs for s in j.event_sites()], **no_wait)
+        except StoreBusy:
+            if not wait:
+                return False
+            raise  # not asked for: a fault of the store's, answered by _run
         except ForeignRunError as exc:
             _fail(jobs[0], exc)
-            return
+            return True
         except EventError as exc:
             if len(jobs) == 1:
                 _fail(jobs[0], exc)
             else:
                 for job in jobs:  # isolate the request whose events the store refused
                     self._write([job])
-            return
+            return True
         except Exception as exc:
             if len(jobs) > 1 and not isinstance(exc, StoreError):
                 # Not the store's fault: one request's events are the likely cause; the others must not fail with it.
                 for job in jobs:
                     self._write([job])
-                return
+                return True
             log.warning("metatrail server: write of %d events failed: %s", sum(len(j.events) for j in jobs), exc)
             for job in jobs:
                 _fail(job, exc)
-            return
+            return True
         self.transactions += 1
         self.committed += result.inserted
         if self.checkpointer is not None and result.inserted:
@@ -325,7 +340,7 @@ class IngestWriter:
         inserted_by_site: dict[str | None, list[Mapping[str, Any]]] = {}
         if len(jobs) == 1 and self.on_inserted is None:
             _answer(jobs[0], result)  # the common case of a push or batch: no need to attribute ids
-            return
+            return True
         for job in jobs:
             mine = 0
             for event, site in zip(job.events, job.event_sites(), strict=True):
@@ -341,6 +356,7 @@ class IngestWriter:
                     self.on_inserted(inserted, site)
                 except Exception as exc:  # fan-out must never fail an ingest that is already committed
                     log.warning("metatrail server: fan-out hook failed: %s", exc)
+        return True
 
 
 def _answer(job: _Job, result: IngestResult) -> None:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from metatrail.errors import CorruptStoreError, EventError, StoreError
+from metatrail.errors import CorruptStoreError, EventError, StoreBusy, StoreError
 from metatrail.store import ingest, sqlitefile
 from metatrail.store.base import IngestResult
 
@@ -75,11 +75,16 @@ class SqliteWriter:
     :class:`~metatrail.store.base.EventStore`), on one ``sqlite3`` connection. Thread-safe; after ``fork`` the child
     must open its own (the Recorder does)."""
 
+    #: ``ingest`` takes ``wait=False`` (what :class:`metatrail.server.writer.IngestWriter` asks before it writes on
+    #: a thread that must not block).
+    can_refuse_to_wait = True
+
     def __init__(self, url: str, path: Path, conn: sqlite3.Connection) -> None:
         self.url = url
         self.path = path
         self._conn: sqlite3.Connection | None = conn
         self._lock = threading.Lock()
+        self._busy_timeout_ms = sqlitefile.BUSY_TIMEOUT_MS  # the connection's, as configure set it
         if hasattr(os, "register_at_fork"):
             ref = weakref.ref(self)
 
@@ -125,10 +130,14 @@ class SqliteWriter:
 
     def ingest(self, events: Sequence[Mapping[str, Any]], *, site: str | None = None,
                sites: Sequence[str | None] | None = None,
-               allowed_pipelines: frozenset[str] | None = None) -> IngestResult:
+               allowed_pipelines: frozenset[str] | None = None, wait: bool = True) -> IngestResult:
         """Store ``events`` and their runs' projections in one transaction (see ``EventStore.ingest``; with
         ``allowed_pipelines`` as :meth:`metatrail.store.sql.SqlStore.ingest`: nothing is stored,
-        :class:`~metatrail.errors.ForeignRunError`, when a run of the events is stored under another pipeline)."""
+        :class:`~metatrail.errors.ForeignRunError`, when a run of the events is stored under another pipeline).
+
+        ``wait=False``: when another connection holds the write lock, raise :class:`~metatrail.errors.StoreBusy` at
+        once (nothing written) instead of waiting for it (up to SQLite's busy timeout, a minute, and retries): for a
+        caller that must not block, such as a server's event loop."""
         prepared = ingest.prepare_batch(events, site, sites)
         if not prepared:
             return IngestResult(received=len(events), inserted=0)
@@ -138,11 +147,24 @@ class SqliteWriter:
                 conn = self._conn
                 if conn is None:
                     raise StoreError(f"store {self.url} is closed")
+                # The busy timeout is the connection's: set only when the mode changes, so a stream of writes of
+                # one kind (single events that must not wait, or batches that may) costs no statement for it.
+                timeout_ms = sqlitefile.BUSY_TIMEOUT_MS if wait else 0
+                if self._busy_timeout_ms != timeout_ms:
+                    conn.execute(f"PRAGMA busy_timeout = {timeout_ms}")
+                    self._busy_timeout_ms = timeout_ms
                 with _write_transaction(conn) as cur:
                     return ingest.ingest_prepared(cur, "sqlite", prepared, len(events),
                                                   allowed_pipelines=allowed_pipelines)
 
         try:
+            if not wait:
+                try:
+                    return run()  # once: in WAL mode only BEGIN IMMEDIATE can find the lock held
+                except sqlite3.OperationalError as exc:
+                    if ingest.is_transient(exc):
+                        raise StoreBusy(f"store {self.url} is being written by another connection") from None
+                    raise
             return _retrying(run)
         except sqlite3.OperationalError as exc:
             raise StoreError(f"cannot write store {self.url}: {exc}") from None

@@ -176,3 +176,87 @@ def test_256_writer_processes_into_postgresql(store_url: str, tmp_path: Path) ->
     assert len(acked) == 256 * 10
     _check(store_url, acked, runs=256 * 5)
     print(f"256 writer processes into PostgreSQL: {len(acked)} events, exact")
+
+
+def test_the_server_keeps_answering_while_another_connection_holds_the_write_lock(tmp_path: Path) -> None:
+    """Another connection holding the SQLite store's write lock (an admin rebuild, a ``metatrail`` command writing
+    the same file) makes writes wait, never the whole server: a single event posted meanwhile once waited for the
+    lock on the event loop, and the server answered nothing, not even /health, until it was released."""
+    store_url = f"sqlite:///{tmp_path / 'server.db'}"
+    token = make_token(store_url)
+    server = ServerProcess(store_url).start()
+    holder = sqlite3.connect(str(tmp_path / "server.db"), isolation_level=None, check_same_thread=False)
+    released = threading.Timer(30, lambda: holder.execute("COMMIT"))  # the previous code served nothing till then
+    posted: dict[str, int] = {}
+    one = event(1, "0190b000-0000-7000-8000-000000000001", "START")
+
+    def post() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("POST", "/api/v1/lineage", body=json.dumps(one),
+                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        posted["status"] = conn.getresponse().status
+        conn.close()
+
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        released.start()
+        writer = threading.Thread(target=post)
+        writer.start()
+        time.sleep(1.0)  # the event reaches the server and waits for the lock
+        assert "status" not in posted
+        for path in ("/health", "/api/v1/runs"):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+            conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+            assert conn.getresponse().status == 200, path
+            conn.close()
+        released.cancel()
+        holder.execute("COMMIT")
+        writer.join(60)
+        assert posted["status"] == 201
+        with open_store(store_url) as store:
+            assert [e.id for e in store.iter_events()] == [event_id(one)]
+    finally:
+        released.cancel()
+        holder.close()
+        server.stop()
+
+
+def test_a_request_whose_events_the_store_does_not_take_in_time_gets_a_503_and_they_are_stored_later(
+        tmp_path: Path) -> None:
+    """A request waits for the commit of its events at most ``write_wait_s``, then answers 503 with Retry-After
+    (before, it waited for as long as the store did not take writes: a lock held elsewhere, a database connection
+    gone silent). Its events stay queued and are stored once the store takes writes; the client's retry stores
+    nothing twice."""
+    from srvkit import AsgiClient
+
+    from metatrail.server.app import create_app
+    from metatrail.server.config import ServerConfig
+
+    store_url = f"sqlite:///{tmp_path / 'server.db'}"
+    token = make_token(store_url)
+    client = AsgiClient(create_app(ServerConfig(store=store_url, site="hub", auth_cache_ttl=0, write_wait_s=1.0)))
+    holder = sqlite3.connect(str(tmp_path / "server.db"), isolation_level=None, check_same_thread=False)
+    released = threading.Timer(60, lambda: holder.execute("COMMIT"))
+    one = event(2, "0190b000-0000-7000-8000-000000000002", "START")
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the store takes no write until it is released
+        released.start()
+        answer = client.post("/api/v1/lineage", json=one, headers=headers)
+        assert answer.status_code == 503 and answer.json()["error"] == "store_busy"
+        assert answer.headers["retry-after"] == "5"
+        released.cancel()
+        holder.execute("COMMIT")
+        deadline = time.monotonic() + 60
+        stored: list[str] = []
+        while time.monotonic() < deadline and not stored:
+            with open_store(store_url) as store:
+                stored = [e.id for e in store.iter_events()]
+            time.sleep(0.1)
+        assert stored == [event_id(one)]  # the queued event was written after all
+        again = client.post("/api/v1/lineage", json=one, headers={**headers, "Accept": "application/json"})
+        assert again.status_code == 201 and again.json()["stored"] is False  # the retry stores nothing twice
+    finally:
+        released.cancel()
+        holder.close()
+        client.close()

@@ -4,6 +4,7 @@ pipelined transfer moves its cursor only past pages that are stored."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,7 +16,8 @@ from srvkit import bulk_events, ids_of
 from metatrail.errors import EventError, StoreError
 from metatrail.server.writer import IngestWriter
 from metatrail.store import open_store
-from metatrail.store.base import EventStore, IngestResult
+from metatrail.store.base import IngestResult
+from metatrail.store.sqlite_writer import SqliteWriter
 from metatrail.sync import LocalEndpoint, Shipped, SyncLog, transfer
 
 
@@ -31,28 +33,30 @@ def _held(url: str) -> set[str]:
 class _Gated:
     """A store whose first ingest waits for ``release``: the writer stays busy while other jobs arrive."""
 
-    def __init__(self, inner: EventStore) -> None:
+    def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.url = inner.url
+        self.can_refuse_to_wait = getattr(inner, "can_refuse_to_wait", False)
         self.entered = threading.Event()
         self.release = threading.Event()
         self.calls = 0
 
     def ingest(self, events: Sequence[Mapping[str, Any]], *, site: str | None = None,
-               sites: Sequence[str | None] | None = None) -> IngestResult:
+               sites: Sequence[str | None] | None = None, wait: bool = True) -> IngestResult:
         self.calls += 1
         if self.calls == 1:
             self.entered.set()
             assert self.release.wait(30)
         if any(e.get("producer") == "breaks the store" for e in events):
             raise TypeError("a value the driver cannot bind")  # not the store's fault, not an EventError either
-        return self.inner.ingest(events, site=site, sites=sites)
+        return self.inner.ingest(events, site=site, sites=sites, **({} if wait else {"wait": False}))
 
 
 def test_inline_write_is_committed_when_acknowledged(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 's.db'}"
-    store = open_store(url)
-    writer = IngestWriter(store, inline_max=1)
+    store = SqliteWriter.open(url)  # what a SQLite server writes through
+    assert store is not None
+    writer = IngestWriter(store, inline_max=1)  # type: ignore[arg-type]
     try:
         event = bulk_events(1)[0]
         future = writer.submit([event], "hub")
@@ -66,10 +70,12 @@ def test_inline_write_is_committed_when_acknowledged(tmp_path: Path) -> None:
         store.close()
 
 
-def _gated_writer(tmp_path: Path) -> tuple[str, EventStore, _Gated, IngestWriter]:
-    """A store, the same behind a gate, and a writer that writes a lone job inline (so the first job holds it)."""
+def _gated_writer(tmp_path: Path) -> tuple[str, Any, _Gated, IngestWriter]:
+    """A store's writer (what a SQLite server writes through), the same behind a gate, and a writer that writes a
+    lone job inline (so the first job holds it)."""
     url = f"sqlite:///{tmp_path / 's.db'}"
-    store = open_store(url)
+    store = SqliteWriter.open(url)
+    assert store is not None
     gated = _Gated(store)
     return url, store, gated, IngestWriter(gated, inline_max=1)  # type: ignore[arg-type]
 
@@ -344,4 +350,37 @@ def test_a_checkpoint_overtaken_by_commits_is_finished_so_the_wal_starts_over(tm
     finally:
         writer.close()
         own.close()
+        store.close()
+
+
+def _hold_write_lock(url: str) -> sqlite3.Connection:
+    """Take the store's write lock on another connection, as an admin rebuild, a command writing the same file or
+    another process does."""
+    conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False)
+    conn.execute("BEGIN IMMEDIATE")
+    return conn
+
+
+def test_a_lone_event_never_waits_on_the_callers_thread_for_a_lock_held_elsewhere(tmp_path: Path) -> None:
+    """A lone event is written inline (on the server's event loop) only when the store's write lock is free; held
+    by another connection, the job goes to the writer thread, which waits for it, and the caller returns at once."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    store = SqliteWriter.open(url)
+    assert store is not None
+    writer = IngestWriter(store, inline_max=1)  # type: ignore[arg-type]
+    events = bulk_events(1)
+    holder = _hold_write_lock(url)
+    try:
+        released = threading.Timer(20, lambda: holder.execute("COMMIT"))  # the previous code waited till then
+        released.start()
+        future = writer.submit([events[0]], "hub")
+        assert not future.done()  # handed to the writer thread: the caller did not wait for the lock
+        released.cancel()
+        holder.execute("COMMIT")
+        assert future.result(30).inserted == 1
+        assert writer.submit([events[1]], "hub").done()  # the lock is free again: inline, as before
+        assert _held(url) == ids_of(events)
+    finally:
+        holder.close()
+        writer.close()
         store.close()

@@ -89,7 +89,7 @@ async def submit(svc: Services, events: Sequence[Mapping[str, Any]], site: str |
                  sites: Sequence[str | None] | None = None, *, pipelines: frozenset[str] | None = None) -> IngestResult:
     """Hand validated events to the writer (received from ``site``, or ``sites``: one per event) and wait until they
     are committed, all in one transaction; 503 when overloaded or the store fails (the client retries: ingest is
-    idempotent). ``pipelines``: what a restricted writer may read; 403 ``pipeline_forbidden`` (nothing stored) when
+    idempotent), and when they are not committed within ``write_wait_s`` (they stay queued). ``pipelines``: what a restricted writer may read; 403 ``pipeline_forbidden`` (nothing stored) when
     one of the events' runs is stored under another pipeline."""
     try:
         future = svc.writer.submit(events, site, sites, pipelines=pipelines)
@@ -97,7 +97,15 @@ async def submit(svc: Services, events: Sequence[Mapping[str, Any]], site: str |
         raise ApiError(503, "overloaded", f"{exc}; retry later", headers={"Retry-After": "1"}) from None
     try:
         # A job written inline comes back resolved: skip the hop through the loop's self-pipe.
-        return future.result() if future.done() else await asyncio.wrap_future(future)
+        if future.done():
+            return future.result()
+        # Bounded: a store that does not take writes (a lock held elsewhere, a database connection gone silent)
+        # must not hold every request for ever. Shielded: the job stays queued, and is written when the store
+        # takes it.
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), svc.config.write_wait_s)
+    except TimeoutError:
+        raise ApiError(503, "store_busy", f"the store took no write for {svc.config.write_wait_s:g} s; retry later "
+                       "(the events stay queued: a retry stores nothing twice)", headers={"Retry-After": "5"}) from None
     except EventError as exc:
         raise ApiError(422, "invalid_event", str(exc)) from None
     except PipelineForbidden as exc:
