@@ -193,6 +193,29 @@ def _bounded_repr(value: Any) -> str:
     return text[:MAX_PARAM_TEXT] + ("…" if len(text) > MAX_PARAM_TEXT else "")
 
 
+class _EnergyOnce:
+    """A stopped task's energy handle, reported once: the monitor answers a second ``task_report`` with None, and
+    an item handed off (:meth:`Recorder.hand_off`) is built twice, by this process's writer and by the hand-off's
+    writer process. Both must put the same report in the event, so that the two are one event, stored once (a
+    second report of None made a second COMPLETE without energy)."""
+
+    __slots__ = ("_done", "_lock", "_report", "stopped")
+
+    def __init__(self, stopped: object) -> None:
+        self.stopped = stopped
+        self._lock = threading.Lock()
+        self._done = False
+        self._report: dict[str, Any] | None = None
+
+    def report(self, make: Callable[[object], dict[str, Any] | None]) -> dict[str, Any] | None:
+        """``make(stopped)`` the first time; the same report after (a second caller waits for the first)."""
+        with self._lock:
+            if not self._done:
+                self._report = make(self.stopped)
+                self._done = True
+            return self._report
+
+
 @dataclass
 class _Item:
     """One unit of work for the writer thread."""
@@ -205,7 +228,7 @@ class _Item:
     status: Status = Status.RUNNING
     error: BaseException | ErrorText | str | None = None
     exit_code: int | None = None
-    energy: object = None  # the energy monitor's task_stopped() result; reported on the writer thread
+    energy: _EnergyOnce | None = None  # the energy monitor's task_stopped() result; reported on the writer thread
     warnings: list[str] = field(default_factory=list)
     energy_report: dict[str, Any] | None = None  # made before the item goes to a writer process
     pid: int | None = None  # the recording process, when the event is built in another
@@ -433,7 +456,8 @@ class Recorder:
             energy = None
             token = execution.extra.pop("_energy_token", None) if execution.extra else None
             if token is not None:
-                energy = self._guard("energy stop", lambda: self._energy().task_stopped(token), None)
+                stopped = self._guard("energy stop", lambda: self._energy().task_stopped(token), None)
+                energy = _EnergyOnce(stopped) if stopped is not None else None
             input_list, input_stats, cwd = _as_recorded(inputs)
             output_list, output_stats, out_cwd = _as_recorded(outputs)
             self._submit(_Item("exec_end", _snapshot(execution), at, inputs=input_list, outputs=output_list,
@@ -725,8 +749,8 @@ class Recorder:
         report, its START's hashed inputs); ``keep`` leaves those inputs here too (for this process's writer)."""
         item.pid = os.getpid()
         if item.energy is not None:
-            stopped, item.energy = item.energy, None
-            item.energy_report = self._energy_report(stopped)
+            once, item.energy = item.energy, None
+            item.energy_report = once.report(self._energy_report)
         if isinstance(item.error, BaseException):
             item.error = ErrorText.of(item.error)
         if item.kind == "exec_end" and item.input_refs is None:
@@ -960,7 +984,7 @@ class Recorder:
             job_name, job_type = f"{subject.pipeline}.{subject.stage}", "TASK"
         else:
             job_name, job_type = subject.pipeline, "DAG"
-        energy = item.energy_report if item.energy is None else self._energy_report(item.energy)
+        energy = item.energy_report if item.energy is None else item.energy.report(self._energy_report)
         return build_run_event(
             event_type, run_id=subject.id, namespace=subject.namespace, job_name=job_name,
             event_time=item.at if ended else subject.started_at, integration=subject.integration,

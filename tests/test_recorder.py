@@ -604,6 +604,36 @@ def test_what_a_process_ending_with_os_exit_hands_off_is_stored_after_it(tmp_pat
     assert complete["outputs"][0]["facets"]["metatrail_artifact"]["size"] == 1536 * 1024 * 1024
 
 
+def test_a_handed_off_end_is_one_event_with_its_energy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the host lives on after ``hand_off`` (its own writer finishes too), the hand-off's writer process and
+    the host's writer build the same end event: one event, stored once, with the task's energy. The energy report
+    was made for the first of them only, and the second stored a second COMPLETE without energy."""
+    import psutil
+
+    monkeypatch.setenv("METATRAIL_STORE", f"sqlite:///{tmp_path / 'm.db'}")
+    monkeypatch.setenv("METATRAIL_WRITER", "thread")  # the host's own writer: its thread
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(1536 * 1024 * 1024)  # sparse: seconds of hashing, on both writers
+    recorder = Recorder()
+    ex = recorder.execution_started("p", "big")
+    time.sleep(0.05)
+    recorder.execution_finished(ex, outputs=[str(big)])
+    assert recorder.flush(0.2) is False  # still hashing
+    assert recorder.hand_off() is True
+    assert recorder.flush(120) is True  # this process's writer stored its copy too
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and any("metatrail.writerproc" in " ".join(p.cmdline())
+                                               for p in psutil.Process().children()):
+        time.sleep(0.2)  # the hand-off's writer process stores its copy and exits
+    recorder.close()
+    with open_store(recorder.settings.store) as held:
+        events = [e.body for e in held.iter_events() if e.body["run"]["runId"] == ex.id]
+    assert sorted(e["eventType"] for e in events) == ["COMPLETE", "START"]
+    complete = next(e for e in events if e["eventType"] == "COMPLETE")
+    assert "metatrail_energy" in complete["run"]["facets"]
+
+
 _CLOSES_SHORT = """
 import sys
 import time
