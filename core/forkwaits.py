@@ -5,13 +5,18 @@ a module half imported (the child then sees it half made, or waits for ever on i
 transaction half written (the child's own connection to the file then waits on locks nobody will release). metatrail
 does such work on background threads (the Recorder's writer, the shipper) of its hosts' processes, and hosts fork
 (multiprocessing, Celery and Airflow workers). Each lock here is held around one such piece of work; a fork waits
-until it is let go, at most ``wait_s``, then goes ahead all the same (a host is never held longer).
+until it is let go, at most ``wait_s``, then goes ahead all the same (a host is never held longer). A fork that
+gave up on a holder is the last to wait for it: later forks while the same piece of work still holds the lock go
+ahead at once (a host starting a pool of N workers while the store is locked by another process would otherwise wait
+N times over).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
 
 
 class ForkWaits:
@@ -21,16 +26,30 @@ class ForkWaits:
         self.wait_s = wait_s
         self._lock = threading.Lock()
         self._forking = False
+        self._taken = 0  # how many times the lock was taken: which piece of work holds it
+        self._gave_up_on = -1  # the piece of work a fork last stopped waiting for
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(before=self._before_fork, after_in_parent=self._after_fork_in_parent,
                                 after_in_child=self._after_fork_in_child)
 
-    def held(self) -> threading.Lock:
-        """The lock to hold (``with waits.held(): …``) around work a fork must not split."""
-        return self._lock
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the lock (``with waits.held(): …``) around work a fork must not split."""
+        with self._lock:
+            self._taken += 1
+            yield
 
     def _before_fork(self) -> None:
+        taken = self._taken
+        if self._gave_up_on == taken:
+            # A fork already waited its time for this holder: go ahead after a moment (or with the lock, if it is
+            # let go meanwhile), unless the count moved, a new holder having taken the lock just before it is read.
+            self._forking = self._lock.acquire(timeout=min(0.05, self.wait_s))
+            if self._forking or self._taken == taken:
+                return
         self._forking = self._lock.acquire(timeout=self.wait_s)
+        if not self._forking:
+            self._gave_up_on = self._taken
 
     def _after_fork_in_parent(self) -> None:
         if self._forking:

@@ -76,3 +76,50 @@ def test_a_child_forked_while_a_thread_holds_a_lock_of_ours_is_not_stuck_on_it(w
     status = _in_forked_child_while_held(lock, work)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
         f"child {f'killed by signal {os.WTERMSIG(status)}' if os.WIFSIGNALED(status) else 'failed'}")
+
+
+def test_forks_wait_once_for_a_piece_of_work_that_holds_a_fork_lock_too_long() -> None:
+    """``os.fork`` waits a bounded time for metatrail's work in progress (a store transaction, first imports): a
+    host starting a pool of workers while the store is locked by another process waited that time once per fork.
+    The first fork now waits its time; later ones, while the same work still holds the lock, go ahead; a new piece
+    of work is waited for again."""
+    from metatrail.forkwaits import ForkWaits
+
+    waits = ForkWaits(wait_s=2.0)
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with waits.held():
+            held.set()
+            release.wait(60)
+
+    def fork_and_reap() -> float:
+        start = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        elapsed = time.monotonic() - start
+        os.waitpid(pid, 0)
+        return elapsed
+
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    assert held.wait(10)
+    try:
+        first = fork_and_reap()
+        later = [fork_and_reap() for _ in range(3)]
+    finally:
+        release.set()
+        thread.join(10)
+    assert first >= 2.0  # waited its bound for the work in progress
+    assert all(t < 1.0 for t in later), later  # the same work: not waited for again (the previous code: 2 s each)
+    held.clear()
+    release.clear()
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    assert held.wait(10)
+    try:
+        assert fork_and_reap() >= 2.0  # a new piece of work is waited for again
+    finally:
+        release.set()
+        thread.join(10)
