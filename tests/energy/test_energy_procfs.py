@@ -11,11 +11,11 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 
 import psutil
 import pytest
+from forkkit import held_by_another_thread, in_forked_child
 
 from metatrail.energy import cputime, procfs
 from metatrail.energy.cputime import ProcessTree, node_busy_seconds
@@ -140,25 +140,6 @@ def test_kept_files_are_bounded_least_recently_read_first(sleepers: list[subproc
     files.close()
 
 
-def _in_forked_child(check: Callable[[], bool]) -> bool:
-    """Run ``check`` in a forked child (killed by an alarm if it hangs); whether it returned True."""
-    read_end, write_end = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+ warns of forking with threads running
-        child = os.fork()
-    if child == 0:  # pragma: no cover - runs in the child
-        try:
-            signal.alarm(10)
-            os.write(write_end, b"ok" if check() else b"bad")
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    _, status = os.waitpid(child, 0)
-    answer = os.read(read_end, 16)
-    os.close(read_end)
-    return os.waitstatus_to_exitcode(status) == 0 and answer == b"ok"
-
-
 def _is_open(fd: int) -> bool:
     try:
         os.fstat(fd)
@@ -183,7 +164,7 @@ def test_a_forked_child_closes_the_kept_files_at_once(sleepers: list[subprocess.
         return (closed and files.read(proc.pid).startswith(str(proc.pid).encode())
                 and read_node_stat() is not None and reader.children() is not None)
 
-    assert _in_forked_child(check)
+    assert in_forked_child(check)
     assert all(_is_open(fd) for fd in kept)  # the parent's are untouched
     files.close()
     reader.close()
@@ -195,23 +176,11 @@ def test_a_forked_child_does_not_inherit_a_held_lock(sleepers: list[subprocess.P
     files = StatFiles()
     reader = ChildrenReader(os.getpid())
     proc = _sleeper(sleepers)
-    held = threading.Event()
-    release = threading.Event()
-
-    def hold() -> None:
-        with procfs._node_lock, files._lock, reader._lock:
-            held.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold, daemon=True)
-    holder.start()
-    assert held.wait(10)
     try:
-        assert _in_forked_child(lambda: read_node_stat() is not None and bool(files.read(proc.pid))
-                                and reader.children() is not None)
+        with held_by_another_thread(procfs._node_lock, files._lock, reader._lock):
+            assert in_forked_child(lambda: read_node_stat() is not None and bool(files.read(proc.pid))
+                                   and reader.children() is not None)
     finally:
-        release.set()
-        holder.join()
         files.close()
         reader.close()
 
