@@ -114,6 +114,29 @@ def test_the_recorders_writer_records_into_a_store_on_a_network_filesystem(on_nf
     assert _journal(on_nfs / "hashcache.db") == "delete"  # the hash cache beside it too
 
 
+def test_a_server_writes_no_event_inline_into_a_store_with_a_rollback_journal(on_nfs: Path, tmp_path: Path) -> None:
+    """A server writes a lone event on its event loop only when the store can refuse to wait for its write lock,
+    which takes a write-ahead log (there only BEGIN IMMEDIATE can find the lock held; with a rollback journal the
+    commit waits for readers too, after all the work)."""
+    from metatrail.server.writer import IngestWriter
+    from metatrail.store.sqlite_writer import SqliteWriter
+
+    local = SqliteWriter.open(f"sqlite:///{tmp_path / 'local.db'}")
+    on_network = SqliteWriter.open(f"sqlite:///{on_nfs / 'server.db'}")
+    assert local is not None and on_network is not None
+    try:
+        assert local.can_refuse_to_wait and not on_network.can_refuse_to_wait
+        writer = IngestWriter(on_network, inline_max=1)  # type: ignore[arg-type]
+        try:
+            assert writer.submit(pipeline_batch(1, 1)[:1], "hub").result(30).inserted == 1
+            assert writer._thread is not None  # written by the writer thread, not on the caller's
+        finally:
+            writer.close()
+    finally:
+        local.close()
+        on_network.close()
+
+
 def _settings(db: Path, where: Path) -> Any:
     from metatrail.config import load_settings
 

@@ -30,8 +30,9 @@ class ServerConfig:
     max_pending_events: int = 200_000
     writer_batch: int = 5_000
     inline_events: int = 1  # SQLite: a job this small is written on the event loop when the writer is idle
-    # Seconds a request waits for its events to be committed before it answers 503 (they stay queued, and are
-    # stored: the client's retry finds them). Below metatrail clients' 30 s read timeout, so they get an answer.
+    # Seconds a request waits while the writer commits nothing (a store that takes no writes) before it answers 503
+    # (its events stay queued and are stored: the client's retry finds them). Below metatrail clients' read timeout
+    # (30 s at least), so they get an answer.
     write_wait_s: float = 25.0
     forward: bool | dict[str, Any] | None = None
     forward_queue: int = 10_000

@@ -75,16 +75,17 @@ class SqliteWriter:
     :class:`~metatrail.store.base.EventStore`), on one ``sqlite3`` connection. Thread-safe; after ``fork`` the child
     must open its own (the Recorder does)."""
 
-    #: ``ingest`` takes ``wait=False`` (what :class:`metatrail.server.writer.IngestWriter` asks before it writes on
-    #: a thread that must not block).
-    can_refuse_to_wait = True
-
     def __init__(self, url: str, path: Path, conn: sqlite3.Connection) -> None:
         self.url = url
         self.path = path
         self._conn: sqlite3.Connection | None = conn
         self._lock = threading.Lock()
         self._busy_timeout_ms = sqlitefile.BUSY_TIMEOUT_MS  # the connection's, as configure set it
+        # Whether ``ingest`` may be asked not to wait (what metatrail.server.writer.IngestWriter asks before it
+        # writes on a thread that must not block): only with a write-ahead log, where BEGIN IMMEDIATE is the one
+        # step that can find the lock held. With a rollback journal (a network filesystem) the commit needs every
+        # reader gone too, and would fail after all the work.
+        self.can_refuse_to_wait = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal"
         if hasattr(os, "register_at_fork"):
             ref = weakref.ref(self)
 
@@ -166,6 +167,8 @@ class SqliteWriter:
                         raise StoreBusy(f"store {self.url} is being written by another connection") from None
                     raise
             return _retrying(run)
+        except StoreBusy:
+            raise
         except sqlite3.OperationalError as exc:
             raise StoreError(f"cannot write store {self.url}: {exc}") from None
         except Exception as exc:

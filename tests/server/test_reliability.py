@@ -182,9 +182,13 @@ def test_the_server_keeps_answering_while_another_connection_holds_the_write_loc
     """Another connection holding the SQLite store's write lock (an admin rebuild, a ``metatrail`` command writing
     the same file) makes writes wait, never the whole server: a single event posted meanwhile once waited for the
     lock on the event loop, and the server answered nothing, not even /health, until it was released."""
+    from srvkit import LiveServer
+
+    from metatrail.server.config import ServerConfig
+
     store_url = f"sqlite:///{tmp_path / 'server.db'}"
     token = make_token(store_url)
-    server = ServerProcess(store_url).start()
+    server = LiveServer(ServerConfig(store=store_url, site="hub", auth_cache_ttl=0))  # uvicorn, in this process
     holder = sqlite3.connect(str(tmp_path / "server.db"), isolation_level=None, check_same_thread=False)
     released = threading.Timer(30, lambda: holder.execute("COMMIT"))  # the previous code served nothing till then
     posted: dict[str, int] = {}
@@ -202,8 +206,10 @@ def test_the_server_keeps_answering_while_another_connection_holds_the_write_loc
         released.start()
         writer = threading.Thread(target=post)
         writer.start()
-        time.sleep(1.0)  # the event reaches the server and waits for the lock
-        assert "status" not in posted
+        deadline = time.monotonic() + 20
+        while server.services.writer.pending == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the event has reached the server's writer thread, which waits for the lock
+        assert server.services.writer.pending == 1 and "status" not in posted
         for path in ("/health", "/api/v1/runs"):
             conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
             conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})

@@ -100,13 +100,9 @@ async def submit(svc: Services, events: Sequence[Mapping[str, Any]], site: str |
         # A job written inline comes back resolved: skip the hop through the loop's self-pipe.
         if future.done():
             return future.result()
-        # Bounded: a store that does not take writes (a lock held elsewhere, a database connection gone silent)
-        # must not hold every request for ever. Shielded: the job stays queued, and is written when the store
-        # takes it.
-        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), svc.config.write_wait_s)
-    except TimeoutError:
-        raise ApiError(503, "store_busy", f"the store took no write for {svc.config.write_wait_s:g} s; retry later "
-                       "(the events stay queued: a retry stores nothing twice)", headers={"Retry-After": "5"}) from None
+        return await _committed(svc, asyncio.wrap_future(future))
+    except ApiError:
+        raise
     except EventError as exc:
         raise ApiError(422, "invalid_event", str(exc)) from None
     except PipelineForbidden as exc:
@@ -115,3 +111,28 @@ async def submit(svc: Services, events: Sequence[Mapping[str, Any]], site: str |
         # What failed is in the server's log (the writer logs it); internals are not the client's business.
         raise ApiError(503, "store_unavailable", "the store could not write the events; retry later",
                        headers={"Retry-After": "1"}) from None
+
+
+async def _committed(svc: Services, waiting: asyncio.Future[IngestResult]) -> IngestResult:
+    """The job's result, waited for as long as the writer goes on committing (a queue of other requests' events is
+    worked through, however long it is); 503 ``store_busy`` once it has committed nothing for ``write_wait_s``: a
+    store that does not take writes (a lock held elsewhere, a database connection gone silent) must not hold every
+    request for ever. The job stays queued and is written when the store takes writes (a retry stores nothing
+    twice)."""
+    progress = svc.writer.transactions
+    while True:
+        done, _ = await asyncio.wait((waiting,), timeout=svc.config.write_wait_s)  # never cancels the job
+        if done:
+            return waiting.result()
+        if svc.writer.transactions == progress:
+            waiting.add_done_callback(_retrieved)
+            raise ApiError(503, "store_busy", f"the store has taken no write for {svc.config.write_wait_s:g} s; "
+                           "retry later (the events stay queued: a retry stores nothing twice)",
+                           headers={"Retry-After": "5"})
+        progress = svc.writer.transactions
+
+
+def _retrieved(waiting: asyncio.Future[IngestResult]) -> None:
+    # Nobody awaits the job any more: take its outcome, so that asyncio does not log a failure as never retrieved.
+    if not waiting.cancelled():
+        waiting.exception()
