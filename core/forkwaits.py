@@ -26,8 +26,8 @@ class ForkWaits:
         self.wait_s = wait_s
         self._lock = threading.Lock()
         self._forking = False
-        self._taken = 0  # how many times the lock was taken: which piece of work holds it
-        self._gave_up_on = -1  # the piece of work a fork last stopped waiting for
+        self._released = 0  # how many holders have let go: while it stays put, the same one holds the lock
+        self._gave_up_on = -1  # the count when a fork last stopped waiting for a holder
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(before=self._before_fork, after_in_parent=self._after_fork_in_parent,
                                 after_in_child=self._after_fork_in_child)
@@ -36,20 +36,22 @@ class ForkWaits:
     def held(self) -> Iterator[None]:
         """Hold the lock (``with waits.held(): …``) around work a fork must not split."""
         with self._lock:
-            self._taken += 1
-            yield
+            try:
+                yield
+            finally:
+                # Counted before the lock is let go, so a new holder always comes after a new count: a fork that
+                # reads the count while the lock is held knows which holder it is.
+                self._released += 1
 
     def _before_fork(self) -> None:
-        taken = self._taken
-        if self._gave_up_on == taken:
-            # A fork already waited its time for this holder: go ahead after a moment (or with the lock, if it is
-            # let go meanwhile), unless the count moved, a new holder having taken the lock just before it is read.
-            self._forking = self._lock.acquire(timeout=min(0.05, self.wait_s))
-            if self._forking or self._taken == taken:
-                return
+        released = self._released
+        if self._gave_up_on == released:
+            # The holder a fork already waited its time for still holds the lock: go ahead at once.
+            self._forking = self._lock.acquire(blocking=False)
+            return
         self._forking = self._lock.acquire(timeout=self.wait_s)
         if not self._forking:
-            self._gave_up_on = self._taken
+            self._gave_up_on = released  # as read before the wait: a holder that came during it is waited for too
 
     def _after_fork_in_parent(self) -> None:
         if self._forking:

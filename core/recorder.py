@@ -749,8 +749,10 @@ class Recorder:
         report, its START's hashed inputs); ``keep`` leaves those inputs here too (for this process's writer)."""
         item.pid = os.getpid()
         if item.energy is not None:
-            once, item.energy = item.energy, None
-            item.energy_report = once.report(self._energy_report)
+            # Report first, then let go of the handle: a hand_off copying the item meanwhile must find one or the
+            # other, never neither.
+            item.energy_report = item.energy.report(self._energy_report)
+            item.energy = None
         if isinstance(item.error, BaseException):
             item.error = ErrorText.of(item.error)
         if item.kind == "exec_end" and item.input_refs is None:

@@ -258,6 +258,7 @@ class EnergyMonitor:
         self._wake = threading.Event()
         self._hurry = threading.Event()  # set by hurry(): the next sample is not paced
         self._ready = threading.Event()
+        self._suspended = False  # the sampler suspended the meters (kept here: a restarted sampler goes on from it)
         self._window_closed = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -578,12 +579,12 @@ class EnergyMonitor:
 
     # -- sampler thread ------------------------------------------------------------------------------------
     def _ensure_thread(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
+        if self._thread is not None and (self._thread.is_alive() or self._closed):
             return
         with self._start_lock:
-            # A sampler that died (a fault of ours the loop let through) is started again: without one, every
-            # report would wait its whole timeout for a sample that never comes.
-            if self._thread is None or not self._thread.is_alive():
+            # A sampler that died (a fault of ours the loop let through) is started again, with the meters it had:
+            # without one, every report would wait its whole timeout for a sample that never comes. Not after close.
+            if self._thread is None or (not self._thread.is_alive() and not self._closed):
                 thread = threading.Thread(target=self._run, name="metatrail-energy", daemon=True)
                 thread.start()
                 self._thread = thread
@@ -592,13 +593,13 @@ class EnergyMonitor:
         # Give the GIL back first, so the task_started that started this thread returns before the probing
         # (imports, sysfs, NVML) begins.
         time.sleep(0.001)
-        try:
-            self._open_meters()
-        except Exception:
-            log.exception("energy: opening meters failed")
-        finally:
-            self._ready.set()
-        suspended = False
+        if not self._ready.is_set():  # a restarted sampler (see _ensure_thread) keeps the meters it had
+            try:
+                self._open_meters()
+            except Exception:
+                log.exception("energy: opening meters failed")
+            finally:
+                self._ready.set()
         while not self._closed:
             with self._lock:
                 idle = not self._tasks and not self._pending
@@ -620,15 +621,15 @@ class EnergyMonitor:
                 if not self._pending and not self._tasks and not self._closed:
                     continue  # set by a start or stop the last sample already handled: no sample needed
             elif idle:
-                if not suspended:
+                if not self._suspended:
                     _each_meter(self.meters, "suspend")
-                    suspended = True
+                    self._suspended = True
                 self._wake.wait()
                 self._wake.clear()
             else:
-                if suspended:
+                if self._suspended:
                     _each_meter(self.meters, "resume")
-                    suspended = False
+                    self._suspended = False
                 self._wake.wait(self._max_wait())
                 self._wake.clear()
             if self._closed:

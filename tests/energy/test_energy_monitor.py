@@ -491,7 +491,7 @@ def test_a_forked_child_does_not_report_the_parents_task_and_measures_its_own(
     """After a fork (told by an ``os.fork`` hook, not by asking for the pid at each start) the child's monitor says
     that a task the parent started is not measured there, and measures the child's own tasks with a sampler of its
     own; the parent's monitor goes on as before."""
-    from test_energy_procfs import _in_forked_child
+    from forkkit import in_forked_child
 
     mon = monitors([CpuEstimateMeter()], interval_s=1.0, report_timeout_s=5.0)
     mon.task_finished(mon.task_started("warm-up", pid=os.getpid()))
@@ -506,7 +506,7 @@ def test_a_forked_child_does_not_report_the_parents_task_and_measures_its_own(
         return (any("forked while the task ran" in e for e in inherited["errors"])
                 and own["task_cpu_s"] is not None and not any("forked" in e for e in own["errors"]))
 
-    assert _in_forked_child(check)
+    assert in_forked_child(check)
     payload = mon.task_finished(parents)
     assert payload is not None and payload["task_cpu_s"] is not None
     assert not any("forked" in e for e in payload["errors"]), payload["errors"]

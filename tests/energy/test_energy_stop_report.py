@@ -372,6 +372,10 @@ def test_a_meter_that_fails_to_resume_does_not_end_the_sampler(monitors: Any, va
     assert one_task("first")["domains"]["cpu"]["value_j"] is not None
     time.sleep(1.5)  # idle past the linger: the sampler suspends the meters, and the next task resumes them
     later = [one_task(f"later{i}") for i in range(3)]
-    assert meter.resumes == 1  # the failing resume happened (and no other was needed)
+    assert meter.resumes >= 1  # the failing resume happened
     assert all(p["domains"]["cpu"]["value_j"] is not None for p in later), later
-    assert mon._thread is not None and mon._thread.is_alive()
+    sampler = mon._thread
+    assert sampler is not None and sampler.is_alive()
+    mon.close()
+    mon.task_started("after close", pid=os.getpid())
+    assert mon._thread is sampler and not sampler.is_alive()  # a closed monitor is not brought back
