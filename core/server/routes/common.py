@@ -89,9 +89,9 @@ async def submit(svc: Services, events: Sequence[Mapping[str, Any]], site: str |
                  sites: Sequence[str | None] | None = None, *, pipelines: frozenset[str] | None = None) -> IngestResult:
     """Hand validated events to the writer (received from ``site``, or ``sites``: one per event) and wait until they
     are committed, all in one transaction; 503 when overloaded or the store fails (the client retries: ingest is
-    idempotent), and when they are not committed within ``write_wait_s`` (they stay queued). ``pipelines``: what a
-    restricted writer may read; 403 ``pipeline_forbidden`` (nothing stored) when one of the events' runs is stored
-    under another pipeline."""
+    idempotent), and when the writer commits nothing for ``write_wait_s`` (they stay queued, see :func:`_committed`).
+    ``pipelines``: what a restricted writer may read; 403 ``pipeline_forbidden`` (nothing stored) when one of the
+    events' runs is stored under another pipeline."""
     try:
         future = svc.writer.submit(events, site, sites, pipelines=pipelines)
     except Overloaded as exc:
