@@ -35,7 +35,10 @@ class ServerConfig:
     # (30 s at least), so they get an answer.
     write_wait_s: float = 25.0
     forward: bool | dict[str, Any] | None = None
-    forward_queue: int = 10_000
+    # Fan-out (metatrail.server.fanout): the longest pause between tries of a target that fails, and how often the
+    # forwarder looks at the log when no commit woke it.
+    forward_retry_max_s: float = 60.0
+    forward_poll_s: float = 2.0
     schedule_tick: float = 5.0
     peer_timeout: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict)

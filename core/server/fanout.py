@@ -1,29 +1,71 @@
-"""Fan-out: forward every newly ingested event to another OpenLineage backend (Marquez, Kafka, files, …) through
-``openlineage-python``'s transports, configured the way that client is configured.
+"""Fan-out: forward every event the server's log gains to another OpenLineage backend (Marquez, Kafka, files, …)
+through ``openlineage-python``'s transports, configured the way that client is configured.
 
-Ingest never waits for it: committed events are put on a bounded queue and a worker thread emits them. A full queue
-drops the newest events (counted in ``dropped``); a transport failure is counted in ``failed`` and logged once per
-kind. Either way the events are safe in the store, so nothing is lost for the server, only for the forward target.
+The store's event log is the queue. A worker thread reads it in log order from a cursor kept in the store
+(``sync_cursors``, direction ``forward``, one per target) and emits each event; the cursor moves past an event once
+the transport has taken it. So:
+
+* **Ingest never waits for it.** The writer only wakes the worker after a commit; a slow, hanging or failing target
+  holds the worker, never a request.
+* **Nothing is dropped.** A target that is down, answers 5xx or 429, or hangs until the transport's timeout is
+  tried again, with a growing pause (up to ``retry_max_s``), until it takes the event: events wait in the log, not
+  in memory, so an outage of any length, and a restart of this server in the middle of one, loses none of them.
+  Events a commit stored before a fault of ours stopped the writer from waking the worker are found by its next
+  look (at least every ``poll_s``).
+* **At least once.** An event the target took just before this server was killed is sent again after the restart
+  (the cursor is saved after each page of events); OpenLineage backends keep the same event once or harmlessly twice.
+* **A refused event does not stall the rest.** An HTTP answer that says the event itself is wrong (400, 413, 415,
+  422) is counted in ``refused`` and logged, and the worker goes on; any other failure (401/403/404 included: a
+  credential or address an operator can fix) is retried.
+
+A target seen for the first time starts at the end of the log: what was stored before forwarding was configured is
+not sent (``metatrail push`` moves history between metatrail servers). Counters are in ``GET /api/v1/admin/status``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import threading
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 log = logging.getLogger("metatrail.server")
+
+DIRECTION = "forward"  # the cursors' direction in sync_cursors
+PAGE = 200  # events read from the log at a time
+PAGE_BYTES = 8 * 1024 * 1024  # and at most this much of their bodies (at least one event)
+# HTTP statuses that say the event itself cannot be taken: retrying it would stall every later event for good.
+REFUSED_STATUSES = frozenset({400, 413, 415, 422})
+
+
+def target_key(transport: Any) -> str:
+    """The name a target's cursor is kept under: the transport's kind and where it sends (a URL, a file, a topic),
+    so that pointing forwarding elsewhere starts a new cursor."""
+    kind = str(getattr(transport, "kind", None) or type(transport).__name__)
+    config = getattr(transport, "config", None)
+    where = getattr(transport, "url", None) or getattr(config, "url", None) or \
+        getattr(config, "log_file_path", None) or getattr(config, "topic", None)
+    return f"forward:{kind}" + (f":{where}" if where else "")
+
+
+def refused_status(exc: BaseException) -> int | None:
+    """The HTTP status of a failed emit when it says the event itself is refused (see :data:`REFUSED_STATUSES`)."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return status if isinstance(status, int) and status in REFUSED_STATUSES else None
 
 
 class Forwarder:
-    """Forwards events to the transport resolved from ``config`` (``True`` = the client's own resolution:
-    ``OPENLINEAGE_CONFIG``/``openlineage.yml``, ``OPENLINEAGE__TRANSPORT__*``, ``OPENLINEAGE_URL``)."""
+    """Forwards the events of the store at ``store_url`` (a migrated SQL store) to the transport resolved from
+    ``config`` (``True`` = the client's own resolution: ``OPENLINEAGE_CONFIG``/``openlineage.yml``,
+    ``OPENLINEAGE__TRANSPORT__*``, ``OPENLINEAGE_URL``). See the module docstring."""
 
-    def __init__(self, config: bool | dict[str, Any], *, max_queue: int = 10_000) -> None:
+    def __init__(self, config: bool | dict[str, Any], *, store_url: str, poll_s: float = 2.0,
+                 retry_min_s: float = 1.0, retry_max_s: float = 60.0) -> None:
         from openlineage.client import OpenLineageClient
+
+        from metatrail.server.eventlog import ServerLog
 
         client = OpenLineageClient(config=config if isinstance(config, dict) else None)
         self.transport = client.transport
@@ -31,58 +73,124 @@ class Forwarder:
         if self.kind == "console":
             log.warning("metatrail server: forwarding is on but no OpenLineage transport is configured, so events "
                         "go to the console; set OPENLINEAGE_URL or OPENLINEAGE_CONFIG, or pass --forward-config")
-        self._queue: queue.Queue[Mapping[str, Any] | None] = queue.Queue(maxsize=max_queue)
-        self.sent = 0
-        self.failed = 0
-        self.dropped = 0
+        self.target = target_key(self.transport)
+        self.poll_s, self.retry_min_s, self.retry_max_s = poll_s, retry_min_s, retry_max_s
+        self._log = ServerLog(store_url)
+        self.position = self._start_position()
+        self.sent = 0  # events the target took
+        self.failed = 0  # attempts that failed and will be tried again
+        self.refused = 0  # events the target refused as such (REFUSED_STATUSES), passed over
+        self.last_error: str | None = None
         self._errors_seen: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.start()
+
+    def _start_position(self) -> int:
+        """The target's saved cursor; for a new target, the end of the log, saved at once (events stored after this
+        must be forwarded even if the server stops before forwarding one)."""
+        if any(c["peer"] == self.target and c["direction"] == DIRECTION and c["scope"] == ""
+               for c in self._log.cursors()):
+            return self._log.get_cursor(self.target, DIRECTION)
+        end = self._log.last_seq()
+        self._log.set_cursor(self.target, DIRECTION, "", end)
+        return end
 
     def start(self) -> None:
         """Start the worker (again, after :meth:`close`)."""
         if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="metatrail-forwarder", daemon=True)
             self._thread.start()
 
-    def enqueue(self, events: list[Mapping[str, Any]], _site: str | None = None) -> None:
-        """Queue events for forwarding; never blocks (drops and counts when full)."""
-        for event in events:
-            try:
-                self._queue.put_nowait(event)
-            except queue.Full:
-                self.dropped += 1
+    def notify(self, _events: object = None, _site: object = None) -> None:
+        """Wake the worker: the log has new events (the writer's ``on_inserted`` hook; never blocks)."""
+        self._wake.set()
 
     def _run(self) -> None:
-        while True:
-            event = self._queue.get()
-            if event is None:
-                return
+        pause = self.retry_min_s
+        while not self._stop.is_set():
+            self._wake.clear()  # before the look: a commit after it wakes the wait below
+            try:
+                page, _ = self._log_events()
+            except Exception as exc:  # the store, for the moment (locked, restarting): look again later
+                self._note_failure("reading the log", exc)
+                self._stop.wait(pause)
+                pause = min(pause * 2, self.retry_max_s)
+                continue
+            pause = self.retry_min_s
+            if not page:
+                self._wake.wait(self.poll_s)
+                continue
+            for seq, text in page:
+                if not self._deliver(text):
+                    break  # stopping
+                self.position = seq
+            self._save_position()
+
+    def _log_events(self) -> tuple[list[tuple[int, str]], bool]:
+        from metatrail.sync import Filter
+
+        rows, cut = self._log.events_after_bounded(self.position, Filter(), PAGE, PAGE_BYTES)
+        return [(seq, shipped.text) for seq, shipped in rows], cut
+
+    def _deliver(self, text: str) -> bool:
+        """Emit one stored event until the target takes or refuses it; False when stopped first."""
+        pause = self.retry_min_s
+        event: Mapping[str, Any] = orjson.loads(text)
+        while not self._stop.is_set():
             try:
                 self.transport.emit(dict(event))  # type: ignore[arg-type]  # transports serialise dicts too
                 self.sent += 1
+                return True
             except Exception as exc:
+                status = refused_status(exc)
+                if status is not None:
+                    self.refused += 1
+                    log.warning("metatrail server: %s refused an event (HTTP %d), passed over: %s", self.kind,
+                                status, exc)
+                    return True
                 self.failed += 1
-                kind = type(exc).__name__
-                if kind not in self._errors_seen:
-                    self._errors_seen.add(kind)
-                    log.warning("metatrail server: forwarding to %s failed (%s: %s); ingest is unaffected",
-                                self.kind, kind, exc)
-            finally:
-                self._queue.task_done()
+                self._note_failure(f"forwarding to {self.kind}", exc)
+            self._stop.wait(pause)
+            pause = min(pause * 2, self.retry_max_s)
+        return False
+
+    def _note_failure(self, what: str, exc: BaseException) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+        kind = f"{what}:{type(exc).__name__}"
+        if kind not in self._errors_seen:
+            self._errors_seen.add(kind)
+            log.warning("metatrail server: %s failed (%s: %s); ingest is unaffected, the events wait in the store "
+                        "and are tried again", what, type(exc).__name__, exc)
+
+    def _save_position(self) -> None:
+        try:
+            self._log.set_cursor(self.target, DIRECTION, "", self.position)
+        except Exception as exc:  # the next page saves it; at worst a restart sends a page again
+            self._note_failure("saving the forward cursor", exc)
 
     def stats(self) -> dict[str, Any]:
-        """Counters for the admin status route."""
-        return {"transport": self.kind, "sent": self.sent, "failed": self.failed, "dropped": self.dropped,
-                "queued": self._queue.qsize()}
+        """Counters for the admin status route (reads the store: call it off the event loop)."""
+        try:
+            pending: int | None = self._log.count_after(self.position)
+        except Exception:
+            pending = None
+        return {"transport": self.kind, "target": self.target, "sent": self.sent, "failed": self.failed,
+                "refused": self.refused, "position": self.position, "pending": pending,
+                "last_error": self.last_error}
 
     def close(self, timeout: float = 5.0) -> None:
-        """Forward what is queued (up to ``timeout``), then stop the worker and close the transport."""
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=timeout)
+        """Stop the worker (an emit in progress gets up to ``timeout``), save the cursor, close the transport. What
+        is not forwarded yet stays in the log for the next start."""
+        self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._save_position()
         try:
             self.transport.close(timeout)
         except Exception as exc:
             log.warning("metatrail server: closing the forward transport failed: %s", exc)
+        self._log.close()

@@ -49,10 +49,11 @@ class Services:
         if config.forward:
             from metatrail.server.fanout import Forwarder
 
-            forwarder = Forwarder(config.forward, max_queue=config.forward_queue)
+            forwarder = Forwarder(config.forward, store_url=config.store, poll_s=config.forward_poll_s,
+                                  retry_max_s=config.forward_retry_max_s)
         writer = IngestWriter(write_store or store, max_pending=config.max_pending_events,
                               max_batch=config.writer_batch,
-                              on_inserted=forwarder.enqueue if forwarder is not None else None,
+                              on_inserted=forwarder.notify if forwarder is not None else None,
                               inline_max=config.inline_events if sqlite else 0,
                               checkpoint=store.checkpoint if sqlite else None)
         return cls(config=config, store=store, log=ServerLog(store.url),

@@ -135,7 +135,7 @@ sync_cursors = Table(
     "sync_cursors",
     metadata,
     Column("peer", Text, primary_key=True),  # the other side (normalised URL or peer name)
-    Column("direction", String(8), primary_key=True),  # push | pull | ship
+    Column("direction", String(8), primary_key=True),  # push | pull | ship | forward (metatrail.server.fanout)
     Column("scope", Text, primary_key=True),  # the filter the cursor belongs to ("" = everything)
     Column("position", BigInteger, nullable=False),  # high-water mark: the log position (seq) done so far
     Column("updated_at", Float, nullable=False),

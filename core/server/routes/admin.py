@@ -79,6 +79,6 @@ async def status(request: Request) -> dict[str, Any]:
         "site": svc.config.site,
         "writer": {"pending": svc.writer.pending, "committed": svc.writer.committed,
                    "transactions": svc.writer.transactions},
-        "forward": svc.forwarder.stats() if svc.forwarder is not None else None,
+        "forward": await run_in_threadpool(svc.forwarder.stats) if svc.forwarder is not None else None,
         "scheduled_syncs": svc.scheduler.runs if svc.scheduler is not None else 0,
     }
