@@ -89,12 +89,17 @@ class Forwarder:
 
     def _start_position(self) -> int:
         """The target's saved cursor; for a new target, the end of the log, saved at once (events stored after this
-        must be forwarded even if the server stops before forwarding one)."""
+        must be forwarded even if the server stops before forwarding one). A cursor past the end of the log (a store
+        restored from an older backup hands out those positions again) is brought back to the end."""
+        end = self._log.last_seq()
         if any(c["peer"] == self.target and c["direction"] == DIRECTION and c["scope"] == ""
                for c in self._log.cursors()):
-            return self._log.get_cursor(self.target, DIRECTION)
-        end = self._log.last_seq()
-        self._log.set_cursor(self.target, DIRECTION, "", end)
+            saved = self._log.get_cursor(self.target, DIRECTION)
+            if saved <= end:
+                return saved
+            log.warning("metatrail server: the forward cursor of %s (%d) is past the end of the log (%d): the store "
+                        "was restored from an older copy; forwarding goes on from its end", self.target, saved, end)
+        self._log.set_cursor(self.target, DIRECTION, "", end, force=True)
         return end
 
     def start(self) -> None:

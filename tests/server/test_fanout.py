@@ -218,3 +218,27 @@ def test_a_hanging_forward_target_never_blocks_ingest(store_url: str) -> None:
     finally:
         client.close()
         hanging.close()
+
+
+def test_a_cursor_past_the_end_of_the_log_goes_back_to_its_end(store_url: str, tmp_path: Path) -> None:
+    # A store restored from an older copy hands out log positions its forward cursor has passed: without a check,
+    # the events stored next would not be forwarded until the log grew past the old cursor.
+    from metatrail.server.fanout import DIRECTION
+    from metatrail.sync import SyncLog
+
+    out = tmp_path / "forwarded.jsonl"
+    open_store(store_url).close()  # migrated
+    sync_log = SyncLog(store_url)
+    try:
+        sync_log.set_cursor(f"forward:file:{out}", DIRECTION, "", 10_000)
+    finally:
+        sync_log.close()
+    client, token = _client(store_url, {"transport": {"type": "file", "log_file_path": str(out), "append": True}})
+    try:
+        assert client.app.state.services.forwarder.target == f"forward:file:{out}"
+        events = bulk_events(2)
+        assert client.post("/api/v1/lineage/batch", json=events, headers=auth(token)).json()["inserted"] == 4
+        assert wait_for(lambda: len(_lines(out)) >= 4, 30), client.app.state.services.forwarder.stats()
+        assert _keys(_lines(out)) == _keys(events)
+    finally:
+        client.close()
