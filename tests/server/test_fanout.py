@@ -242,3 +242,24 @@ def test_a_cursor_past_the_end_of_the_log_goes_back_to_its_end(store_url: str, t
         assert _keys(_lines(out)) == _keys(events)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(("status", "refused"), [(400, True), (413, True), (415, True), (422, True), (401, False),
+                                                  (403, False), (404, False), (429, False), (500, False),
+                                                  (503, False)])
+def test_only_an_answer_about_the_event_itself_passes_it_over(status: int, refused: bool) -> None:
+    # What openlineage-python's HTTP transport raises for an answer (requests' HTTPError, raise_for_status): a
+    # credential, an address or an outage is retried; an event the target cannot take is passed over.
+    import requests
+
+    from metatrail.server.fanout import refused_status
+
+    response = requests.Response()
+    response.status_code = status
+    try:
+        response.raise_for_status()
+    except requests.HTTPError as exc:
+        assert (refused_status(exc) == status) is refused
+    else:
+        raise AssertionError("raise_for_status raised nothing")
+    assert refused_status(ConnectionRefusedError()) is None
