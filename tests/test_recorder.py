@@ -620,12 +620,21 @@ def test_a_handed_off_end_is_one_event_with_its_energy(tmp_path: Path, monkeypat
     time.sleep(0.05)
     recorder.execution_finished(ex, outputs=[str(big)])
     assert recorder.flush(0.2) is False  # still hashing
+
+    def writer_processes() -> set[int]:
+        # Other tests' Recorders in this process may have writer processes of their own, alive until they close:
+        # only the one the hand-off starts is waited for.
+        return {p.pid for p in psutil.Process().children() if "metatrail.writerproc" in " ".join(p.cmdline())}
+
+    before = writer_processes()
     assert recorder.hand_off() is True
+    handed = writer_processes() - before
+    assert len(handed) == 1
     assert recorder.flush(120) is True  # this process's writer stored its copy too
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and any("metatrail.writerproc" in " ".join(p.cmdline())
-                                               for p in psutil.Process().children()):
+    while time.monotonic() < deadline and handed & writer_processes():
         time.sleep(0.2)  # the hand-off's writer process stores its copy and exits
+    assert not handed & writer_processes()
     recorder.close()
     with open_store(recorder.settings.store) as held:
         events = [e.body for e in held.iter_events() if e.body["run"]["runId"] == ex.id]
