@@ -128,19 +128,19 @@ class Forwarder:
             if not page:
                 self._wake.wait(self.poll_s)
                 continue
-            for seq, text in page:
-                if not self._deliver(text):
+            for seq, eid, text in page:
+                if not self._deliver(eid, text):
                     break  # stopping
                 self.position = seq
             self._save_position()
 
-    def _log_events(self) -> tuple[list[tuple[int, str]], bool]:
+    def _log_events(self) -> tuple[list[tuple[int, str, str]], bool]:
         from metatrail.sync import Filter
 
         rows, cut = self._log.events_after_bounded(self.position, Filter(), PAGE, PAGE_BYTES)
-        return [(seq, shipped.text) for seq, shipped in rows], cut
+        return [(seq, shipped.id, shipped.text) for seq, shipped in rows], cut
 
-    def _deliver(self, text: str) -> bool:
+    def _deliver(self, eid: str, text: str) -> bool:
         """Emit one stored event until the target takes or refuses it; False when stopped first."""
         pause = self.retry_min_s
         event: Mapping[str, Any] = orjson.loads(text)
@@ -153,8 +153,11 @@ class Forwarder:
                 status = refused_status(exc)
                 if status is not None:
                     self.refused += 1
-                    log.warning("metatrail server: %s refused an event (HTTP %d), passed over: %s", self.kind,
-                                status, exc)
+                    self.last_error = f"HTTP {status} for event {eid}: {exc}"[:500]
+                    if f"refused:{status}" not in self._errors_seen:  # once per status: a target may refuse many
+                        self._errors_seen.add(f"refused:{status}")
+                        log.warning("metatrail server: %s refused an event as such (HTTP %d), passed over; later "
+                                    "refusals are counted in the admin status: %s", self.kind, status, exc)
                     return True
                 self.failed += 1
                 self._note_failure(f"forwarding to {self.kind}", exc)
