@@ -14,7 +14,7 @@ import httpx
 import orjson
 import pytest
 from openlineage.client.serde import Serde
-from srvkit import AsgiClient, auth, bulk_events, live, make_token, wait_for
+from srvkit import AsgiClient, FaultProxy, auth, bulk_events, live, make_token, wait_for
 
 from metatrail.openlineage.events import event_id
 from metatrail.server.app import create_app
@@ -269,3 +269,45 @@ def test_only_an_answer_about_the_event_itself_passes_it_over(status: int, refus
     else:
         raise AssertionError("raise_for_status raised nothing")
     assert refused_status(ConnectionRefusedError()) is None
+
+
+def test_a_backend_behind_outages_5xx_429_and_a_hang_gets_every_event_once(store_url: str, tmp_path: Path) -> None:
+    # The target (a second metatrail server, as a Marquez would be) sits behind a proxy that refuses connections,
+    # then answers 503/500/429, then hangs past the transport's timeout, then comes back: every event ingested
+    # meanwhile reaches it, once, in the order of the log.
+    backend_config = ServerConfig(store=f"sqlite:///{tmp_path / 'backend.db'}", auth_cache_ttl=0)
+    backend_token, backend_reader = make_token(backend_config.store, "write"), make_token(backend_config.store, "read")
+    with live(backend_config) as backend:
+        proxy = FaultProxy(backend.url)
+        proxy.down()
+        client, token = _client(store_url, {"transport": {"type": "http", "url": proxy.url, "timeout": 1,
+                                                          "retry": {"total": 0},
+                                                          "auth": {"type": "api_key", "apiKey": backend_token}}},
+                                forward_retry_max_s=0.2)
+        events = bulk_events(15)
+        try:
+            forwarder = client.app.state.services.forwarder
+            assert client.post("/api/v1/lineage/batch", json=events[:10], headers=auth(token)).status_code == 201
+            assert wait_for(lambda: forwarder.failed >= 2, 30), forwarder.stats()  # refused connections
+            proxy.up()
+            proxy.statuses = [503, 500, 429]
+            assert client.post("/api/v1/lineage/batch", json=events[10:20], headers=auth(token)).status_code == 201
+            assert wait_for(lambda: forwarder.sent >= 5, 30), forwarder.stats()
+            proxy.mode = "hang"
+            hung = proxy.faults
+            assert client.post("/api/v1/lineage/batch", json=events[20:], headers=auth(token)).status_code == 201
+            assert wait_for(lambda: proxy.faults > hung, 30), forwarder.stats()
+            proxy.mode = "ok"
+            assert wait_for(lambda: forwarder.stats()["pending"] == 0, 60), forwarder.stats()
+            assert forwarder.sent == 30 and forwarder.refused == 0 and forwarder.failed >= 6
+        finally:
+            client.close()
+            proxy.close()
+        held = open_store(backend_config.store)
+        try:
+            bodies = [e.body for e in held.iter_events()]
+        finally:
+            held.close()
+        assert _keys(bodies) == _keys(events)  # each once
+        stats = httpx.get(f"{backend.url}/api/v1/stats", headers=auth(backend_reader), timeout=10).json()
+        assert stats["events"] == 30
