@@ -42,11 +42,17 @@ REFUSED_STATUSES = frozenset({400, 413, 415, 422})
 
 def target_key(transport: Any) -> str:
     """The name a target's cursor is kept under: the transport's kind and where it sends (a URL, a file, a topic),
-    so that pointing forwarding elsewhere starts a new cursor."""
+    so that pointing forwarding elsewhere starts a new cursor. Credentials in a URL are left out: the key is stored
+    and shown in the admin status, and a new password for the same target keeps its cursor."""
     kind = str(getattr(transport, "kind", None) or type(transport).__name__)
     config = getattr(transport, "config", None)
     where = getattr(transport, "url", None) or getattr(config, "url", None) or \
         getattr(config, "log_file_path", None) or getattr(config, "topic", None)
+    if isinstance(where, str) and "@" in where and "://" in where:
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(where)
+        where = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     return f"forward:{kind}" + (f":{where}" if where else "")
 
 

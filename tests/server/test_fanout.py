@@ -311,3 +311,17 @@ def test_a_backend_behind_outages_5xx_429_and_a_hang_gets_every_event_once(store
         assert _keys(bodies) == _keys(events)  # each once
         stats = httpx.get(f"{backend.url}/api/v1/stats", headers=auth(backend_reader), timeout=10).json()
         assert stats["events"] == 30
+
+
+def test_a_targets_cursor_key_names_where_it_sends_without_credentials() -> None:
+    # The key is stored in the store and shown in the admin status: a password in the target's URL stays out of it.
+    from openlineage.client import OpenLineageClient
+
+    from metatrail.server.fanout import target_key
+
+    with_password = OpenLineageClient(config={"transport": {"type": "http",
+                                                            "url": "http://ops:s3cret@marquez.example:5000"}})
+    plain = OpenLineageClient(config={"transport": {"type": "http", "url": "http://marquez.example:5000"}})
+    assert target_key(with_password.transport) == target_key(plain.transport) == "forward:http:http://marquez.example:5000"
+    to_file = OpenLineageClient(config={"transport": {"type": "file", "log_file_path": "/srv/ol/events.jsonl"}})
+    assert target_key(to_file.transport) == "forward:file:/srv/ol/events.jsonl"
