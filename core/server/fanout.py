@@ -98,9 +98,9 @@ class Forwarder:
         must be forwarded even if the server stops before forwarding one). A cursor past the end of the log (a store
         restored from an older backup hands out those positions again) is brought back to the end."""
         end = self._log.last_seq()
-        if any(c["peer"] == self.target and c["direction"] == DIRECTION and c["scope"] == ""
-               for c in self._log.cursors()):
-            saved = self._log.get_cursor(self.target, DIRECTION)
+        saved = next((int(c["position"]) for c in self._log.cursors()
+                      if c["peer"] == self.target and c["direction"] == DIRECTION and c["scope"] == ""), None)
+        if saved is not None:
             if saved <= end:
                 return saved
             log.warning("metatrail server: the forward cursor of %s (%d) is past the end of the log (%d): the store "
@@ -124,7 +124,7 @@ class Forwarder:
         while not self._stop.is_set():
             self._wake.clear()  # before the look: a commit after it wakes the wait below
             try:
-                page, _ = self._log_events()
+                page = self._log_events()
             except Exception as exc:  # the store, for the moment (locked, restarting): look again later
                 self._note_failure("reading the log", exc)
                 self._stop.wait(pause)
@@ -140,11 +140,12 @@ class Forwarder:
                 self.position = seq
             self._save_position()
 
-    def _log_events(self) -> tuple[list[tuple[int, str, str]], bool]:
+    def _log_events(self) -> list[tuple[int, str, str]]:
+        """The next page of the log: ``(position, event id, stored text)``."""
         from metatrail.sync import Filter
 
-        rows, cut = self._log.events_after_bounded(self.position, Filter(), PAGE, PAGE_BYTES)
-        return [(seq, shipped.id, shipped.text) for seq, shipped in rows], cut
+        rows, _ = self._log.events_after_bounded(self.position, Filter(), PAGE, PAGE_BYTES)
+        return [(seq, shipped.id, shipped.text) for seq, shipped in rows]
 
     def _deliver(self, eid: str, text: str) -> bool:
         """Emit one stored event until the target takes or refuses it; False when stopped first."""
