@@ -78,7 +78,10 @@ def _cmd_server(args: argparse.Namespace) -> int:
         forward = _read_forward_config(args.forward_config)
     elif args.forward:
         forward = True
+    if args.forward_concurrency < 1:
+        raise ConfigError(f"--forward-concurrency must be at least 1, got {args.forward_concurrency}")
     config = ServerConfig(store=store, site=args.site or load_settings().site, forward=forward,
+                          forward_concurrency=args.forward_concurrency,
                           max_event_bytes=int(args.max_event_mb * MiB), max_batch_bytes=int(args.max_batch_mb * MiB),
                           max_fetch_bytes=int(args.max_fetch_mb * MiB))
     if not args.tls_cert and not is_loopback(args.host):
@@ -282,6 +285,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--forward", action="store_true",
                    help="also forward every ingested event with openlineage-python's configured transport")
     p.add_argument("--forward-config", help="openlineage-python client config file (YAML) for forwarding")
+    p.add_argument("--forward-concurrency", type=int, default=8, metavar="N",
+                   help="events in flight to an HTTP forward target at once; each run's events still go in order "
+                        "(default 8)")
     p.add_argument("--max-event-mb", type=float, default=5.0, help="largest single event body (MiB)")
     p.add_argument("--max-batch-mb", type=float, default=64.0, help="largest batch/push body (MiB)")
     p.add_argument("--max-fetch-mb", type=float, default=32.0,

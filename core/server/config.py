@@ -35,10 +35,11 @@ class ServerConfig:
     # (30 s at least), so they get an answer.
     write_wait_s: float = 25.0
     forward: bool | dict[str, Any] | None = None
-    # Fan-out (metatrail.server.fanout): the longest pause between tries of a target that fails, and how often the
-    # forwarder looks at the log when no commit woke it.
+    # Fan-out (metatrail.server.fanout): the longest pause between tries of a target that fails, how often the
+    # forwarder looks at the log when no commit woke it, and the most events in flight to an HTTP target at once.
     forward_retry_max_s: float = 60.0
     forward_poll_s: float = 2.0
+    forward_concurrency: int = 8
     schedule_tick: float = 5.0
     peer_timeout: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict)

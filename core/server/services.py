@@ -50,7 +50,7 @@ class Services:
             from metatrail.server.fanout import Forwarder
 
             forwarder = Forwarder(config.forward, store_url=config.store, poll_s=config.forward_poll_s,
-                                  retry_max_s=config.forward_retry_max_s)
+                                  retry_max_s=config.forward_retry_max_s, concurrency=config.forward_concurrency)
         writer = IngestWriter(write_store or store, max_pending=config.max_pending_events,
                               max_batch=config.writer_batch,
                               on_inserted=forwarder.notify if forwarder is not None else None,

@@ -304,7 +304,7 @@ class FaultProxy:
     ``mode``: ``ok`` (forward), ``down`` (listening socket closed: connection refused), ``hang`` (accept, read, never
     answer), ``slow`` (forward after ``delay`` seconds). ``statuses`` is a queue of statuses to answer instead of
     forwarding (e.g. ``[503, 500, 429]``), one per request, before forwarding again; 429/503 carry ``Retry-After``.
-    Counts what it saw.
+    Counts what it saw, the most requests it held at once, and the bodies it forwarded in the order they arrived.
     """
 
     def __init__(self, target: str) -> None:
@@ -318,6 +318,9 @@ class FaultProxy:
         self.requests = 0
         self.forwarded = 0
         self.faults = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.arrived: list[bytes] = []  # bodies of the requests forwarded, in arrival order
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._release = threading.Event()
@@ -359,8 +362,18 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(payload)
                     return
-                if mode == "slow":
-                    time.sleep(delay)
+                with proxy._lock:
+                    proxy.in_flight += 1
+                    proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+                    proxy.arrived.append(body or b"")
+                try:
+                    self._forward(body, delay if mode == "slow" else 0.0)
+                finally:
+                    with proxy._lock:
+                        proxy.in_flight -= 1
+
+            def _forward(self, body: bytes | None, delay: float) -> None:
+                time.sleep(delay)
                 conn = http.client.HTTPConnection(proxy.target, timeout=120)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
                 conn.request(self.command, self.path, body=body, headers=headers)

@@ -228,6 +228,8 @@ def test_refuses_public_address_without_admin_token(config: ServerConfig, capsys
     assert "refusing to listen on every interface" in capsys.readouterr().err
     assert commands.main(["server", "--store", config.store, "--tls-cert", "x.pem"]) == 1
     assert "--tls-key" in capsys.readouterr().err
+    assert commands.main(["server", "--store", config.store, "--forward", "--forward-concurrency", "0"]) == 1
+    assert "--forward-concurrency must be at least 1" in capsys.readouterr().err
 
 
 def test_only_explicit_loopback_addresses_are_loopback() -> None:
