@@ -11,7 +11,8 @@
 (b) Batched ingest into PostgreSQL: ``POST /api/v1/lineage/batch`` with 1,000-event batches (openlineage-python has
     no batch endpoint, so metatrail's own client sends them) into a fresh database. Target ≥ 5,000 events/s.
 (c) ``metatrail push`` of 100,000 events from a local SQLite store to a fresh server (SQLite store) over loopback,
-    then a second push of the same store. Targets: first ≤ 10 s, second sends nothing.
+    then a second push of the same store; three rounds, each to a fresh server, medians reported. Targets: first
+    ≤ 10 s, second sends nothing.
 
 Each figure comes with its baseline from the same run. Prints a report and writes ``bench/results/server.txt``.
 Where a target is missed, the report says where the time goes (a profile of the server's store ingest).
@@ -218,6 +219,7 @@ def main() -> int:
     scale = 10 if args.quick else 1
     single_n, rounds = 2000 // scale, 3
     batched_n, pushed_n = 20_000 // scale, 100_000 // scale
+    push_rounds = 1 if args.quick else 3
     report: list[str] = []
     missed: list[str] = []
 
@@ -341,27 +343,35 @@ def main() -> int:
             s.ingest(big[i : i + 5000])
         fill = time.perf_counter() - start
         s.close()
-        server_store = f"sqlite:///{work / 'push-server.db'}"
-        token = token_for(server_store)
-        server = Server("metatrail", work, server_store)
-        try:
-            start = time.perf_counter()
-            first = push(local, server.url, token=token, show_progress=False, timeout=600)
-            t_first = time.perf_counter() - start
-            start = time.perf_counter()
-            second = push(local, server.url, token=token, show_progress=False)
-            t_second = time.perf_counter() - start
-        finally:
-            server.stop()
-        log = SyncLog(server_store)
-        held = log.digest()["events"]
-        log.close()
+        # Each round pushes to a fresh server (its own store, its own URL: the local store keeps a cursor per
+        # server), then pushes again; the median round is what the target is held to (this VM's speed drifts).
+        firsts, seconds_, sent, held_counts, sent_again = [], [], [], [], []
+        for r in range(push_rounds):
+            server_store = f"sqlite:///{work / f'push-server-{r}.db'}"
+            token = token_for(server_store)
+            server = Server("metatrail", work, server_store)
+            try:
+                start = time.perf_counter()
+                first = push(local, server.url, token=token, show_progress=False, timeout=600)
+                firsts.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                second = push(local, server.url, token=token, show_progress=False)
+                seconds_.append(time.perf_counter() - start)
+            finally:
+                server.stop()
+            log = SyncLog(server_store)
+            held_counts.append(log.digest()["events"])
+            log.close()
+            sent.append(first.sent)
+            sent_again.append(second.sent)
+        t_first, t_second = statistics.median(firsts), statistics.median(seconds_)
         verdict1 = "PASS" if t_first <= 10 else "MISS"
-        verdict2 = "PASS" if second.sent == 0 else "MISS"
-        say(f"(c) push of {len(big):,} events to a fresh server (SQLite) over loopback: {t_first:.2f} s "
-            f"({len(big) / t_first:,.0f} events/s), sent {first.sent:,}, server holds {held:,}; "
+        verdict2 = "PASS" if not any(sent_again) else "MISS"
+        say(f"(c) push of {len(big):,} events to a fresh server (SQLite) over loopback, {push_rounds} rounds: median "
+            f"{t_first:.2f} s ({len(big) / t_first:,.0f} events/s; rounds {', '.join(f'{t:.2f}' for t in firsts)}), "
+            f"sent {'/'.join(f'{n:,}' for n in sent)}, server holds {'/'.join(f'{n:,}' for n in held_counts)}; "
             f"target <= 10 s: {verdict1}")
-        say(f"    second push of the same store: {t_second * 1000:.0f} ms, sent {second.sent}, "
+        say(f"    second push of the same store: {t_second * 1000:.0f} ms, sent {max(sent_again)}, "
             f"examined {second.scanned}; target: sends nothing: {verdict2}")
         say(f"    baseline, same run: filling the local store with the same events (the store's own ingest, "
             f"batches of 5,000): {fill:.2f} s = {len(big) / fill:,.0f} events/s; push / fill = {t_first / fill:.2f}")
@@ -370,7 +380,7 @@ def main() -> int:
             say("    where the time goes (store ingest into SQLite, the server's side of a push, 4,000 events, "
                 "batches of 500):")
             say(profile_ingest(f"sqlite:///{work / 'prof.db'}", make_events(2000), 500))
-        if second.sent:
+        if any(sent_again):
             missed.append("second push")
     finally:
         shutil.rmtree(work, ignore_errors=True)
