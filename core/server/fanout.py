@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,13 +174,6 @@ class Forwarder:
         self._wake.set()
 
     def _run(self) -> None:
-        if self.concurrency == 1:
-            self._forward(None)
-            return
-        with ThreadPoolExecutor(self.concurrency, thread_name_prefix="metatrail-forward-lane") as pool:
-            self._forward(pool)
-
-    def _forward(self, pool: ThreadPoolExecutor | None) -> None:
         pause = self.retry_min_s
         while not self._stop.is_set():
             self._wake.clear()  # before the look: a commit after it wakes the wait below
@@ -196,27 +188,40 @@ class Forwarder:
             if not page:
                 self._wake.wait(self.poll_s)
                 continue
-            self._forward_page(page, pool)
+            self._forward_page(page)
             self._save_position()
 
-    def _forward_page(self, page: list[LogEvent], pool: ThreadPoolExecutor | None) -> None:
+    def _forward_page(self, page: list[LogEvent]) -> None:
         """Deliver a page (see the module docstring) and move the position past every event taken with all those
         before it; when stopped part way, the rest is sent after the next start."""
-        if pool is None:
+        if self.concurrency == 1:
             for event in page:
                 if not self._deliver(event):
                     return  # stopping
                 self.position = event.seq
             return
         taken = [False] * len(page)
+        todo = list(reversed(lanes(page)))
 
-        def run_lane(indices: list[int]) -> None:
-            for i in indices:
-                if not self._deliver(page[i]):
+        def run_lanes() -> None:
+            while True:
+                try:
+                    lane = todo.pop()  # atomic: lane workers share the list
+                except IndexError:
                     return
-                taken[i] = True
+                for i in lane:
+                    if not self._deliver(page[i]):
+                        return
+                    taken[i] = True
 
-        wait([pool.submit(run_lane, lane) for lane in lanes(page)])
+        # Daemon threads, as the worker is: a target that hangs must not hold up the server's exit (a thread
+        # pool's workers are joined at exit).
+        workers = [threading.Thread(target=run_lanes, name="metatrail-forward-lane", daemon=True)
+                   for _ in range(min(self.concurrency, len(todo)))]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
         for event, done in zip(page, taken, strict=True):
             if not done:
                 break
