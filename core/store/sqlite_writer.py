@@ -98,10 +98,12 @@ class SqliteWriter:
             os.register_at_fork(after_in_child=_leave_to_parent)
 
     @classmethod
-    def open(cls, url: str, *, wal_autocheckpoint: int = sqlitefile.WAL_AUTOCHECKPOINT) -> SqliteWriter | None:
+    def open(cls, url: str, *, wal_autocheckpoint: int = sqlitefile.WAL_AUTOCHECKPOINT,
+             cache_kib: int | None = None) -> SqliteWriter | None:
         """A writer on the SQLite file of ``url``, creating the store if the file is new; None when the store has
         another schema version (SQLAlchemy's migrations handle it) or the URL names no file. ``wal_autocheckpoint``:
-        as :func:`metatrail.store.sqlitefile.configure`."""
+        as :func:`metatrail.store.sqlitefile.configure`; ``cache_kib``: the connection's page cache (SQLite's
+        default, 2 MiB, when None)."""
         if not url.startswith("sqlite:///"):
             return None
         path = Path(url[len("sqlite:///") :])
@@ -116,6 +118,8 @@ class SqliteWriter:
         try:
             sqlitefile.configure(conn, wal_autocheckpoint, path=path)
             conn.execute(sqlitefile.JOURNALS_IN_MEMORY)  # this connection only ingests
+            if cache_kib is not None:
+                conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
             current = _retrying(lambda: _schema(conn, path))
         except BaseException as exc:
             conn.close()
