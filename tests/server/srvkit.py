@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -315,6 +315,7 @@ class FaultProxy:
         self.delay = 0.0
         self.statuses: list[int] = []
         self.fail_after: int | None = None  # forward this many requests, then answer 503 to every one
+        self.fail_if: Callable[[bytes], bool] | None = None  # answer 503 to every request whose body it picks
         self.requests = 0
         self.forwarded = 0
         self.faults = 0
@@ -344,6 +345,8 @@ class FaultProxy:
                     proxy.requests += 1
                     status = proxy.statuses.pop(0) if proxy.statuses else None
                     if status is None and proxy.fail_after is not None and proxy.forwarded >= proxy.fail_after:
+                        status = 503
+                    if status is None and proxy.fail_if is not None and proxy.fail_if(body or b""):
                         status = 503
                     mode, delay = proxy.mode, proxy.delay
                 if mode == "hang":

@@ -399,3 +399,43 @@ def test_lanes_keep_each_run_together_in_log_order() -> None:
     page = [LogEvent(seq=s, id=f"e{s}", run_id=r, body={}) for s, r in
             [(1, "a"), (2, "b"), (3, "a"), (4, None), (5, "b"), (6, None), (7, "c")]]
     assert lanes(page) == [[0, 2], [1, 4], [3], [5], [6]]
+
+
+def test_the_cursor_never_passes_an_event_a_lane_could_not_deliver(store_url: str, tmp_path: Path) -> None:
+    # The target keeps failing one run's events (503, retried) and takes every other run's, side by side. The cursor
+    # stays before the stuck event however many later events went out; after a restart with the fault gone, the
+    # forwarder sends from there again: the stuck run arrives, and what the backend got twice it holds once.
+    backend_config = ServerConfig(store=f"sqlite:///{tmp_path / 'backend.db'}", auth_cache_ttl=0)
+    backend_token = make_token(backend_config.store, "write")
+    events = bulk_events(10)
+    stuck = events[0]["run"]["runId"].encode()
+    with live(backend_config) as backend:
+        proxy = FaultProxy(backend.url)
+        proxy.fail_if = lambda body: stuck in body
+        forward = {"transport": {"type": "http", "url": proxy.url, "timeout": 10, "retry": {"total": 0},
+                                 "auth": {"type": "api_key", "apiKey": backend_token}}}
+        client, token = _client(store_url, forward, forward_concurrency=4, forward_retry_max_s=0.2)
+        try:
+            forwarder = client.app.state.services.forwarder
+            start = forwarder.position
+            assert client.post("/api/v1/lineage/batch", json=events, headers=auth(token)).status_code == 201
+            assert wait_for(lambda: forwarder.sent == 18 and forwarder.failed >= 2, 30), forwarder.stats()
+            status = _status(client)
+            assert status["position"] == start and status["pending"] == 20
+        finally:
+            client.close()
+        proxy.fail_if = None
+        client, token = _client(store_url, forward, forward_concurrency=4)
+        try:
+            forwarder = client.app.state.services.forwarder
+            assert forwarder.position == start  # the saved cursor
+            assert wait_for(lambda: forwarder.stats()["pending"] == 0, 60), forwarder.stats()
+            assert forwarder.sent == 20
+        finally:
+            client.close()
+            proxy.close()
+        held = open_store(backend_config.store)
+        try:
+            assert _keys([e.body for e in held.iter_events()]) == _keys(events)  # each once
+        finally:
+            held.close()
