@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,29 +33,9 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_server import free_port, make_events, token_for, wait_health
+from bench_server import Server, make_events, token_for
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fanout.txt"
-
-
-class MetatrailServer:
-    """``metatrail server`` as a subprocess on a SQLite store, with its own tokens."""
-
-    def __init__(self, store: str, *extra: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "metatrail.server", "server", "--store", store, "--port",
-                                      str(self.port), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_health(self.port, self.proc)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        if self.proc.stderr:
-            self.proc.stderr.close()
 
 
 class DelayProxy:
@@ -105,7 +84,8 @@ def forward_once(work: Path, name: str, events: list[dict[str, Any]], target: st
     config = work / f"{name}.yml"
     config.write_text(json.dumps({"transport": {"type": "http", "url": target, "timeout": 60,
                                                 "auth": {"type": "api_key", "apiKey": target_token}}}))
-    source = MetatrailServer(store, "--forward-config", str(config), "--forward-concurrency", str(concurrency))
+    source = Server("metatrail", work, store, extra=("--forward-config", str(config), "--forward-concurrency",
+                                                     str(concurrency)))
     try:
         headers = {"Authorization": f"Bearer {token}"}
         with httpx.Client(base_url=source.url, headers=headers, timeout=60) as client:
@@ -159,7 +139,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="mt-bench-fanout-"))
     backend_store = f"sqlite:///{work / 'backend.db'}"
     backend_token = token_for(backend_store, "write")
-    backend = MetatrailServer(backend_store)
+    backend = Server("metatrail", work, backend_store)
     proxy = DelayProxy(backend.url, 0.020)
     try:
         say()

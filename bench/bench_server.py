@@ -79,9 +79,9 @@ def wait_health(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -
 
 
 class Server:
-    """A uvicorn subprocess: the no-op app or ``metatrail server``."""
+    """A uvicorn subprocess: the no-op app or ``metatrail server`` (with ``extra`` arguments)."""
 
-    def __init__(self, kind: str, workdir: Path, store: str | None = None) -> None:
+    def __init__(self, kind: str, workdir: Path, store: str | None = None, extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         if kind == "noop":
@@ -92,7 +92,7 @@ class Server:
             cwd: str | None = str(workdir)
         else:
             args = [sys.executable, "-m", "metatrail.server", "server", "--store", str(store), "--port",
-                    str(self.port)]
+                    str(self.port), *extra]
             cwd = None
         self.proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_health(self.port, self.proc)
