@@ -106,9 +106,17 @@ def lanes(page: Sequence[LogEvent]) -> list[list[int]]:
 
 
 def refused_status(exc: BaseException) -> int | None:
-    """The HTTP status of a failed emit when it says the event itself is refused (see :data:`REFUSED_STATUSES`)."""
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    return status if isinstance(status, int) and status in REFUSED_STATUSES else None
+    """The HTTP status of a failed emit when it says the event itself is refused (see :data:`REFUSED_STATUSES`),
+    looked for along the exception's causes too (a composite transport raises its own error from its part's)."""
+    cause: BaseException | None = exc
+    for _ in range(8):  # a chain is short; a cycle must not loop
+        if cause is None:
+            return None
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if isinstance(status, int) and status in REFUSED_STATUSES:
+            return status
+        cause = cause.__cause__
+    return None
 
 
 class Forwarder:

@@ -269,6 +269,13 @@ def test_only_an_answer_about_the_event_itself_passes_it_over(status: int, refus
     else:
         raise AssertionError("raise_for_status raised nothing")
     assert refused_status(ConnectionRefusedError()) is None
+    try:  # a composite transport with continue_on_failure false raises its own error from its part's
+        try:
+            response.raise_for_status()
+        except requests.HTTPError as part_error:
+            raise RuntimeError("Transport http failed to emit event") from part_error
+    except RuntimeError as exc:
+        assert (refused_status(exc) == status) is refused
 
 
 def test_a_backend_behind_outages_5xx_429_and_a_hang_gets_every_event_once(store_url: str, tmp_path: Path) -> None:
@@ -439,3 +446,39 @@ def test_the_cursor_never_passes_an_event_a_lane_could_not_deliver(store_url: st
             assert _keys([e.body for e in held.iter_events()]) == _keys(events)  # each once
         finally:
             held.close()
+
+
+def test_a_composite_target_that_stops_at_a_failure_loses_nothing_for_a_part_that_was_down(
+        store_url: str, tmp_path: Path) -> None:
+    # As docs/server.md says: with continue_on_failure false, an event leaves the log only once every part took it.
+    # The file part takes each event at once; the HTTP part is down, so the events wait (the file gets them again
+    # on every try), then the HTTP part comes back and receives every one, once.
+    out = tmp_path / "forwarded.jsonl"
+    backend_config = ServerConfig(store=f"sqlite:///{tmp_path / 'backend.db'}", auth_cache_ttl=0)
+    backend_token = make_token(backend_config.store, "write")
+    with live(backend_config) as backend:
+        proxy = FaultProxy(backend.url)
+        proxy.down()
+        client, token = _client(store_url, {"transport": {
+            "type": "composite", "continue_on_failure": False, "transports": [
+                {"type": "file", "log_file_path": str(out), "append": True},
+                {"type": "http", "url": proxy.url, "timeout": 2, "retry": {"total": 0},
+                 "auth": {"type": "api_key", "apiKey": backend_token}}]}}, forward_retry_max_s=0.2)
+        events = bulk_events(5)
+        try:
+            forwarder = client.app.state.services.forwarder
+            assert forwarder.concurrency == 1  # a composite goes one event at a time
+            assert client.post("/api/v1/lineage/batch", json=events, headers=auth(token)).status_code == 201
+            assert wait_for(lambda: forwarder.failed >= 2, 30), forwarder.stats()
+            assert forwarder.sent == 0 and _status(client)["pending"] == 10
+            proxy.up()
+            assert wait_for(lambda: forwarder.stats()["pending"] == 0, 60), forwarder.stats()
+        finally:
+            client.close()
+            proxy.close()
+        held = open_store(backend_config.store)
+        try:
+            assert _keys([e.body for e in held.iter_events()]) == _keys(events)
+        finally:
+            held.close()
+    assert set(_keys(_lines(out))) == set(_keys(events))  # every event, some of them more than once
