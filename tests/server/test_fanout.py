@@ -37,6 +37,15 @@ def _keys(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return sorted((e["run"]["runId"], e["eventType"]) for e in events)
 
 
+def _held_keys(store_url: str) -> list[tuple[str, str]]:
+    """The events a backend's store holds, as :func:`_keys`."""
+    held = open_store(store_url)
+    try:
+        return _keys([e.body for e in held.iter_events()])
+    finally:
+        held.close()
+
+
 def _lines(path: Path) -> list[dict]:
     """The events a file transport wrote so far: a line it is still writing is not one yet."""
     if not path.exists():
@@ -393,11 +402,7 @@ def test_an_async_http_target_loses_nothing_to_an_outage(store_url: str, tmp_pat
         finally:
             client.close()
             proxy.close()
-        held = open_store(backend_config.store)
-        try:
-            assert _keys([e.body for e in held.iter_events()]) == _keys(events)
-        finally:
-            held.close()
+        assert _held_keys(backend_config.store) == _keys(events)
 
 
 def test_lanes_keep_each_run_together_in_log_order() -> None:
@@ -441,11 +446,7 @@ def test_the_cursor_never_passes_an_event_a_lane_could_not_deliver(store_url: st
         finally:
             client.close()
             proxy.close()
-        held = open_store(backend_config.store)
-        try:
-            assert _keys([e.body for e in held.iter_events()]) == _keys(events)  # each once
-        finally:
-            held.close()
+        assert _held_keys(backend_config.store) == _keys(events)  # each once
 
 
 def test_a_composite_target_that_stops_at_a_failure_loses_nothing_for_a_part_that_was_down(
@@ -476,9 +477,5 @@ def test_a_composite_target_that_stops_at_a_failure_loses_nothing_for_a_part_tha
         finally:
             client.close()
             proxy.close()
-        held = open_store(backend_config.store)
-        try:
-            assert _keys([e.body for e in held.iter_events()]) == _keys(events)
-        finally:
-            held.close()
+        assert _held_keys(backend_config.store) == _keys(events)
     assert set(_keys(_lines(out))) == set(_keys(events))  # every event, some of them more than once
