@@ -1,51 +1,9 @@
-"""Settings of the Snakemake logger plugin: ``--logger-metatrail-<field>`` options, or the environment variables
-``SNAKEMAKE_LOGGER_METATRAIL_<FIELD>``; both override metatrail's own configuration (``METATRAIL_*``, config file).
+"""Settings of the Snakemake logger plugin (``--logger-metatrail-<field>``, ``SNAKEMAKE_LOGGER_METATRAIL_<FIELD>``).
 
-This module deliberately has no ``from __future__ import annotations``: Snakemake builds its command line from the
-field types at run time, and string annotations break that. Each field names its ``type`` in its metadata because
-Snakemake's option parser understands ``typing.Optional`` but not ``X | None``.
+Defined in the module Snakemake discovers (:mod:`snakemake_logger_plugin_metatrail.settings`, which says why) and
+named here too, beside the handler that reads them.
 """
 
-from dataclasses import dataclass, field
+from snakemake_logger_plugin_metatrail.settings import LogHandlerSettings
 
-from snakemake_interface_logger_plugins.settings import LogHandlerSettingsBase
-
-
-@dataclass
-class LogHandlerSettings(LogHandlerSettingsBase):
-    """Options of ``--logger metatrail``; each one unset means: use metatrail's own configuration."""
-
-    store: str | None = field(
-        default=None,
-        metadata={
-            "help": "Store URL to record into (default: METATRAIL_STORE, else .metatrail/metatrail.db found upward "
-                    "from the working directory, created there if none).",
-            "env_var": True,
-            "type": str,
-        },
-    )
-    pipeline: str | None = field(
-        default=None,
-        metadata={
-            "help": "Pipeline name (default: the Snakefile's directory name, or its stem for a named .smk file).",
-            "env_var": True,
-            "type": str,
-        },
-    )
-    namespace: str | None = field(
-        default=None,
-        metadata={
-            "help": "OpenLineage job namespace (default: METATRAIL_NAMESPACE, else 'snakemake').",
-            "env_var": True,
-            "type": str,
-        },
-    )
-    flush_timeout: float | None = field(
-        default=None,
-        metadata={
-            "help": "Seconds Snakemake may wait at its end for pending records to be stored "
-                    "(default: METATRAIL_FLUSH_TIMEOUT, else 30).",
-            "env_var": True,
-            "type": float,
-        },
-    )
+__all__ = ["LogHandlerSettings"]

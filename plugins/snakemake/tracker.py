@@ -12,7 +12,13 @@ Mapping:
 * each job is an execution of stage = rule: id ``uuid7_from(start, "snakemake:<workflow_id>:<jobid>")``, params =
   wildcards, threads, resources (and at its end the rule's ``params`` from the persistence record), ``extra`` =
   jobid, shell command, reason, checkpoint flag, group, whether it ran in the controller's host; inputs at start;
-  outputs, logs and benchmark files at the end, hashed by the Recorder off this thread;
+  outputs, logs and benchmark files at the end, hashed by the Recorder off this thread; each try of a job
+  (``--retries``) is an execution of its own, with ``tryNumber`` counting from 1 as Snakemake's ``attempt`` does;
+* a try fails with a ``JOB_ERROR``, or, when its command ended well but Snakemake's check of the job afterwards did
+  not (outputs missing after ``--latency-wait``, say), with only an ``ERROR``: that one names the job when it is a
+  missing-output error, and otherwise the try is ended by Snakemake's "Trying to restart job" message, by the
+  job's next ``JOB_INFO``, or at the run's end by an unclaimed ``ERROR`` naming its rule when it is the only open
+  job of that rule; any other try left open at the run's end is aborted (Snakemake cancelled it);
 * times come from the records' creation times in the controller, except the end of a successful job, which is the
   newest modification time of its products (clamped between its start and when Snakemake noticed its end): on a
   cluster Snakemake notices the end only at its next status check. A job's start is when Snakemake handed it to
@@ -54,6 +60,11 @@ DEFAULT_NAMESPACE = "snakemake"
 _USER_INTERRUPT = "on user request"
 # What Snakemake logs when it gives a failed job another try (``--retries``); the job is logged again, same jobid.
 _RESTART = re.compile(r"^Trying to restart job (?P<jobid>\S+?)\.?$")
+# The one ERROR text of a failed check after a job's command (Snakemake's MissingOutputException) that names the job.
+_MISSING_OUTPUT = re.compile(r"\bJob (?P<jobid>\S+)\s+completed successfully, but some output files are missing")
+_UNREPORTED_END = "Snakemake tried this job again without reporting how its previous try ended"
+# How Snakemake's ERROR text names the rule of a failed job ("WorkflowError in rule x in file ...").
+_IN_RULE = re.compile(r"^\w+ in rule (?P<rule>\w+)\b")
 # How executors name a submitted job's id in the batch system (cluster-generic; the Slurm executor plugin).
 _EXTERNAL_ID = (
     re.compile(r"^Submitted (?P<group>group )?job (?P<jobid>\S+) with external jobid '(?P<ext>[^']*)'"),
@@ -101,6 +112,7 @@ class _Error:
 
     text: str
     jobid: Any = None
+    at: float = 0.0  # when it was logged
 
 
 @dataclass
@@ -116,6 +128,7 @@ class _RunState:
     jobs: dict[Any, _Job] = field(default_factory=dict)
     # jobid -> error of its last try, for jobs whose last try failed (a job Snakemake restarts leaves it)
     failed_jobs: dict[Any, str] = field(default_factory=dict)
+    tries: dict[str, int] = field(default_factory=dict)  # jobid -> tries logged so far (JOB_INFO records)
     finished: int = 0
     saw_job_finished: bool = False
     interrupted: bool = False
@@ -239,6 +252,8 @@ class WorkflowTracker:
         recorder = self._recorder
         end = at if at is not None else max(state.last_seen, state.run.started_at)
         infer = self._inferring(state) and not state.interrupted
+        if not state.interrupted:
+            self._fail_named_by_errors(state)
         aborted = 0
         for job in state.jobs.values():
             if infer and self._complete_from_outputs(state, job, end):
@@ -272,11 +287,15 @@ class WorkflowTracker:
         state = self._ensure_run(record)
         if state is None:
             return
-        state.pending_error = None
+        pending, state.pending_error = state.pending_error, None
         jobid = compat.record_value(record, "jobid")
-        self._job_restarted(state, str(jobid))  # a job logged again is tried again, whatever the message said
-        rule = str(compat.record_value(record, "rule_name") or "unknown")
         started = float(getattr(record, "created", time.time()))
+        previous = state.jobs.pop(jobid, None)
+        if previous is not None:  # its try ended without a record saying how: it failed, or it would not run again
+            self._try_failed(state, previous, pending, started)
+        self._job_restarted(state, str(jobid))  # a job logged again is tried again, whatever the message said
+        try_number = state.tries[str(jobid)] = state.tries.get(str(jobid), 0) + 1
+        rule = str(compat.record_value(record, "rule_name") or "unknown")
         outputs = compat.file_list(compat.record_value(record, "output"))
         logs = compat.file_list(compat.record_value(record, "log"))
         benchmark = compat.file_list([compat.record_value(record, "benchmark")])
@@ -303,7 +322,7 @@ class WorkflowTracker:
         execution = self._recorder.execution_started(
             state.pipeline, rule, pipeline_run=state.run, namespace=state.namespace,
             execution_id=uuid7_from(started, f"snakemake:{state.workflow_id}:{jobid}"),
-            inputs=inputs, params=params, integration=INTEGRATION, started_at=started,
+            inputs=inputs, params=params, integration=INTEGRATION, started_at=started, try_number=try_number,
             integration_version=state.version, extra=extra, measure_energy=source is not None,
             energy_source=source)
         self._submitted(state, inputs)
@@ -450,26 +469,57 @@ class WorkflowTracker:
         job = state.jobs.pop(compat.record_value(record, "jobid"), None)
         if job is None:
             return
-        self._job_ending(job)
+        pending, state.pending_error = state.pending_error, None
         rule_msg = _text(compat.record_value(record, "rule_msg"))
-        pending = state.pending_error
-        error = pending.text if pending is not None else rule_msg or f"Error in rule {job.rule}"
-        if pending is not None:
-            pending.jobid = job.jobid
-        state.pending_error = None
-        state.failed_jobs[job.jobid] = error
-        self._recorder.execution_failed(
-            job.execution, error=error, outputs=_existing(job.logs),
-            ended_at=max(float(getattr(record, "created", time.time())), job.started_at),
-            exit_code=compat.exit_code(error))
+        self._try_failed(state, job, pending, float(getattr(record, "created", time.time())),
+                         fallback=rule_msg or f"Error in rule {job.rule}")
+
+    def _try_failed(self, state: _RunState, job: _Job, error: _Error | None, ended: float, *,
+                    fallback: str = _UNREPORTED_END) -> None:
+        """Record the failed end of ``job``'s current try (already taken out of ``state.jobs``); ``error``, the
+        ERROR that explains it, is claimed for the job (so that a retry of the job clears it)."""
+        self._job_ending(job)
+        text = error.text if error is not None else fallback
+        if error is not None:
+            error.jobid = job.jobid
+        state.failed_jobs[job.jobid] = text
+        self._recorder.execution_failed(job.execution, error=text, outputs=_existing(job.logs),
+                                        ended_at=max(ended, job.started_at), exit_code=compat.exit_code(text))
         self._submits += 1
 
     def _error(self, record: Any) -> None:
         state = self._state
         if state is None:
             return
-        state.pending_error = _Error(_message_text(record))
-        state.errors.append(state.pending_error)
+        error = _Error(_message_text(record), at=float(getattr(record, "created", time.time())))
+        state.errors.append(error)
+        missing = _MISSING_OUTPUT.search(error.text)
+        job = self._open_job(state, missing.group("jobid")) if missing is not None else None
+        if job is None:
+            state.pending_error = error
+            return
+        # The job's command ended well, then Snakemake found outputs missing: no JOB_ERROR follows for this.
+        del state.jobs[job.jobid]
+        self._try_failed(state, job, error, error.at)
+
+    def _fail_named_by_errors(self, state: _RunState) -> None:
+        """At the run's end: fail the open jobs that an unclaimed ERROR names by rule, when each is the only open job
+        of its rule that had started by then. That is a check after the job's command that failed on its last try
+        (an empty ``ensure(non_empty=True)`` output, say): Snakemake logs the ERROR and nothing else for the job."""
+        for error in state.errors:
+            named = _IN_RULE.match(error.text) if error.jobid is None else None
+            if named is None:
+                continue
+            jobs = [job for job in state.jobs.values()
+                    if job.rule == named.group("rule") and job.started_at <= error.at]
+            if len(jobs) == 1:
+                del state.jobs[jobs[0].jobid]
+                self._try_failed(state, jobs[0], error, error.at)
+
+    @staticmethod
+    def _open_job(state: _RunState, jobid: str) -> _Job | None:
+        """The open job whose id reads ``jobid`` in a message."""
+        return next((job for key, job in state.jobs.items() if str(key) == jobid), None)
 
     def _job_restarted(self, state: _RunState, jobid: str) -> None:
         """Snakemake tries job ``jobid`` again (``--retries``): its failed try stays recorded as FAIL, but it no
@@ -514,6 +564,11 @@ class WorkflowTracker:
             self._external_id(state, msg)
         restart = _RESTART.match(msg) if msg.startswith("Trying to restart") else None
         if restart is not None:
+            job = self._open_job(state, restart.group("jobid"))
+            if job is not None:  # a check after its command failed (the ERROR just before says which)
+                del state.jobs[job.jobid]
+                pending, state.pending_error = state.pending_error, None
+                self._try_failed(state, job, pending, float(getattr(record, "created", time.time())))
             self._job_restarted(state, restart.group("jobid"))
         if msg.startswith(TEMP_REMOVED):
             state.temp_removed.update(dict.fromkeys(_absolute(_temp_paths(msg), state.workdir)))

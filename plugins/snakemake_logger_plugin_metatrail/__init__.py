@@ -3,23 +3,16 @@
 Snakemake imports every ``snakemake_logger_plugin_*`` package whenever it builds its command line (in job
 subprocesses too), and an exception here would stop Snakemake itself. So this import must never fail: when the
 plugin cannot be imported, a handler that records nothing takes its place and says why, once, when it is used.
+The settings come from this package's own :mod:`~snakemake_logger_plugin_metatrail.settings`, which needs nothing
+of metatrail, so a run given ``--logger-metatrail-*`` options still starts when metatrail is broken.
 """
 
 import logging
-from dataclasses import dataclass
 
 from snakemake_interface_logger_plugins.base import LogHandlerBase
-from snakemake_interface_logger_plugins.settings import LogHandlerSettingsBase
+from snakemake_logger_plugin_metatrail.settings import LogHandlerSettings  # metatrail-free: options always parse
 
 __all__ = ["LogHandler", "LogHandlerSettings"]
-
-try:
-    from metatrail.plugins.snakemake.settings import LogHandlerSettings
-except Exception:  # a broken install must not break Snakemake: run without options
-
-    @dataclass
-    class LogHandlerSettings(LogHandlerSettingsBase):  # type: ignore[no-redef]
-        """Placeholder settings (the plugin could not be imported; see the warning its handler logs)."""
 
 try:
     from metatrail.plugins.snakemake.handler import LogHandler

@@ -59,6 +59,8 @@ def test_store_slower_than_the_time_caps(snakemake: Snakemake, baseline: tuple[i
 @pytest.mark.parametrize("fault", ["no_handler", "no_metatrail"])
 def test_plugin_import_error(snakemake: Snakemake, baseline: tuple[int, dict[str, str]], fault: str) -> None:
     wf = _prepare(snakemake, "run")
-    result = snakemake.run(wf, *ARGS, faults=True, env={"METATRAIL_TEST_FAULT": fault})
+    # The plugin's options still parse (Snakemake would stop at an unknown argument before running anything).
+    result = snakemake.run(wf, *ARGS, "--logger-metatrail-namespace", "lab", "--logger-metatrail-flush-timeout", "5",
+                           faults=True, env={"METATRAIL_TEST_FAULT": fault})
     assert (result.returncode, snapshot(wf)) == baseline
     assert result.stderr.count("metatrail: the Snakemake plugin could not be imported") == 1

@@ -1,6 +1,7 @@
 """Real Snakemake runs of two things that change where or how often a job runs: the Snakefile's ``workdir:``
 directive (every path is relative to that directory, not to where Snakemake was started) and ``--retries`` (a
-failed try followed by a successful one: the run succeeded)."""
+failed try followed by a successful one: the run succeeded), also where a try fails only in Snakemake's check after
+its command (outputs missing, an ``ensure`` not met), for which Snakemake logs no ``JOB_ERROR``."""
 
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ def test_a_job_that_succeeds_on_retry_leaves_the_run_complete(snakemake: Snakema
     for event in events:
         assert_valid(event)
     assert _tries(events, "retry.flaky") == ["FAIL", "COMPLETE"]  # one execution per try; the failed one stays
+    assert [number for _, number, _ in _try_events(events, "retry.flaky")] == [1, 2]  # Snakemake's attempt
     failed = next(e for e in events if e["job"]["name"] == "retry.flaky" and e["eventType"] == "FAIL")
     assert execution_facet(failed)["exitCode"] == 3
     assert [e["eventType"] for e in by_job(events)["retry"]] == ["START", "COMPLETE"]
@@ -70,3 +72,54 @@ def test_a_job_that_fails_every_retry_fails_the_run(snakemake: Snakemake) -> Non
     pipeline_end = by_job(events)["retry"][1]
     assert pipeline_end["eventType"] == "FAIL"
     assert pipeline_end["run"]["facets"]["errorMessage"]["message"]  # Snakemake's last error
+
+
+def _try_events(events: list[dict], job: str) -> list[tuple[str, int, str]]:
+    """(end event type, tryNumber, error message) of each execution of ``job``, in start order; every try has its
+    own run id."""
+    starts = sorted((e["eventTime"], e["run"]["runId"]) for e in events
+                    if e["job"]["name"] == job and e["eventType"] == "START")
+    assert len({run_id for _, run_id in starts}) == len(starts)
+    ends = {e["run"]["runId"]: e for e in events if e["job"]["name"] == job and e["eventType"] != "START"}
+    assert set(ends) == {run_id for _, run_id in starts}  # every try ended
+    return [(ends[run_id]["eventType"], execution_facet(ends[run_id])["tryNumber"],
+             ends[run_id]["run"]["facets"].get("errorMessage", {}).get("message", "")) for _, run_id in starts]
+
+
+def test_a_try_whose_outputs_are_missing_fails_and_its_retry_completes_the_run(snakemake: Snakemake) -> None:
+    wf = snakemake.workflow("checks")
+    result = snakemake.run(wf, "lazy.txt", "--cores", "1", "--retries", "1", "--latency-wait", "0")
+    assert result.returncode == 0, result.stderr
+    assert "MissingOutputException" in result.stderr
+    events = clean_run_events(result)
+    (first, first_try, error), (second, second_try, _) = _try_events(events, "checks.lazy")
+    assert (first, first_try, second, second_try) == ("FAIL", 1, "COMPLETE", 2)
+    assert "some output files are missing" in error
+    pipeline_end = by_job(events)["checks"][-1]
+    assert pipeline_end["eventType"] == "COMPLETE" and "errorMessage" not in pipeline_end["run"]["facets"]
+
+
+def test_a_job_whose_outputs_stay_missing_fails_and_fails_the_run(snakemake: Snakemake) -> None:
+    wf = snakemake.workflow("checks")
+    result = snakemake.run(wf, "lazy.txt", "--cores", "1", "--latency-wait", "0")
+    assert result.returncode == 1
+    events = read_events()
+    for event in events:
+        assert_valid(event)
+    [(end, try_number, error)] = _try_events(events, "checks.lazy")
+    assert (end, try_number) == ("FAIL", 1)
+    assert "some output files are missing" in error
+    assert by_job(events)["checks"][-1]["eventType"] == "FAIL"
+
+
+def test_an_ensure_not_met_fails_every_try_and_none_is_left_running(snakemake: Snakemake) -> None:
+    wf = snakemake.workflow("checks")
+    result = snakemake.run(wf, "empty.txt", "--cores", "1", "--retries", "1")
+    assert result.returncode == 1
+    events = read_events()
+    for event in events:
+        assert_valid(event)
+    tries = _try_events(events, "checks.empty")
+    assert [(end, number) for end, number, _ in tries] == [("FAIL", 1), ("FAIL", 2)]  # the last try is no ABORT
+    assert all("empty output" in error for _, _, error in tries)
+    assert by_job(events)["checks"][-1]["eventType"] == "FAIL"
