@@ -269,6 +269,7 @@ class Recorder:
         self._flushing = 0
         self._exit_seen: int | None = None  # events submitted when the first exit flush began
         self._exit_ok = True  # no exit flush has run out of time
+        self._exit_hand_off_after: float | None = None  # see hand_off_at_exit
         self._hash_cache: Any = None
         self._input_refs: dict[str, list[ArtifactRef]] = {}
         self._commits: Any = None  # metatrail.codeversion.CommitCache, made by the writer
@@ -639,8 +640,29 @@ class Recorder:
             return
         self._exit_flush()
 
+    def hand_off_at_exit(self, after: float) -> None:
+        """At this process's exit, wait at most ``after`` seconds for what is pending, then give the rest to a writer
+        process of its own (:meth:`hand_off`), which stores it after this process has ended, instead of waiting up
+        to ``flush_timeout``.
+
+        For processes whose exit the host waits on: a pool's worker processes, whose flow or workflow ends only once
+        the pool has shut down. There, a stalled store (another writer holding the lock, a slow network filesystem)
+        would hold up the user's workflow for the whole flush timeout. Never raises."""
+        self._exit_hand_off_after = max(0.0, float(after))
+
     def _exit_flush(self) -> None:
         timeout = self._settings.flush_timeout if self._settings else 30.0
+        after = self._exit_hand_off_after
+        if after is not None and after < timeout:
+            if self._flush_wait(after):
+                return
+            waiting = self.pending
+            if self.hand_off():
+                self._exit_ok = False  # handed over: the late exit hook must not wait again
+                log.warning("metatrail: %d events not stored %.1fs into this process's exit; handed to a writer "
+                            "process that stores them after it has ended", waiting, after)
+                return
+            timeout -= after
         self._exit_ok = self._flush_wait(timeout)
         if not self._exit_ok:
             log.warning("metatrail: %d events were not stored before exit (flush timeout %.0fs)", self.pending, timeout)

@@ -94,7 +94,8 @@ class WriterProcess:
             # -P: ``-m`` would put the working directory (the user's workflow, with its own ``logging.py`` or
             # ``random.py`` perhaps) first on the child's path, where the host, a console script, never looks.
             proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", "metatrail.writerproc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                [sys.executable, "-P", "-m", "metatrail.writerproc", str(os.getpid())], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
                 stderr=None, close_fds=True, start_new_session=True)
         except OSError as exc:
             log_once("writerproc-spawn", "metatrail: cannot start the writer process (%s); writing in-process", exc)
@@ -226,7 +227,9 @@ def main() -> int:
     """The child: read batches until the host closes the pipe, store each, acknowledge each."""
     acks: IO[bytes] | None = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything a library prints goes to stderr, never into the acknowledgements
-    _let_go_of_the_hosts_stderr_when_it_ends(os.getppid())
+    # The host names itself: read from getppid() here, a host that ended while this interpreter started (one that
+    # hands its events over and exits) would be init or a subreaper, whose end never comes.
+    _let_go_of_the_hosts_stderr_when_it_ends(int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid())
     source = sys.stdin.buffer
     frame = _read_frame(source)
     if frame is None:

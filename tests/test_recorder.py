@@ -429,6 +429,47 @@ def test_a_stuck_store_costs_one_exit_wait(tmp_path: Path) -> None:
     assert done.stderr.count("events were not stored before exit (flush timeout 1s)") == 1, done.stderr
 
 
+def test_an_exit_bounded_by_hand_off_at_exit_waits_that_long_then_the_events_are_stored_after_it(
+        tmp_path: Path) -> None:
+    """A process whose exit a host waits on (a pool's worker) sets hand_off_at_exit: with the store locked by another
+    process its exit waits that long, not the flush timeout; what it held is stored once the lock is gone, by the
+    writer process it was handed to."""
+    import sqlite3
+
+    store = os.environ["METATRAIL_STORE"]
+    open_store(store).close()
+    lock = sqlite3.connect(store[len("sqlite:///"):], isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    script = ("import time, metatrail\n"
+              "r = metatrail.get_recorder()\n"
+              "r.hand_off_at_exit(0.5)\n"
+              "for i in range(5):\n"
+              "    r.execution_finished(r.execution_started('exit', f'step{i}'))\n"
+              "time.sleep(0.2)\n")
+    try:
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "METATRAIL_FLUSH_TIMEOUT": "60"},
+                              capture_output=True, text=True, timeout=120, check=False)
+        took = time.monotonic() - started
+        assert lock.execute("SELECT count(*) FROM events").fetchone() == (0,)  # nothing stored while locked
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert done.returncode == 0, done.stderr
+    assert "10 events not stored 0.5s into this process's exit; handed to a writer process" in done.stderr
+    assert "not stored before exit" not in done.stderr
+    assert took < 30, took  # waiting out the flush timeout takes 60 s
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with open_store(store) as reader:
+            events = [e.body for e in reader.iter_events()]
+        if len(events) >= 10:
+            break
+        time.sleep(0.2)
+    assert sorted((e["job"]["name"], e["eventType"]) for e in events) == sorted(
+        (f"exit.step{i}", kind) for i in range(5) for kind in ("START", "COMPLETE"))
+
+
 def _artifact(events: list[dict[str, Any]], job: str, event_type: str, side: str) -> dict[str, Any]:
     event = next(e for e in events if e["job"]["name"] == job and e["eventType"] == event_type)
     return dict(event[side][0]["facets"]["metatrail_artifact"])

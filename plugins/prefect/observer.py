@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from metatrail.config import Settings
+from metatrail.logsafe import log_once
 from metatrail.model import Execution, PipelineRun, Status, uuid7_from
 from metatrail.plugins.prefect import compat
 from metatrail.plugins.prefect.paths import local_paths
@@ -93,7 +94,19 @@ def pipeline_run_for(flow_ctx: Any) -> PipelineRun | None:
         owner = _flows.get(run_id)
     if owner is not None:
         return owner.ensure_started(flow, flow_run, flow_ctx.parameters)
+    _bound_exit()
     return PipelineRun(id=run_id, pipeline=str(flow.name), namespace=namespace(), integration=INTEGRATION)
+
+
+def _bound_exit() -> None:
+    """This process runs task runs of a flow run that another process runs (a process pool's child): that flow ends
+    only once this process has exited, so its exit waits for the store at most ``timeout``, then hands what is left
+    to a writer process of its own (:meth:`~metatrail.recorder.Recorder.hand_off_at_exit`)."""
+    try:
+        rec = get_recorder()
+        rec.hand_off_at_exit(rec.settings.timeout)
+    except Exception as exc:  # a config error: the Recorder reports it itself; the exit then waits as usual
+        log_once(f"prefect-exit:{type(exc).__name__}", "metatrail: %s: %s", type(exc).__name__, exc)
 
 
 def _state_of(run: Any, attributes: Mapping[str, Any]) -> Any:

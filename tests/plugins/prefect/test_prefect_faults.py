@@ -4,19 +4,21 @@ code raising, the same flows end in the same states with the same return values 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prefect_flows import etl, failing, hostile
+from prefect_flows import etl, failing, fanout_processes, hostile
 
 from metatrail import get_recorder, logsafe
 from metatrail import recorder as recorder_module
 from metatrail.plugins.prefect import observer
 from metatrail.recorder import Recorder
-from metatrail.store import IngestResult
+from metatrail.store import IngestResult, open_store
 from metatrail.store.sql import SqlStore
 
 Events = Callable[[], list[dict[str, Any]]]
@@ -81,6 +83,41 @@ def test_stalled_store(tmp_path: Path, events: Events) -> None:
         store.release.set()
     assert recorder.flush(60)
     assert recorder.written == 14
+
+
+def test_a_locked_store_does_not_hold_up_a_process_pool_flow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              events: Events) -> None:
+    # Another process holds the store's write lock. The pool's children, which record the task runs, cannot store
+    # their events; the flow ends when the pool has shut down, that is when every child has exited, and a child's
+    # exit waits for its events at most METATRAIL_TIMEOUT, then hands them to a writer process of its own, rather
+    # than the whole flush timeout.
+    path = tmp_path / "locked.db"
+    store = f"sqlite:///{path}"
+    open_store(store).close()
+    monkeypatch.setenv("METATRAIL_STORE", store)
+    monkeypatch.setenv("METATRAIL_TIMEOUT", "1")
+    monkeypatch.setenv("METATRAIL_FLUSH_TIMEOUT", "60")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        state = fanout_processes(3, return_state=True)
+        took = time.monotonic() - started
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert state.result() == 5
+    assert took < 30, took  # a child waiting out the flush timeout makes it 60 s or more
+    # Once the lock is gone every task run's events are stored: by the children's hand-off writer processes and
+    # by this process's Recorder.
+    get_recorder().flush(60)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        tasks = [e for e in events() if e["job"]["name"].startswith("fanout-processes.")]
+        if len(tasks) == 8:  # START and an end for 3 squares and the total
+            break
+        time.sleep(0.5)
+    assert sorted(e["eventType"] for e in tasks) == ["COMPLETE"] * 4 + ["START"] * 4
 
 
 def _raise(*args: Any, **kwargs: Any) -> Any:
