@@ -1,4 +1,4 @@
-"""metatrail for Apache Airflow 3: record every DAG run and task-instance try, with no change to DAG code.
+"""metatrail for Apache Airflow 3.2 and later: record every DAG run and task-instance try, with no change to DAG code.
 
 Enabled by installing ``metatrail[airflow]`` (the ``airflow.plugins`` entry point loads :mod:`.plugin`); disabled by
 ``METATRAIL_DISABLED=1`` or ``[metatrail] disabled = True`` in ``airflow.cfg``. Modules: :mod:`.plugin` (the

@@ -27,6 +27,7 @@ INTEGRATION = "AIRFLOW"
 MAX_TEXT = 2000  # longest string parameter kept (a rendered SQL file can be megabytes)
 MAX_PATH_CANDIDATES = 64  # argument/return values looked at per task: a list of 10^6 strings is data, not paths
 MAX_PATH_LENGTH = 4096  # PATH_MAX on Linux; a longer string cannot be a local path
+MAX_SCANNED_ITEMS = 16  # items of a list/dict parameter looked at for lazy XCom sequences (bounded cost per value)
 ASSET_NAMESPACE = "airflow"  # OpenLineage namespace of assets that name no location (``Asset("x")``)
 
 
@@ -65,11 +66,40 @@ def _clip(value: Any) -> Any:
     return value
 
 
-def _json_plain(value: Any) -> Any:
-    """Airflow's rendered values include its lazy proxies; lists/dicts of plain values are kept as they are."""
+def _json_plain(value: Any, depth: int = 0) -> Any:
+    """A rendered value as recorded: tuples as lists, and Airflow's lazy XCom sequences (in small lists and dicts
+    too) described by :func:`lazy_sequence_text`; other values as they are."""
+    if _is_lazy_sequence(value):
+        return lazy_sequence_text(value)
+    if depth < 2 and type(value) in (list, tuple) and len(value) <= MAX_SCANNED_ITEMS:
+        return [_json_plain(item, depth + 1) for item in value]
+    if depth < 2 and type(value) is dict and len(value) <= MAX_SCANNED_ITEMS:
+        return {key: _json_plain(item, depth + 1) for key, item in value.items()}
     if isinstance(value, tuple):
         return list(value)
     return value
+
+
+def _is_lazy_sequence(value: Any) -> bool:
+    kind = type(value)
+    return kind.__name__ == "LazyXComSequence" and kind.__module__.startswith("airflow.")
+
+
+def lazy_sequence_text(value: Any) -> str:
+    """How a ``LazyXComSequence`` (what a task downstream of a mapped task gets) is recorded, without reading it.
+
+    Its length and items live in the API server; ``len()``, iteration and ``repr`` of a sequence whose length was
+    read all ask for them. So only what it already holds is used: the XCom it stands for and, when the task has
+    already asked for it, its length: ``<LazyXComSequence of XCom 'return_value' of task 'add_one': 3 items>``,
+    or ``…: length not read>``.
+    """
+    source = getattr(value, "_xcom_arg", None)
+    key = getattr(source, "key", None)
+    task_id = getattr(getattr(source, "operator", None), "task_id", None)
+    what = f" of XCom {key!r} of task {task_id!r}" if isinstance(key, str) and isinstance(task_id, str) else ""
+    length = getattr(value, "_len", None)  # set by Airflow once the length has been fetched; never fetched here
+    size = f"{length} item{'' if length == 1 else 's'}" if isinstance(length, int) else "length not read"
+    return f"<{type(value).__name__}{what}: {size}>"
 
 
 def _is_empty(value: Any) -> bool:
@@ -289,25 +319,52 @@ def call_arguments(task: Any) -> list[Any]:
     return values
 
 
-def lineage_marks(collector: Any) -> tuple[int, int]:
-    """How many inputs/outputs the hook-lineage collector holds now (it only grows while a process lives)."""
-    collected = collector.collected_assets
-    return len(collected.inputs), len(collected.outputs)
+LineageMarks = tuple[tuple[int, ...], tuple[int, ...]]
 
 
-def lineage_since(collector: Any, marks: tuple[int, int], until: tuple[int, int] | None = None,
-                  ) -> tuple[list[str | ArtifactRef], list[str | ArtifactRef]]:
-    """Inputs and outputs the collector gained since ``marks`` (and before ``until``, when given).
+def lineage_marks(collector: Any) -> LineageMarks:
+    """The hook-lineage collector's state now: the count of each input and output entry, in the collector's order.
 
-    Under ``airflow dags test`` every task runs in one process and the collector accumulates across tasks; entries
-    are kept in insertion order, so what a task added is what lies past the marks taken when it started, up to the
-    marks taken when it ended (an end hook that runs late must not take the next task's entries).
+    Airflow's collector keeps one entry per (asset, extra, context object) in insertion order, never removes one,
+    and counts each further access to it: so an entry this try reported is one that is new since the marks, or one
+    whose count grew (the same path object read again, or a new one that reuses a freed object's id).
     """
     collected = collector.collected_assets
-    end_in, end_out = until if until is not None else (None, None)
-    inputs = dedupe(asset_artifact(info.asset) for info in collected.inputs[marks[0]:end_in])
-    outputs = dedupe(asset_artifact(info.asset) for info in collected.outputs[marks[1]:end_out])
+    return _counts(collected.inputs), _counts(collected.outputs)
+
+
+def _counts(infos: Sequence[Any]) -> tuple[int, ...]:
+    return tuple(int(info.count) for info in infos)
+
+
+def lineage_since(collector: Any, marks: LineageMarks, until: LineageMarks | None = None,
+                  ) -> tuple[list[str | ArtifactRef], list[str | ArtifactRef]]:
+    """Inputs and outputs reported to the collector since ``marks`` (up to ``until``, when given; else up to now).
+
+    Under ``airflow dags test`` every task runs in one process and the collector accumulates across tasks: what a
+    try reported is what changed between the marks taken when it started and those taken when it ended (an end hook
+    that runs late must not take the next task's entries).
+    """
+    collected = collector.collected_assets
+    end = until if until is not None else (_counts(collected.inputs), _counts(collected.outputs))
+    inputs = dedupe(asset_artifact(info.asset) for info in _grown(collected.inputs, marks[0], end[0]))
+    outputs = dedupe(asset_artifact(info.asset) for info in _grown(collected.outputs, marks[1], end[1]))
     return inputs, outputs
+
+
+def _grown(infos: Sequence[Any], before: tuple[int, ...], after: tuple[int, ...]) -> Iterator[Any]:
+    """The entries that are new in ``after`` or whose count grew from ``before``."""
+    for index, info in enumerate(infos[:len(after)]):
+        if index >= len(before) or after[index] > before[index]:
+            yield info
+
+
+def lineage_is_full(marks: LineageMarks, limit: int | None) -> bool:
+    """Whether the collector held ``limit`` inputs or outputs when ``marks`` were taken: Airflow then drops what
+    hooks report (``[lineage] max_assets_per_collector``)."""
+    if not limit:
+        return False
+    return len(marks[0]) >= limit or len(marks[1]) >= limit
 
 
 def alias_outputs(context: Mapping[str, Any] | None) -> list[str | ArtifactRef]:

@@ -1,8 +1,9 @@
 """Every Airflow-version difference the plugin depends on, in one module.
 
-Supported: Airflow 3.0 and later (tested on 3.3). Airflow 2.x is not supported: its task-instance hooks take an ORM
-``TaskInstance`` with database access and a ``session`` argument, and the plugin switches itself off there (logged
-once) instead of guessing.
+Supported: Airflow 3.2 and later (tested on 3.3); on older versions the plugin switches itself off (logged once)
+instead of recording half of what happens. Airflow 3.0 and 3.1 have no ``on_task_instance_skipped`` hook (it came in
+3.2.0), so a task that skips itself would be recorded as started and never ended. Airflow 2.x task-instance hooks
+take an ORM ``TaskInstance`` with database access and a ``session`` argument.
 
 Everything here is imported lazily by the listener, inside a hook, in a process where Airflow is already loaded.
 """
@@ -10,6 +11,7 @@ Everything here is imported lazily by the listener, inside a hook, in a process 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -27,14 +29,23 @@ def airflow_version() -> str:
         return "unknown"
 
 
+MINIMUM_VERSION = (3, 2)  # on_task_instance_skipped (module docstring)
+
+
+def supports(version: str) -> bool:
+    """Whether an Airflow version string (``"3.2.0"``, ``"3.3.0rc1"``, ``"3.10.0.dev0"``) is supported."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return match is not None and (int(match[1]), int(match[2])) >= MINIMUM_VERSION
+
+
 @functools.cache
 def is_supported() -> bool:
-    """True on Airflow 3.x and later; logs once (and the plugin records nothing) on older versions."""
-    head = airflow_version().split(".", 1)[0]
-    ok = head.isdigit() and int(head) >= 3
+    """True on Airflow 3.2 and later; logs once (and the plugin records nothing) on older versions."""
+    ok = supports(airflow_version())
     if not ok:
-        log_once("airflow-version", "metatrail: Airflow %s is not supported (needs 3.0 or later); recording nothing",
-                 airflow_version())
+        log_once("airflow-version", "metatrail: Airflow %s is not supported (needs %d.%d or later: older versions "
+                 "report no end of a task that skips itself); recording nothing", airflow_version(),
+                 *MINIMUM_VERSION)
     return ok
 
 
@@ -62,6 +73,15 @@ def hook_lineage_collector() -> Any:
     from airflow.sdk.lineage import get_hook_lineage_collector
 
     return get_hook_lineage_collector()
+
+
+def hook_lineage_limit() -> int | None:
+    """How many inputs (and, separately, outputs) the collector takes before it drops the rest
+    (``[lineage] max_assets_per_collector``, read by Airflow when ``airflow.sdk.lineage`` is imported)."""
+    from airflow.sdk import lineage
+
+    limit = getattr(lineage, "MAX_COLLECTED_ASSETS", None)
+    return limit if isinstance(limit, int) else None
 
 
 def airflow_conf() -> Any:

@@ -53,7 +53,7 @@ class _Try:
 
     execution: Execution
     inputs: list[str | ArtifactRef]
-    marks: tuple[int, int] | None = None
+    marks: adapter.LineageMarks | None = None
     task: Any = None
     returned: list[Any] = dataclasses.field(default_factory=list)
     capture: Any = None
@@ -233,12 +233,28 @@ class MetatrailListener:
                        end=True)
 
     @staticmethod
-    def _lineage_marks_now() -> tuple[int, int] | None:
+    def _lineage_marks_now() -> adapter.LineageMarks | None:
         try:
             return adapter.lineage_marks(compat.hook_lineage_collector())
         except Exception as exc:
             log_once(f"lineage-marks:{type(exc).__name__}", "metatrail: hook lineage unavailable: %s", exc)
             return None
+
+    @staticmethod
+    def _hook_lineage(marks: adapter.LineageMarks, until: adapter.LineageMarks | None,
+                      ) -> tuple[list[str | ArtifactRef], list[str | ArtifactRef]]:
+        """What this try's hooks reported to Airflow's collector; says once when the collector is full."""
+        collector = compat.hook_lineage_collector()
+        end = until if until is not None else adapter.lineage_marks(collector)
+        limit = compat.hook_lineage_limit()
+        if adapter.lineage_is_full(end, limit):
+            # The collector takes no entry past its limit and counts no further access (airflow.sdk.lineage); under
+            # `dags test` one collector serves every task of the process.
+            log_once("hook-lineage-full", "metatrail: Airflow's hook-lineage collector holds its limit of %s inputs "
+                     "or outputs ([lineage] max_assets_per_collector); Airflow drops datasets that hooks report "
+                     "after that, so they are not recorded. Under `airflow dags test` the limit counts every task "
+                     "of the run: raise it there", limit)
+        return adapter.lineage_since(collector, marks, end)
 
     @staticmethod
     def _key(ti: Any) -> TryKey:
@@ -340,7 +356,7 @@ class MetatrailListener:
             record.task._post_execute_hook = record.original_hook
 
     def _finished(self, cfg: PluginConfig, ti: Any, status: Status, error: Any, skipped: bool,
-                  until: tuple[int, int] | None = None) -> None:
+                  until: adapter.LineageMarks | None = None) -> None:
         with self._lock:
             record = self._tries.pop(self._key(ti), None)
         task = ti.task
@@ -359,7 +375,7 @@ class MetatrailListener:
         outputs: list[str | ArtifactRef] = []
         lineage_outputs: list[str | ArtifactRef] = []
         if record.marks is not None:
-            new_inputs, lineage_outputs = adapter.lineage_since(compat.hook_lineage_collector(), record.marks, until)
+            new_inputs, lineage_outputs = self._hook_lineage(record.marks, until)
         if status is Status.COMPLETED and not skipped:
             context = getattr(ti, "_cached_template_context", None)
             # Returned paths are outputs even when they were also inputs: the task updated them in place.

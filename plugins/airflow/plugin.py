@@ -5,7 +5,8 @@ It contributes the listener and, while recording is on, a hook-lineage reader. R
 switches Airflow's hook-lineage collector from a no-op to a live one (``airflow.sdk.lineage.
 get_hook_lineage_collector`` checks whether any loaded plugin lists one), so ``ObjectStoragePath`` reads/writes and
 instrumented hooks report the datasets a task touched. With metatrail switched off the reader is not registered, so
-Airflow keeps its no-op collector and the kill switch leaves Airflow exactly as without metatrail.
+Airflow keeps its no-op collector and the kill switch leaves Airflow exactly as without metatrail (as does an
+unsupported Airflow version).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from airflow.plugins_manager import AirflowPlugin
 
 from metatrail.config import is_disabled
 from metatrail.logsafe import log_once
-from metatrail.plugins.airflow.compat import hook_lineage_reader_base
+from metatrail.plugins.airflow.compat import hook_lineage_reader_base, is_supported
 from metatrail.plugins.airflow.config import plugin_config
 from metatrail.plugins.airflow.listener import MetatrailListener
 
@@ -48,5 +49,5 @@ class MetatrailPlugin(AirflowPlugin):
     def on_load(self, *args: Any, **kwargs: Any) -> None:
         """Airflow calls this once per process, on the instance it keeps, before anything asks for hook-lineage
         readers: the configuration is read then, not when this module is imported."""
-        if recording_enabled():
+        if recording_enabled() and is_supported():
             self.hook_lineage_readers = [MetatrailHookLineageReader]

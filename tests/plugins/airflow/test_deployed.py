@@ -23,6 +23,7 @@ pytest.importorskip("airflow", reason="Airflow tests run in the Airflow environm
 from airflow_support import AIRFLOW, AirflowHome, by_job, facet, read_events
 from olspec import assert_valid
 
+from metatrail.hashing import hash_path
 from metatrail.model import uuid7_from
 
 STARTUP_S = 240  # API server healthy and DAG parsed, on a loaded 2-core machine
@@ -193,9 +194,18 @@ def test_dag_run_hooks_fire_in_the_scheduler_and_ids_agree(deployed: dict[str, A
 
 
 def test_lineage_links_the_two_task_processes(deployed: dict[str, Any]) -> None:
+    """produced.txt is known from produce's return value and consume's argument; hooked.txt only from the
+    hook-lineage collector of each task's own process (ObjectStoragePath write, then read)."""
     jobs = _jobs(deployed)
-    produced = jobs["mt_deployed.produce"][-1]["outputs"]
-    consumed = jobs["mt_deployed.consume"][-1]["inputs"]
-    assert [d["name"] for d in produced] == [str(deployed["data"] / "produced.txt")]
-    assert [d["facets"]["version"]["datasetVersion"] for d in consumed] == [
-        d["facets"]["version"]["datasetVersion"] for d in produced]
+    data = deployed["data"]
+
+    def versions(datasets: list[dict[str, Any]]) -> dict[str, str]:
+        return {d["name"]: d["facets"]["version"]["datasetVersion"] for d in datasets}
+
+    produced = versions(jobs["mt_deployed.produce"][-1]["outputs"])
+    consumed = versions(jobs["mt_deployed.consume"][-1]["inputs"])
+    names = {str(data / "produced.txt"), str(data / "hooked.txt")}
+    assert set(produced) == names
+    assert consumed == produced
+    hooked = hash_path(data / "hooked.txt").hash
+    assert hooked is not None and produced[str(data / "hooked.txt")] == hooked.value

@@ -180,6 +180,43 @@ def test_parameters_are_flattened_clipped_and_masked_by_airflow() -> None:
     assert (params["params.scale"], params["conf.label"]) == (2, "x")
 
 
+def _lazy_sequence() -> object:
+    """A real ``LazyXComSequence`` of the XComs of a task ``add_one``, as a reduce task downstream of a mapped task
+    gets it. This process has no supervisor, so anything that reads it (its length, its items) raises."""
+    from airflow.providers.standard.operators.empty import EmptyOperator
+    from airflow.sdk import DAG
+    from airflow.sdk.definitions.xcom_arg import PlainXComArg
+    from airflow.sdk.execution_time.lazy_sequence import LazyXComSequence
+
+    with DAG("unit_lazy", schedule=None):
+        upstream = EmptyOperator(task_id="add_one")
+    return LazyXComSequence(xcom_arg=PlainXComArg(upstream), ti=None)
+
+
+class _ReduceTask:
+    def __init__(self, lazy: object) -> None:
+        self.op_args = [lazy]
+        self.op_kwargs = {"nested": {"values": lazy, "n": 1}, "pair": ("a", lazy)}
+
+
+def test_a_lazy_xcom_sequence_is_described_without_reading_it(caplog: pytest.LogCaptureFixture) -> None:
+    from metatrail.recorder import safe_params
+
+    lazy = _lazy_sequence()
+    with pytest.raises(ImportError, match="SUPERVISOR_COMMS"):  # reading it asks the supervisor; none here
+        len(lazy)  # type: ignore[arg-type]
+    unread = "<LazyXComSequence of XCom 'return_value' of task 'add_one': length not read>"
+    params = adapter.task_params(_ReduceTask(lazy), params=None, conf=None, redact=compat.redactor())
+    assert params == {"op_args.0": unread, "op_kwargs.nested": {"values": unread, "n": 1},
+                      "op_kwargs.pair": ["a", unread]}
+    warnings: list[str] = []
+    assert safe_params(params, warnings) == params and warnings == []  # stored as it is: nothing to warn about
+    assert not [r for r in caplog.records if r.getMessage().startswith("metatrail:")]
+    lazy._len = 1  # type: ignore[attr-defined]  # what Airflow keeps once the task has asked for the length
+    assert adapter.task_params(_ReduceTask(lazy), params=None, conf=None, redact=compat.redactor())["op_args.0"] == (
+        "<LazyXComSequence of XCom 'return_value' of task 'add_one': 1 item>")
+
+
 class _FrameLike:
     """Answers ``==`` with another frame and raises in ``bool()``, as a pandas DataFrame or a numpy array does."""
 
@@ -228,6 +265,13 @@ def test_an_error_is_recorded_with_the_secrets_airflow_masks_masked() -> None:
     assert adapter.error_text(None, compat.redactor()) is None
 
 
+def test_supported_airflow_versions_start_at_3_2() -> None:
+    """3.0 and 3.1 call no end hook for a task that skips itself (``on_task_instance_skipped`` is new in 3.2.0)."""
+    assert [v for v in ("2.11.0", "3.0.6", "3.1.8", "3.2.0", "3.2.1rc1", "3.3.2", "3.10.0.dev0", "4.0.0", "unknown")
+            if compat.supports(v)] == ["3.2.0", "3.2.1rc1", "3.3.2", "3.10.0.dev0", "4.0.0"]
+    assert compat.is_supported()  # the Airflow these tests run
+
+
 # -- datasets ----------------------------------------------------------------------------------------------------
 
 
@@ -259,6 +303,42 @@ def test_a_tries_hook_lineage_ends_where_its_end_hook_was_called() -> None:
     collector.add_output_asset(object(), uri="file:///d/next_task.csv")
     assert adapter.lineage_since(collector, start, end) == (["file:///d/in.csv"], ["file:///d/out.csv"])
     assert adapter.lineage_since(collector, start)[1] == ["file:///d/out.csv", "file:///d/next_task.csv"]
+
+
+def test_a_repeated_access_merged_into_an_earlier_entry_is_this_tries_lineage() -> None:
+    """Airflow's collector keys an entry by (asset, context object) and counts repeats: a path object that two tasks
+    of one ``dags test`` process read (a module-level constant, or a new object at a freed object's address) is one
+    entry, made by the first task; the second task's read only counts it up."""
+    from airflow.sdk import ObjectStoragePath
+    from airflow.sdk.lineage import HookLineageCollector
+
+    collector = HookLineageCollector()
+    shared = ObjectStoragePath("file:///d/shared.csv")
+    collector.add_input_asset(shared, uri=str(shared))  # the first task
+    collector.add_input_asset(object(), uri="file:///d/other.csv")
+    start = adapter.lineage_marks(collector)
+    collector.add_input_asset(shared, uri=str(shared))  # the second task reads the same object
+    assert len(collector.collected_assets.inputs) == 2
+    assert adapter.lineage_since(collector, start) == (["file:///d/shared.csv"], [])
+
+
+def test_a_full_collector_is_recognised_at_airflows_own_limit() -> None:
+    from airflow.sdk.lineage import HookLineageCollector
+
+    limit = compat.hook_lineage_limit()
+    assert limit == 100  # [lineage] max_assets_per_collector, Airflow's default
+    collector = HookLineageCollector()
+    keep = [object() for _ in range(limit)]  # live context objects: each a distinct entry
+    for i, context in enumerate(keep[:-1]):
+        collector.add_output_asset(context, uri=f"file:///d/out-{i}.csv")
+    assert not adapter.lineage_is_full(adapter.lineage_marks(collector), limit)
+    collector.add_output_asset(keep[-1], uri="file:///d/last.csv")
+    start = adapter.lineage_marks(collector)
+    assert adapter.lineage_is_full(start, limit)
+    collector.add_output_asset(object(), uri="file:///d/dropped.csv")  # Airflow takes it no more…
+    collector.add_output_asset(keep[0], uri="file:///d/out-0.csv")  # …nor counts a repeat
+    assert adapter.lineage_since(collector, start) == ([], [])
+    assert not adapter.lineage_is_full(start, None)
 
 
 def test_only_existing_absolute_paths_count_and_broad_directories_never(tmp_path: Path,
