@@ -3,6 +3,8 @@
     python -m metatrail.plugins.parsl my_workflow.py [args ...]   # run the script as __main__, tracked
     python -m metatrail.plugins.parsl --install-pth               # METATRAIL_PARSL=1 then tracks any Parsl run
     python -m metatrail.plugins.parsl --uninstall-pth
+
+Set METATRAIL_PARSL_WORKER_SIDE=0 to record from the DFK only (workers that cannot import metatrail).
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ Parsl has no plugin entry points, so something must run before the user's script
 
 The hook is an import hook, not an import: Parsl is patched when (and if) the process imports ``parsl.config``;
 ``Config.__init__`` then ends with :func:`metatrail.plugins.parsl.track`. Nothing here raises into start-up.
+
+Both ways track as ``track(config)`` does, so ``METATRAIL_PARSL_WORKER_SIDE=0`` (the setting of ``track``'s
+``worker_side`` when no argument gives it) records from the DFK only: for workers that cannot import metatrail.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ __all__ = [
     "BasicMemoizer",
     "DataFlowKernel",
     "DependencyError",
+    "DeserializationError",
     "JoinError",
     "Memoizer",
     "SerializationError",

@@ -13,9 +13,9 @@ Who records what:
   leaves the try's identity in a thread-local, and the wrapped ``executor.submit`` (same thread, next call) wraps
   the function and passes the identity along as a keyword argument.
 * What never reaches a worker is recorded here: memo hits (an execution with ``from_memo``), dependency failures
-  (never launched: START and FAIL at once), join apps (they run on Parsl's internal executor and finish when their
-  inner tasks do), tries on executors that were not wrapped, and tries lost outside the app body (a lost worker, a
-  serialization error: the worker could not record an end).
+  (never launched: START and FAIL at once, with the arguments as submitted: see :mod:`.submitted`), join apps (they
+  run on Parsl's internal executor and finish when their inner tasks do), tries on executors that were not wrapped,
+  and tries lost outside the app body (a lost worker, a serialization error: the worker could not record an end).
 
 Execution ids are derived from Parsl's identity (run id, task id, try), so the DFK and the worker name the same try
 alike.
@@ -36,7 +36,8 @@ from typing import Any
 from metatrail.config import Settings, is_disabled, load_settings
 from metatrail.logsafe import log_once
 from metatrail.model import Execution, PipelineRun, Status, uuid7_from
-from metatrail.plugins.parsl import compat
+from metatrail.plugins.parsl import WORKER_SIDE_ENV, compat
+from metatrail.plugins.parsl.submitted import SubmittedArgs, call_as_submitted
 from metatrail.plugins.parsl.worker import (
     CTX_KEY,
     describe_call_or_explain,
@@ -94,6 +95,9 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         leftover = getattr(self, "_drops", None)  # a DFK that never reached cleanup: its ingester stops here
         if leftover is not None:
             leftover.stop(0)
+        watched = getattr(self, "_submitted", None)
+        if watched is not None:
+            watched.stop()
         self._recorder: Any = None
         self._settings: Settings | None = None
         self._run: PipelineRun | None = None
@@ -111,6 +115,7 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         self._ended = 0
         self._remote_tries = False  # some try ran in another process: its events come from there
         self._drops: DropIngester | None = None  # takes in the segments that workers drop (see _open_run)
+        self._submitted = SubmittedArgs()  # watches this DFK's submit from _begin on
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__") or name in ("_inner", "_configured"):
@@ -137,6 +142,7 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         """The inner memoizer's answer; records the launch of this try."""
         memo: Future[Any] | None = self._inner.check_memo(task)
         _pending.item = None
+        self._submitted.forget(task.get("kwargs"))  # launched: no dependency failed, the record's arguments are whole
         if self._active and not is_disabled():
             try:
                 self._on_launch(task, memo)
@@ -167,6 +173,7 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         try:
             self._inner.close()
         finally:
+            self._submitted.stop()
             if self._active and not is_disabled():
                 self._guard("close", self._end)
             self._active = False
@@ -190,6 +197,10 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         self._run_dir = run_dir
         if dfk is not None:
             self._open_run(dfk)
+            try:
+                self._submitted.watch(dfk)
+            except Exception as exc:  # dependency failures are then recorded without positional arguments
+                _log_failure("submit-watch", exc)
 
     def _open_run(self, dfk: Any) -> PipelineRun:
         with self._lock:
@@ -270,8 +281,13 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         self._tries[tid] = attempt
 
     def _start_here(self, task: Any, attempt: _Try, run: PipelineRun, *, at: float | None = None,
-                    extra: dict[str, Any] | None = None) -> Execution:
-        params, inputs, _, warnings = describe_call_or_explain(task["func"], task["args"], task["kwargs"])
+                    extra: dict[str, Any] | None = None,
+                    call: tuple[Any, Any, list[str]] | None = None) -> Execution:
+        """START of a try recorded here; ``call``: ``(args, kwargs, warnings)`` to describe instead of the task
+        record's arguments."""
+        args, kwargs, call_warnings = call if call is not None else (task["args"], task["kwargs"], [])
+        params, inputs, _, warnings = describe_call_or_explain(task["func"], args, kwargs)
+        warnings = call_warnings + warnings
         execution: Execution = self._recorder.execution_started(
             run.pipeline, task["func_name"], pipeline_run=run, execution_id=attempt.execution_id, inputs=inputs,
             params=params, integration=INTEGRATION, started_at=at if at is not None else attempt.launched_at,
@@ -294,6 +310,11 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
         assert self._run is not None
         from metatrail.recorder import safe_params
 
+        if _worker_lacks_metatrail(error):
+            log_once("parsl:worker-import", "metatrail: Parsl task %s failed on its worker, which cannot import "
+                     "metatrail to run the task wrapper (%s: %s). Install metatrail where the workers run, or "
+                     "record from the DFK only: set %s=0 (or track(config, worker_side=False))", task["id"],
+                     type(error).__name__, error, WORKER_SIDE_ENV)
         params, inputs, _, warnings = describe_call_or_explain(task["func"], task["args"], task["kwargs"])
         extra = with_warnings(dict(attempt.extra, recorded_by="dfk"), warnings)
         handle = Execution(id=attempt.execution_id, pipeline=self._run.pipeline, stage=task["func_name"],
@@ -335,6 +356,7 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
                 self._ended += 1
         if attempt is not None and attempt.mode == "worker" and error is None:
             return  # the worker recorded the try's end; nothing to record here (the common case: checked first)
+        submitted = self._submitted.take(task["kwargs"]) if attempt is None else None
         if is_disabled():
             return
         run = self._run or self._open_run(task["dfk"])
@@ -344,11 +366,15 @@ class TrackingMemoizer(compat.Memoizer):  # type: ignore[misc,unused-ignore]  # 
                            uuid7_from(now, f"parsl:{self._parsl_run_id}:{task['id']}:{task['try_id']}"), now, "dfk",
                            {"parsl_task_id": task["id"], "executor": task["executor"],
                             "depends_on": compat.future_task_ids(task.get("depends") or [])})
+            call = None
             if isinstance(error, compat.DependencyError):
                 attempt.extra["dependency_failed"] = True
+                # The DFK dropped the failed dependencies from task["args"]: the rest would be misnamed
+                call = call_as_submitted(submitted, task["args"], task["kwargs"],
+                                         getattr(task["dfk"], "dependency_resolver", None))
             with self._lock:
                 self._ended += 1
-            attempt.handle = self._start_here(task, attempt, run)
+            attempt.handle = self._start_here(task, attempt, run, call=call)
             self._end_here(task, attempt.handle, error, outputs=False)
             return
         if attempt.mode == "worker":
@@ -469,6 +495,21 @@ def _failed_outside_app(future: Any, error: BaseException | None) -> bool:
     if isinstance(future, Future) and future.done():
         return bool(future.cancelled() or future.exception(timeout=0) is not None)
     return bool(compat.is_infrastructure_error(error))
+
+
+def _worker_lacks_metatrail(error: BaseException | None) -> bool:
+    """Whether a try failed because its worker could not import metatrail: the worker unpickles our task wrapper
+    (by reference to :mod:`.worker`) before the app, and Parsl brings that ImportError back as the try's exception
+    (or a DeserializationError naming it). Only read, to say how to fix it; the failure itself is Parsl's."""
+    for _ in range(8):  # along the causes, not for ever
+        if error is None:
+            return False
+        if isinstance(error, ImportError) and "metatrail" in f"{error.name or ''} {error}":
+            return True
+        if isinstance(error, compat.DeserializationError) and "metatrail" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _try_error(future: Any) -> BaseException | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import inspect
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -278,3 +279,43 @@ def test_a_worker_on_another_host_does_not_write_the_dfks_store_path_on_its_own_
     finally:
         rec.close()
         worker._worker_recorders.pop((here["store"], ""), None)
+
+
+@pytest.mark.parametrize(("environment", "argument", "on_workers"), [
+    (None, None, True), ("", None, True), ("1", None, True), ("on", None, True),
+    ("0", None, False), ("off", None, False), (" No ", None, False), ("FALSE", None, False),
+    ("0", True, True), ("1", False, False), (None, False, False)])
+def test_worker_side_is_the_argument_else_the_environment_else_on(
+        monkeypatch: pytest.MonkeyPatch, environment: str | None, argument: bool | None, on_workers: bool) -> None:
+    from parsl.config import Config
+    from parsl.executors import ThreadPoolExecutor
+
+    from metatrail.plugins.parsl import WORKER_SIDE_ENV, track
+    from metatrail.plugins.parsl.memoizer import TrackingMemoizer
+
+    if environment is None:
+        monkeypatch.delenv(WORKER_SIDE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(WORKER_SIDE_ENV, environment)
+    how = {} if argument is None else {"worker_side": argument}
+    config = track(Config(executors=[ThreadPoolExecutor(label="pool")]), **how)
+    assert isinstance(config.memoizer, TrackingMemoizer)  # recorded either way: from the DFK, or on the workers
+    assert getattr(config.executors[0], "_metatrail_tracked", False) is on_workers
+
+
+def test_a_worker_side_value_that_is_not_on_or_off_is_logged_once_and_the_default_kept(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from parsl.config import Config
+    from parsl.executors import ThreadPoolExecutor
+
+    from metatrail import logsafe
+    from metatrail.plugins.parsl import WORKER_SIDE_ENV, track
+
+    logsafe.reset()
+    monkeypatch.setenv(WORKER_SIDE_ENV, "sometimes")
+    with caplog.at_level(logging.WARNING, logger="metatrail"):
+        configs = [track(Config(executors=[ThreadPoolExecutor(label="pool")])) for _ in range(2)]
+    assert all(getattr(c.executors[0], "_metatrail_tracked", False) for c in configs)
+    assert [r.getMessage() for r in caplog.records if WORKER_SIDE_ENV in r.getMessage()] == [
+        "metatrail: ignoring METATRAIL_PARSL_WORKER_SIDE='sometimes' (valid: 1/on/true/yes for worker-side "
+        "recording, 0/false/no/off to record from the DFK only); recording on the workers"]
