@@ -20,6 +20,7 @@ ENVIRONMENTS: dict[str, tuple[list[str], list[str]]] = {
     "snakemake": (["test", "snakemake"], ["tests/plugins/snakemake"]),
     "snakemake-oldest": (["test", "snakemake"], ["tests/plugins/snakemake"]),
     "parsl": (["test", "parsl"], ["tests/plugins/parsl"]),
+    "parsl-oldest": (["test", "parsl"], ["tests/plugins/parsl"]),
     "airflow": (["test", "airflow"], ["tests/plugins/airflow"]),
     "prefect": (["test", "prefect"], ["tests/plugins/prefect"]),
 }
@@ -30,6 +31,8 @@ ENVIRONMENTS: dict[str, tuple[list[str], list[str]]] = {
 REQUIREMENTS: dict[str, list[str]] = {
     "snakemake": ["snakemake>=9.27,<10", "snakemake-executor-plugin-cluster-generic>=1.0"],
     "snakemake-oldest": ["snakemake==9.0.0", "snakemake-executor-plugin-cluster-generic>=1.0"],
+    # the first release with the memoizer interface the plugin wraps (Config(memoizer=...), start(config_run_dir=))
+    "parsl-oldest": ["parsl==2026.1.26"],
 }
 
 

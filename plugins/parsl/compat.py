@@ -1,4 +1,4 @@
-"""Everything that depends on Parsl's internals, in one place (checked against parsl 2025.x-2026.x).
+"""Everything that depends on Parsl's internals, in one place (checked against parsl 2026.1.26 to 2026.10).
 
 The plugin relies on: the ``Memoizer`` interface (``start/check_memo/update_memo_result/update_memo_exception/
 close``) and that the DFK calls ``check_memo`` and then ``executor.submit`` on the same thread for each try; the
