@@ -39,8 +39,15 @@ def track(config: Any, *, pipeline: str | None = None, namespace: str | None = N
     cannot be set up, the config comes back as it was and the reason is logged once.
     """
     try:
+        from metatrail.plugins.parsl import compat
         from metatrail.plugins.parsl.memoizer import TrackingMemoizer, wrap_submit
 
+        if not compat.is_supported():
+            from metatrail.logsafe import log_once
+
+            log_once("parsl:version", "metatrail: Parsl %s is not supported (needs %s or later); this workflow runs "
+                     "unrecorded", compat.parsl_version(), ".".join(map(str, compat.MINIMUM_VERSION)))
+            return config
         if not isinstance(config.memoizer, TrackingMemoizer):
             config.memoizer = TrackingMemoizer(config.memoizer, pipeline=pipeline, namespace=namespace)
         if worker_side if worker_side is not None else worker_side_from_environment():

@@ -34,6 +34,7 @@ __all__ = [
     "failed_task_count",
     "future_task_ids",
     "is_infrastructure_error",
+    "is_supported",
     "parsl_version",
 ]
 
@@ -41,6 +42,19 @@ __all__ = [
 def parsl_version() -> str:
     """The installed Parsl's version."""
     return str(getattr(parsl, "__version__", "unknown"))
+
+
+MINIMUM_VERSION = (2026, 1, 26)  # Memoizer.start(run_dir=, config_run_dir=): what TrackingMemoizer implements
+
+
+def is_supported(version: str | None = None) -> bool:
+    """Whether this Parsl (or ``version``, e.g. ``"2026.01.26"``) has the memoizer interface the plugin wraps: an
+    older DFK would call our memoizer with arguments it does not take, and fail to start."""
+    parts = (version if version is not None else parsl_version()).split(".")[:3]
+    try:
+        return tuple(int(p) for p in parts) >= MINIMUM_VERSION
+    except ValueError:  # a development build: take it as new
+        return True
 
 
 def dfk_from_stack(max_depth: int = 6) -> DataFlowKernel | None:

@@ -319,3 +319,35 @@ def test_a_worker_side_value_that_is_not_on_or_off_is_logged_once_and_the_defaul
     assert [r.getMessage() for r in caplog.records if WORKER_SIDE_ENV in r.getMessage()] == [
         "metatrail: ignoring METATRAIL_PARSL_WORKER_SIDE='sometimes' (valid: 1/on/true/yes for worker-side "
         "recording, 0/false/no/off to record from the DFK only); recording on the workers"]
+
+
+@pytest.mark.parametrize(("version", "supported"), [
+    ("2026.01.26", True), ("2026.1.26", True), ("2026.10.26", True), ("2027.01.05", True),
+    ("2026.01.19", False), ("2025.12.08", False), ("2025.01.13", False), ("unknown", True)])
+def test_the_oldest_supported_parsl_is_the_first_with_the_memoizer_interface_wrapped(
+        version: str, supported: bool) -> None:
+    from metatrail.plugins.parsl import compat
+
+    assert compat.is_supported(version) is supported
+
+
+def test_an_unsupported_parsl_runs_its_workflow_unrecorded_and_says_so_once(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    import parsl
+    from parsl.config import Config
+    from parsl.executors import ThreadPoolExecutor
+
+    from metatrail import logsafe
+    from metatrail.plugins.parsl import compat, track
+
+    logsafe.reset()
+    # What Parsl 2026.01.19 reports: its DFK would call our memoizer's start() without config_run_dir, and fail.
+    monkeypatch.setattr(compat, "parsl_version", lambda: "2026.01.19")
+    with caplog.at_level(logging.WARNING, logger="metatrail"):
+        configs = [track(Config(executors=[ThreadPoolExecutor(label="pool")], run_dir=str(tmp_path)))
+                   for _ in range(2)]
+    assert all(c.memoizer is None and not getattr(c.executors[0], "_metatrail_tracked", False) for c in configs)
+    assert [r.getMessage() for r in caplog.records if "not supported" in r.getMessage()] == [
+        "metatrail: Parsl 2026.01.19 is not supported (needs 2026.1.26 or later); this workflow runs unrecorded"]
+    with parsl.load(configs[0]):
+        assert parsl.python_app(lambda: 7)().result() == 7  # the workflow itself is untouched
