@@ -3,13 +3,15 @@ thread/process/fork safety, honest values."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -403,15 +405,24 @@ def test_an_execution_finished_after_the_switch_to_the_writer_process_keeps_the_
     recorder.close()
 
 
-def test_a_stuck_store_costs_one_exit_wait(tmp_path: Path) -> None:
-    """The exit flush that runs after Python's joined threads is skipped when the first one ran out of time: a
-    store held locked by another process must not make the exit wait twice (one warning, one timeout)."""
-    import sqlite3
-
+@contextlib.contextmanager
+def _store_locked_by_another_writer() -> Iterator[sqlite3.Connection]:
+    """The test's SQLite store, with a write transaction held open on another connection for the block: no one else
+    can store meanwhile. Yields that connection (it can still read)."""
     store = os.environ["METATRAIL_STORE"]
     open_store(store).close()
     lock = sqlite3.connect(store[len("sqlite:///"):], isolation_level=None)
     lock.execute("BEGIN IMMEDIATE")
+    try:
+        yield lock
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+
+
+def test_a_stuck_store_costs_one_exit_wait(tmp_path: Path) -> None:
+    """The exit flush that runs after Python's joined threads is skipped when the first one ran out of time: a
+    store held locked by another process must not make the exit wait twice (one warning, one timeout)."""
     script = ("import threading, time, metatrail\n"
               "r = metatrail.get_recorder()\n"
               "r.execution_finished(r.execution_started('exit', 'main'))\n"
@@ -419,12 +430,9 @@ def test_a_stuck_store_costs_one_exit_wait(tmp_path: Path) -> None:
               "    threading.main_thread().join()\n"
               "    r.execution_finished(r.execution_started('exit', 'late'))\n"
               "threading.Thread(target=late).start()\n")
-    try:
+    with _store_locked_by_another_writer():
         done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "METATRAIL_FLUSH_TIMEOUT": "1"},
                               capture_output=True, text=True, timeout=120, check=False)
-    finally:
-        lock.execute("ROLLBACK")
-        lock.close()
     assert done.returncode == 0
     assert done.stderr.count("events were not stored before exit (flush timeout 1s)") == 1, done.stderr
 
@@ -434,27 +442,19 @@ def test_an_exit_bounded_by_hand_off_at_exit_waits_that_long_then_the_events_are
     """A process whose exit a host waits on (a pool's worker) sets hand_off_at_exit: with the store locked by another
     process its exit waits that long, not the flush timeout; what it held is stored once the lock is gone, by the
     writer process it was handed to."""
-    import sqlite3
-
     store = os.environ["METATRAIL_STORE"]
-    open_store(store).close()
-    lock = sqlite3.connect(store[len("sqlite:///"):], isolation_level=None)
-    lock.execute("BEGIN IMMEDIATE")
     script = ("import time, metatrail\n"
               "r = metatrail.get_recorder()\n"
               "r.hand_off_at_exit(0.5)\n"
               "for i in range(5):\n"
               "    r.execution_finished(r.execution_started('exit', f'step{i}'))\n"
               "time.sleep(0.2)\n")
-    try:
+    with _store_locked_by_another_writer() as lock:
         started = time.monotonic()
         done = subprocess.run([sys.executable, "-c", script], env={**os.environ, "METATRAIL_FLUSH_TIMEOUT": "60"},
                               capture_output=True, text=True, timeout=120, check=False)
         took = time.monotonic() - started
         assert lock.execute("SELECT count(*) FROM events").fetchone() == (0,)  # nothing stored while locked
-    finally:
-        lock.execute("ROLLBACK")
-        lock.close()
     assert done.returncode == 0, done.stderr
     assert "10 events not stored 0.5s into this process's exit; handed to a writer process" in done.stderr
     assert "not stored before exit" not in done.stderr

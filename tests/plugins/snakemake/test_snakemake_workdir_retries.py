@@ -5,6 +5,8 @@ its command (outputs missing, an ``ensure`` not met), for which Snakemake logs n
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from olspec import assert_valid
 from smkrun import Snakemake, by_job, clean_run_events, dataset_versions, execution_facet, md5, read_events
@@ -86,6 +88,15 @@ def _try_events(events: list[dict], job: str) -> list[tuple[str, int, str]]:
              ends[run_id]["run"]["facets"].get("errorMessage", {}).get("message", "")) for _, run_id in starts]
 
 
+def _failed_run_events(result: subprocess.CompletedProcess[str]) -> list[dict]:
+    """The stored events of a run that Snakemake ended with exit code 1, each checked against the schemas."""
+    assert result.returncode == 1, result.stderr
+    events = read_events()
+    for event in events:
+        assert_valid(event)
+    return events
+
+
 def test_a_try_whose_outputs_are_missing_fails_and_its_retry_completes_the_run(snakemake: Snakemake) -> None:
     wf = snakemake.workflow("checks")
     result = snakemake.run(wf, "lazy.txt", "--cores", "1", "--retries", "1", "--latency-wait", "0")
@@ -101,11 +112,7 @@ def test_a_try_whose_outputs_are_missing_fails_and_its_retry_completes_the_run(s
 
 def test_a_job_whose_outputs_stay_missing_fails_and_fails_the_run(snakemake: Snakemake) -> None:
     wf = snakemake.workflow("checks")
-    result = snakemake.run(wf, "lazy.txt", "--cores", "1", "--latency-wait", "0")
-    assert result.returncode == 1
-    events = read_events()
-    for event in events:
-        assert_valid(event)
+    events = _failed_run_events(snakemake.run(wf, "lazy.txt", "--cores", "1", "--latency-wait", "0"))
     [(end, try_number, error)] = _try_events(events, "checks.lazy")
     assert (end, try_number) == ("FAIL", 1)
     assert "some output files are missing" in error
@@ -114,11 +121,7 @@ def test_a_job_whose_outputs_stay_missing_fails_and_fails_the_run(snakemake: Sna
 
 def test_an_ensure_not_met_fails_every_try_and_none_is_left_running(snakemake: Snakemake) -> None:
     wf = snakemake.workflow("checks")
-    result = snakemake.run(wf, "empty.txt", "--cores", "1", "--retries", "1")
-    assert result.returncode == 1
-    events = read_events()
-    for event in events:
-        assert_valid(event)
+    events = _failed_run_events(snakemake.run(wf, "empty.txt", "--cores", "1", "--retries", "1"))
     tries = _try_events(events, "checks.empty")
     assert [(end, number) for end, number, _ in tries] == [("FAIL", 1), ("FAIL", 2)]  # the last try is no ABORT
     assert all("empty output" in error for _, _, error in tries)
