@@ -95,8 +95,7 @@ class WriterProcess:
             # ``random.py`` perhaps) first on the child's path, where the host, a console script, never looks.
             proc = subprocess.Popen(
                 [sys.executable, "-P", "-m", "metatrail.writerproc", str(os.getpid())], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=None, close_fds=True, start_new_session=True)
+                stdout=subprocess.PIPE, stderr=None, close_fds=True, start_new_session=True)
         except OSError as exc:
             log_once("writerproc-spawn", "metatrail: cannot start the writer process (%s); writing in-process", exc)
             return None

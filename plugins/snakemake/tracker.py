@@ -476,8 +476,9 @@ class WorkflowTracker:
 
     def _try_failed(self, state: _RunState, job: _Job, error: _Error | None, ended: float, *,
                     fallback: str = _UNREPORTED_END) -> None:
-        """Record the failed end of ``job``'s current try (already taken out of ``state.jobs``); ``error``, the
+        """Record the failed end of ``job``'s current try and take the job out of ``state.jobs``; ``error``, the
         ERROR that explains it, is claimed for the job (so that a retry of the job clears it)."""
+        state.jobs.pop(job.jobid, None)
         self._job_ending(job)
         text = error.text if error is not None else fallback
         if error is not None:
@@ -499,7 +500,6 @@ class WorkflowTracker:
             state.pending_error = error
             return
         # The job's command ended well, then Snakemake found outputs missing: no JOB_ERROR follows for this.
-        del state.jobs[job.jobid]
         self._try_failed(state, job, error, error.at)
 
     def _fail_named_by_errors(self, state: _RunState) -> None:
@@ -513,7 +513,6 @@ class WorkflowTracker:
             jobs = [job for job in state.jobs.values()
                     if job.rule == named.group("rule") and job.started_at <= error.at]
             if len(jobs) == 1:
-                del state.jobs[jobs[0].jobid]
                 self._try_failed(state, jobs[0], error, error.at)
 
     @staticmethod
@@ -566,7 +565,6 @@ class WorkflowTracker:
         if restart is not None:
             job = self._open_job(state, restart.group("jobid"))
             if job is not None:  # a check after its command failed (the ERROR just before says which)
-                del state.jobs[job.jobid]
                 pending, state.pending_error = state.pending_error, None
                 self._try_failed(state, job, pending, float(getattr(record, "created", time.time())))
             self._job_restarted(state, restart.group("jobid"))
